@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create the virtual environment with the pinned stack, and a Vulkan renderer for SAPIEN.
+set -euo pipefail
+venv=${1:-.venv}
+here=$(cd "$(dirname "$0")" && pwd)
+
+bash "$here/install_vulkan.sh"
+
+py=${PYTHON:-}
+if [ -z "$py" ]; then
+  for cand in python3.11 python3.12 python3.10 python3; do
+    if command -v "$cand" >/dev/null 2>&1; then py=$cand; break; fi
+  done
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  if ! "$py" -m venv "$venv" 2>/dev/null; then
+    # Debian/Ubuntu system Pythons need the venv module from apt.
+    apt-get install -y -qq python3-venv >/dev/null
+    "$py" -m venv "$venv"
+  fi
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip
+# torch is pinned exactly (2.13.0): a range would let pip pull a multi-GB CUDA build on CPU hosts.
+"$venv/bin/python" -m pip install -q -e ".[dev]"
+echo "setup: done ($("$venv/bin/python" --version), torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"
