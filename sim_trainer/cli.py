@@ -1,0 +1,205 @@
+"""`sim-trainer`: demonstrations, SFT, evaluation and the no-hardware demo.
+
+Every user mistake (unknown task, missing or corrupt file, mismatched checkpoint) ends in one line on
+stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from sim_trainer.errors import UserError
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "pickcube_rgb_small"
+
+
+def _load_yaml(path: str) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a mapping of option: value")
+    return data
+
+
+def _camera_overrides(path: str | None) -> dict:
+    from sim_trainer.envs.spec import CameraOverride
+
+    if not path:
+        return {}
+    data = _load_yaml(path)
+    try:
+        return {name: CameraOverride(**(v or {})) for name, v in data.get("cameras", data).items()}
+    except TypeError as e:
+        raise UserError(f"camera config {path}: {e}") from None
+
+
+def cmd_demos(a: argparse.Namespace) -> int:
+    from sim_trainer.data.demos import generate_demos
+    from sim_trainer.envs.spec import EnvConfig
+
+    cfg = EnvConfig(task=a.task, obs_mode=a.obs_mode, control_mode=a.control_mode, image_size=a.image_size,
+                    cameras=_camera_overrides(a.camera_config)).validate()
+    counts = generate_demos(cfg, a.num, a.out, seed_start=a.seed_start, workers=a.workers)
+    print(f"wrote {counts['kept']} demos to {a.out} ({counts['plan_failed']} failed plans, "
+          f"{counts['conversion_failed']} failed conversions, {counts['attempts']} seeds tried)")
+    return 0
+
+
+def cmd_sft(a: argparse.Namespace) -> int:
+    from sim_trainer.sft.trainer import SFTConfig, train_sft
+
+    values = _load_yaml(a.config) if a.config else {}
+    known = {f.name for f in fields(SFTConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise UserError(f"unknown SFT options in {a.config}: {', '.join(sorted(unknown))}")
+    for name in known:
+        v = getattr(a, name, None)
+        if v is not None and v is not False:
+            values[name] = v
+    values["data"] = list(values.get("data") or [])
+    if "out" not in values:
+        raise UserError("give an output directory with --out")
+    _set_threads(a.threads)
+    out = train_sft(SFTConfig(**values))
+    print(f"checkpoint written to {out}")
+    return 0
+
+
+def _set_threads(n: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from sim_trainer.envs.spec import EnvConfig
+    from sim_trainer.evaluate.report import format_table, write_report
+    from sim_trainer.evaluate.rollout import evaluate
+    from sim_trainer.models.checkpoint import load_checkpoint
+    from sim_trainer.policy import ChunkPolicy
+
+    if a.episodes < 1 or a.envs < 1:
+        raise UserError("--episodes and --envs must be at least 1")
+    loaded = load_checkpoint(a.ckpt)
+    spec = loaded.spec
+    task = a.task or spec.task
+    env_cfg = EnvConfig(task=task, obs_mode=spec.obs_mode, control_mode=spec.control_mode,
+                        image_size=spec.cameras[0].height if spec.cameras else 64,
+                        sim_backend=a.sim_backend, max_episode_steps=a.max_steps,
+                        cameras=_camera_overrides(a.camera_config)).validate()
+    _set_threads(a.threads)
+    policy = ChunkPolicy(loaded.model, spec, num_steps=a.steps, device=a.device)
+    result = evaluate(policy, env_cfg, a.episodes, a.envs, seed_start=a.seed_start)
+    paths = write_report(result, a.out, str(a.ckpt), spec.control_hz)
+    print(format_table(result.summary()))
+    print(f"report: {paths['report']}  json: {paths['json']}  video: {paths['video']}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """The no-GPU, no-robot demo: evaluate the shipped checkpoint in ManiSkill and write a report."""
+    args = argparse.Namespace(ckpt=a.ckpt, task=None, episodes=a.episodes, envs=a.envs, out=a.out, steps=None,
+                              seed_start=a.seed_start, sim_backend="physx_cpu", max_steps=None,
+                              camera_config=None, threads=None, device="cpu")
+    print(f"Evaluating the shipped checkpoint {a.ckpt} on {a.episodes} held-out ManiSkill episodes (CPU)...")
+    return cmd_eval(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sim_trainer.envs.tasks import CONTROL_MODES, OBS_MODES, TASKS
+    from sim_trainer.evaluate.rollout import EVAL_SEED_START
+
+    p = argparse.ArgumentParser(prog="sim-trainer", description=(
+        "Train and evaluate flow-matching VLA policies in ManiSkill3. Typical flow: `demos` (motion-planned "
+        "demonstrations) -> `sft` (flow-matching fine-tuning) -> `eval` (closed-loop success with intervals)."))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demos", help="generate motion-planning demonstrations in the episode format",
+                       description="Solve seeds with ManiSkill's Panda motion planner, convert each solution to the "
+                                   "policy's control mode and observations, keep the successful ones.")
+    d.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    d.add_argument("-n", "--num", type=int, default=100, help="number of successful demos to write")
+    d.add_argument("--out", required=True, help="new dataset directory")
+    d.add_argument("--obs-mode", default="rgb", choices=OBS_MODES)
+    d.add_argument("--control-mode", default="pd_joint_delta_pos", choices=CONTROL_MODES)
+    d.add_argument("--image-size", type=int, default=64, help="policy image resolution (square)")
+    d.add_argument("--camera-config", help="YAML of camera overrides (pose, intrinsic, size), e.g. from calibrate")
+    d.add_argument("--seed-start", type=int, default=0, help="first env seed; seeds are tried in order")
+    d.add_argument("--workers", type=int, default=1, help="parallel planner processes")
+    d.set_defaults(func=cmd_demos)
+
+    s = sub.add_parser("sft", help="flow-matching supervised fine-tuning",
+                       description="Train the flow VLA on one or more episode datasets. Options may come from a "
+                                   "YAML file (--config); flags override it. The output directory is a checkpoint.")
+    s.add_argument("--config", help="YAML file with SFT options (keys as the long flags, with underscores)")
+    s.add_argument("--data", action="append", help="episode dataset directory (repeat to mix datasets)")
+    s.add_argument("--data2", dest="data2", help="a second dataset (same as a second --data)")
+    s.add_argument("--mix", type=float, nargs="+", help="sampling ratio per dataset, e.g. --mix 0.5 0.5")
+    s.add_argument("--out", help="output checkpoint directory")
+    s.add_argument("--size", choices=("tiny", "small", "base"))
+    s.add_argument("--steps", type=int)
+    s.add_argument("--batch-size", dest="batch_size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--horizon", type=int, help="chunk length H")
+    s.add_argument("--exec-steps", dest="exec_steps", type=int, help="actions executed per chunk C")
+    s.add_argument("--num-steps", dest="num_steps", type=int, help="denoising steps K at inference")
+    s.add_argument("--eval-every", dest="eval_every", type=int, help="closed-loop eval period in steps (0: off)")
+    s.add_argument("--eval-episodes", dest="eval_episodes", type=int)
+    s.add_argument("--save-every", dest="save_every", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    s.set_defaults(func=cmd_sft)
+
+    e = sub.add_parser("eval", help="closed-loop evaluation with a Wilson interval, JSON report and video")
+    e.add_argument("--ckpt", required=True, help="checkpoint directory")
+    e.add_argument("--task", help="task to evaluate on (default: the checkpoint's task)")
+    e.add_argument("--episodes", type=int, default=100)
+    e.add_argument("--envs", type=int, default=2, help="parallel envs (CPU: one process each)")
+    e.add_argument("--out", default="outputs/eval")
+    e.add_argument("--steps", type=int, help="denoising steps K (default: the checkpoint's)")
+    e.add_argument("--seed-start", type=int, default=EVAL_SEED_START, help="first episode seed (held out)")
+    e.add_argument("--max-steps", type=int, help="episode horizon (default: the task's)")
+    e.add_argument("--sim-backend", default="physx_cpu", choices=("physx_cpu", "physx_cuda"))
+    e.add_argument("--camera-config", help="YAML of camera overrides (from calibrate sim-camera)")
+    e.add_argument("--device", default="cpu", help="torch device for the policy")
+    e.add_argument("--threads", type=int)
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("demo", help="evaluate the shipped checkpoint and write a report (what `make demo` runs)")
+    m.add_argument("--ckpt", default=str(DEFAULT_CHECKPOINT))
+    m.add_argument("--episodes", type=int, default=20)
+    m.add_argument("--envs", type=int, default=2)
+    m.add_argument("--seed-start", type=int, default=EVAL_SEED_START)
+    m.add_argument("--out", default="outputs/demo")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "data2", None):
+        args.data = (args.data or []) + [args.data2]
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"sim-trainer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sim-trainer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

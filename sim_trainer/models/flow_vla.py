@@ -1,0 +1,220 @@
+"""A pi0-shaped flow-matching VLA, small enough to train on a CPU.
+
+Prefix (once per observation): a CNN per camera turns each image into a grid of tokens, the
+instruction is byte-tokenised and embedded, the normalised proprio state is one token; a transformer
+encoder mixes them. Each action-expert layer's cross-attention keys/values over the prefix are computed
+once and cached (the analogue of pi0's VLM KV cache).
+
+Action expert (K times per chunk): a transformer over the H noisy action tokens plus a flow-time
+embedding, attending to the cached prefix; it returns the velocity v(x_tau, tau) and its per-token
+features (hooks for RL noise and value heads). All model inputs and outputs are normalised; the
+Normalizer buffers convert raw state and actions at the boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sim_trainer.data.normalize import Normalizer, NormStats
+from sim_trainer.models.config import ModelConfig
+from sim_trainer.models.flow import interpolate, sample_tau, time_grid
+from sim_trainer.models.tokenizer import PAD, VOCAB_SIZE
+
+NEG_INF = -1e9  # finite mask value: no NaN for fully masked rows, and exports cleanly
+
+
+class Attention(nn.Module):
+    """Multi-head attention written out as matmul + softmax (exportable, no fused kernels)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.h, self.dh).transpose(1, 2)
+
+    def keys_values(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split(self.k(src)), self.split(self.v(src))
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None):
+        q = self.split(self.q(x))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.dh)
+        if key_mask is not None:
+            att = att.masked_fill(~key_mask[:, None, None, :], NEG_INF)
+        out = att.softmax(-1) @ v
+        b, _, n, _ = out.shape
+        return self.o(out.transpose(1, 2).reshape(b, n, self.h * self.dh))
+
+
+def mlp(d: int, ratio: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d, ratio * d), nn.GELU(), nn.Linear(ratio * d, d))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, d: int, heads: int, ratio: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn, self.mlp = Attention(d, heads), mlp(d, ratio)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, *self.attn.keys_values(h), key_mask=mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class ExpertBlock(nn.Module):
+    def __init__(self, d: int, heads: int, ratio: int):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn, self.cross_attn, self.mlp = Attention(d, heads), Attention(d, heads), mlp(d, ratio)
+
+    def forward(self, x, prefix_k, prefix_v, prefix_mask):
+        h = self.ln1(x)
+        x = x + self.self_attn(h, *self.self_attn.keys_values(h))
+        x = x + self.cross_attn(self.ln2(x), prefix_k, prefix_v, key_mask=prefix_mask)
+        return x + self.mlp(self.ln3(x))
+
+
+class VisionEncoder(nn.Module):
+    """Strided CNN, then average-pooled to a grid x grid map: one token per cell, learned 2-D positions."""
+
+    def __init__(self, channels: tuple[int, ...], d: int, image_size: int, grid: int):
+        super().__init__()
+        layers, c_in, size = [], 3, image_size
+        for c in channels:
+            stride = 2 if size > 2 * grid else 1
+            layers += [nn.Conv2d(c_in, c, 3, stride=stride, padding=1), nn.GroupNorm(min(8, c), c), nn.GELU()]
+            c_in, size = c, (size + stride - 1) // stride
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(grid))
+        self.proj = nn.Linear(c_in, d)
+        self.pos = nn.Parameter(torch.randn(grid * grid, d) * 0.02)
+
+    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [-1, 1] as openpi
+        f = self.net(x).flatten(2).transpose(1, 2)  # [B, grid * grid, C]
+        return self.proj(f) + self.pos
+
+
+def sinusoidal(tau: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sine-cosine embedding of flow time (periods from 4e-3 to 4, as pi0), [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = 1.0 / (4e-3 * (4.0 / 4e-3) ** (torch.arange(half, dtype=torch.float32, device=tau.device) / (half - 1)))
+    ang = tau[:, None] * freqs[None, :] * 2 * math.pi
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
+@dataclass
+class PrefixCache:
+    """What the action expert needs from one observation, computed once for all K denoising steps."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per expert layer, [B, heads, P, dh] each
+    mask: torch.Tensor  # [B, P] True where the prefix token is real (not padding)
+    pooled: torch.Tensor  # [B, d] mean of the real prefix tokens (value-head input)
+
+
+class FlowVLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, norm: NormStats):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.state_norm, self.action_norm = Normalizer(norm.state), Normalizer(norm.actions)
+        self.cameras = nn.ModuleDict(
+            {c: VisionEncoder(cfg.cnn_channels, d, cfg.image_size, cfg.image_grid) for c in cfg.camera_names})
+        self.text_embed = nn.Embedding(VOCAB_SIZE, d, padding_idx=PAD)
+        self.text_pos = nn.Parameter(torch.randn(cfg.max_text_len, d) * 0.02)
+        # Byte tokens are many; a strided projection groups text_patch bytes into one prefix token.
+        self.text_patch = nn.Conv1d(d, d, cfg.text_patch, stride=cfg.text_patch)
+        self.state_proj = nn.Linear(cfg.state_dim, d)
+        self.type_embed = nn.Parameter(torch.randn(3, d) * 0.02)  # image / text / state token types
+        self.encoder = nn.ModuleList(EncoderBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.prefix_layers))
+        self.prefix_ln = nn.LayerNorm(d)
+
+        self.action_in = nn.Linear(cfg.action_dim, d)
+        self.time_mlp = nn.Sequential(nn.Linear(2 * d, d), nn.SiLU(), nn.Linear(d, d))
+        self.action_pos = nn.Parameter(torch.randn(cfg.horizon, d) * 0.02)
+        self.expert = nn.ModuleList(ExpertBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.expert_layers))
+        self.expert_ln = nn.LayerNorm(d)
+        self.action_out = nn.Linear(d, cfg.action_dim)
+
+    # ----- prefix -------------------------------------------------------------------------------
+    def encode_prefix(self, images: dict[str, torch.Tensor], state: torch.Tensor, text: torch.Tensor) -> PrefixCache:
+        """images: uint8 [B, H, W, 3] per camera; state: raw [B, S]; text: token ids [B, L]."""
+        b = state.shape[0]
+        tokens, masks = [], []
+        for name, enc in self.cameras.items():
+            t = enc(images[name]) + self.type_embed[0]
+            tokens.append(t)
+            masks.append(torch.ones(b, t.shape[1], dtype=torch.bool, device=state.device))
+        t = self.text_embed(text) + self.text_pos[: text.shape[1]]
+        tokens.append(self.text_patch(t.transpose(1, 2)).transpose(1, 2) + self.type_embed[1])
+        masks.append((text != PAD).view(b, -1, self.cfg.text_patch).any(-1))
+        tokens.append(self.state_proj(self.state_norm(state)).unsqueeze(1) + self.type_embed[2])
+        masks.append(torch.ones(b, 1, dtype=torch.bool, device=state.device))
+        x, mask = torch.cat(tokens, 1), torch.cat(masks, 1)
+        for block in self.encoder:
+            x = block(x, mask)
+        x = self.prefix_ln(x)
+        m = mask.unsqueeze(-1).float()
+        pooled = (x * m).sum(1) / m.sum(1)
+        kv = [blk.cross_attn.keys_values(x) for blk in self.expert]
+        return PrefixCache(kv=kv, mask=mask, pooled=pooled)
+
+    # ----- action expert ------------------------------------------------------------------------
+    def expert_forward(
+        self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Velocity v(x_tau, tau) [B, H, A] and per-action-token features [B, H, d].
+
+        x: normalised noisy chunk [B, H, A]; tau: [B] flow time (1 = noise).
+        """
+        a = self.action_in(x)
+        t = sinusoidal(tau, self.cfg.d_model)[:, None, :].expand_as(a)
+        h = self.time_mlp(torch.cat([a, t], -1)) + self.action_pos[: x.shape[1]]
+        for blk, (k, v) in zip(self.expert, cache.kv, strict=True):
+            h = blk(h, k, v, cache.mask)
+        feats = self.expert_ln(h)
+        return self.action_out(feats), feats
+
+    def velocity(self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        return self.expert_forward(cache, x, tau)[0]
+
+    # ----- training -----------------------------------------------------------------------------
+    def flow_matching_loss(self, images, state, text, actions, valid: torch.Tensor | None = None,
+                           noise: torch.Tensor | None = None, tau: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+        """E || v(x_tau, tau) - (eps - A) ||^2 over valid chunk steps (padding past an episode's end excluded)."""
+        a = self.action_norm(actions)
+        if noise is None:
+            noise = torch.randn(a.shape, generator=generator).to(a)
+        if tau is None:
+            tau = sample_tau(a.shape[0], generator).to(a)
+        x_tau, target = interpolate(a, noise, tau)
+        v = self.velocity(self.encode_prefix(images, state, text), x_tau, tau)
+        err = (v - target).pow(2).mean(-1)  # [B, H]
+        if valid is None:
+            return err.mean()
+        w = valid.float()
+        return (err * w).sum() / w.sum().clamp_min(1.0)
+
+    # ----- sampling -----------------------------------------------------------------------------
+    def denoise(self, cache: PrefixCache, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """K Euler steps from x_0 = noise (tau = 1) to a normalised action chunk (tau = 0)."""
+        x, dt = noise, 1.0 / num_steps
+        for tau_k in time_grid(num_steps).tolist():
+            tau = torch.full((x.shape[0],), tau_k, dtype=x.dtype, device=x.device)
+            x = x - dt * self.velocity(cache, x, tau)
+        return x
+
+    def sample_actions(self, images, state, text, noise: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
+        """Raw (unnormalised) action chunk [B, H, A]; the noise is an explicit input (deterministic, exportable)."""
+        cache = self.encode_prefix(images, state, text)
+        return self.action_norm.inverse(self.denoise(cache, noise, num_steps or self.cfg.num_steps))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,1 @@
+"""Supervised fine-tuning (flow matching) on one or several episode datasets."""
