@@ -1,0 +1,185 @@
+"""The project's episode format: one directory per dataset, one HDF5 file per episode.
+
+Spec in docs/datasets.md. Each episode is written to a temporary file and renamed into place, so a
+crash never leaves a half-written episode that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from sim_trainer.envs.spec import PolicySpec
+from sim_trainer.errors import UserError
+
+FORMAT_NAME = "vla-episodes"
+FORMAT_VERSION = 1
+SOURCES = ("sim", "real-proxy", "real")
+
+
+@dataclass
+class Episode:
+    """One trajectory: obs[t] is what the policy saw before it took actions[t]."""
+
+    state: np.ndarray  # [T, S] float32
+    actions: np.ndarray  # [T, A] float32
+    images: dict[str, np.ndarray]  # camera -> [T, H, W, 3] uint8
+    instruction: str
+    success: bool
+    control_hz: float
+    source: str  # "sim" | "real-proxy" | "real"
+    task: str
+    control_mode: str
+    state_layout: tuple[tuple[str, int], ...]
+    provenance: dict = field(default_factory=dict)
+    reward: np.ndarray | None = None  # [T] float32
+    timestamps: np.ndarray | None = None  # [T] float64, seconds since episode start
+
+    def __len__(self) -> int:
+        return int(self.actions.shape[0])
+
+    def validate(self) -> Episode:
+        t = len(self)
+        if self.actions.ndim != 2 or self.state.ndim != 2 or self.state.shape[0] != t:
+            raise UserError(f"episode arrays disagree: actions {self.actions.shape}, state {self.state.shape}")
+        for cam, frames in self.images.items():
+            if frames.shape[0] != t or frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+                raise UserError(f"camera {cam!r}: frames must be uint8 [T={t}, H, W, 3], got {frames.shape}")
+        if self.source not in SOURCES:
+            raise UserError(f"episode source must be one of {SOURCES}, got {self.source!r}")
+        if sum(n for _, n in self.state_layout) != self.state.shape[1]:
+            raise UserError("state layout does not add up to the state dimension")
+        return self
+
+
+class EpisodeWriter:
+    """Appends episodes to a dataset directory (creating it); never overwrites an existing episode."""
+
+    def __init__(self, root: str | Path, spec: PolicySpec | None = None, meta: dict | None = None):
+        self.root = Path(root)
+        (self.root / "episodes").mkdir(parents=True, exist_ok=True)
+        meta_path = self.root / "dataset.json"
+        if not meta_path.exists():
+            info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **(meta or {})}
+            if spec is not None:
+                info["spec"] = spec.to_dict()
+            _atomic_write_text(meta_path, json.dumps(info, indent=2))
+
+    def next_index(self) -> int:
+        existing = sorted((self.root / "episodes").glob("episode_*.h5"))
+        return int(existing[-1].stem.split("_")[1]) + 1 if existing else 0
+
+    def write(self, ep: Episode, index: int | None = None) -> Path:
+        ep.validate()
+        index = self.next_index() if index is None else index
+        path = self.root / "episodes" / f"episode_{index:06d}.h5"
+        if path.exists():
+            raise UserError(f"{path} exists already; episodes are never overwritten")
+        tmp = path.with_suffix(".h5.tmp")
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT_NAME
+            f.attrs["version"] = FORMAT_VERSION
+            f.attrs["instruction"] = ep.instruction
+            f.attrs["success"] = bool(ep.success)
+            f.attrs["control_hz"] = float(ep.control_hz)
+            f.attrs["source"] = ep.source
+            f.attrs["task"] = ep.task
+            f.attrs["control_mode"] = ep.control_mode
+            f.attrs["state_layout"] = json.dumps([list(x) for x in ep.state_layout])
+            f.attrs["provenance"] = json.dumps(ep.provenance)
+            f.create_dataset("actions", data=ep.actions.astype(np.float32))
+            f.create_dataset("state", data=ep.state.astype(np.float32))
+            if ep.reward is not None:
+                f.create_dataset("reward", data=np.asarray(ep.reward, np.float32))
+            if ep.timestamps is not None:
+                f.create_dataset("timestamps", data=np.asarray(ep.timestamps, np.float64))
+            g = f.create_group("images")
+            for cam, frames in ep.images.items():
+                h, w = frames.shape[1:3]
+                g.create_dataset(cam, data=frames, chunks=(1, h, w, 3), compression="gzip", compression_opts=4)
+            f.flush()
+            os.fsync(f.id.get_vfd_handle())
+        os.replace(tmp, path)
+        return path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_episode(path: str | Path, with_images: bool = True) -> Episode:
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT_NAME:
+                raise UserError(f"{path} is not a {FORMAT_NAME} episode file")
+            version = int(f.attrs["version"])
+            if version > FORMAT_VERSION:
+                raise UserError(f"{path} has format version {version}; this software reads up to {FORMAT_VERSION}")
+            images = {k: f["images"][k][()] for k in f["images"]} if with_images else {}
+            ep = Episode(
+                state=f["state"][()],
+                actions=f["actions"][()],
+                images=images,
+                instruction=str(f.attrs["instruction"]),
+                success=bool(f.attrs["success"]),
+                control_hz=float(f.attrs["control_hz"]),
+                source=str(f.attrs["source"]),
+                task=str(f.attrs["task"]),
+                control_mode=str(f.attrs["control_mode"]),
+                state_layout=tuple((n, int(k)) for n, k in json.loads(f.attrs["state_layout"])),
+                provenance=json.loads(f.attrs["provenance"]),
+                reward=f["reward"][()] if "reward" in f else None,
+                timestamps=f["timestamps"][()] if "timestamps" in f else None,
+            )
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"corrupt episode file {path}: {e}") from None
+    if not with_images:
+        return ep
+    return ep.validate()
+
+
+def list_episodes(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"dataset {root} does not exist")
+    meta = root / "dataset.json"
+    if not meta.is_file():
+        raise UserError(f"{root} is not an episode dataset (no dataset.json)")
+    try:
+        info = json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"corrupt {meta}: {e}") from None
+    if info.get("format") != FORMAT_NAME:
+        raise UserError(f"{meta} does not describe a {FORMAT_NAME} dataset")
+    paths = sorted((root / "episodes").glob("episode_*.h5"))
+    if not paths:
+        raise UserError(f"dataset {root} has no episodes")
+    return paths
+
+
+def load_dataset(root: str | Path, successful_only: bool = True) -> list[Episode]:
+    eps = [read_episode(p) for p in list_episodes(root)]
+    if successful_only:
+        eps = [e for e in eps if e.success]
+    if not eps:
+        raise UserError(f"dataset {root} has no successful episodes")
+    return eps
+
+
+def dataset_spec(root: str | Path) -> PolicySpec:
+    """The PolicySpec a dataset was recorded with (stored in dataset.json)."""
+    list_episodes(root)
+    info = json.loads((Path(root) / "dataset.json").read_text())
+    if "spec" not in info:
+        raise UserError(f"dataset {root} has no policy spec in dataset.json")
+    return PolicySpec.from_dict(info["spec"])
