@@ -11,11 +11,10 @@ steps, as in evaluation, outside the timed region).
               --plain-baseline uses ManiSkill's defaults for them instead.
 - ours/zero:  make_vec_env(EnvConfig(task, obs_mode), 1) (an in-process SyncVectorEnv) stepped with the same zero
               actions, through the observation adapter and numpy -> torch conversion.
-- ours/loop:  the evaluation loop of sim_trainer/evaluate/rollout.py: a ChunkPolicy (randomly initialised FlowVLA,
-              --policy-size) samples a chunk every C steps and its actions are executed. Reported twice: the env
-              stepping part only, and the total including policy inference. The executed actions differ from the
-              zero actions (the arm moves), which can change the physics cost a little; --loop-actions zero
-              executes zero actions instead while still calling the policy.
+- ours/eval:  `sim_trainer.evaluate.rollout.evaluate` itself (what `sim-trainer eval` runs): a ChunkPolicy
+              (randomly initialised FlowVLA, --policy-size) samples a chunk every C steps and its actions are
+              executed; its own env-stepping clock gives steps/s. Its actions move the arm, unlike the zero
+              actions of the other paths, which can change the physics cost a little.
 
 Prints a Markdown table, then one line of JSON (the last line of stdout).
 """
@@ -26,8 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -35,23 +32,9 @@ import warnings
 
 import numpy as np
 import torch
+from common import command_line, machine_info
 
 STATE_TARGET = 0.8  # ours/raw steps/s for state observations
-
-
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def command_line() -> str:
-    return "python " + shlex.join(sys.argv)
 
 
 def make_raw_env(cfg, plain: bool):
@@ -95,38 +78,6 @@ def time_ours_zero(venv, n: int, horizon: int, seed: int, action_dim: int) -> fl
     return n / elapsed
 
 
-def time_ours_loop(venv, policy, n: int, horizon: int, seed: int, zero_actions: bool,
-                   gen: torch.Generator) -> tuple[float, float, float]:
-    """(env steps/s of the stepping part, env steps/s overall, ms per policy call), as evaluate() runs it."""
-    c = policy.exec_steps
-    env_time = total = policy_time = 0.0
-    calls, t = 0, horizon
-    obs = chunk = success_any = ret = None
-    for _ in range(n):
-        if t == horizon:
-            obs = venv.reset([seed])
-            seed, t = seed + 1, 0
-            success_any, ret = torch.zeros(1, dtype=torch.bool), torch.zeros(1)
-        t0 = time.perf_counter()
-        if t % c == 0:
-            chunk = policy.act(obs, gen)
-            if zero_actions:
-                chunk = torch.zeros_like(chunk)
-            calls += 1
-        t1 = time.perf_counter()
-        res = venv.step(chunk[:, t % c])
-        t2 = time.perf_counter()
-        obs = res.obs
-        success_any |= res.success.cpu()
-        ret += res.reward.cpu()
-        t3 = time.perf_counter()
-        policy_time += t1 - t0
-        env_time += t2 - t1
-        total += t3 - t0
-        t += 1
-    return n / env_time, n / total, 1000 * policy_time / max(calls, 1)
-
-
 def build_policy(spec, args):
     from sim_trainer.data.normalize import NormStats, Stats
     from sim_trainer.models.config import ModelConfig
@@ -147,6 +98,7 @@ def build_policy(spec, args):
 def bench_mode(obs_mode: str, args: argparse.Namespace) -> dict:
     from sim_trainer.envs.spec import EnvConfig
     from sim_trainer.envs.vec_env import make_vec_env
+    from sim_trainer.evaluate.rollout import evaluate
 
     cfg = EnvConfig(task=args.task, obs_mode=obs_mode, image_size=args.image_size).validate()
     horizon = cfg.horizon
@@ -155,24 +107,20 @@ def bench_mode(obs_mode: str, args: argparse.Namespace) -> dict:
     try:
         spec = venv.spec
         policy = build_policy(spec, args)
-        gen = torch.Generator().manual_seed(0)
         a = spec.action_dim
         warm = min(args.warmup, args.steps)
         if warm:
             time_raw(raw, warm, horizon, 0, a)
             time_ours_zero(venv, warm, horizon, 0, a)
-            time_ours_loop(venv, policy, warm, horizon, 0, args.loop_actions == "zero", gen)
-        rounds: dict[str, list[float]] = {"raw": [], "ours_zero": [], "loop_env": [], "loop_total": [],
-                                          "policy_ms": []}
+        rounds: dict[str, list[float]] = {"raw": [], "ours_zero": [], "eval": [], "policy_ms": []}
+        episodes = max(1, args.steps // horizon)
         for r in range(args.rounds):
             print(f"[eval_overhead] {obs_mode}: round {r + 1}/{args.rounds} ...", file=sys.stderr)
             rounds["raw"].append(time_raw(raw, args.steps, horizon, 0, a))
             rounds["ours_zero"].append(time_ours_zero(venv, args.steps, horizon, 0, a))
-            env_sps, total_sps, ms = time_ours_loop(venv, policy, args.steps, horizon, 0,
-                                                    args.loop_actions == "zero", gen)
-            rounds["loop_env"].append(env_sps)
-            rounds["loop_total"].append(total_sps)
-            rounds["policy_ms"].append(ms)
+            result = evaluate(policy, cfg, episodes, 1, seed_start=0, record_video=False, progress=False)
+            rounds["eval"].append(result.env_steps_per_s)
+            rounds["policy_ms"].append(result.policy_ms_per_chunk)
     finally:
         venv.close()
         raw.close()
@@ -183,11 +131,10 @@ def bench_mode(obs_mode: str, args: argparse.Namespace) -> dict:
         "horizon": horizon,
         "state_dim": spec.state_dim,
         "cameras": [c.name for c in spec.cameras],
-        "median_steps_per_s": {k: med[k] for k in ("raw", "ours_zero", "loop_env", "loop_total")},
+        "median_steps_per_s": {k: med[k] for k in ("raw", "ours_zero", "eval")},
         "policy_ms_per_chunk_median": med["policy_ms"],
         "ratio_ours_zero": med["ours_zero"] / med["raw"],
-        "ratio_loop_env": med["loop_env"] / med["raw"],
-        "ratio_loop_total": med["loop_total"] / med["raw"],
+        "ratio_eval": med["eval"] / med["raw"],
         "ratio_ours_zero_per_round": per_round_ratio,
         "rounds": rounds,
     }
@@ -211,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizon", type=int, default=16, help="policy chunk length H")
     p.add_argument("--exec-steps", type=int, default=8, help="actions executed per chunk C")
     p.add_argument("--num-steps", type=int, default=10, help="denoising steps K")
-    p.add_argument("--loop-actions", choices=("policy", "zero"), default="policy",
-                   help="execute the policy's actions (as evaluation does) or zero actions in the loop path")
     p.add_argument("--plain-baseline", action="store_true",
                    help="raw env with ManiSkill's defaults for everything but obs_mode/control_mode/num_envs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, as sim-trainer)")
@@ -233,12 +178,11 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {machine['torch']} ({machine['torch_threads']} threads), Python {machine['python']}")
     print(f"- {args.steps} timed steps per path per round, resets excluded; baseline: "
           + ("ManiSkill defaults" if args.plain_baseline else "settings matched to our stack")
-          + f"; loop: {args.policy_size} FlowVLA, H={args.horizon}, C={args.exec_steps}, K={args.num_steps}, "
-          f"{args.loop_actions} actions executed\n")
+          + f"; eval policy: {args.policy_size} FlowVLA, H={args.horizon}, C={args.exec_steps}, K={args.num_steps}\n")
     print("| obs mode | path | steps/s (median) | per round | ratio to raw |")
     print("|---|---|---:|---|---:|")
     labels = [("raw", "raw ManiSkill, zero actions"), ("ours_zero", "make_vec_env, zero actions"),
-              ("loop_env", "policy loop, env stepping only"), ("loop_total", "policy loop, total")]
+              ("eval", "sim_trainer evaluate(), env stepping")]
     for r in results:
         for key, label in labels:
             sps = r["median_steps_per_s"][key]
@@ -254,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     summary = {"benchmark": "eval_overhead", "date": date, "command": command_line(), "machine": machine,
                "task": args.task, "steps": args.steps, "rounds": args.rounds,
-               "plain_baseline": args.plain_baseline, "loop_actions": args.loop_actions,
+               "plain_baseline": args.plain_baseline,
                "policy": {"size": args.policy_size, "horizon": args.horizon, "exec_steps": args.exec_steps,
                           "num_steps": args.num_steps},
                "results": results}

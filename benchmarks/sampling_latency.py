@@ -15,13 +15,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 
 import numpy as np
 import torch
+from common import command_line, machine_info
 
 from sim_trainer.data.normalize import NormStats, Stats
 from sim_trainer.models.config import SIZES, ModelConfig
@@ -30,21 +29,6 @@ from sim_trainer.models.tokenizer import tokenize
 
 CAMERA, IMAGE_SIZE, STATE_DIM, ACTION_DIM = "base_camera", 64, 29, 8
 INSTRUCTION = "pick up the red cube and move it to the goal"
-
-
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def command_line() -> str:
-    return "python " + shlex.join(sys.argv)
 
 
 def percentiles_ms(times: list[float]) -> dict:

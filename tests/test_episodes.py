@@ -83,3 +83,30 @@ def test_norm_stats(tmp_path):
     stats.save(tmp_path / "n.json")
     back = NormStats.load(tmp_path / "n.json")
     np.testing.assert_allclose(back.state.std, stats.state.std)
+
+
+def test_appending_with_another_spec_is_refused(tmp_path, state_demos):
+    from dataclasses import replace
+
+    spec = dataset_spec(state_demos)
+    EpisodeWriter(tmp_path / "ds", spec=spec)
+    EpisodeWriter(tmp_path / "ds", spec=replace(spec, instruction="say it differently"))  # same contract
+    with pytest.raises(UserError, match="another spec"):
+        EpisodeWriter(tmp_path / "ds", spec=replace(spec, control_hz=10.0))
+
+
+def test_mixed_sampler_honours_ratios_and_keeps_each_instruction():
+    from sim_trainer.sft.data import ChunkSource, MixedSampler
+
+    a, b = make_episode(40), make_episode(40)
+    b.instruction = "a different task"
+    sampler = MixedSampler([ChunkSource([a], 4, 48), ChunkSource([b], 4, 48)], [0.8, 0.2], seed=0)
+    batch = sampler.sample(4000)
+    frac = (batch.source == 0).float().mean().item()
+    assert abs(frac - 0.8) < 0.03
+    from sim_trainer.models.tokenizer import tokenize
+
+    assert (batch.text[batch.source == 1] == tokenize("a different task", 48)).all()
+    assert (batch.text[batch.source == 0] == tokenize(a.instruction, 48)).all()
+    # chunks never run into the next episode: padded steps are marked invalid
+    assert not batch.valid[:, 1:].all()

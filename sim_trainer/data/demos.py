@@ -177,5 +177,6 @@ def generate_demos(cfg: EnvConfig, num: int, out: str | Path, seed_start: int = 
         if pool:
             pool.terminate()
     if counts["kept"] < num:
-        raise UserError(f"only {counts['kept']} of {num} demos succeeded in {counts['attempts']} attempts")
+        raise UserError(f"only {counts['kept']} of {num} demos succeeded in {counts['attempts']} attempts; they are "
+                        f"kept in {out}; run again with a new --out and --seed-start {seed_start + max_attempts}")
     return counts

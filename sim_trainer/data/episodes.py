@@ -65,10 +65,15 @@ class EpisodeWriter:
         (self.root / "episodes").mkdir(parents=True, exist_ok=True)
         meta_path = self.root / "dataset.json"
         if not meta_path.exists():
-            info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **(meta or {})}
+            info = {**(meta or {}), "format": FORMAT_NAME, "version": FORMAT_VERSION}
             if spec is not None:
                 info["spec"] = spec.to_dict()
             _atomic_write_text(meta_path, json.dumps(info, indent=2))
+        elif spec is not None:
+            # Appending to an existing dataset (e.g. a new session of real trials): same contract only.
+            diffs = dataset_spec(self.root, require_episodes=False).differences(spec, ignore=("instruction",))
+            if diffs:
+                raise UserError(f"dataset {self.root} was recorded with another spec: " + "; ".join(diffs))
 
     def next_index(self) -> int:
         existing = sorted((self.root / "episodes").glob("episode_*.h5"))
@@ -80,7 +85,7 @@ class EpisodeWriter:
         path = self.root / "episodes" / f"episode_{index:06d}.h5"
         if path.exists():
             raise UserError(f"{path} exists already; episodes are never overwritten")
-        tmp = path.with_suffix(".h5.tmp")
+        tmp = path.with_suffix(f".h5.{os.getpid()}.tmp")
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["version"] = FORMAT_VERSION
@@ -104,7 +109,12 @@ class EpisodeWriter:
                 g.create_dataset(cam, data=frames, chunks=(1, h, w, 3), compression="gzip", compression_opts=4)
             f.flush()
             os.fsync(f.id.get_vfd_handle())
-        os.replace(tmp, path)
+        try:
+            os.link(tmp, path)  # atomic and never clobbers: a concurrent writer of the same index fails here
+        except FileExistsError:
+            raise UserError(f"{path} exists already; episodes are never overwritten") from None
+        finally:
+            tmp.unlink()
         return path
 
 
@@ -143,12 +153,10 @@ def read_episode(path: str | Path, with_images: bool = True) -> Episode:
         raise
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"corrupt episode file {path}: {e}") from None
-    if not with_images:
-        return ep
     return ep.validate()
 
 
-def list_episodes(root: str | Path) -> list[Path]:
+def list_episodes(root: str | Path, require_episodes: bool = True) -> list[Path]:
     root = Path(root)
     if not root.exists():
         raise UserError(f"dataset {root} does not exist")
@@ -161,8 +169,11 @@ def list_episodes(root: str | Path) -> list[Path]:
         raise UserError(f"corrupt {meta}: {e}") from None
     if info.get("format") != FORMAT_NAME:
         raise UserError(f"{meta} does not describe a {FORMAT_NAME} dataset")
+    if int(info.get("version", 0)) > FORMAT_VERSION:
+        raise UserError(f"dataset {root} has format version {info['version']}; this software reads up to "
+                        f"{FORMAT_VERSION}")
     paths = sorted((root / "episodes").glob("episode_*.h5"))
-    if not paths:
+    if not paths and require_episodes:
         raise UserError(f"dataset {root} has no episodes")
     return paths
 
@@ -176,9 +187,9 @@ def load_dataset(root: str | Path, successful_only: bool = True) -> list[Episode
     return eps
 
 
-def dataset_spec(root: str | Path) -> PolicySpec:
+def dataset_spec(root: str | Path, require_episodes: bool = True) -> PolicySpec:
     """The PolicySpec a dataset was recorded with (stored in dataset.json)."""
-    list_episodes(root)
+    list_episodes(root, require_episodes)
     info = json.loads((Path(root) / "dataset.json").read_text())
     if "spec" not in info:
         raise UserError(f"dataset {root} has no policy spec in dataset.json")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from sim_trainer.data.episodes import Episode
+from sim_trainer.models.tokenizer import tokenize
 
 
 @dataclass
@@ -16,14 +17,19 @@ class Batch:
     state: torch.Tensor  # [B, S]
     actions: torch.Tensor  # [B, H, A] raw
     valid: torch.Tensor  # [B, H] False where the chunk runs past the episode's end
+    text: torch.Tensor  # [B, L] instruction tokens of each sample's own episode
     source: torch.Tensor  # [B] index of the dataset each sample came from
 
 
 class ChunkSource:
     """All (episode, t) samples of one dataset held in memory as flat arrays."""
 
-    def __init__(self, episodes: list[Episode], horizon: int):
+    def __init__(self, episodes: list[Episode], horizon: int, max_text_len: int):
         self.horizon = horizon
+        texts = sorted({e.instruction for e in episodes})
+        self.text_tokens = torch.stack([tokenize(t, max_text_len) for t in texts])
+        self.text_index = np.concatenate(
+            [np.full(len(e), texts.index(e.instruction)) for e in episodes])
         self.state = np.concatenate([e.state for e in episodes]).astype(np.float32)
         self.actions = np.concatenate([e.actions for e in episodes]).astype(np.float32)
         self.cameras = list(episodes[0].images)
@@ -34,13 +40,13 @@ class ChunkSource:
     def __len__(self) -> int:
         return len(self.state)
 
-    def gather(self, idx: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    def gather(self, idx: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
         offs = idx[:, None] + np.arange(self.horizon)[None, :]
         end = self.episode_end[idx][:, None]
         valid = offs < end
         offs = np.minimum(offs, end - 1)  # pad with the episode's last action; padded steps carry no loss
         images = {c: self.images[c][idx] for c in self.cameras}
-        return images, self.state[idx], self.actions[offs], valid
+        return images, self.state[idx], self.actions[offs], valid, self.text_tokens[self.text_index[idx]]
 
 
 class MixedSampler:
@@ -66,6 +72,7 @@ class MixedSampler:
             state=torch.from_numpy(np.concatenate([p[1][1] for p in parts])),
             actions=torch.from_numpy(np.concatenate([p[1][2] for p in parts])),
             valid=torch.from_numpy(np.concatenate([p[1][3] for p in parts])),
+            text=torch.cat([p[1][4] for p in parts]),
             source=torch.from_numpy(np.concatenate([np.full(len(p[1][1]), p[0]) for p in parts])),
         )
 

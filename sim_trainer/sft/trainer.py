@@ -25,7 +25,6 @@ from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import save_checkpoint
 from sim_trainer.models.config import ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
-from sim_trainer.models.tokenizer import tokenize
 from sim_trainer.sft.data import ChunkSource, MixedSampler, random_shift
 
 
@@ -128,6 +127,9 @@ def train_sft(cfg: SFTConfig) -> Path:
         diffs = spec.differences(s)
         if diffs:
             raise UserError(f"dataset {d} does not match {cfg.data[0]}: " + "; ".join(diffs))
+    sizes = {(c.height, c.width) for c in spec.cameras}
+    if len(sizes) > 1 or any(h != w for h, w in sizes):
+        raise UserError(f"all cameras must share one square resolution, got {sorted(sizes)}")
     datasets = [load_dataset(d) for d in cfg.data]
     ratios = cfg.mix or [float(sum(len(e) for e in eps)) for eps in datasets]
     model_cfg = ModelConfig.from_size(
@@ -139,7 +141,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = FlowVLA(model_cfg, norm)
-    sampler = MixedSampler([ChunkSource(eps, cfg.horizon) for eps in datasets], ratios, seed=cfg.seed)
+    sampler = MixedSampler([ChunkSource(eps, cfg.horizon, model_cfg.max_text_len) for eps in datasets], ratios,
+                           seed=cfg.seed)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "pos" in name or "embed" in name else decay).append(p)
@@ -159,7 +162,6 @@ def train_sft(cfg: SFTConfig) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     tb = SummaryWriter(str(out / "tb"))
-    text = tokenize(spec.instruction, model_cfg.max_text_len)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", unit="step")
     t_log, n_log = time.perf_counter(), 0
     model.train()
@@ -168,8 +170,8 @@ def train_sft(cfg: SFTConfig) -> Path:
         images = {k: random_shift(v, cfg.augment_pad, gen) for k, v in batch.images.items()}
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        loss = model.flow_matching_loss(images, batch.state, text.expand(cfg.batch_size, -1), batch.actions,
-                                        valid=batch.valid, generator=gen)
+        loss = model.flow_matching_loss(images, batch.state, batch.text, batch.actions, valid=batch.valid,
+                                        generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -1,0 +1,148 @@
+"""Export a checkpoint's flow sampler to one ONNX graph: prefix encoding + K unrolled Euler steps.
+
+The graph takes the raw observation and the initial noise (randomness is an explicit input: exporters
+freeze random ops into constants) and returns the raw (unnormalised) action chunk; normalisation is
+inside the graph. Python loops over the fixed K unroll at trace time, so the graph has no Loop/If.
+The batch dimension is dynamic (the server batches requests); everything else is static.
+The manifest records the contract a client checks at connect, and the parity against PyTorch measured
+at export time; an export whose parity exceeds the tolerance is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sim_trainer.errors import UserError
+from sim_trainer.models.checkpoint import LoadedPolicy, file_sha256, load_checkpoint
+from sim_trainer.models.flow_vla import FlowVLA
+from sim_trainer.models.tokenizer import tokenize
+
+MANIFEST_FORMAT = "flow-vla-export"
+MANIFEST_VERSION = 1
+OPSET = 17
+PARITY_TOLERANCE = 1e-4  # max |onnx - torch| in raw action units, fp32 on CPU
+
+
+class UnrolledSampler(torch.nn.Module):
+    """(images..., state, text, noise) -> actions, with K fixed at construction."""
+
+    def __init__(self, model: FlowVLA, num_steps: int):
+        super().__init__()
+        self.model, self.num_steps = model, num_steps
+        self.cameras = list(model.cfg.camera_names)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        n = len(self.cameras)
+        images = dict(zip(self.cameras, inputs[:n], strict=True))
+        state, text, noise = inputs[n:]
+        return self.model.sample_actions(images, state, text, noise, self.num_steps)
+
+
+def input_names(cameras: list[str]) -> list[str]:
+    return [f"image.{c}" for c in cameras] + ["state", "text", "noise"]
+
+
+def example_inputs(loaded: LoadedPolicy, batch: int, seed: int) -> list[torch.Tensor]:
+    cfg, spec = loaded.model.cfg, loaded.spec
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 256, (batch, c.height, c.width, 3), generator=g, dtype=torch.uint8)
+              for c in spec.cameras]
+    with torch.no_grad():  # states drawn around the training distribution
+        state = loaded.model.state_norm.inverse(torch.randn(batch, spec.state_dim, generator=g))
+    text = tokenize(spec.instruction, cfg.max_text_len).expand(batch, -1).contiguous()
+    noise = torch.randn(batch, cfg.horizon, spec.action_dim, generator=g)
+    return [*images, state, text, noise]
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: dict
+
+
+def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int, parity_batches: int = 4) -> ExportResult:
+    import onnx
+    import onnxruntime as ort
+
+    if num_steps < 1:
+        raise UserError(f"--steps must be at least 1, got {num_steps}")
+    loaded = load_checkpoint(ckpt)
+    model = loaded.model.eval()
+    cfg, spec = model.cfg, loaded.spec
+    if len({(c.height, c.width) for c in spec.cameras}) > 1:
+        raise UserError("cameras of different sizes are not supported by the exporter")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = input_names(list(cfg.camera_names))
+    sampler = UnrolledSampler(model, num_steps).eval()
+    onnx_path = out / "policy.onnx"
+    tmp = out / "policy.onnx.tmp"
+    with torch.no_grad():
+        torch.onnx.export(sampler, tuple(example_inputs(loaded, 1, 0)), str(tmp), input_names=names,
+                          output_names=["actions"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={n: {0: "batch"} for n in [*names, "actions"]})
+    graph = onnx.load(str(tmp))
+    onnx.checker.check_model(graph)
+    control_flow = sorted({n.op_type for n in graph.graph.node} & {"Loop", "If", "Scan"})
+    if control_flow:
+        raise RuntimeError(f"exported graph contains control flow {control_flow}; the unroll failed")
+
+    # Parity against PyTorch on fresh inputs, batch 1 and a larger batch.
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for i in range(parity_batches):
+        inputs = example_inputs(loaded, 1 if i % 2 == 0 else 3, seed=1000 + i)
+        with torch.no_grad():
+            ref = sampler(*inputs).numpy()
+        got = session.run(["actions"], {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0]
+        worst = max(worst, float(np.abs(got - ref).max()))
+    if not worst <= PARITY_TOLERANCE:
+        tmp.unlink()
+        raise UserError(f"ONNX output differs from PyTorch by {worst:.2e} > {PARITY_TOLERANCE:.0e}; export refused")
+    os.replace(tmp, onnx_path)
+
+    norm = json.loads((Path(ckpt) / "norm_stats.json").read_text())
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "model_file": onnx_path.name,
+        "model_sha256": file_sha256(onnx_path),
+        "checkpoint": {"path": str(ckpt), "weights_sha256": file_sha256(Path(ckpt) / "model.safetensors")},
+        "onnx": {"opset": OPSET, "ir_version": int(graph.ir_version), "exporter": "torch.onnx (TorchScript)",
+                 "torch": torch.__version__, "onnx": onnx.__version__},
+        "num_steps": num_steps,
+        "horizon": cfg.horizon,
+        "exec_steps": cfg.exec_steps,
+        "action_dim": spec.action_dim,
+        "action": {"control_mode": spec.control_mode, "low": list(spec.action_low), "high": list(spec.action_high),
+                   "units": "normalised controller action in [low, high] (ManiSkill convention)"},
+        "cameras": [{"name": c.name, "input": f"image.{c.name}", "height": c.height, "width": c.width,
+                     "dtype": "uint8", "layout": "HWC RGB"} for c in spec.cameras],
+        "state": {"input": "state", "dim": spec.state_dim, "layout": [list(x) for x in spec.state_layout],
+                  "dtype": "float32", "normalised_in_graph": True},
+        "text": {"input": "text", "tokenizer": "utf8-bytes-v1 (BOS=1, PAD=0, byte b -> b+2)",
+                 "max_len": cfg.max_text_len, "instruction": spec.instruction,
+                 "tokens": tokenize(spec.instruction, cfg.max_text_len).tolist()},
+        "noise": {"input": "noise", "shape": [cfg.horizon, spec.action_dim], "dtype": "float32",
+                  "distribution": "standard normal, flow time tau = 1"},
+        "output": {"name": "actions", "shape": [cfg.horizon, spec.action_dim], "dtype": "float32",
+                   "unnormalised": True, "clipped": False},
+        "batch": "dynamic (dimension 0 of every input and of the output)",
+        "normalisation": {"kind": "zscore", "in_graph": True, "stats": norm,
+                          "sha256": hashlib.sha256(json.dumps(norm, sort_keys=True).encode()).hexdigest()},
+        "control_hz": spec.control_hz,
+        "task": spec.task,
+        "spec": spec.to_dict(),
+        "parity": {"max_abs_err": worst, "tolerance": PARITY_TOLERANCE, "precision": "fp32",
+                   "provider": "CPUExecutionProvider", "machine": platform.platform()},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return ExportResult(out, manifest)
