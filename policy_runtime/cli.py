@@ -1,19 +1,155 @@
-"""`policy-runtime`: serve exported policies over ZeroMQ (`serve`, `check`); built in the runtime issue."""
+"""`policy-runtime`: serve an export over ZeroMQ (`serve`), re-verify it on this machine (`check`), make CURVE keys.
+
+User mistakes (missing directory, corrupt manifest, bad key file, port in use) print one line on stderr and
+exit 2; `check` exits 1 when the export loads but misbehaves (non-deterministic, NaN, batch-dependent).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+from pathlib import Path
+
+from policy_runtime.errors import UserError
+from policy_runtime.protocol import DEFAULT_ENDPOINT, Limits
+
+log = logging.getLogger("policy_runtime")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="policy-runtime",
+                                description="Serve an exported flow VLA (ONNX Runtime) as action chunks over ZeroMQ.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="serve an export directory (or a checkpoint with --backend torch)")
+    s.add_argument("model_dir", help="export directory (policy.onnx + manifest.json)")
+    s.add_argument("--bind", default=DEFAULT_ENDPOINT, help=f"ZeroMQ endpoint (default {DEFAULT_ENDPOINT})")
+    s.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
+                   help="torch serves a sim_trainer checkpoint directory instead (needs torch)")
+    s.add_argument("--providers", nargs="+", default=None,
+                   help="ONNX Runtime providers in preference order (default TensorRT CUDA CPU, filtered to "
+                        "what is installed); short names trt/cuda/cpu accepted")
+    s.add_argument("--require-gpu", action="store_true", help="fail instead of running on the CPU")
+    s.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = ORT default)")
+    s.add_argument("--no-iobinding", action="store_true", help="plain run() even on a GPU provider")
+    s.add_argument("--device", default="cpu", help="torch backend device")
+    s.add_argument("--cuda-graph", action="store_true", help="torch backend: capture CUDA graphs")
+    s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--max-wait-ms", type=float, default=2.0)
+    s.add_argument("--max-queue", type=int, default=32)
+    s.add_argument("--max-array-mb", type=float, default=16.0, help="largest accepted array")
+    s.add_argument("--seed", type=int, default=0, help="server noise stream seed")
+    s.add_argument("--warmup", type=int, default=3, help="warm-up runs per batch size before serving")
+    s.add_argument("--curve-secret", type=Path, help="server secret key file (*.key_secret); enables CURVE")
+    s.add_argument("--curve-clients", type=Path, help="directory of authorised client public keys (*.key)")
+    s.add_argument("-v", "--verbose", action="store_true")
+
+    c = sub.add_parser("check", help="re-verify an export on this machine (hash, session, determinism, latency)")
+    c.add_argument("export_dir")
+    c.add_argument("--providers", nargs="+", default=None)
+    c.add_argument("--require-gpu", action="store_true")
+    c.add_argument("--threads", type=int, default=0)
+
+    k = sub.add_parser("keys", help="generate CURVE key pairs for a server and its clients")
+    k.add_argument("--out", type=Path, required=True)
+    k.add_argument("--client", action="append", default=None, help="client name (repeatable; default 'robot')")
+    k.add_argument("--force", action="store_true", help="overwrite existing keys")
+    return p
+
+
+PROVIDER_ALIASES = {"trt": "TensorrtExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+                    "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def _onnx_options(args: argparse.Namespace, warmup: int = 3, batch_sizes: tuple[int, ...] = (1,)):
+    from policy_runtime.backends.onnx_backend import DEFAULT_PROVIDERS, OnnxOptions
+
+    providers = tuple(PROVIDER_ALIASES.get(p.lower(), p) for p in args.providers) if args.providers \
+        else DEFAULT_PROVIDERS
+    return OnnxOptions(providers=providers, require_gpu=args.require_gpu, intra_op_threads=args.threads,
+                       warmup_runs=warmup, warmup_batch_sizes=batch_sizes,
+                       iobinding=not getattr(args, "no_iobinding", False), seed=getattr(args, "seed", 0))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from policy_runtime.curve import CurveServerKeys
+    from policy_runtime.server import PolicyServer, ServerConfig, probe_bind
+
+    if (args.curve_secret is None) != (args.curve_clients is None):
+        raise UserError("--curve-secret and --curve-clients go together")
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0 or args.max_array_mb <= 0:
+        raise UserError("--max-batch/--max-queue must be >= 1, --max-wait-ms >= 0, --max-array-mb > 0")
+    curve = CurveServerKeys(args.curve_secret, args.curve_clients) if args.curve_secret else None
+    if curve is not None:  # fail on bad keys before spending time on loading the model
+        from policy_runtime.curve import check_clients_dir, load_keypair
+        load_keypair(curve.secret_file, need_secret=True)
+        check_clients_dir(curve.clients_dir)
+    if not Path(args.model_dir).is_dir():
+        raise UserError(f"{args.model_dir} does not exist or is not a directory")
+    probe_bind(args.bind)  # nothing is logged before the checks, so a user mistake stays one line on stderr
+    if args.backend == "torch":
+        from policy_runtime.backends.torch_backend import TorchBackend, TorchOptions
+        backend = TorchBackend(args.model_dir, TorchOptions(device=args.device, cuda_graph=args.cuda_graph,
+                                                            warmup_runs=args.warmup, seed=args.seed))
+    else:
+        from policy_runtime.backends.onnx_backend import OnnxBackend
+        sizes = tuple(sorted({1, args.max_batch}))
+        backend = OnnxBackend(args.model_dir, _onnx_options(args, args.warmup, sizes))
+    log.info("loaded %s (%s backend): %s", args.model_dir, args.backend, backend.info())
+    limits = Limits(max_array_bytes=int(args.max_array_mb * (1 << 20)),
+                    max_message_bytes=max(Limits().max_message_bytes, 4 * int(args.max_array_mb * (1 << 20))))
+    server = PolicyServer(backend, ServerConfig(bind=args.bind, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                                max_queue=args.max_queue, limits=limits, curve=curve))
+    server.start()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        server.request_stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server.run()
+    backend.close()
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from policy_runtime.check import check_export
+
+    report = check_export(args.export_dir, _onnx_options(args))
+    for line in report.lines:
+        print(line)
+    for p in report.problems:
+        print(f"PROBLEM: {p}", file=sys.stderr)
+    print("check passed" if report.ok else f"check FAILED ({len(report.problems)} problem(s))")
+    return 0 if report.ok else 1
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from policy_runtime.curve import AUTHORIZED_DIR, generate_keys
+
+    written = generate_keys(args.out, args.client or ["robot"], force=args.force)
+    for path in written:
+        print(path)
+    print(f"server: --curve-secret {args.out / 'server.key_secret'} --curve-clients {args.out / AUTHORIZED_DIR}; "
+          f"copy {args.out / 'server.key'} and a client's *.key_secret to the robot")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="policy-runtime",
-        description="Serve an exported flow VLA (ONNX Runtime) as action chunks over ZeroMQ + msgpack. "
-                    "Subcommands `serve EXPORT_DIR` and `check EXPORT_DIR` are not available in this version yet.")
-    parser.parse_args(argv)
-    print("policy-runtime: error: no subcommands are available in this version yet", file=sys.stderr)
-    return 2
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return {"serve": _serve, "check": _check, "keys": _keys}[args.cmd](args)
+    except UserError as e:
+        print(f"policy-runtime: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("policy-runtime: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ at export time; an export whose parity exceeds the tolerance is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +68,7 @@ class ExportResult:
     manifest: dict
 
 
-def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int, parity_batches: int = 4) -> ExportResult:
-    import onnx
-    import onnxruntime as ort
-
+def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int) -> ExportResult:
     if num_steps < 1:
         raise UserError(f"--steps must be at least 1, got {num_steps}")
     loaded = load_checkpoint(ckpt)
@@ -85,6 +82,30 @@ def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int, parity_batche
     sampler = UnrolledSampler(model, num_steps).eval()
     onnx_path = out / "policy.onnx"
     tmp = out / "policy.onnx.tmp"
+    try:
+        worst, ir_version = _export_and_verify(sampler, loaded, names, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not worst <= PARITY_TOLERANCE:
+        tmp.unlink()
+        raise UserError(f"ONNX output differs from PyTorch by {worst:.2e} > {PARITY_TOLERANCE:.0e}; export refused")
+    os.replace(tmp, onnx_path)
+    # norm_stats.json travels byte for byte, so its sha256 can be recomputed by any client.
+    shutil.copyfile(Path(ckpt) / "norm_stats.json", out / "norm_stats.json")
+    norm = json.loads((out / "norm_stats.json").read_text())
+    manifest = _manifest(loaded, Path(ckpt), onnx_path, out, num_steps, worst, ir_version, norm)
+    (out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2))
+    os.replace(out / "manifest.json.tmp", out / "manifest.json")
+    return ExportResult(out, manifest)
+
+
+def _export_and_verify(sampler: UnrolledSampler, loaded: LoadedPolicy, names: list[str], tmp: Path,
+                       parity_batches: int = 4) -> tuple[float, int]:
+    """Export to `tmp`, check the graph, and return (max |onnx - torch|, IR version)."""
+    import onnx
+    import onnxruntime as ort
+
     with torch.no_grad():
         torch.onnx.export(sampler, tuple(example_inputs(loaded, 1, 0)), str(tmp), input_names=names,
                           output_names=["actions"], opset_version=OPSET, dynamo=False,
@@ -104,19 +125,21 @@ def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int, parity_batche
             ref = sampler(*inputs).numpy()
         got = session.run(["actions"], {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0]
         worst = max(worst, float(np.abs(got - ref).max()))
-    if not worst <= PARITY_TOLERANCE:
-        tmp.unlink()
-        raise UserError(f"ONNX output differs from PyTorch by {worst:.2e} > {PARITY_TOLERANCE:.0e}; export refused")
-    os.replace(tmp, onnx_path)
+    return worst, int(graph.ir_version)
 
-    norm = json.loads((Path(ckpt) / "norm_stats.json").read_text())
-    manifest = {
+
+def _manifest(loaded: LoadedPolicy, ckpt: Path, onnx_path: Path, out: Path, num_steps: int, worst: float,
+              ir_version: int, norm: dict) -> dict:
+    import onnx
+
+    cfg, spec = loaded.model.cfg, loaded.spec
+    return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "model_file": onnx_path.name,
         "model_sha256": file_sha256(onnx_path),
-        "checkpoint": {"path": str(ckpt), "weights_sha256": file_sha256(Path(ckpt) / "model.safetensors")},
-        "onnx": {"opset": OPSET, "ir_version": int(graph.ir_version), "exporter": "torch.onnx (TorchScript)",
+        "checkpoint": {"name": ckpt.name, "weights_sha256": file_sha256(ckpt / "model.safetensors")},
+        "onnx": {"opset": OPSET, "ir_version": ir_version, "exporter": "torch.onnx (TorchScript)",
                  "torch": torch.__version__, "onnx": onnx.__version__},
         "num_steps": num_steps,
         "horizon": cfg.horizon,
@@ -136,13 +159,11 @@ def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int, parity_batche
         "output": {"name": "actions", "shape": [cfg.horizon, spec.action_dim], "dtype": "float32",
                    "unnormalised": True, "clipped": False},
         "batch": "dynamic (dimension 0 of every input and of the output)",
-        "normalisation": {"kind": "zscore", "in_graph": True, "stats": norm,
-                          "sha256": hashlib.sha256(json.dumps(norm, sort_keys=True).encode()).hexdigest()},
+        "normalisation": {"kind": "zscore", "in_graph": True, "file": "norm_stats.json", "stats": norm,
+                          "sha256": file_sha256(out / "norm_stats.json")},
         "control_hz": spec.control_hz,
         "task": spec.task,
         "spec": spec.to_dict(),
         "parity": {"max_abs_err": worst, "tolerance": PARITY_TOLERANCE, "precision": "fp32",
                    "provider": "CPUExecutionProvider", "machine": platform.platform()},
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return ExportResult(out, manifest)

@@ -1,0 +1,162 @@
+"""PyTorch backend: serves a sim_trainer checkpoint directly (reference for parity, and a GPU path before export).
+
+This is the one runtime module allowed to import torch and sim_trainer. It builds its inputs with the same
+numpy code as the ONNX backend, so identical requests (same noise_seed) give the same chunks on both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from policy_runtime.backends import ChunkResult
+from policy_runtime.backends.common import NoiseSource, batch_inputs, finish, normalisation_sha256
+from policy_runtime.errors import UserError
+from policy_runtime.export_dir import file_sha256
+from policy_runtime.protocol import CameraContract, Contract, InferRequest
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    device: str = "cpu"
+    cuda_graph: bool = False  # capture one CUDA graph per batch size (CUDA devices only)
+    num_steps: int | None = None  # default: the checkpoint's configured K
+    warmup_runs: int = 2
+    seed: int = 0
+    clip_actions: bool = True
+    rtc_max_weight: float = 5.0  # beta of guided real-time chunking (requests with prev_chunk + delay_steps)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, ckpt_dir: str | Path, options: TorchOptions = TorchOptions()):
+        from sim_trainer.errors import UserError as TrainerUserError
+        from sim_trainer.models.checkpoint import load_checkpoint
+
+        self.options = options
+        self.device = torch.device(options.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {options.device} requested but CUDA is not available")
+        if options.cuda_graph and self.device.type != "cuda":
+            raise UserError("CUDA-graph capture needs a CUDA device")
+        try:
+            loaded = load_checkpoint(ckpt_dir, map_location="cpu")
+        except TrainerUserError as e:
+            raise UserError(str(e)) from None
+        self.model = loaded.model.to(self.device).eval()
+        cfg, spec = self.model.cfg, loaded.spec
+        self.num_steps = options.num_steps or cfg.num_steps
+        self._contract = Contract(
+            model_sha256=file_sha256(Path(ckpt_dir) / "model.safetensors"), backend=self.name,
+            provider=str(self.device) + (" (cuda graph)" if options.cuda_graph else ""),
+            horizon=cfg.horizon, exec_steps=cfg.exec_steps, action_dim=spec.action_dim, num_steps=self.num_steps,
+            control_mode=spec.control_mode, action_low=tuple(spec.action_low), action_high=tuple(spec.action_high),
+            clip_actions=options.clip_actions,
+            cameras=tuple(CameraContract(c.name, c.height, c.width) for c in spec.cameras),
+            state_dim=spec.state_dim, state_layout=tuple(spec.state_layout),
+            normalisation_sha256=normalisation_sha256(Path(ckpt_dir) / "norm_stats.json"), control_hz=spec.control_hz,
+            text_max_len=cfg.max_text_len, default_instruction=spec.instruction, task=spec.task, rtc=True)
+        self.noise = NoiseSource(options.seed, (cfg.horizon, spec.action_dim))
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+        self.warmup_ms = self._warmup()
+
+    def contract(self) -> Contract:
+        return self._contract
+
+    def _forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        n = len(self._contract.cameras)
+        images = {c.name: t for c, t in zip(self._contract.cameras, tensors[:n], strict=True)}
+        state, text, noise = tensors[n:]
+        return self.model.sample_actions(images, state, text, noise, self.num_steps)
+
+    def _graph_for(self, tensors: list[torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]:
+        """Capture (once per batch size) the whole sampler into a CUDA graph with static input buffers."""
+        b = tensors[0].shape[0]
+        if b not in self._graphs:
+            static = [t.clone() for t in tensors]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._forward(static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._forward(static)
+            self._graphs[b] = (graph, static, out)
+        return self._graphs[b]
+
+    @torch.inference_mode()
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        names = [f"image.{c.name}" for c in self._contract.cameras] + ["state", "text", "noise"]
+        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[k])).to(self.device) for k in names]
+        if not self.options.cuda_graph:
+            return self._forward(tensors).float().cpu().numpy()
+        graph, static, out = self._graph_for(tensors)
+        for dst, src in zip(static, tensors, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        return out.float().cpu().numpy()
+
+    def _warmup(self) -> float:
+        c = self._contract
+        feeds = {f"image.{cam.name}": np.zeros((1, cam.height, cam.width, 3), np.uint8) for cam in c.cameras}
+        feeds.update(state=np.zeros((1, c.state_dim), np.float32),
+                     text=np.zeros((1, c.text_max_len), np.int64),
+                     noise=np.zeros((1, c.horizon, c.action_dim), np.float32))
+        feeds["text"][:, 0] = 1
+        t0 = time.perf_counter()
+        for _ in range(self.options.warmup_runs):
+            self.run(feeds)
+        return (time.perf_counter() - t0) * 1e3
+
+    def infer_batch(self, requests: Sequence[InferRequest]) -> list[ChunkResult]:
+        """Plain requests run as one batch; those with prev_chunk + delay_steps get guided RTC one by one."""
+        rtc = [i for i, r in enumerate(requests) if r.prev_chunk is not None and r.delay_steps is not None]
+        out: list[ChunkResult | None] = [None] * len(requests)
+        plain = [i for i in range(len(requests)) if i not in rtc]
+        if plain:
+            chunks = finish(self.run(batch_inputs([requests[i] for i in plain], self._contract, self.noise)),
+                            self._contract)
+            for i, chunk in zip(plain, chunks, strict=True):
+                out[i] = chunk
+        for i in rtc:
+            (chunk,) = finish(self._run_rtc(requests[i]), self._contract)
+            chunk.rtc_applied = chunk.error is None
+            out[i] = chunk
+        return [c for c in out if c is not None]
+
+    @torch.inference_mode(False)
+    def _run_rtc(self, r: InferRequest) -> np.ndarray:
+        from sim_trainer.models.rtc import guided_denoise, prefix_weights
+
+        c = self._contract
+        feeds = batch_inputs([r], c, self.noise)
+        names = [f"image.{cam.name}" for cam in c.cameras] + ["state", "text", "noise"]
+        t = [torch.from_numpy(np.ascontiguousarray(feeds[k])).to(self.device) for k in names]
+        n = len(c.cameras)
+        assert r.prev_chunk is not None and r.delay_steps is not None
+        prev = np.zeros((c.horizon, c.action_dim), np.float32)
+        prev[: len(r.prev_chunk)] = r.prev_chunk
+        weights = prefix_weights(c.horizon, r.delay_steps, c.exec_steps)
+        weights[len(r.prev_chunk):] = 0.0  # no target beyond the leftover the client sent
+        with torch.no_grad():
+            cache = self.model.encode_prefix(dict(zip([cam.name for cam in c.cameras], t[:n], strict=True)),
+                                             t[n], t[n + 1])
+            leftover = self.model.action_norm(torch.from_numpy(prev).to(self.device)[None])
+        x = guided_denoise(self.model, cache, t[n + 2], self.num_steps, leftover, weights, self.options.rtc_max_weight)
+        with torch.no_grad():
+            return self.model.action_norm.inverse(x).float().cpu().numpy()
+
+    def info(self) -> dict:
+        return {"provider": self._contract.provider, "device": str(self.device), "cuda_graph": self.options.cuda_graph,
+                "warmup_ms": round(self.warmup_ms, 1), "torch": torch.__version__}
+
+    def close(self) -> None:
+        self._graphs.clear()

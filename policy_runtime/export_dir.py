@@ -1,0 +1,93 @@
+"""Reading an export directory (contract 3) without torch: manifest checks, model hash, and the wire contract.
+
+A robot-side host only has the export directory; everything it needs to serve and to agree with a client
+comes from manifest.json, and a model file whose sha256 differs from the manifest is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from policy_runtime.errors import UserError
+from policy_runtime.protocol import CameraContract, Contract
+
+MANIFEST_FORMAT = "flow-vla-export"
+MANIFEST_VERSION = 1  # newest manifest version this runtime reads
+
+
+@dataclass(frozen=True)
+class ExportDir:
+    path: Path
+    manifest: dict
+    model_path: Path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_export(path: str | Path, verify_hash: bool = True) -> ExportDir:
+    """Load and verify an export directory; every problem is a one-line UserError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"export {path} does not exist or is not a directory")
+    mpath = path / "manifest.json"
+    if not mpath.is_file():
+        raise UserError(f"export {path} has no manifest.json")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"export {path}: manifest.json is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"export {path}: manifest.json is not a {MANIFEST_FORMAT} manifest")
+    version = manifest.get("version")
+    if not isinstance(version, int) or not 1 <= version <= MANIFEST_VERSION:
+        raise UserError(f"export {path}: manifest version {version!r} is not supported (this runtime reads 1.."
+                        f"{MANIFEST_VERSION})")
+    model_file = manifest.get("model_file")
+    if not isinstance(model_file, str) or Path(model_file).name != model_file:
+        raise UserError(f"export {path}: manifest model_file {model_file!r} is not a file name")
+    model_path = path / model_file
+    if not model_path.is_file():
+        raise UserError(f"export {path}: model file {model_file} is missing")
+    contract_from_manifest(manifest, "check", "none", where=str(path))  # fail now on missing/malformed fields
+    if verify_hash:
+        got = file_sha256(model_path)
+        if got != manifest.get("model_sha256"):
+            raise UserError(f"export {path}: {model_file} sha256 {got[:12]}... does not match the manifest's "
+                            f"{str(manifest.get('model_sha256'))[:12]}... (corrupt or replaced file)")
+    return ExportDir(path, manifest, model_path)
+
+
+def contract_from_manifest(m: dict, backend: str, provider: str, where: str = "export") -> Contract:
+    """The hello-reply contract of an export; raises UserError naming the first missing or malformed field."""
+    try:
+        c = Contract(
+            model_sha256=str(m["model_sha256"]), backend=backend, provider=provider,
+            horizon=int(m["horizon"]), exec_steps=int(m["exec_steps"]), action_dim=int(m["action_dim"]),
+            num_steps=int(m["num_steps"]), control_mode=str(m["action"]["control_mode"]),
+            action_low=tuple(float(x) for x in m["action"]["low"]),
+            action_high=tuple(float(x) for x in m["action"]["high"]), clip_actions=True,
+            cameras=tuple(CameraContract(str(c["name"]), int(c["height"]), int(c["width"])) for c in m["cameras"]),
+            state_dim=int(m["state"]["dim"]), state_layout=tuple((str(n), int(k)) for n, k in m["state"]["layout"]),
+            normalisation_sha256=str(m["normalisation"]["sha256"]), control_hz=float(m["control_hz"]),
+            text_max_len=int(m["text"]["max_len"]), default_instruction=str(m["text"]["instruction"]),
+            task=str(m.get("task", "")))
+    except KeyError as e:
+        raise UserError(f"{where}: manifest.json lacks field {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: manifest.json has a malformed field ({e})") from None
+    if len(c.action_low) != c.action_dim or len(c.action_high) != c.action_dim:
+        raise UserError(f"{where}: manifest action bounds do not have action_dim={c.action_dim} entries")
+    if sum(k for _, k in c.state_layout) != c.state_dim:
+        raise UserError(f"{where}: manifest state layout does not add up to state dim {c.state_dim}")
+    if not c.cameras or c.horizon < 1 or c.action_dim < 1 or c.text_max_len < 2:
+        raise UserError(f"{where}: manifest has no cameras or a non-positive horizon/action_dim/max_len")
+    return c

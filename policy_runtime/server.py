@@ -1,0 +1,331 @@
+"""ZeroMQ ROUTER server: many robots, dynamic batching, a structured error for every bad message.
+
+Two threads. The I/O thread owns the ROUTER socket: it decodes and validates every message, answers
+hello/ping and errors itself (so health stays visible during a slow inference), and puts valid
+observations in a bounded queue, answering `overloaded` when it is full. The worker thread takes batches
+from the queue, runs the backend and hands encoded replies back to the I/O thread over an inproc pipe
+(ZeroMQ sockets are not thread-safe). Replies to clients that vanished are dropped by ROUTER.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from policy_runtime.backends import Backend
+from policy_runtime.batching import BatchQueue
+from policy_runtime.curve import CurveServerKeys, secure_server
+from policy_runtime.errors import UserError
+from policy_runtime.metrics import Metrics
+from policy_runtime.protocol import (
+    BAD_FRAME,
+    DEFAULT_ENDPOINT,
+    EXPIRED,
+    INTERNAL,
+    OVERLOADED,
+    SHUTTING_DOWN,
+    ActionsReply,
+    HelloRequest,
+    InferRequest,
+    Limits,
+    PingRequest,
+    ProtocolError,
+    Timing,
+    actions_reply,
+    encode,
+    error_reply,
+    hello_reply,
+    pack_ndarray,
+    parse_request,
+    pong_reply,
+)
+
+log = logging.getLogger("policy_runtime.server")
+
+DEFAULT_BIND = DEFAULT_ENDPOINT
+
+
+def probe_bind(endpoint: str) -> None:
+    """Fail fast (before a model load that may take minutes) when the endpoint cannot be bound."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        why = "address already in use" if e.errno == errno.EADDRINUSE else str(e)
+        raise UserError(f"cannot bind {endpoint}: {why}") from None
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind: str = DEFAULT_BIND
+    max_batch: int = 8
+    max_wait_ms: float = 2.0        # how long the oldest queued request may wait for others to join its batch
+    max_queue: int = 32             # pending observations; beyond this, `overloaded`
+    limits: Limits = Limits()
+    curve: CurveServerKeys | None = None
+    rcvhwm: int = 100               # ZeroMQ per-peer receive queue (messages)
+    heartbeat_ms: int = 1000        # ZMTP heartbeats so dead peers are noticed
+    stats_interval_s: float = 10.0  # progress log period (only when something was served)
+
+
+@dataclass
+class _Pending:
+    envelope: list[bytes]
+    request: InferRequest
+    t_recv: float    # wall clock, for the reply
+    t_mono: float    # perf_counter at receipt, for durations
+    decode_ms: float
+
+
+class PolicyServer:
+    """Serve one backend. start() binds (errors surface here); run() loops until request_stop()."""
+
+    def __init__(self, backend: Backend, config: ServerConfig = ServerConfig()):
+        if config.max_batch < 1 or config.max_queue < 1 or config.max_wait_ms < 0:
+            raise UserError("max batch and max queue must be >= 1 and max wait >= 0")
+        self.backend, self.config = backend, config
+        self.instance = secrets.token_hex(8)
+        self.contract = dataclasses.replace(backend.contract(), max_batch=config.max_batch,
+                                            max_array_bytes=config.limits.max_array_bytes, instance=self.instance)
+        self.metrics = Metrics()
+        self.queue: BatchQueue[_Pending] = BatchQueue(config.max_queue)
+        self.endpoint = ""
+        self._stop = threading.Event()
+        self._ctx: zmq.Context | None = None
+        self._threads: list[threading.Thread] = []
+        self._auth = None
+
+    # ----- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> str:
+        """Bind the sockets and start the worker; returns the bound endpoint (useful with port 0 / '*')."""
+        ctx = self._ctx = zmq.Context()
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.rcvhwm = self.config.rcvhwm
+        self.router.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.limits.max_message_bytes)
+        self.router.setsockopt(zmq.HEARTBEAT_IVL, self.config.heartbeat_ms)
+        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * self.config.heartbeat_ms)
+        try:
+            if self.config.curve is not None:
+                self._auth = secure_server(ctx, self.router, self.config.curve)
+            self.router.bind(self.config.bind)
+        except zmq.ZMQError as e:
+            self._close_all()
+            why = "address already in use" if e.errno == errno.EADDRINUSE else str(e)
+            raise UserError(f"cannot bind {self.config.bind}: {why}") from None
+        except UserError:
+            self._close_all()
+            raise
+        self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        pipe = f"inproc://replies-{self.instance}"
+        self._pipe_in = ctx.socket(zmq.PAIR)
+        self._pipe_in.linger = 0
+        self._pipe_in.bind(pipe)
+        self._pipe_out = ctx.socket(zmq.PAIR)
+        self._pipe_out.linger = 0
+        self._pipe_out.connect(pipe)
+        worker = threading.Thread(target=self._worker, name="policy-worker", daemon=True)
+        worker.start()
+        self._threads.append(worker)
+        log.info("serving %s model %s (%s on %s) at %s: horizon %d, action dim %d, cameras %s, batch <= %d, "
+                 "wait <= %.1f ms, queue <= %d%s", self.contract.backend, self.contract.model_sha256[:12],
+                 self.contract.task or "task ?", self.contract.provider, self.endpoint, self.contract.horizon,
+                 self.contract.action_dim, [f"{c.name} {c.height}x{c.width}" for c in self.contract.cameras],
+                 self.config.max_batch, self.config.max_wait_ms, self.config.max_queue,
+                 ", CURVE on" if self.config.curve else "")
+        return self.endpoint
+
+    def start_background(self) -> str:
+        """start() and run() in a daemon thread (tests, embedding)."""
+        endpoint = self.start()
+        io = threading.Thread(target=self.run, name="policy-io", daemon=True)
+        io.start()
+        self._threads.append(io)
+        return endpoint
+
+    def request_stop(self) -> None:
+        """Safe from signal handlers and other threads: the I/O loop notices within 100 ms."""
+        self._stop.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.request_stop()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+
+    # ----- I/O thread ---------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._pipe_in, zmq.POLLIN)
+        next_stats, last_served = time.monotonic() + self.config.stats_interval_s, 0
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                if self._pipe_in in events:
+                    self._forward_replies()
+                if self.router in events:
+                    for _ in range(256):  # bounded drain, then give replies a turn
+                        try:
+                            frames = self.router.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + self.config.stats_interval_s
+                    if self.metrics.served != last_served:
+                        last_served = self.metrics.served
+                        self._log_stats()
+        finally:
+            self._shutdown()
+
+    def _handle(self, frames: list[bytes]) -> None:
+        t_recv, t0 = time.time(), time.perf_counter()
+        self.metrics.request()
+        identity, rest = frames[0], frames[1:]
+        if len(rest) == 1:
+            envelope, payload = [identity], rest[0]
+        elif len(rest) == 2 and rest[0] == b"":  # a REQ client puts an empty delimiter first
+            envelope, payload = [identity, b""], rest[1]
+        else:
+            self._send_error([identity], BAD_FRAME, f"expected 1 payload frame (DEALER) or an empty delimiter and 1 "
+                             f"payload frame (REQ), got {len(rest)} frames")
+            return
+        try:
+            req = parse_request(payload, self.contract, self.config.limits)
+        except ProtocolError as e:
+            self._send_error(envelope, e.code, e.message, e.request_id)
+            return
+        if isinstance(req, HelloRequest):
+            log.info("hello from %s (client %r)", identity.hex()[:10], req.client[:60])
+            self._send(envelope, hello_reply(req.request_id, self.contract))
+        elif isinstance(req, PingRequest):
+            self._send(envelope, pong_reply(req.request_id, self.instance, self.health()))
+        elif not self.queue.offer(_Pending(envelope, req, t_recv, t0, (time.perf_counter() - t0) * 1e3)):
+            self._send_error(envelope, OVERLOADED, f"{self.config.max_queue} requests already pending; send a fresh "
+                             "observation later", req.request_id)
+
+    def _send(self, envelope: list[bytes], message: dict) -> None:
+        # A full peer queue (it stopped reading) drops the reply, as ROUTER does for vanished peers.
+        with contextlib.suppress(zmq.Again):
+            self.router.send_multipart([*envelope, encode(message)], zmq.NOBLOCK)
+
+    def _send_error(self, envelope: list[bytes], code: str, message: str, request_id: int | None = None) -> None:
+        self.metrics.error(code)
+        if code not in (OVERLOADED,):
+            log.debug("error %s to %s: %s", code, envelope[0].hex()[:10], message)
+        self._send(envelope, error_reply(code, message, request_id))
+
+    def _forward_replies(self) -> None:
+        while True:
+            try:
+                frames = self._pipe_in.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            with contextlib.suppress(zmq.Again):
+                self.router.send_multipart(frames, zmq.NOBLOCK)
+
+    def health(self) -> dict:
+        h = self.metrics.health(queue_depth=len(self.queue))
+        h.update(provider=self.contract.provider, backend=self.contract.backend, max_batch=self.config.max_batch)
+        return h
+
+    def _log_stats(self) -> None:
+        h = self.health()
+        lat = h["latency_ms"]
+        log.info("served %d chunks in %d batches (p50 %s ms, p99 %s ms), %d errors, queue %d", h["served"],
+                 h["batches"], lat.get("p50", "-"), lat.get("p99", "-"), h["errors"], h["queue_depth"])
+
+    def _shutdown(self) -> None:
+        for p in self.queue.close():
+            self._send_error(p.envelope, SHUTTING_DOWN, "the server is shutting down", p.request.request_id)
+        for t in self._threads:
+            if t.name == "policy-worker":
+                t.join(10.0)
+        self._forward_replies()  # whatever the worker finished last
+        h = self.health()
+        log.info("stopped %s: %d requests, %d chunks served, %d errors", self.endpoint, h["requests"], h["served"],
+                 h["errors"])
+        self._close_all()
+
+    def _close_all(self) -> None:
+        for name in ("router", "_pipe_in"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    # ----- worker thread ------------------------------------------------------------------------------------------
+    def _worker(self) -> None:
+        try:
+            while True:
+                batch = self.queue.take(self.config.max_batch, self.config.max_wait_ms / 1e3)
+                if batch is None:
+                    return
+                self._run_batch(batch)
+        finally:
+            self._pipe_out.close(linger=0)
+
+    def _reply(self, envelope: list[bytes], message: dict) -> None:
+        self._pipe_out.send_multipart([*envelope, encode(message)])
+
+    def _worker_error(self, p: _Pending, code: str, message: str) -> None:
+        self.metrics.error(code)
+        self._reply(p.envelope, error_reply(code, message, p.request.request_id))
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        t_start = time.perf_counter()
+        live = []
+        for p in batch:
+            waited = (t_start - p.t_mono) * 1e3
+            if p.request.timeout_ms is not None and waited > p.request.timeout_ms:
+                self._worker_error(p, EXPIRED, f"waited {waited:.1f} ms > timeout_ms {p.request.timeout_ms}")
+            else:
+                live.append(p)
+        if not live:
+            return
+        t_infer = time.perf_counter()
+        try:
+            results = self.backend.infer_batch([p.request for p in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"backend returned {len(results)} chunks for {len(live)} requests")
+        except Exception as e:
+            log.exception("inference failed for a batch of %d", len(live))
+            for p in live:
+                self._worker_error(p, INTERNAL, f"inference failed: {type(e).__name__}: {str(e)[:200]}")
+            return
+        infer_ms = (time.perf_counter() - t_infer) * 1e3
+        self.metrics.batch(len(live))
+        for p, res in zip(live, results, strict=True):
+            if res.error is not None or res.actions is None:
+                code, message = res.error or (INTERNAL, "no actions")
+                self._worker_error(p, code, message)
+                continue
+            t_enc = time.perf_counter()
+            packed = pack_ndarray(res.actions)
+            timing = Timing(queue_ms=(t_start - p.t_mono) * 1e3 - p.decode_ms, decode_ms=p.decode_ms,
+                            infer_ms=infer_ms, encode_ms=(time.perf_counter() - t_enc) * 1e3, t_recv=p.t_recv,
+                            t_send=time.time(), batch_size=len(live))
+            reply = ActionsReply(p.request.request_id, res.actions, self.instance, p.request.t_capture,
+                                 self.contract.clip_actions, res.clipped_values, timing, p.request.delay_steps,
+                                 res.rtc_applied)
+            payload = encode(actions_reply(reply, packed))
+            self.metrics.served_one((time.perf_counter() - p.t_mono) * 1e3)  # counted before the client can ping
+            self._pipe_out.send_multipart([*p.envelope, payload])

@@ -1,0 +1,540 @@
+"""Serving over real ZeroMQ sockets on 127.0.0.1 with real ONNX Runtime sessions on a tiny real export."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from policy_runtime import protocol as P
+from policy_runtime.backends.onnx_backend import OnnxBackend, OnnxOptions
+from policy_runtime.client import ContractMismatch, Expectation, PolicyClient, ServerError, Timeout
+from policy_runtime.curve import CurveClientKeys, CurveServerKeys
+from policy_runtime.protocol import Limits
+from policy_runtime.server import PolicyServer, ServerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+# ----- fixtures -------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint dir, export dir) of a real, untrained tiny flow VLA; a few seconds to build."""
+    import torch
+
+    from sim_trainer.data.normalize import NormStats, Stats
+    from sim_trainer.envs.spec import CameraSpec, PolicySpec
+    from sim_trainer.export.onnx_export import export_onnx
+    from sim_trainer.models.checkpoint import save_checkpoint
+    from sim_trainer.models.config import ModelConfig
+    from sim_trainer.models.flow_vla import FlowVLA
+
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("runtime")
+    spec = PolicySpec(task="PickCube-v1", control_mode="pd_joint_delta_pos", obs_mode="rgb",
+                      cameras=(CameraSpec("base_camera", 32, 32),), state_layout=(("agent/qpos", 9), ("agent/qvel", 9)),
+                      action_dim=8, action_low=(-1.0,) * 8, action_high=(1.0,) * 8, control_hz=20.0,
+                      instruction="pick up the red cube and move it to the goal")
+    cfg = ModelConfig.from_size("tiny", camera_names=("base_camera",), image_size=32, state_dim=18, action_dim=8,
+                                horizon=16, exec_steps=8, num_steps=4)
+    rng = np.random.default_rng(0)
+    norm = NormStats(Stats.of(rng.normal(size=(100, 18))), Stats.of(rng.uniform(-1, 1, size=(100, 8))))
+    save_checkpoint(tmp / "ckpt", FlowVLA(cfg, norm), spec, norm)
+    export_onnx(tmp / "ckpt", tmp / "export", num_steps=4)
+    return tmp / "ckpt", tmp / "export"
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_export) -> OnnxBackend:
+    return OnnxBackend(tiny_export[1], OnnxOptions(intra_op_threads=1, warmup_runs=1, allow_spinning=False))
+
+
+class SlowBackend:
+    """The real ONNX backend plus a fixed delay per batch (a loaded GPU, a big model)."""
+
+    def __init__(self, inner: OnnxBackend, delay_s: float):
+        self.inner, self.delay_s, self.name = inner, delay_s, inner.name
+
+    def contract(self) -> P.Contract:
+        return self.inner.contract()
+
+    def infer_batch(self, requests):
+        time.sleep(self.delay_s)
+        return self.inner.infer_batch(requests)
+
+    def close(self) -> None:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def serve():
+    """Factory: start a server in background threads on a free loopback port; all are stopped at teardown."""
+    servers: list[PolicyServer] = []
+
+    def start(backend, port: int | None = None, **cfg) -> PolicyServer:
+        server = PolicyServer(backend, ServerConfig(bind=f"tcp://127.0.0.1:{port or free_port()}", **cfg))
+        server.start_background()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def clients():
+    made: list[PolicyClient] = []
+
+    def make(endpoint: str, **kw) -> PolicyClient:
+        kw.setdefault("timeout_ms", 3000)
+        c = PolicyClient(endpoint, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def observation(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return ({"base_camera": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)},
+            rng.standard_normal(18).astype(np.float32))
+
+
+class RawClient:
+    """A bare DEALER socket for sending arbitrary (malformed) frames."""
+
+    def __init__(self, endpoint: str, kind: int = zmq.DEALER):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(kind)
+        self.sock.linger = 0
+        self.sock.connect(endpoint)
+
+    def ask(self, *frames: bytes, timeout_ms: int = 3000):
+        self.sock.send_multipart(list(frames))
+        assert self.sock.poll(timeout_ms), "no reply"
+        return P.parse_reply(self.sock.recv_multipart()[-1])
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+# ----- handshake and inference ----------------------------------------------------------------------------------------
+def test_handshake_returns_the_manifests_contract(backend, serve, clients, tiny_export):
+    server = serve(backend)
+    import json
+    m = json.loads((tiny_export[1] / "manifest.json").read_text())
+    c = clients(server.endpoint).connect()
+    assert (c.horizon, c.exec_steps, c.action_dim, c.num_steps, c.state_dim) == (16, 8, 8, 4, 18)
+    assert c.model_sha256 == m["model_sha256"] and c.normalisation_sha256 == m["normalisation"]["sha256"]
+    assert c.cameras == (P.CameraContract("base_camera", 32, 32),) and c.control_hz == 20.0
+    assert c.provider == "CPUExecutionProvider" and c.backend == "onnxruntime" and c.instruction_max_bytes == 47
+    assert c.action_low == (-1.0,) * 8 and c.clip_actions and c.instance == server.instance
+
+
+def test_infer_returns_a_clipped_chunk_with_timings(backend, serve, clients):
+    server = serve(backend)
+    client = clients(server.endpoint)
+    images, state = observation()
+    t0 = time.time()
+    r = client.infer(images, state, noise_seed=5, t_capture=t0)
+    assert r.actions.shape == (16, 8) and r.actions.dtype == np.float32
+    assert r.actions.min() >= -1.0 and r.actions.max() <= 1.0 and r.clipped and r.clipped_values >= 0
+    assert r.t_capture == t0 and r.timing.batch_size == 1
+    assert r.timing.t_recv >= t0 - 1 and r.timing.t_send >= r.timing.t_recv
+    assert min(r.timing.queue_ms, r.timing.decode_ms, r.timing.infer_ms, r.timing.encode_ms) >= 0
+    same = client.infer(images, state, noise_seed=5)
+    assert np.array_equal(same.actions, r.actions)  # the noise seed makes a request reproducible
+    other = client.infer(images, state, noise_seed=5, instruction="push the cube")
+    assert not np.array_equal(other.actions, r.actions)  # the instruction reaches the model
+    health = client.ping()
+    assert health["served"] == 3 and health["latency_ms"]["window"] == 3 and health["uptime_s"] > 0
+    assert sum(health["latency_hist_ms"]["counts"]) == 3 and health["provider"] == "CPUExecutionProvider"
+
+
+def test_contract_mismatch_is_refused_at_connect_with_one_line_each(backend, serve, clients):
+    server = serve(backend)
+    client = clients(server.endpoint, expect=Expectation(horizon=50, action_dim=8, cameras={"wrist": (224, 224)},
+                                                         normalisation_sha256="00" * 32))
+    with pytest.raises(ContractMismatch) as e:
+        client.connect()
+    assert len(e.value.mismatches) == 4
+    assert "horizon: robot expects 50, server has 16" in e.value.mismatches
+
+
+# ----- malformed input ------------------------------------------------------------------------------------------------
+def test_malformed_frames_each_get_an_error_and_the_server_keeps_serving(backend, serve, clients):
+    server = serve(backend, limits=Limits(max_array_bytes=64 << 10))
+    raw = RawClient(server.endpoint)
+    images, state = observation()
+
+    def infer(**kw) -> bytes:
+        msg = P.infer_request(42, images, state, 1.0)
+        msg.update(kw)
+        return P.encode(msg)
+
+    cases = [
+        ((os.urandom(64),), P.BAD_MSGPACK),
+        ((b"\xc1\xc1",), P.BAD_MSGPACK),
+        ((P.encode([1, 2]),), P.BAD_MESSAGE),
+        ((P.encode({"kind": "shutdown", "request_id": 3}),), P.UNKNOWN_KIND),
+        ((b"a", b"b", b"c"), P.BAD_FRAME),
+        ((infer(images={"base_camera": np.zeros((16, 16, 3), np.uint8)}),), P.BAD_SHAPE),
+        ((infer(images={"base_camera": np.zeros((32, 32, 3), np.float32)}),), P.BAD_DTYPE),
+        ((infer(state=np.full(18, np.nan, np.float32)),), P.NON_FINITE),
+        ((infer(images={}),), P.MISSING_CAMERA),
+        ((infer(images={"base_camera": np.zeros((400, 400, 3), np.uint8)}),), P.ARRAY_TOO_LARGE),
+        ((infer(instruction="x" * 100),), P.INSTRUCTION_TOO_LONG),
+    ]
+    msg = P.infer_request(43, images, state, 1.0)
+    del msg["state"]
+    cases.append(((P.encode(msg),), P.MISSING_FIELD))
+    try:
+        for frames, code in cases:
+            reply = raw.ask(*frames)
+            assert isinstance(reply, P.ErrorReply) and reply.code == code, (code, reply)
+        reply = raw.ask(infer())
+        assert isinstance(reply, P.ActionsReply) and reply.request_id == 42
+    finally:
+        raw.close()
+    health = clients(server.endpoint).ping()
+    assert health["errors"] == len(cases) and health["served"] == 1
+
+
+def test_req_socket_clients_are_answered_too(backend, serve):
+    server = serve(backend)
+    raw = RawClient(server.endpoint, zmq.REQ)
+    try:
+        reply = raw.ask(P.encode(P.ping_request(1)))
+        assert isinstance(reply, P.PongReply) and reply.instance == server.instance
+    finally:
+        raw.close()
+
+
+def test_flood_is_bounded_and_answered_overloaded_at_once(backend, serve, clients):
+    server = serve(SlowBackend(backend, 0.4), max_batch=1, max_queue=2)
+    raw = RawClient(server.endpoint)
+    images, state = observation()
+    try:
+        t0 = time.monotonic()
+        for i in range(8):
+            raw.sock.send(P.encode(P.infer_request(i, images, state, 1.0)))
+        health = clients(server.endpoint).ping(timeout_ms=1000)  # answered while the worker is busy
+        assert health["queue_depth"] <= 2
+        replies = []
+        while len(replies) < 8:
+            assert raw.sock.poll(3000)
+            replies.append((time.monotonic() - t0, P.parse_reply(raw.sock.recv())))
+        refused = [t for t, r in replies if isinstance(r, P.ErrorReply) and r.code == P.OVERLOADED]
+        served = [t for t, r in replies if isinstance(r, P.ActionsReply)]
+        # one in inference (or not yet taken) + 2 queued are served; the rest are refused without waiting
+        assert len(served) in (2, 3) and len(refused) + len(served) == 8
+        assert max(refused) < 0.35 < max(served)
+    finally:
+        raw.close()
+
+
+def test_requests_that_waited_past_their_timeout_are_not_run(backend, serve, clients):
+    server = serve(SlowBackend(backend, 0.3), max_batch=1)
+    raw = RawClient(server.endpoint)
+    images, state = observation()
+    try:
+        raw.sock.send(P.encode(P.infer_request(1, images, state, 1.0)))
+        raw.sock.send(P.encode(P.infer_request(2, images, state, 1.0, timeout_ms=50)))
+        replies = {r.request_id: r for r in (P.parse_reply(raw.sock.recv()) for _ in range(2) if raw.sock.poll(3000))}
+        assert isinstance(replies[1], P.ActionsReply)
+        assert isinstance(replies[2], P.ErrorReply) and replies[2].code == P.EXPIRED
+    finally:
+        raw.close()
+
+
+# ----- client robustness ----------------------------------------------------------------------------------------------
+def test_client_times_out_against_an_absent_server(clients):
+    client = clients(f"tcp://127.0.0.1:{free_port()}", handshake_timeout_ms=150, handshake_retries=2)
+    t0 = time.monotonic()
+    with pytest.raises(Timeout, match="2 attempts"):
+        client.connect()
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_client_times_out_against_a_slow_server_then_recovers(backend, serve, clients):
+    slow = SlowBackend(backend, 0.6)
+    server = serve(slow)
+    client = clients(server.endpoint, timeout_ms=200)
+    images, state = observation()
+    t0 = time.monotonic()
+    with pytest.raises(Timeout):
+        client.infer(images, state)
+    assert time.monotonic() - t0 < 0.5 and client.stats.timeouts == 1
+    slow.delay_s = 0.0
+    time.sleep(0.5)  # the late answer to the abandoned request goes to the closed socket and is lost
+    r = client.infer(images, state)
+    assert r.actions.shape == (16, 8) and client.stats.reconnects == 1 and client.stats.handshakes == 2
+
+
+def test_client_drops_replies_to_stale_request_ids():
+    """A scripted ROUTER peer answers an old request id first; the client must skip it."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    contract = P.Contract(
+        model_sha256="a" * 64, backend="fake", provider="none", horizon=2, exec_steps=1, action_dim=1, num_steps=1,
+        control_mode="x", action_low=(-1.0,), action_high=(1.0,), clip_actions=True,
+        cameras=(P.CameraContract("c", 2, 2),), state_dim=1, state_layout=(("s", 1),), normalisation_sha256="b" * 64,
+        control_hz=10.0, text_max_len=4, default_instruction="", instance="i1")
+
+    def fake_server():
+        for _ in range(2):
+            if not router.poll(3000):
+                return
+            ident, data = router.recv_multipart()
+            msg = P.decode(data)
+            if msg["kind"] == "hello":
+                router.send_multipart([ident, P.encode(P.hello_reply(msg["request_id"], contract))])
+                continue
+            for rid, value in ((msg["request_id"] - 1, 9.0), (msg["request_id"], 1.0)):
+                r = P.ActionsReply(rid, np.full((2, 1), value, np.float32), "i1", 0.0, True, 0)
+                router.send_multipart([ident, P.encode(P.actions_reply(r, P.pack_ndarray(r.actions)))])
+
+    t = threading.Thread(target=fake_server)
+    t.start()
+    client = PolicyClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000)
+    try:
+        r = client.infer({"c": np.zeros((2, 2, 3), np.uint8)}, np.zeros(1, np.float32))
+        assert r.actions[0, 0] == 1.0 and client.stats.stale_dropped == 1
+    finally:
+        t.join()
+        client.close()
+        router.close(0)
+        ctx.term()
+
+
+def test_server_restart_while_a_client_runs(backend, serve, clients):
+    port = free_port()
+    first = serve(backend, port=port)
+    client = clients(first.endpoint, timeout_ms=300, handshake_timeout_ms=300)
+    images, state = observation()
+    a = client.infer(images, state, noise_seed=1)
+    first.stop()
+    with pytest.raises(Timeout):  # nobody there
+        client.infer(images, state)
+    second = serve(backend, port=port)
+    b = client.infer(images, state, noise_seed=1)
+    assert np.array_equal(a.actions, b.actions) and client.contract.instance == second.instance
+    assert client.stats.handshakes == 2
+    # a restart between two calls (no timeout): the new instance id triggers a new handshake
+    second.stop()
+    third = serve(backend, port=port)
+    client.infer(images, state)
+    assert client.stats.server_restarts == 1 and client.contract.instance == third.instance
+
+
+def test_client_killed_mid_request_does_not_disturb_the_server(backend, serve, clients):
+    server = serve(SlowBackend(backend, 0.1), max_batch=1)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, zmq
+        from policy_runtime import protocol as P
+        s = zmq.Context().socket(zmq.DEALER); s.connect({server.endpoint!r})
+        img = {{"base_camera": np.zeros((32, 32, 3), np.uint8)}}
+        for i in range(10):
+            s.send(P.encode(P.infer_request(i, img, np.zeros(18, np.float32), 0.0)))
+        s.recv()
+        print("mid-request", flush=True)
+        sys.stdin.read()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"mid-request"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    client = clients(server.endpoint, timeout_ms=5000)
+    images, state = observation()
+    assert client.infer(images, state).actions.shape == (16, 8)
+    assert client.ping()["requests"] >= 12
+
+
+def test_two_clients_are_batched_and_match_unbatched_chunks(backend, serve, clients):
+    batched = serve(backend, max_batch=4, max_wait_ms=400)
+    single = serve(backend, max_batch=1)
+    obs = [observation(1), observation(2)]
+    results: dict[int, P.ActionsReply] = {}
+    cs = [clients(batched.endpoint) for _ in obs]
+    for c in cs:
+        c.connect()
+    barrier = threading.Barrier(2)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        results[i] = cs[i].infer(*obs[i], noise_seed=100 + i, instruction=["pick", "place"][i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i].timing.batch_size for i in range(2)] == [2, 2]
+    ref = clients(single.endpoint)
+    for i in range(2):
+        alone = ref.infer(*obs[i], noise_seed=100 + i, instruction=["pick", "place"][i])
+        assert alone.timing.batch_size == 1
+        np.testing.assert_allclose(results[i].actions, alone.actions, atol=1e-5)
+
+
+# ----- CURVE ----------------------------------------------------------------------------------------------------------
+def test_curve_authorised_client_is_served_and_unknown_key_is_refused(backend, serve, clients, tmp_path):
+    from policy_runtime.cli import main
+
+    assert main(["keys", "--out", str(tmp_path / "keys"), "--client", "robot"]) == 0
+    assert main(["keys", "--out", str(tmp_path / "other"), "--client", "intruder"]) == 0
+    keys = tmp_path / "keys"
+    server = serve(backend, curve=CurveServerKeys(keys / "server.key_secret", keys / "authorized_clients"))
+    good = clients(server.endpoint, curve=CurveClientKeys(keys / "robot.key_secret", keys / "server.key"))
+    assert good.infer(*observation()).actions.shape == (16, 8)
+    intruder = clients(server.endpoint, handshake_timeout_ms=300, handshake_retries=1,
+                       curve=CurveClientKeys(tmp_path / "other" / "intruder.key_secret", keys / "server.key"))
+    with pytest.raises(Timeout):
+        intruder.connect()
+    plain = clients(server.endpoint, handshake_timeout_ms=300, handshake_retries=1)
+    with pytest.raises(Timeout):
+        plain.connect()
+    assert good.ping()["served"] == 1
+
+
+# ----- backends -------------------------------------------------------------------------------------------------------
+def test_onnx_path_imports_no_torch(tiny_export):
+    code = textwrap.dedent(f"""
+        import sys
+        import policy_runtime.server, policy_runtime.client, policy_runtime.cli, policy_runtime.check
+        from policy_runtime.backends.onnx_backend import OnnxBackend, OnnxOptions
+        from policy_runtime.protocol import InferRequest
+        import numpy as np
+        b = OnnxBackend({str(tiny_export[1])!r}, OnnxOptions(intra_op_threads=1, warmup_runs=1))
+        r = InferRequest(1, 0.0, {{"base_camera": np.zeros((32, 32, 3), np.uint8)}}, np.zeros(18, np.float32))
+        assert b.infer_batch([r])[0].actions.shape == (16, 8)
+        bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "sim_trainer"))
+        assert not bad, bad
+        print("clean")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr
+
+
+def test_require_gpu_fails_loudly_on_a_cpu_build(tiny_export):
+    from policy_runtime.errors import UserError
+
+    with pytest.raises(UserError, match="GPU provider is required"):
+        OnnxBackend(tiny_export[1], OnnxOptions(require_gpu=True))
+
+
+def test_torch_backend_matches_onnx_and_supports_rtc(tiny_export, backend):
+    from policy_runtime.backends.torch_backend import TorchBackend, TorchOptions
+
+    tb = TorchBackend(tiny_export[0], TorchOptions(warmup_runs=1))
+    tc, oc = tb.contract(), backend.contract()
+    assert tc.normalisation_sha256 == oc.normalisation_sha256 and tc.rtc and not oc.rtc
+    fields = ("horizon", "action_dim", "cameras", "state_dim", "exec_steps", "default_instruction")
+    assert [getattr(tc, f) for f in fields] == [getattr(oc, f) for f in fields]
+    reqs = [P.InferRequest(i, 0.0, *observation(i), noise_seed=i) for i in range(3)]
+    for t, o in zip(tb.infer_batch(reqs), backend.infer_batch(reqs), strict=True):
+        np.testing.assert_allclose(t.actions, o.actions, atol=1e-4)
+    prev = np.full((16, 8), 0.5, np.float32)
+    rtc = P.InferRequest(9, 0.0, *observation(0), noise_seed=0, prev_chunk=prev, delay_steps=3)
+    (guided,) = tb.infer_batch([rtc])
+    (free,) = tb.infer_batch([P.InferRequest(9, 0.0, *observation(0), noise_seed=0)])
+    assert guided.rtc_applied and not free.rtc_applied
+    # the frozen prefix is pulled toward the leftover
+    assert np.abs(guided.actions[:3] - 0.5).mean() < np.abs(free.actions[:3] - 0.5).mean()
+
+
+# ----- CLI ------------------------------------------------------------------------------------------------------------
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "policy_runtime.cli", *args], env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_check_passes_on_the_tiny_export(tiny_export):
+    proc = cli("check", str(tiny_export[1]), "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "CPUExecutionProvider" in proc.stdout and "determinism" in proc.stdout and "check passed" in proc.stdout
+
+
+def test_cli_check_refuses_a_corrupted_export_in_one_line(tiny_export, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_export[1], bad)
+    data = bytearray((bad / "policy.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "policy.onnx").write_bytes(bytes(data))
+    broken_manifest = tmp_path / "broken"
+    shutil.copytree(tiny_export[1], broken_manifest)
+    (broken_manifest / "manifest.json").write_text("{not json")
+    cases = ((bad, "sha256"), (broken_manifest, "not valid JSON"), (tmp_path / "nope", "does not exist"))
+    for target, fragment in cases:
+        proc = cli("check", str(target))
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0] and lines[0].startswith("policy-runtime: error:"), proc.stderr
+
+
+def test_cli_serve_answers_and_stops_cleanly_on_sigterm(tiny_export, clients):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "policy_runtime.cli", "serve", str(tiny_export[1]), "--bind",
+                             f"tcp://127.0.0.1:{port}", "--threads", "1", "--warmup", "1"], env=ENV,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        client = clients(f"tcp://127.0.0.1:{port}", handshake_timeout_ms=1000, handshake_retries=20)
+        assert client.infer(*observation()).actions.shape == (16, 8)
+        busy = cli("serve", str(tiny_export[1]), "--bind", f"tcp://127.0.0.1:{port}", "--warmup", "1")
+        assert busy.returncode == 2 and busy.stderr.strip().splitlines() == [
+            f"policy-runtime: error: cannot bind tcp://127.0.0.1:{port}: address already in use"]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    for fragment in ("loaded", "serving onnxruntime model", "SIGTERM", "stopped"):
+        assert fragment in err, err
+    assert "Traceback" not in err
+
+
+def test_cli_serve_rejects_bad_key_files_in_one_line(tiny_export, tmp_path):
+    (tmp_path / "garbage.key_secret").write_text("nonsense\n")
+    (tmp_path / "clients").mkdir()
+    proc = cli("serve", str(tiny_export[1]), "--curve-secret", str(tmp_path / "garbage.key_secret"),
+               "--curve-clients", str(tmp_path / "clients"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "key" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_server_errors_surface_as_typed_client_exceptions(backend, serve, clients):
+    server = serve(backend)
+    client = clients(server.endpoint)
+    with pytest.raises(ServerError) as e:
+        client.infer({"base_camera": np.zeros((32, 32, 3), np.uint8)}, np.full(18, np.inf, np.float32))
+    assert e.value.code == P.NON_FINITE and e.value.request_id is not None
