@@ -87,21 +87,28 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from sim_trainer.evaluate.report import format_table, write_report
     from sim_trainer.evaluate.rollout import evaluate
     from sim_trainer.models.checkpoint import load_checkpoint
-    from sim_trainer.policy import ChunkPolicy
+    from sim_trainer.policy import BackendPolicy, ChunkPolicy
 
     if a.episodes < 1 or a.envs < 1:
         raise UserError("--episodes and --envs must be at least 1")
-    loaded = load_checkpoint(a.ckpt)
-    spec = loaded.spec
+    if (a.ckpt is None) == (getattr(a, "export", None) is None):
+        raise UserError("give exactly one of --ckpt (PyTorch) and --export (ONNX Runtime)")
+    _set_threads(a.threads)
+    if a.ckpt is not None:
+        loaded = load_checkpoint(a.ckpt)
+        policy = ChunkPolicy(loaded.model, loaded.spec, num_steps=a.steps, device=a.device)
+    else:
+        if a.steps is not None:
+            raise UserError("--steps is fixed in an export (K is unrolled); export again with another --steps")
+        policy = BackendPolicy.from_export(a.export, threads=a.threads or 0)
+    spec = policy.spec
     task = a.task or spec.task
     env_cfg = EnvConfig(task=task, obs_mode=spec.obs_mode, control_mode=spec.control_mode,
                         image_size=spec.cameras[0].height if spec.cameras else 64,
                         sim_backend=a.sim_backend, max_episode_steps=a.max_steps,
                         cameras=_camera_overrides(a.camera_config)).validate()
-    _set_threads(a.threads)
-    policy = ChunkPolicy(loaded.model, spec, num_steps=a.steps, device=a.device)
     result = evaluate(policy, env_cfg, a.episodes, a.envs, seed_start=a.seed_start)
-    paths = write_report(result, a.out, str(a.ckpt), spec.control_hz)
+    paths = write_report(result, a.out, str(a.ckpt or a.export), spec.control_hz)
     print(format_table(result.summary()))
     print(f"report: {paths['report']}  json: {paths['json']}  video: {paths['video']}")
     return 0
@@ -120,8 +127,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """The no-GPU, no-robot demo: evaluate the shipped checkpoint in ManiSkill and write a report."""
-    args = argparse.Namespace(ckpt=a.ckpt, task=None, episodes=a.episodes, envs=a.envs, out=a.out, steps=None,
-                              seed_start=a.seed_start, sim_backend="physx_cpu", max_steps=None,
+    args = argparse.Namespace(ckpt=a.ckpt, export=None, task=None, episodes=a.episodes, envs=a.envs, out=a.out,
+                              steps=None, seed_start=a.seed_start, sim_backend="physx_cpu", max_steps=None,
                               camera_config=None, threads=None, device="cpu")
     print(f"Evaluating the shipped checkpoint {a.ckpt} on {a.episodes} held-out ManiSkill episodes (CPU)...")
     return cmd_eval(args)
@@ -174,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sft)
 
     e = sub.add_parser("eval", help="closed-loop evaluation with a Wilson interval, JSON report and video")
-    e.add_argument("--ckpt", required=True, help="checkpoint directory")
+    e.add_argument("--ckpt", help="checkpoint directory (PyTorch)")
+    e.add_argument("--export", help="export directory (ONNX Runtime, CPU), instead of --ckpt")
     e.add_argument("--task", help="task to evaluate on (default: the checkpoint's task)")
     e.add_argument("--episodes", type=int, default=100)
     e.add_argument("--envs", type=int, default=2, help="parallel envs (CPU: one process each)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sim_trainer.envs.spec import PolicySpec
@@ -36,3 +37,46 @@ class ChunkPolicy:
         text = self.text.expand(b, -1)
         chunk = self.model.sample_actions(images, state, text, noise, self.num_steps)
         return torch.maximum(torch.minimum(chunk, self.high), self.low)
+
+
+class BackendPolicy:
+    """A policy_runtime backend (e.g. ONNX Runtime on an export) as an actor for sim evaluation."""
+
+    def __init__(self, backend, spec: PolicySpec, exec_steps: int):
+        self.backend, self.spec, self.exec_steps = backend, spec, exec_steps
+        self._next_id = 0
+
+    @classmethod
+    def from_export(cls, export_dir: str, threads: int = 0) -> BackendPolicy:
+        import json
+        from pathlib import Path
+
+        from policy_runtime.backends.onnx_backend import OnnxBackend, OnnxOptions
+        from policy_runtime.errors import UserError as RuntimeUserError
+        from sim_trainer.errors import UserError
+
+        try:
+            backend = OnnxBackend(export_dir, OnnxOptions(providers=("CPUExecutionProvider",),
+                                                          intra_op_threads=threads))
+        except RuntimeUserError as e:
+            raise UserError(str(e)) from None
+        manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
+        return cls(backend, PolicySpec.from_dict(manifest["spec"]), int(manifest["exec_steps"]))
+
+    def act(self, obs: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        from policy_runtime.protocol import InferRequest
+
+        state = obs["state"].cpu().numpy().astype("float32")
+        images = {k: v.cpu().numpy() for k, v in obs["images"].items()}
+        seeds = torch.randint(0, 2**31 - 1, (state.shape[0],), generator=generator).tolist()
+        reqs = []
+        for i, seed in enumerate(seeds):
+            self._next_id += 1
+            reqs.append(InferRequest(request_id=self._next_id, t_capture=0.0, images={k: v[i] for k, v in
+                                                                                        images.items()},
+                                     state=state[i], noise_seed=int(seed)))
+        results = self.backend.infer_batch(reqs)
+        errors = [r.error for r in results if r.error is not None]
+        if errors:
+            raise RuntimeError(f"backend refused a simulated observation: {errors[0]}")
+        return torch.as_tensor(np.stack([r.actions for r in results]))

@@ -67,3 +67,15 @@ def test_bad_requests_are_user_errors(tiny_rgb_checkpoint, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sim_trainer.cli", "export", "--ckpt", str(tmp_path / "none"),
                            "--out", str(tmp_path / "y")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_exported_policy_runs_closed_loop_in_sim_through_onnx_runtime(exported, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sim_trainer.cli", "eval", "--export", str(exported.out),
+                           "--episodes", "1", "--envs", "1", "--max-steps", "6", "--out", str(tmp_path / "ev")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["summary"]["episodes"] == 1 and report["checkpoint"] == str(exported.out)
+    both = subprocess.run([sys.executable, "-m", "sim_trainer.cli", "eval", "--export", str(exported.out),
+                           "--ckpt", str(exported.out)], capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "exactly one of" in both.stderr
