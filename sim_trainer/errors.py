@@ -1,5 +1,10 @@
-"""User-facing errors: the CLI prints them as one line and exits with code 2 (no traceback)."""
+"""User-facing errors: the CLI prints them as one line and exits with code 2 (no traceback).
 
+One class for the whole project, defined in the torch-free runtime (sim_trainer may depend on
+policy_runtime, never the other way round), so a runtime error raised under sim-trainer is still a
+user error there.
+"""
 
-class UserError(Exception):
-    """A mistake in what the user gave us (file, config, argument), not a bug in our code."""
+from policy_runtime.errors import UserError
+
+__all__ = ["UserError"]

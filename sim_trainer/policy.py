@@ -52,14 +52,8 @@ class BackendPolicy:
         from pathlib import Path
 
         from policy_runtime.backends.onnx_backend import OnnxBackend, OnnxOptions
-        from policy_runtime.errors import UserError as RuntimeUserError
-        from sim_trainer.errors import UserError
 
-        try:
-            backend = OnnxBackend(export_dir, OnnxOptions(providers=("CPUExecutionProvider",),
-                                                          intra_op_threads=threads))
-        except RuntimeUserError as e:
-            raise UserError(str(e)) from None
+        backend = OnnxBackend(export_dir, OnnxOptions(providers=("CPUExecutionProvider",), intra_op_threads=threads))
         manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
         return cls(backend, PolicySpec.from_dict(manifest["spec"]), int(manifest["exec_steps"]))
 

@@ -5,7 +5,6 @@ Optional trainer state for resuming (trainer_state.json + trainer_state.safetens
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from policy_runtime.export_dir import file_sha256
 from sim_trainer.data.normalize import NormStats
 from sim_trainer.envs.spec import PolicySpec
 from sim_trainer.errors import UserError
@@ -52,14 +52,6 @@ def save_checkpoint(path: str | Path, model: FlowVLA, spec: PolicySpec, norm: No
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedPolicy:
