@@ -27,7 +27,7 @@ from sim_trainer.policy import ChunkPolicy
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="checkpoints/pickcube_rgb_small")
+    p.add_argument("--ckpt", default="checkpoints/pushcube_rgb_small")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     p.add_argument("--latencies-ms", nargs="+", type=int, default=[0, 100, 300])
     p.add_argument("--episodes", type=int, default=20)

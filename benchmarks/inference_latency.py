@@ -42,7 +42,7 @@ import torch
 SPEEDUP_TARGET = 3.0
 TARGET_ONNX_K, TARGET_EAGER_K = 4, 10
 
-# PickCube-v1 RGB shapes of the shipped checkpoint (configs/sft_pickcube_rgb_small.yaml).
+# PickCube-v1 RGB shapes of the shipped checkpoint (configs/sft_pushcube_rgb_small.yaml).
 PICKCUBE_STATE_LAYOUT = (("agent/qpos", 9), ("agent/qvel", 9), ("extra/is_grasped", 1), ("extra/tcp_pose", 7),
                          ("extra/goal_pos", 3))
 INSTRUCTION = "pick up the red cube and move it to the goal"
@@ -113,7 +113,7 @@ def time_interleaved(configs: list[dict], calls: int, warmup: int, block: int) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="checkpoints/pickcube_rgb_small", help="checkpoint directory")
+    p.add_argument("--ckpt", default="checkpoints/pushcube_rgb_small", help="checkpoint directory")
     p.add_argument("--random-size", choices=("tiny", "small", "base"), default=None,
                    help="ignore --ckpt and use a randomly initialised model of this size (PickCube-RGB shapes, K=10)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="K values to export (default 1 2 4)")

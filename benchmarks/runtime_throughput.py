@@ -270,7 +270,7 @@ def make_export(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, float |
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="checkpoints/pickcube_rgb_small", help="checkpoint directory to export")
+    p.add_argument("--ckpt", default="checkpoints/pushcube_rgb_small", help="checkpoint directory to export")
     p.add_argument("--random-size", choices=("tiny", "small", "base"), default=None,
                    help="ignore --ckpt and export a randomly initialised model of this size (PickCube-RGB shapes)")
     p.add_argument("--export", default=None, help="serve this existing export directory instead of exporting")

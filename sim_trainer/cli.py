@@ -16,7 +16,7 @@ import yaml
 
 from sim_trainer.errors import UserError
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "pickcube_rgb_small"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "pushcube_rgb_small"
 
 
 def _load_yaml(path: str) -> dict:
