@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -37,15 +38,19 @@ class BatchQueue(Generic[T]):
             self._cond.notify()
             return True
 
-    def take(self, max_batch: int, max_wait_s: float) -> list[T] | None:
-        """Block for the first item, then gather up to max_batch until max_wait_s after it arrived; None once closed."""
+    def take(self, max_batch: int, max_wait_s: float, expected: Callable[[], int] | None = None) -> list[T] | None:
+        """Block for the first item, then gather up to max_batch until max_wait_s after it arrived; None once closed.
+
+        `expected()` is how many requests could come at all (e.g. the number of active clients): once that many
+        are queued, waiting longer only adds latency, so a lone client is never delayed by batching.
+        """
         with self._cond:
             while not self._items and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
             deadline = self._items[0][0] + max_wait_s
-            while len(self._items) < max_batch and not self._closed:
+            while not self._closed and len(self._items) < min(max_batch, expected() if expected else max_batch):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

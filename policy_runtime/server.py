@@ -80,6 +80,9 @@ class ServerConfig:
     stats_interval_s: float = 10.0  # progress log period (only when something was served)
 
 
+ACTIVE_WINDOW_S = 1.0  # a client that sent an observation this recently may send another one into a batch
+
+
 @dataclass
 class _Pending:
     envelope: list[bytes]
@@ -106,6 +109,7 @@ class PolicyServer:
         self._ctx: zmq.Context | None = None
         self._threads: list[threading.Thread] = []
         self._auth = None
+        self._last_infer: dict[bytes, float] = {}  # client identity -> its last hello or observation
 
     # ----- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> str:
@@ -210,12 +214,22 @@ class PolicyServer:
             return
         if isinstance(req, HelloRequest):
             log.info("hello from %s (client %r)", identity.hex()[:10], req.client[:60])
+            self._last_infer[identity] = time.monotonic()  # a fresh client is about to send observations
             self._send(envelope, hello_reply(req.request_id, self.contract))
         elif isinstance(req, PingRequest):
             self._send(envelope, pong_reply(req.request_id, self.instance, self.health()))
-        elif not self.queue.offer(_Pending(envelope, req, t_recv, t0, (time.perf_counter() - t0) * 1e3)):
-            self._send_error(envelope, OVERLOADED, f"{self.config.max_queue} requests already pending; send a fresh "
-                             "observation later", req.request_id)
+        else:
+            self._last_infer[identity] = time.monotonic()
+            if not self.queue.offer(_Pending(envelope, req, t_recv, t0, (time.perf_counter() - t0) * 1e3)):
+                self._send_error(envelope, OVERLOADED, f"{self.config.max_queue} requests already pending; send a "
+                                 "fresh observation later", req.request_id)
+
+    def _active_clients(self) -> int:
+        """Clients that said hello or sent an observation within the last ACTIVE_WINDOW_S (at least 1)."""
+        horizon = time.monotonic() - ACTIVE_WINDOW_S
+        for ident in [i for i, t in list(self._last_infer.items()) if t < horizon]:
+            self._last_infer.pop(ident, None)
+        return max(1, len(self._last_infer))
 
     def _send(self, envelope: list[bytes], message: dict) -> None:
         # A full peer queue (it stopped reading) drops the reply, as ROUTER does for vanished peers.
@@ -276,7 +290,7 @@ class PolicyServer:
     def _worker(self) -> None:
         try:
             while True:
-                batch = self.queue.take(self.config.max_batch, self.config.max_wait_ms / 1e3)
+                batch = self.queue.take(self.config.max_batch, self.config.max_wait_ms / 1e3, self._active_clients)
                 if batch is None:
                     return
                 self._run_batch(batch)

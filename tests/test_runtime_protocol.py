@@ -252,3 +252,19 @@ def test_fuzz_mutated_valid_requests(data):
         raw[i] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(raw)))
     _only_protocol_errors(bytes(raw[:cut]) if data.draw(st.booleans()) else bytes(raw))
+
+
+def test_batch_queue_stops_waiting_once_every_active_client_is_queued():
+    import time
+
+    from policy_runtime.batching import BatchQueue
+
+    q: BatchQueue[int] = BatchQueue(8)
+    q.offer(1)
+    t0 = time.monotonic()
+    assert q.take(8, 0.5, expected=lambda: 1) == [1]
+    assert time.monotonic() - t0 < 0.1  # a lone client is not delayed by the batching window
+    q.offer(2)
+    t0 = time.monotonic()
+    assert q.take(8, 0.2, expected=lambda: 2) == [2]
+    assert time.monotonic() - t0 >= 0.19  # a second active client may still send: wait for it
