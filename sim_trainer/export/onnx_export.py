@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,9 @@ def _export_and_verify(sampler: UnrolledSampler, loaded: LoadedPolicy, names: li
     import onnx
     import onnxruntime as ort
 
-    with torch.no_grad():
+    # The Python loop over the fixed K is meant to unroll at trace time; the tracer warns about exactly that.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(sampler, tuple(example_inputs(loaded, 1, 0)), str(tmp), input_names=names,
                           output_names=["actions"], opset_version=OPSET, dynamo=False,
                           dynamic_axes={n: {0: "batch"} for n in [*names, "actions"]})
