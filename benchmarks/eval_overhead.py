@@ -50,29 +50,15 @@ def make_raw_env(cfg, plain: bool):
                     max_episode_steps=cfg.horizon)
 
 
-def time_raw(env, n: int, horizon: int, seed: int, action_dim: int) -> float:
-    zero = np.zeros(action_dim, dtype=np.float32)
+def time_steps(reset, step, n: int, horizon: int, seed: int) -> float:
+    """Steps/s of `step()` alone over n steps, calling `reset(seed)` (untimed) every `horizon` steps."""
     elapsed, t = 0.0, horizon
     for _ in range(n):
         if t == horizon:
-            env.reset(seed=seed)
+            reset(seed)
             seed, t = seed + 1, 0
         t0 = time.perf_counter()
-        env.step(zero)
-        elapsed += time.perf_counter() - t0
-        t += 1
-    return n / elapsed
-
-
-def time_ours_zero(venv, n: int, horizon: int, seed: int, action_dim: int) -> float:
-    zero = torch.zeros(1, action_dim)
-    elapsed, t = 0.0, horizon
-    for _ in range(n):
-        if t == horizon:
-            venv.reset([seed])
-            seed, t = seed + 1, 0
-        t0 = time.perf_counter()
-        venv.step(zero)
+        step()
         elapsed += time.perf_counter() - t0
         t += 1
     return n / elapsed
@@ -107,17 +93,19 @@ def bench_mode(obs_mode: str, args: argparse.Namespace) -> dict:
     try:
         spec = venv.spec
         policy = build_policy(spec, args)
-        a = spec.action_dim
+        zero_raw, zero_ours = np.zeros(spec.action_dim, dtype=np.float32), torch.zeros(1, spec.action_dim)
+        raw_path = (lambda seed: raw.reset(seed=seed), lambda: raw.step(zero_raw))
+        ours_path = (lambda seed: venv.reset([seed]), lambda: venv.step(zero_ours))
         warm = min(args.warmup, args.steps)
         if warm:
-            time_raw(raw, warm, horizon, 0, a)
-            time_ours_zero(venv, warm, horizon, 0, a)
+            time_steps(*raw_path, warm, horizon, 0)
+            time_steps(*ours_path, warm, horizon, 0)
         rounds: dict[str, list[float]] = {"raw": [], "ours_zero": [], "eval": [], "policy_ms": []}
         episodes = max(1, args.steps // horizon)
         for r in range(args.rounds):
             print(f"[eval_overhead] {obs_mode}: round {r + 1}/{args.rounds} ...", file=sys.stderr)
-            rounds["raw"].append(time_raw(raw, args.steps, horizon, 0, a))
-            rounds["ours_zero"].append(time_ours_zero(venv, args.steps, horizon, 0, a))
+            rounds["raw"].append(time_steps(*raw_path, args.steps, horizon, 0))
+            rounds["ours_zero"].append(time_steps(*ours_path, args.steps, horizon, 0))
             result = evaluate(policy, cfg, episodes, 1, seed_start=0, record_video=False, progress=False)
             rounds["eval"].append(result.env_steps_per_s)
             rounds["policy_ms"].append(result.policy_ms_per_chunk)
