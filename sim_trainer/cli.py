@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mix", type=float, nargs="+", help="sampling ratio per dataset, e.g. --mix 0.5 0.5")
     s.add_argument("--out", help="output checkpoint directory")
     s.add_argument("--size", choices=("tiny", "small", "base"))
+    s.add_argument("--image-grid", dest="image_grid", type=int, help="camera tokens per side (finer localisation)")
     s.add_argument("--steps", type=int)
     s.add_argument("--batch-size", dest="batch_size", type=int)
     s.add_argument("--lr", type=float)

@@ -182,3 +182,14 @@ def test_bad_model_configs_are_user_errors():
                               exec_steps=8)
     with pytest.raises(UserError, match=">= 1"):
         ModelConfig.from_size("tiny", camera_names=(), image_size=0, state_dim=1, action_dim=1, num_steps=0)
+
+
+def test_image_grid_sets_the_number_of_camera_tokens():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    norm = NormStats(Stats.of(rng.normal(size=(50, S))), Stats.of(rng.normal(size=(50, A))))
+    cfg = ModelConfig.from_size("tiny", camera_names=("cam",), image_size=IMG, state_dim=S, action_dim=A, horizon=H,
+                                image_grid=8)
+    images, state, text = make_inputs()
+    cache = FlowVLA(cfg, norm).encode_prefix(images, state, text)
+    assert cache.mask.shape[1] == 8 * 8 + 48 // cfg.text_patch + 1

@@ -40,7 +40,7 @@ class ModelConfig:
     def from_size(cls, size: str, **kwargs) -> ModelConfig:
         if size not in SIZES:
             raise UserError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
-        return cls(size=size, **SIZES[size], **kwargs).validate()
+        return cls(size=size, **{**SIZES[size], **kwargs}).validate()
 
     def validate(self) -> ModelConfig:
         if self.horizon < 1 or self.exec_steps < 1:

@@ -34,6 +34,7 @@ class SFTConfig:
     out: str
     mix: list[float] = field(default_factory=list)  # one ratio per dataset; empty = proportional to size
     size: str = "small"
+    image_grid: int | None = None  # camera tokens per side; None: the size's default (4 for small)
     horizon: int = 16
     exec_steps: int = 8
     num_steps: int = 10
@@ -135,7 +136,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     model_cfg = ModelConfig.from_size(
         cfg.size, camera_names=tuple(c.name for c in spec.cameras),
         image_size=spec.cameras[0].height if spec.cameras else 0, state_dim=spec.state_dim,
-        action_dim=spec.action_dim, horizon=cfg.horizon, exec_steps=cfg.exec_steps, num_steps=cfg.num_steps)
+        action_dim=spec.action_dim, horizon=cfg.horizon, exec_steps=cfg.exec_steps, num_steps=cfg.num_steps,
+        **({"image_grid": cfg.image_grid} if cfg.image_grid else {}))
     norm = NormStats.from_episodes([e for eps in datasets for e in eps])
 
     torch.manual_seed(cfg.seed)
