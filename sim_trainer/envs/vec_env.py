@@ -35,10 +35,8 @@ def _make_worker_env(cfg_dict: dict) -> PolicyObsEnv:
 
 class CpuVecEnv:
     def __init__(self, cfg: EnvConfig, num_envs: int):
-        import gymnasium as gym
         from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
-        del gym
         self.cfg, self.num_envs, self.device = cfg, num_envs, torch.device("cpu")
         fns = [partial(_make_worker_env, cfg.to_dict()) for _ in range(num_envs)]
         if num_envs == 1:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.vec_env import make_vec_env
 from sim_trainer.evaluate.stats import wilson_interval
+from sim_trainer.models.checkpoint import check_compatible
 from sim_trainer.policy import ChunkPolicy
 
 EVAL_SEED_START = 100_000  # demos use seeds from 0; evaluation seeds are held out by default
@@ -71,8 +72,6 @@ def evaluate(policy: ChunkPolicy, cfg: EnvConfig, episodes: int, num_envs: int =
              seed_start: int = EVAL_SEED_START, record_video: bool = True, progress: bool = True,
              noise_seed: int = 0) -> EvalResult:
     venv = make_vec_env(cfg, num_envs)
-    from sim_trainer.models.checkpoint import check_compatible
-
     check_compatible(policy.spec, venv.spec, "under evaluation")
     horizon = cfg.horizon
     gen = torch.Generator().manual_seed(noise_seed)
