@@ -76,6 +76,22 @@ def cmd_sft(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rl(a: argparse.Namespace) -> int:
+    from sim_trainer.rl.config import load_rl_config
+    from sim_trainer.rl.trainer import train_rl
+
+    overrides = {k: v for k, v in vars(a).items() if k not in ("func", "command", "config", "threads")}
+    for flag in ("resume", "freeze_vision", "expert_only"):
+        if not overrides.get(flag):
+            overrides[flag] = None  # a flag left off does not override the preset
+    cfg = load_rl_config(a.config, overrides)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _set_threads(a.threads or max(1, (os.cpu_count() or 1) // world_size))
+    out = train_rl(cfg)
+    print(f"RL checkpoint written to {out}")
+    return 0
+
+
 def _set_threads(n: int | None) -> None:
     import torch
 
@@ -180,6 +196,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     s.set_defaults(func=cmd_sft)
+
+    r = sub.add_parser("rl", help="RL fine-tuning (PPO or GRPO with Flow-Noise, Flow-SDE or ReinFlow noise)",
+                       description="Fine-tune an SFT checkpoint with on-policy RL in ManiSkill. The chunk is the "
+                                   "outer MDP step, the K denoising steps the inner one. Options come from a YAML "
+                                   "preset (--config, keys as the long flags with underscores); flags override it. "
+                                   "Multi-process: torchrun --nproc-per-node N -m sim_trainer.cli rl ...")
+    r.add_argument("--config", help="YAML preset, e.g. configs/rl_pushcube_state_cpu.yaml")
+    r.add_argument("--ckpt", help="SFT checkpoint to start from")
+    r.add_argument("--out", help="run directory (becomes a checkpoint; TensorBoard in OUT/tb)")
+    r.add_argument("--task", help="task (default: the checkpoint's)")
+    r.add_argument("--algorithm", help="ppo (value head + GAE) or grpo (group-normalised returns, no critic)")
+    r.add_argument("--noise", help="flow_noise (learned std per token), flow_sde (ODE->SDE) or reinflow "
+                                   "(learned std from observation and time)")
+    r.add_argument("--sde-mode", dest="sde_mode", help="flow_sde: mixed (one stochastic step) or full (all)")
+    r.add_argument("--num-steps", dest="num_steps", type=int, help="denoising steps K (training = evaluation)")
+    r.add_argument("--exec-steps", dest="exec_steps", type=int, help="actions executed per chunk C (<= H)")
+    r.add_argument("--noise-level", dest="noise_level", type=float, help="flow_sde noise level a")
+    r.add_argument("--logprob", help="ratio granularity: token, action or chunk")
+    r.add_argument("--value-input", dest="value_input", help="prefix (pooled prefix) or expert (action-expert "
+                                                             "tokens); both detached")
+    r.add_argument("--reward", help="sparse (success) or normalized_dense (ManiSkill's shaped reward)")
+    r.add_argument("--num-envs", dest="num_envs", type=int, help="parallel envs per process")
+    r.add_argument("--rollout-chunks", dest="rollout_chunks", type=int, help="PPO: chunk steps per env per rollout")
+    r.add_argument("--group-size", dest="group_size", type=int, help="GRPO: envs sharing a reset seed")
+    r.add_argument("--total-env-steps", dest="total_env_steps", type=int, help="budget over all processes")
+    r.add_argument("--lr", type=float, help="actor (action expert, noise head) learning rate")
+    r.add_argument("--value-lr", dest="value_lr", type=float)
+    r.add_argument("--epochs", type=int, help="passes over each rollout")
+    r.add_argument("--minibatch", type=int, help="chunk samples per gradient step")
+    r.add_argument("--critic-warmup", dest="critic_warmup", type=int, help="updates training only the critic")
+    r.add_argument("--ent-coef", dest="ent_coef", type=float)
+    r.add_argument("--freeze-vision", dest="freeze_vision", action="store_true")
+    r.add_argument("--expert-only", dest="expert_only", action="store_true",
+                   help="train the action expert and heads only")
+    r.add_argument("--eval-every", dest="eval_every", type=int, help="updates between evaluations (0: at the end)")
+    r.add_argument("--eval-episodes", dest="eval_episodes", type=int)
+    r.add_argument("--save-every", dest="save_every", type=int, help="updates between checkpoints")
+    r.add_argument("--sim-backend", dest="sim_backend", choices=("physx_cpu", "physx_cuda"))
+    r.add_argument("--max-episode-steps", dest="max_episode_steps", type=int, help="default: the task's horizon")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--threads", type=int, help="torch CPU threads per process")
+    r.set_defaults(func=cmd_rl)
 
     e = sub.add_parser("eval", help="closed-loop evaluation with a Wilson interval, JSON report and video")
     e.add_argument("--ckpt", help="checkpoint directory (PyTorch)")

@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""RL on CPU: success before and after RL for several methods at an equal env-step budget.
+
+1. Evaluate the SFT checkpoint on held-out seeds (EVAL_SEED_START..), K as in the RL preset.
+2. For each method, run `sim-trainer rl --config PRESET` with the same budget and seed; time the run.
+3. Evaluate each RL checkpoint on the same held-out seeds; Wilson 95% intervals.
+4. Raw simulator throughput in the same session: the same CpuVecEnv (same number of env processes) stepped
+   with random actions; the RL loop's env steps/s (rollout phase, and whole run) are given as fractions of it.
+5. Learning curves (periodic eval success and training success vs env steps) as a PNG.
+
+Prints a Markdown table and writes OUT/results.json and OUT/learning_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import command_line, machine_info
+
+METHODS = {
+    "ppo_flow_noise": ["--algorithm", "ppo", "--noise", "flow_noise"],
+    "ppo_flow_sde": ["--algorithm", "ppo", "--noise", "flow_sde"],
+    "grpo_flow_noise": ["--algorithm", "grpo", "--noise", "flow_noise"],
+}
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "sim_trainer.cli", *args], check=True)
+
+
+def evaluate(ckpt: str, k: int, episodes: int, out: Path) -> dict:
+    cli("eval", "--ckpt", ckpt, "--steps", str(k), "--episodes", str(episodes), "--envs", "2", "--out", str(out),
+        "--threads", "1")
+    return json.loads((out / "eval.json").read_text())["summary"]
+
+
+def raw_throughput(task: str, num_envs: int, steps: int) -> float:
+    from sim_trainer.envs.spec import EnvConfig
+    from sim_trainer.envs.vec_env import make_vec_env
+
+    venv = make_vec_env(EnvConfig(task=task, obs_mode="state"), num_envs)
+    try:
+        venv.reset(list(range(num_envs)))
+        low, high = torch.tensor(venv.spec.action_low), torch.tensor(venv.spec.action_high)
+        t0, n = time.perf_counter(), 0
+        while n < steps:
+            res = venv.step(low + (high - low) * torch.rand(num_envs, len(low)))
+            n += num_envs
+            done = (res.terminated | res.truncated).numpy()
+            if done.any():
+                venv.reset(list(range(num_envs)), mask=done)
+        return n / (time.perf_counter() - t0)
+    finally:
+        venv.close()
+
+
+def read_curve(run: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval" not in r], [r for r in rows if "eval" in r]
+
+
+def plot(runs: dict[str, Path], before: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run in runs.items():
+        updates, evals = read_curve(run)
+        xs = [e["env_steps"] for e in evals]
+        ys = [e["eval"]["success_once"] for e in evals]
+        axes[0].plot(xs, ys, marker="o", label=name)
+        tx = [u["env_steps"] for u in updates if "train_success_once" in u]
+        ty = [u["train_success_once"] for u in updates if "train_success_once" in u]
+        if ty:
+            w = min(10, len(ty))
+            axes[1].plot(tx[w - 1:], np.convolve(ty, np.ones(w) / w, mode="valid"), label=name)
+    axes[0].axhline(before, color="gray", ls="--", label="SFT (100 eps)")
+    axes[0].set(title="periodic eval (deterministic, 20 eps)", xlabel="env steps", ylabel="success_once",
+                ylim=(0, 1.02))
+    axes[1].set(title="training episodes (stochastic, moving avg 10 updates)", xlabel="env steps",
+                ylabel="success", ylim=(0, 1.02))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="configs/rl_pushcube_state_cpu.yaml")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--budget", type=int, default=100_000, help="env steps per method")
+    p.add_argument("--episodes", type=int, default=100, help="held-out eval episodes before and after")
+    p.add_argument("--out", default="outputs/bench_rl")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `sim-trainer rl` flags for all runs")
+    a = p.parse_args()
+    import yaml
+
+    preset = yaml.safe_load(Path(a.preset).read_text())
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    k = int(preset.get("num_steps", 4))
+    raw = raw_throughput("PushCube-v1", int(preset.get("num_envs", 8)), 4000)
+    results = {"machine": machine_info(), "command": command_line(), "date": datetime.date.today().isoformat(),
+               "preset": preset, "budget": a.budget, "raw_env_steps_per_s": raw}
+    results["before"] = evaluate(preset["ckpt"], k, a.episodes, out / "eval_sft")
+    runs: dict[str, Path] = {}
+    for name in a.methods:
+        run = out / name
+        t0 = time.perf_counter()
+        cli("rl", "--config", a.preset, "--out", str(run), "--total-env-steps", str(a.budget), "--threads", "1",
+            *METHODS[name], *a.extra)
+        wall = time.perf_counter() - t0
+        runs[name] = run
+        updates, _ = read_curve(run)
+        rollout_sps = float(np.mean([u["env_steps_per_s"] for u in updates]))
+        total_steps = updates[-1]["env_steps"]
+        after = evaluate(str(run), k, a.episodes, out / f"eval_{name}")
+        results[name] = {"wall_s": wall, "env_steps": total_steps, "after": after,
+                         "rollout_env_steps_per_s": rollout_sps, "run_env_steps_per_s": total_steps / wall,
+                         "rollout_fraction_of_raw": rollout_sps / raw, "run_fraction_of_raw": total_steps / wall / raw}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(runs, results["before"]["success_once"], out / "learning_curves.png")
+
+    def pct(s: dict) -> str:
+        lo, hi = s["success_once_wilson95"]
+        return f"{100 * s['success_once']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+    print(f"raw simulator: {raw:.0f} env steps/s ({preset.get('num_envs', 8)} CPU env processes, random actions)")
+    print("| method | env steps | wall clock | success before | success after | gain (points) | "
+          "rollout steps/s (of raw) | whole run steps/s (of raw) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in a.methods:
+        r = results[name]
+        gain = 100 * (r["after"]["success_once"] - results["before"]["success_once"])
+        print(f"| {name} | {r['env_steps']} | {r['wall_s'] / 60:.1f} min | {pct(results['before'])} | "
+              f"{pct(r['after'])} | {gain:+.0f} | {r['rollout_env_steps_per_s']:.0f} "
+              f"({r['rollout_fraction_of_raw']:.2f}) | {r['run_env_steps_per_s']:.0f} "
+              f"({r['run_fraction_of_raw']:.2f}) |")
+    print(json.dumps({k: v for k, v in results.items() if k != "preset"}, default=str)[:2000])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Data-parallel training with torch.distributed, started by torchrun (NCCL on GPUs, gloo on CPU).
+
+Every rank steps its own envs with its own seeds; gradients are averaged with an explicit all-reduce
+after backward (so the update reads like the single-process one), metrics are averaged, and rank 0 alone
+evaluates and writes checkpoints. Without torchrun's environment this is a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    comm_device: torch.device = torch.device("cpu")  # where collectives run (NCCL needs CUDA tensors)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def init(cls) -> World:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return cls()
+        comm = torch.device("cpu")
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            comm = torch.device("cuda", local)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if comm.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), comm)
+
+    def broadcast_parameters(self, module: torch.nn.Module) -> None:
+        """Start every rank from rank 0's weights (heads are randomly initialised)."""
+        if self.size > 1:
+            for t in module.state_dict().values():
+                dist.broadcast(t, src=0)
+
+    def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        if self.size == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.size
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            y = x.to(self.comm_device, copy=True)
+            dist.all_reduce(y)
+            x = y.to(x.device)
+        return x
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sum(x) / self.size
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

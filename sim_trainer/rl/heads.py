@@ -1,0 +1,73 @@
+"""Heads that RL adds to the flow VLA: an exploration-noise head and a value head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sim_trainer.models.flow_vla import sinusoidal
+
+
+def squash_std(g: torch.Tensor, std_min: float, std_max: float) -> torch.Tensor:
+    """Map an unbounded output into [std_min, std_max] through a tanh on the log-variance (RLinf/ReinFlow band)."""
+    lo, hi = 2 * math.log(std_min), 2 * math.log(std_max)
+    log_var = lo + (hi - lo) * (torch.tanh(g) + 1) / 2
+    return torch.exp(0.5 * log_var)
+
+
+def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class TokenNoiseHead(nn.Module):
+    """Flow-Noise: std per action token and dimension from the action expert's per-token features.
+
+    The features depend on the observation (cross-attention to the prefix), on x_k and on tau_k.
+    """
+
+    def __init__(self, d_model: int, action_dim: int, std_min: float, std_max: float, hidden: int = 128):
+        super().__init__()
+        self.std_min, self.std_max = std_min, std_max
+        self.net = _mlp([d_model, hidden, hidden // 2, action_dim], nn.Tanh)
+        nn.init.zeros_(self.net[-1].weight)  # start in the middle of the band for every input
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return squash_std(self.net(feats), self.std_min, self.std_max)
+
+
+class ObsTimeNoiseHead(nn.Module):
+    """ReinFlow-style: std for the whole chunk from (pooled observation features, flow time), not from x_k."""
+
+    def __init__(self, d_model: int, horizon: int, action_dim: int, std_min: float, std_max: float,
+                 hidden: int = 128):
+        super().__init__()
+        self.std_min, self.std_max, self.d = std_min, std_max, d_model
+        self.shape = (horizon, action_dim)
+        self.net = _mlp([2 * d_model, hidden, hidden, horizon * action_dim], nn.Tanh)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, pooled: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([pooled, sinusoidal(tau, self.d)], -1)
+        return squash_std(self.net(x), self.std_min, self.std_max).view(-1, *self.shape)
+
+
+class ValueHead(nn.Module):
+    """V(s) from detached observation features (pooled prefix, or the action expert's pooled tokens)."""
+
+    def __init__(self, d_in: int, hidden: tuple[int, ...] = (256, 128)):
+        super().__init__()
+        self.net = _mlp([d_in, *hidden, 1], nn.ReLU)
+        nn.init.normal_(self.net[-1].weight, std=0.02)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net(feats).squeeze(-1)

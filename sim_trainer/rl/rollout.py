@@ -1,0 +1,143 @@
+"""Collect on-policy experience over chunk steps (the outer MDP).
+
+One chunk step: the policy samples a chain for every env, C actions of the chunk are executed, the
+chunk's reward is the sum of the C step rewards and it is done if any step ended the episode (rewards
+after that step are ignored). A truncated episode's last reward gets gamma * V(final observation).
+
+Two modes:
+- continuing (PPO): ended envs are reset at once with fresh seeds, experience flows across rollouts;
+- episodic (GRPO): every env starts a new episode at the start of the rollout, groups of envs share a
+  seed, and chunk steps after an env's episode ended are marked invalid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sim_trainer.rl.policy import RLPolicy
+
+TRAIN_SEED_START = 1_000_000  # training seeds stay clear of demo seeds (0..) and eval seeds (100000..)
+
+
+@dataclass
+class Episode:
+    success_once: bool
+    success_at_end: bool
+    ret: float
+    length: int
+
+
+@dataclass
+class Rollout:
+    """Tensors are [T, N, ...] (chunk step, env)."""
+
+    states: torch.Tensor
+    images: dict[str, torch.Tensor]
+    chains: torch.Tensor
+    stochastic: torch.Tensor
+    log_probs: torch.Tensor
+    values: torch.Tensor
+    rewards: torch.Tensor
+    dones: torch.Tensor
+    valid: torch.Tensor
+    last_value: torch.Tensor  # [N] V of the observation after the last step
+    episodes: list[Episode] = field(default_factory=list)
+    episode_env: list[int] = field(default_factory=list)  # which env each finished episode ran in
+    env_steps: int = 0
+
+
+def _where_rows(mask: torch.Tensor, new: dict, old: dict) -> dict:
+    m = mask.view(-1, 1)
+    out = {"state": torch.where(m, new["state"], old["state"]), "images": {}}
+    for k, v in new["images"].items():
+        out["images"][k] = torch.where(mask.view(-1, 1, 1, 1), v, old["images"][k])
+    return out
+
+
+def _value_of(policy: RLPolicy, obs: dict, text: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return policy.value(policy.encode(obs, text))
+
+
+class Collector:
+    def __init__(self, venv, policy: RLPolicy, text: torch.Tensor, exec_steps: int, gamma: float,
+                 episodic: bool, group_size: int = 1):
+        self.venv, self.policy, self.text = venv, policy, text
+        self.exec_steps, self.gamma, self.episodic, self.group_size = exec_steps, gamma, episodic, group_size
+        self.n, self.device = venv.num_envs, getattr(venv, "device", torch.device("cpu"))
+        self.obs: dict | None = None
+        self.ep_ret = torch.zeros(self.n, device=self.device)
+        self.ep_len = torch.zeros(self.n, dtype=torch.long, device=self.device)
+        self.ep_success = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+
+    def _seeds(self, rng: np.random.Generator) -> list[int]:
+        if self.episodic:  # one seed per group of envs
+            groups = rng.integers(TRAIN_SEED_START, 2**31 - 1, self.n // self.group_size)
+            return np.repeat(groups, self.group_size).tolist()
+        return rng.integers(TRAIN_SEED_START, 2**31 - 1, self.n).tolist()
+
+    def _start_all(self, rng: np.random.Generator) -> None:
+        self.obs = self.venv.reset(self._seeds(rng))
+        self.ep_ret.zero_(), self.ep_len.zero_(), self.ep_success.zero_()
+
+    def collect(self, chunk_steps: int, rng: np.random.Generator, gen: torch.Generator) -> Rollout:
+        if self.episodic or self.obs is None:
+            self._start_all(rng)
+        buf: dict[str, list] = {k: [] for k in ("states", "chains", "stochastic", "log_probs", "values",
+                                                "rewards", "dones", "valid")}
+        images: dict[str, list] = {k: [] for k in self.obs["images"]}
+        episodes, episode_env = [], []
+        live = torch.ones(self.n, dtype=torch.bool, device=self.device)  # episodic: the env's episode has not ended yet
+        env_steps = 0
+        for _ in range(chunk_steps):
+            s = self.policy.sample(self.obs, self.text, gen)
+            buf["states"].append(self.obs["state"])
+            for k, v in self.obs["images"].items():
+                images[k].append(v)
+            buf["chains"].append(s.chain)
+            buf["stochastic"].append(s.stochastic)
+            buf["log_probs"].append(s.log_prob)
+            buf["values"].append(s.value)
+            buf["valid"].append(live.clone())
+
+            reward = torch.zeros(self.n, device=self.device)
+            alive = live.clone()  # in an episode that has not ended yet
+            ended_success = torch.zeros_like(alive)
+            truncated = torch.zeros_like(alive)
+            final_obs = self.obs
+            for j in range(self.exec_steps):
+                res = self.venv.step(s.actions[:, j])
+                env_steps += self.n
+                reward += res.reward * alive
+                self.ep_len += alive.long()
+                self.ep_success |= res.success & alive
+                ended = (res.terminated | res.truncated) & alive
+                ended_success |= res.success & ended
+                truncated |= res.truncated & ~res.terminated & ended
+                final_obs = _where_rows(ended, res.obs, final_obs)
+                alive &= ~ended
+            done = live & ~alive
+            self.ep_ret += reward
+            for i in torch.nonzero(done).flatten().tolist():
+                episodes.append(Episode(bool(self.ep_success[i]), bool(ended_success[i]), float(self.ep_ret[i]),
+                                        int(self.ep_len[i])))
+                episode_env.append(i)
+            if truncated.any():  # bootstrap the cut-off future of time-limited episodes
+                reward = reward + self.gamma * _value_of(self.policy, final_obs, self.text) * truncated
+            buf["rewards"].append(reward)
+            buf["dones"].append(done)
+            next_obs = res.obs
+            if done.any():
+                if self.episodic:
+                    live &= ~done
+                else:
+                    next_obs = self.venv.reset(self._seeds(rng), mask=done.cpu().numpy())
+                    self.ep_ret[done], self.ep_len[done], self.ep_success[done] = 0.0, 0, False
+            self.obs = next_obs
+        last_value = _value_of(self.policy, self.obs, self.text)
+        stack = {k: torch.stack(v) for k, v in buf.items()}
+        return Rollout(images={k: torch.stack(v) for k, v in images.items()}, last_value=last_value,
+                       episodes=episodes, episode_env=episode_env, env_steps=env_steps, **stack)

@@ -1,0 +1,235 @@
+"""`sim-trainer rl`: PPO or GRPO fine-tuning of an SFT flow VLA in ManiSkill, over chunk steps.
+
+One update = collect a rollout (rollout.py), compute advantages (GAE with a value head, or GRPO's
+group-normalised returns), then `epochs` passes of minibatch steps on the clipped surrogate (learner.py).
+Env seeds and sampling noise are a function of (seed, rank, update), so a resumed run needs no RNG state;
+episodes in flight when a run was killed start again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from sim_trainer.data.normalize import NormStats
+from sim_trainer.envs.spec import EnvConfig
+from sim_trainer.envs.vec_env import make_vec_env
+from sim_trainer.errors import UserError
+from sim_trainer.models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from sim_trainer.models.tokenizer import tokenize
+from sim_trainer.rl.config import RLConfig
+from sim_trainer.rl.distributed import World
+from sim_trainer.rl.learner import Learner
+from sim_trainer.rl.policy import RLPolicy, SamplerSettings
+from sim_trainer.rl.rollout import Collector
+
+VISION_PREFIXES = ("cameras.",)
+EXPERT_PREFIXES = ("action_in.", "time_mlp.", "action_pos", "expert.", "expert_ln.", "action_out.")
+
+
+def _set_trainable(policy: RLPolicy, cfg: RLConfig) -> None:
+    for name, p in policy.model.named_parameters():
+        frozen = (cfg.freeze_vision and name.startswith(VISION_PREFIXES)) or (
+            cfg.expert_only and not name.startswith(EXPERT_PREFIXES))
+        p.requires_grad_(not frozen)
+
+
+def _seed_for(cfg: RLConfig, rank: int, update: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Env seeds and sampling noise as a pure function of (seed, rank, update): resuming needs no RNG state."""
+    rng = np.random.default_rng([cfg.seed, rank, update])
+    return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+class RLTrainer:
+    def __init__(self, cfg: RLConfig, world: World | None = None):
+        self.cfg, self.world = cfg.validate(), world or World()
+        loaded = load_checkpoint(cfg.ckpt)
+        self.spec, model = loaded.spec, loaded.model
+        if cfg.exec_steps is not None:
+            if cfg.exec_steps > model.cfg.horizon:
+                raise UserError(f"exec_steps C={cfg.exec_steps} cannot exceed the chunk horizon "
+                                f"H={model.cfg.horizon} of {cfg.ckpt}")
+            model.cfg.exec_steps = cfg.exec_steps
+        model.cfg.num_steps = cfg.num_steps  # the saved checkpoint evaluates and exports at the trained K
+        self.norm = NormStats.load(Path(cfg.ckpt) / "norm_stats.json")
+        self.env_cfg = EnvConfig(task=cfg.task or self.spec.task, obs_mode=self.spec.obs_mode,
+                                 control_mode=self.spec.control_mode,
+                                 image_size=self.spec.cameras[0].height if self.spec.cameras else 64,
+                                 reward_mode=cfg.reward, sim_backend=cfg.sim_backend,
+                                 max_episode_steps=cfg.max_episode_steps).validate()
+        self.chunk = model.cfg.exec_steps
+        torch.manual_seed(cfg.seed)
+        sampler = SamplerSettings(cfg.noise, cfg.num_steps, cfg.sde_mode, cfg.noise_level, cfg.std_min, cfg.std_max)
+        self.policy = RLPolicy(model, sampler, cfg.value_input, torch.tensor(self.spec.action_low),
+                               torch.tensor(self.spec.action_high))
+        # the policy lives where the simulator's tensors do
+        self.device = self.world.comm_device if cfg.sim_backend == "physx_cuda" else torch.device("cpu")
+        if cfg.sim_backend == "physx_cuda" and self.device.type != "cuda":
+            self.device = torch.device("cuda")
+        self.policy.to(self.device)
+        _set_trainable(self.policy, cfg)
+        self.world.broadcast_parameters(self.policy)
+        self.text = tokenize(self.spec.instruction, model.cfg.max_text_len).to(self.device)
+        self.learner = Learner(self.policy, cfg, self.text, self.chunk, self.world)
+        self.opt = self.learner.opt
+        self.out = Path(cfg.out)
+        self.update, self.env_steps = 0, 0
+        horizon = self.env_cfg.horizon
+        self.episodic = cfg.algorithm == "grpo"
+        self.chunk_steps = math.ceil(horizon / self.chunk) if self.episodic else cfg.rollout_chunks
+        self.steps_per_update = cfg.num_envs * self.chunk_steps * self.chunk * self.world.size
+        self.num_updates = math.ceil(cfg.total_env_steps / self.steps_per_update)
+
+    # ----- state on disk ------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Checkpoint (plain SFT-compatible model dir) plus the trainer state to resume from; rank 0 only."""
+        info = {"trained_by": "sim-trainer rl", "rl_config": asdict(self.cfg), "update": self.update,
+                "env_steps": self.env_steps, "start_checkpoint": self.cfg.ckpt}
+        save_checkpoint(self.out, self.policy.model, self.spec, self.norm, info)
+        tensors = {f"policy/{k}": v.detach().contiguous() for k, v in self.policy.state_dict().items()}
+        opt_sd = self.opt.state_dict()
+        for i, st in opt_sd["state"].items():
+            for name, v in st.items():
+                tensors[f"opt/{i}/{name}"] = torch.as_tensor(v).contiguous()
+        save_file(tensors, str(self.out / "rl_state.safetensors.tmp"))
+        os.replace(self.out / "rl_state.safetensors.tmp", self.out / "rl_state.safetensors")
+        meta = {"update": self.update, "env_steps": self.env_steps, "param_groups": opt_sd["param_groups"],
+                "config": asdict(self.cfg)}
+        (self.out / "rl_state.json.tmp").write_text(json.dumps(meta))
+        os.replace(self.out / "rl_state.json.tmp", self.out / "rl_state.json")
+
+    def load(self) -> None:
+        try:
+            meta = json.loads((self.out / "rl_state.json").read_text())
+            tensors = load_file(str(self.out / "rl_state.safetensors"))
+        except (OSError, json.JSONDecodeError, ValueError) as e:
+            raise UserError(f"cannot resume from {self.out}: trainer state unreadable ({e})") from None
+        for key in ("algorithm", "noise", "sde_mode", "num_steps", "num_envs", "value_input"):
+            if meta["config"].get(key) != getattr(self.cfg, key):
+                raise UserError(f"cannot resume {self.out}: it was run with {key}={meta['config'].get(key)!r}, "
+                                f"now {getattr(self.cfg, key)!r}")
+        self.policy.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("policy/")})
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt/"):
+                _, i, name = k.split("/", 2)
+                state.setdefault(int(i), {})[name] = v
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.update, self.env_steps = int(meta["update"]), int(meta["env_steps"])
+
+    # ----- the loop ---------------------------------------------------------------------------------------
+    def evaluate(self, episodes: int) -> dict:
+        from sim_trainer.evaluate.rollout import evaluate
+        from sim_trainer.policy import ChunkPolicy
+
+        policy = ChunkPolicy(self.policy.model, self.spec, num_steps=self.cfg.num_steps, device=str(self.device))
+        res = evaluate(policy, self.env_cfg, episodes, self.cfg.eval_envs, record_video=False, progress=False)
+        self.policy.model.train()
+        return res.summary()
+
+    def run(self) -> Path:
+        cfg, world = self.cfg, self.world
+        if world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        world.barrier()
+        if (self.out / "rl_state.json").exists():
+            if not cfg.resume:
+                raise UserError(f"{self.out} holds an RL run already; pass --resume to continue it or pick a "
+                                "new --out")
+            self.load()
+        venv = make_vec_env(self.env_cfg, cfg.num_envs)
+        try:
+            check_compatible(self.spec, venv.spec, cfg.ckpt)
+            collector = Collector(venv, self.policy, self.text, self.chunk, cfg.gamma, self.episodic,
+                                  cfg.group_size)
+            return self._loop(collector)
+        finally:
+            venv.close()
+
+    def _loop(self, collector: Collector) -> Path:
+        cfg, world = self.cfg, self.world
+        tb = None
+        if world.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(self.out / "tb"))
+        log_path = self.out / "metrics.jsonl"
+        bar = tqdm(total=self.num_updates * self.steps_per_update, initial=self.update * self.steps_per_update,
+                   desc=f"rl {cfg.algorithm}/{cfg.noise}", unit="step", unit_scale=True, disable=not world.is_main)
+        if self.update == 0 and world.is_main:
+            self._log_eval(tb, log_path, cfg.eval_episodes)
+        while self.update < self.num_updates:
+            rng, gen = _seed_for(cfg, world.rank, self.update)
+            t0 = time.perf_counter()
+            self.policy.eval()
+            rollout = collector.collect(self.chunk_steps, rng, gen)
+            t_roll = time.perf_counter() - t0
+            self.policy.train()
+            metrics = self.learner.learn(rollout, gen, self.update)
+            metrics["rank_param_spread"] = self._param_spread()
+            self.update += 1
+            self.env_steps += rollout.env_steps * world.size
+            eps = rollout.episodes
+            local = torch.tensor([len(eps), sum(e.success_once for e in eps), sum(e.success_at_end for e in eps),
+                                  sum(e.ret for e in eps), float(rollout.env_steps) / t_roll])
+            tot = world.sum(local)
+            metrics = {k: float(world.mean(torch.tensor([v]))) for k, v in metrics.items()}
+            metrics |= {"env_steps_per_s": float(tot[4]), "rollout_s": t_roll, "episodes": float(tot[0])}
+            if tot[0] > 0:
+                metrics |= {"train_success_once": float(tot[1] / tot[0]),
+                            "train_success_at_end": float(tot[2] / tot[0]), "train_return": float(tot[3] / tot[0])}
+            if world.is_main:
+                for k, v in metrics.items():
+                    if not math.isnan(v):
+                        tb.add_scalar(f"rl/{k}", v, self.env_steps)
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"update": self.update, "env_steps": self.env_steps, **metrics}) + "\n")
+                bar.update(self.steps_per_update)
+                bar.set_postfix(succ=f"{metrics.get('train_success_once', float('nan')):.2f}",
+                                kl=f"{metrics['approx_kl']:.3f}", sps=f"{metrics['env_steps_per_s']:.0f}")
+                last = self.update == self.num_updates
+                if last or self.update % cfg.save_every == 0:
+                    self.save()
+                if last or (cfg.eval_every and self.update % cfg.eval_every == 0):
+                    self._log_eval(tb, log_path, cfg.eval_episodes)
+            world.barrier()
+        bar.close()
+        if tb is not None:
+            tb.close()
+        return self.out
+
+    def _param_spread(self) -> float:
+        """max - min over ranks of a float64 parameter checksum: 0 while data-parallel ranks stay in sync."""
+        total = sum(p.detach().double().sum() for p in self.policy.parameters())
+        per_rank = torch.zeros(self.world.size, dtype=torch.float64)
+        per_rank[self.world.rank] = total
+        per_rank = self.world.sum(per_rank)
+        return float(per_rank.max() - per_rank.min())
+
+    def _log_eval(self, tb, log_path: Path, episodes: int) -> None:
+        s = self.evaluate(episodes)
+        tb.add_scalar("eval/success_once", s["success_once"], self.env_steps)
+        tb.add_scalar("eval/success_at_end", s["success_at_end"], self.env_steps)
+        with log_path.open("a") as f:
+            f.write(json.dumps({"update": self.update, "env_steps": self.env_steps, "eval": {
+                k: s[k] for k in ("episodes", "success_once", "success_once_wilson95", "success_at_end",
+                                  "mean_return")}}) + "\n")
+        tqdm.write(f"update {self.update} ({self.env_steps} env steps): eval success_once {s['success_once']:.2f} "
+                   f"over {s['episodes']} episodes")
+
+
+def train_rl(cfg: RLConfig) -> Path:
+    world = World.init()
+    try:
+        return RLTrainer(cfg, world).run()
+    finally:
+        world.close()
