@@ -227,11 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--minibatch", type=int, help="chunk samples per gradient step")
     r.add_argument("--critic-warmup", dest="critic_warmup", type=int, help="updates training only the critic")
     r.add_argument("--ent-coef", dest="ent_coef", type=float)
+    r.add_argument("--cotrain-data", dest="cotrain_data", help="RL-Co: real(-proxy) episode dataset; its "
+                   "flow-matching loss anchors the policy")
+    r.add_argument("--cotrain-weight", dest="cotrain_weight", type=float, help="RL-Co beta (default 0.2)")
+    r.add_argument("--cotrain-batch", dest="cotrain_batch", type=int, help="real samples per RL minibatch")
     r.add_argument("--freeze-vision", dest="freeze_vision", action="store_true")
     r.add_argument("--expert-only", dest="expert_only", action="store_true",
                    help="train the action expert and heads only")
     r.add_argument("--eval-every", dest="eval_every", type=int, help="updates between evaluations (0: at the end)")
     r.add_argument("--eval-episodes", dest="eval_episodes", type=int)
+    r.add_argument("--eval-envs", dest="eval_envs", type=int, help="parallel envs for evaluation")
     r.add_argument("--save-every", dest="save_every", type=int, help="updates between checkpoints")
     r.add_argument("--sim-backend", dest="sim_backend", choices=("physx_cpu", "physx_cuda"))
     r.add_argument("--max-episode-steps", dest="max_episode_steps", type=int, help="default: the task's horizon")

@@ -187,3 +187,59 @@ def test_rl_moves_the_policy_to_the_known_optimum(algorithm, method):
         assert all(math.isfinite(v) for v in metrics.values() if not math.isnan(v))
     after = _distance_to_target(policy, torch.tensor(target))
     assert after < 0.5 * before, (before, after)
+
+
+def real_episodes(n: int = 3, length: int = 10) -> list:
+    from sim_trainer.data.episodes import Episode
+
+    g = np.random.default_rng(0)
+    return [Episode(state=g.normal(size=(length, STATE_DIM)).astype(np.float32),
+                    actions=g.uniform(-1, 1, (length, ACTION_DIM)).astype(np.float32), images={},
+                    instruction="reach the target", success=True, control_hz=20.0, source="real-proxy",
+                    task="TargetTask", control_mode="pd_joint_delta_pos", state_layout=(("s", STATE_DIM),))
+            for _ in range(n)]
+
+
+def real_sampler(seed: int = 3, horizon: int = 4):
+    from sim_trainer.sft.data import ChunkSource, MixedSampler
+
+    return MixedSampler([ChunkSource(real_episodes(), horizon=horizon, max_text_len=48)], [1.0], seed=seed)
+
+
+def test_cotrain_loss_is_the_flow_matching_loss_on_the_real_batch():
+    from sim_trainer.models.flow import interpolate, sample_tau
+
+    policy = tiny_policy("flow_noise")
+    learner = Learner(policy, RLConfig(cotrain_batch=8, seed=0), TEXT, exec_steps=2, cotrain=real_sampler())
+    got = learner.cotrain_loss()
+    b = real_sampler().sample(8)  # the same draw, recomputed by hand below
+    gen = torch.Generator().manual_seed(0)
+    m = policy.model
+    a = (b.actions - torch.zeros(ACTION_DIM)) / torch.ones(ACTION_DIM)  # identity normalisation
+    noise = torch.randn(a.shape, generator=gen)
+    tau = sample_tau(8, gen)
+    x, target = interpolate(a, noise, tau)
+    v = m.velocity(m.encode_prefix({}, b.state, b.text), x, tau)
+    err = (v - target).pow(2).mean(-1)
+    expected = (err * b.valid).sum() / b.valid.sum()
+    torch.testing.assert_close(got, expected)
+
+
+def test_cotrain_weight_zero_is_plain_rl_and_positive_weight_is_not():
+    import copy
+
+    base = tiny_policy("flow_noise", k=2, horizon=2, exec_steps=1)
+    env = TargetTask(32, (0.6, -0.4))
+    rollout = Collector(env, base, TEXT, 1, 0.99, episodic=False).collect(2, np.random.default_rng(0),
+                                                                          torch.Generator().manual_seed(0))
+    params = {}
+    for name, weight, cotrain in (("plain", 0.2, None), ("beta0", 0.0, real_sampler(horizon=2)),
+                                  ("beta", 0.5, real_sampler(horizon=2))):
+        policy = copy.deepcopy(base)
+        cfg = RLConfig(lr=1e-3, epochs=2, minibatch=32, cotrain_weight=weight, cotrain_batch=8)
+        metrics = Learner(policy, cfg, TEXT, 1, cotrain=cotrain).learn(rollout, torch.Generator().manual_seed(1), 0)
+        if cotrain is not None:
+            assert metrics["cotrain_loss"] > 0 and math.isfinite(metrics["cotrain_ratio"])
+        params[name] = torch.cat([p.detach().flatten() for p in policy.parameters()])
+    assert torch.equal(params["plain"], params["beta0"])
+    assert not torch.equal(params["plain"], params["beta"])

@@ -50,6 +50,9 @@ class RLConfig:
     epochs: int = 4
     minibatch: int = 64
     max_grad_norm: float = 1.0
+    cotrain_data: str | None = None  # RL-Co: real(-proxy) episodes anchoring the policy with a flow-matching loss
+    cotrain_weight: float = 0.2  # beta in L = L_RL + beta * L_SFT(real)
+    cotrain_batch: int = 32  # real samples per RL minibatch
     freeze_vision: bool = False
     expert_only: bool = False  # train the action expert and heads only (prefix encoder frozen)
     eval_every: int = 0  # updates between evaluations (0: only at the end)
@@ -94,6 +97,10 @@ class RLConfig:
             raise UserError(f"GRPO needs group_size >= 2 dividing num_envs ({self.num_envs}), got {self.group_size}")
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
             raise UserError("need 0 < gamma <= 1 and 0 <= gae_lambda <= 1")
+        if self.cotrain_weight < 0 or self.cotrain_batch < 1:
+            raise UserError("cotrain_weight must be >= 0 and cotrain_batch >= 1")
+        if self.cotrain_data is not None and not Path(self.cotrain_data).is_dir():
+            raise UserError(f"co-training dataset {self.cotrain_data} does not exist or is not a directory")
         if self.clip <= 0:
             raise UserError("clip must be positive")
         return self

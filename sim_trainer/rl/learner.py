@@ -4,6 +4,10 @@ Before the first epoch the behaviour log-probs are recomputed by the learner its
 epoch's minibatch layout: rollout and learner then share numerics exactly, so the ratio of the first
 minibatch is exactly 1 (returned as `first_ratio_max_dev` every update); the distance to the log-probs
 recorded during the rollout is returned as `logp_rollout_drift`.
+
+RL-Co: with a co-training sampler, every RL minibatch also draws a batch of real(-proxy) demonstrations and
+adds beta * (their flow-matching loss), which anchors the policy to the real domain; `cotrain_ratio` logs
+|beta * L_SFT| / |L_RL|. Its noise comes from its own generator, so beta = 0 reproduces plain RL exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from sim_trainer.rl.distributed import World
 from sim_trainer.rl.losses import explained_variance, masked_mean, policy_loss, reduce_log_prob, value_loss
 from sim_trainer.rl.policy import RLPolicy
 from sim_trainer.rl.rollout import Rollout
+from sim_trainer.sft.data import MixedSampler
 
 
 def flatten(r: Rollout) -> dict:
@@ -36,9 +41,11 @@ def select_obs(batch: dict, idx: torch.Tensor) -> dict:
 
 class Learner:
     def __init__(self, policy: RLPolicy, cfg: RLConfig, text: torch.Tensor, exec_steps: int,
-                 world: World | None = None):
+                 world: World | None = None, cotrain: MixedSampler | None = None):
         self.policy, self.cfg, self.text, self.chunk = policy, cfg, text, exec_steps
         self.world = world or World()
+        self.cotrain = cotrain
+        self.cotrain_gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.world.rank)
         self.actor_params = [p for n, p in policy.named_parameters()
                              if p.requires_grad and not n.startswith("value_head.")]
         self.value_params = list(policy.value_head.parameters())
@@ -63,6 +70,14 @@ class Learner:
         adv, keep = grpo_advantages(returns, success, cfg.group_size, cfg.grpo_filter)
         adv = adv.expand_as(r.rewards)
         return adv, adv, r.valid & keep
+
+    def cotrain_loss(self) -> torch.Tensor:
+        """Flow-matching loss of the policy on one batch of co-training (real) demonstrations."""
+        b = self.cotrain.sample(self.cfg.cotrain_batch)
+        dev = self.text.device
+        return self.policy.model.flow_matching_loss({k: v.to(dev) for k, v in b.images.items()}, b.state.to(dev),
+                                                    b.text.to(dev), b.actions.to(dev), valid=b.valid.to(dev),
+                                                    generator=self.cotrain_gen)
 
     def learn(self, r: Rollout, gen: torch.Generator, update: int) -> dict[str, float]:
         cfg, policy = self.cfg, self.policy
@@ -104,6 +119,12 @@ class Learner:
                 vl = value_loss(ev.value, old_v[idx], ret[idx], valid[idx], cfg.value_clip, cfg.huber_delta)
                 loss = loss + vl
                 sums["value_loss"] = sums.get("value_loss", 0.0) + vl.item()
+            if self.cotrain is not None:
+                sft = self.cotrain_loss()
+                sums["cotrain_loss"] = sums.get("cotrain_loss", 0.0) + sft.item()
+                sums["cotrain_ratio"] = sums.get("cotrain_ratio", 0.0) + (
+                    abs(cfg.cotrain_weight * sft.item()) / max(abs(loss.item()), 1e-12))
+                loss = loss + cfg.cotrain_weight * sft
             self.opt.zero_grad(set_to_none=True)
             if loss.requires_grad:
                 loss.backward()

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from sim_trainer.data.episodes import dataset_spec, load_dataset
 from sim_trainer.data.normalize import NormStats
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.vec_env import make_vec_env
@@ -31,6 +32,7 @@ from sim_trainer.rl.distributed import World
 from sim_trainer.rl.learner import Learner
 from sim_trainer.rl.policy import RLPolicy, SamplerSettings
 from sim_trainer.rl.rollout import Collector
+from sim_trainer.sft.data import ChunkSource, MixedSampler
 
 VISION_PREFIXES = ("cameras.",)
 EXPERT_PREFIXES = ("action_in.", "time_mlp.", "action_pos", "expert.", "expert_ln.", "action_out.")
@@ -79,7 +81,7 @@ class RLTrainer:
         _set_trainable(self.policy, cfg)
         self.world.broadcast_parameters(self.policy)
         self.text = tokenize(self.spec.instruction, model.cfg.max_text_len).to(self.device)
-        self.learner = Learner(self.policy, cfg, self.text, self.chunk, self.world)
+        self.learner = Learner(self.policy, cfg, self.text, self.chunk, self.world, self._cotrain_sampler(model))
         self.opt = self.learner.opt
         self.out = Path(cfg.out)
         self.update, self.env_steps = 0, 0
@@ -88,6 +90,18 @@ class RLTrainer:
         self.chunk_steps = math.ceil(horizon / self.chunk) if self.episodic else cfg.rollout_chunks
         self.steps_per_update = cfg.num_envs * self.chunk_steps * self.chunk * self.world.size
         self.num_updates = math.ceil(cfg.total_env_steps / self.steps_per_update)
+
+    def _cotrain_sampler(self, model) -> MixedSampler | None:
+        """RL-Co: the real(-proxy) demonstrations, checked against the policy's observation/action contract."""
+        if not self.cfg.cotrain_data:
+            return None
+        diffs = self.spec.differences(dataset_spec(self.cfg.cotrain_data))
+        if diffs:
+            raise UserError(f"co-training data {self.cfg.cotrain_data} does not match {self.cfg.ckpt}: "
+                            + "; ".join(diffs))
+        episodes = load_dataset(self.cfg.cotrain_data)
+        source = ChunkSource(episodes, model.cfg.horizon, model.cfg.max_text_len)
+        return MixedSampler([source], [1.0], seed=self.cfg.seed + 1000 * self.world.rank)
 
     # ----- state on disk ------------------------------------------------------------------------------
     def save(self) -> None:
