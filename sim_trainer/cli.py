@@ -12,23 +12,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import yaml
-
 from sim_trainer.errors import UserError
+from sim_trainer.yaml_config import load_yaml_mapping
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "pushcube_rgb_small"
-
-
-def _load_yaml(path: str) -> dict:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise UserError(f"cannot read config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config {path} must be a mapping of option: value")
-    return data
 
 
 def _camera_overrides(path: str | None) -> dict:
@@ -36,7 +23,7 @@ def _camera_overrides(path: str | None) -> dict:
 
     if not path:
         return {}
-    data = _load_yaml(path)
+    data = load_yaml_mapping(path)
     try:
         return {name: CameraOverride(**(v or {})) for name, v in data.get("cameras", data).items()}
     except TypeError as e:
@@ -58,7 +45,7 @@ def cmd_demos(a: argparse.Namespace) -> int:
 def cmd_sft(a: argparse.Namespace) -> int:
     from sim_trainer.sft.trainer import SFTConfig, train_sft
 
-    values = _load_yaml(a.config) if a.config else {}
+    values = load_yaml_mapping(a.config) if a.config else {}
     known = {f.name for f in fields(SFTConfig)}
     unknown = set(values) - known
     if unknown:

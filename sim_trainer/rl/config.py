@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from sim_trainer.errors import UserError
 from sim_trainer.rl.policy import VALUE_INPUTS
 from sim_trainer.rl.samplers import NOISE_METHODS, SDE_MODES
+from sim_trainer.yaml_config import load_yaml_mapping
 
 ALGORITHMS = ("ppo", "grpo")
 LOGPROB_LEVELS = ("token", "action", "chunk")
@@ -108,16 +107,7 @@ class RLConfig:
 
 def load_rl_config(path: str | None, overrides: dict) -> RLConfig:
     """YAML preset (keys = RLConfig fields) with command-line overrides (None means: not given)."""
-    values: dict = {}
-    if path:
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise UserError(f"cannot read config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise UserError(f"config {path} must be a mapping of option: value")
+    values = load_yaml_mapping(path) if path else {}
     known = {f.name: f for f in fields(RLConfig)}
     unknown = set(values) - set(known)
     if unknown:
