@@ -88,6 +88,6 @@ def contract_from_manifest(m: dict, backend: str, provider: str, where: str = "e
         raise UserError(f"{where}: manifest action bounds do not have action_dim={c.action_dim} entries")
     if sum(k for _, k in c.state_layout) != c.state_dim:
         raise UserError(f"{where}: manifest state layout does not add up to state dim {c.state_dim}")
-    if not c.cameras or c.horizon < 1 or c.action_dim < 1 or c.text_max_len < 2:
-        raise UserError(f"{where}: manifest has no cameras or a non-positive horizon/action_dim/max_len")
+    if c.horizon < 1 or c.action_dim < 1 or c.text_max_len < 2:  # no cameras is fine: a state-only policy
+        raise UserError(f"{where}: manifest has a non-positive horizon/action_dim/max_len")
     return c
