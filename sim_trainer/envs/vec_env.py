@@ -34,15 +34,22 @@ def _make_worker_env(cfg_dict: dict) -> PolicyObsEnv:
 
 
 class CpuVecEnv:
+    """One ManiSkill env per spawned process; a single env runs in this process.
+
+    Envs may be stepped past their episode's end (evaluation ignores terminations, RL masks what follows):
+    gymnasium's SyncVectorEnv refuses that when autoreset is disabled, so the single env is stepped directly.
+    """
+
     def __init__(self, cfg: EnvConfig, num_envs: int):
-        from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+        from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
         self.cfg, self.num_envs, self.device = cfg, num_envs, torch.device("cpu")
-        fns = [partial(_make_worker_env, cfg.to_dict()) for _ in range(num_envs)]
+        self.single: PolicyObsEnv | None = None
         if num_envs == 1:
-            self.venv = SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
-            self.spec: PolicySpec = self.venv.envs[0].spec_
+            self.single = _make_worker_env(cfg.to_dict())
+            self.spec: PolicySpec = self.single.spec_
         else:
+            fns = [partial(_make_worker_env, cfg.to_dict()) for _ in range(num_envs)]
             self.venv = AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
             self.spec = self.venv.call("__getattribute__", "spec_")[0]
 
@@ -53,24 +60,42 @@ class CpuVecEnv:
             "images": {k: torch.from_numpy(np.asarray(v)) for k, v in obs["images"].items()},
         }
 
+    @staticmethod
+    def _batch_of_one(obs: dict) -> dict:
+        return {"state": obs["state"][None], "images": {k: v[None] for k, v in obs["images"].items()}}
+
     def reset(self, seeds: list[int], mask: np.ndarray | None = None) -> dict:
+        if self.single is not None:
+            if mask is None or bool(np.asarray(mask)[0]):
+                self._last = self._batch_of_one(self.single.reset(seed=int(seeds[0]))[0])
+            return self._to_torch(self._last)
         options = None if mask is None else {"reset_mask": np.asarray(mask, dtype=bool)}
         obs, _ = self.venv.reset(seed=[int(s) for s in seeds], options=options)
         return self._to_torch(obs)
 
     def step(self, actions: torch.Tensor) -> StepResult:
-        obs, reward, terminated, truncated, info = self.venv.step(actions.detach().cpu().numpy())
-        success = info.get("success", np.zeros(self.num_envs, dtype=bool))
+        a = actions.detach().cpu().numpy()
+        if self.single is not None:
+            obs, reward, terminated, truncated, info = self.single.step(a[0])
+            self._last = self._batch_of_one(obs)
+            obs, reward, terminated, truncated = self._last, [reward], [terminated], [truncated]
+            success = [info["success"]]
+        else:
+            obs, reward, terminated, truncated, info = self.venv.step(a)
+            success = info.get("success", np.zeros(self.num_envs, dtype=bool))
         return StepResult(
             self._to_torch(obs),
-            torch.as_tensor(reward, dtype=torch.float32),
-            torch.as_tensor(terminated, dtype=torch.bool),
-            torch.as_tensor(truncated, dtype=torch.bool),
+            torch.as_tensor(np.asarray(reward), dtype=torch.float32),
+            torch.as_tensor(np.asarray(terminated), dtype=torch.bool),
+            torch.as_tensor(np.asarray(truncated), dtype=torch.bool),
             torch.as_tensor(np.asarray(success, dtype=bool)),
         )
 
     def close(self) -> None:
-        self.venv.close()
+        if self.single is not None:
+            self.single.close()
+        else:
+            self.venv.close()
 
 
 class GpuVecEnv:
