@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: setup demo test lint clean-venv
+.PHONY: setup demo demo-sim test lint clean-venv
 
 setup: $(STAMP)
 
@@ -13,7 +13,12 @@ $(STAMP): pyproject.toml scripts/setup.sh scripts/install_vulkan.sh
 	bash scripts/setup.sh $(VENV)
 	touch $(STAMP)
 
+# The full stack: policy server on the shipped checkpoint's export, ROS 2 nodes, sim twin, scripted operator.
 demo: setup
+	$(PY) -m vla_ros.demo $(DEMO_ARGS)
+
+# The no-ROS demo (train/evaluate in ManiSkill only).
+demo-sim: setup
 	$(PY) -m sim_trainer.cli demo $(DEMO_ARGS)
 
 test: setup

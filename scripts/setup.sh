@@ -21,5 +21,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 # torch is pinned exactly (2.13.0): a range would let pip pull a multi-GB CUDA build on CPU hosts.
-"$venv/bin/python" -m pip install -q -e ".[dev]"
+# [ros]: rclpy, Fast DDS, the message packages and colcon as PyPI wheels, for the ROS 2 nodes' tests and demo.
+"$venv/bin/python" -m pip install -q -e ".[dev,ros]"
+# The ROS 2 nodes (ros2_ws/src/vla_ros) importable in the venv, as sourcing a colcon overlay would make them.
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$(cd "$here/.." && pwd)/ros2_ws/src/vla_ros" > "$site/vla_ros_src.pth"
 echo "setup: done ($("$venv/bin/python" --version), torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"

@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""The ROS 2 stack against direct simulation: success on the same seeds, control-period jitter, latency.
+
+1. direct:  `sim-trainer eval --export EXPORT --episodes N --envs 2 --seed-start S` (ONNX Runtime in-process,
+            ManiSkill pd_joint_delta_pos); success = success at any step of the task horizon (success_once).
+2. ros:     `policy-runtime serve EXPORT` + sim twin + policy node + safety filter + eval manager + scripted
+            operator (launch/config/sim_eval.yaml, one process), N trials on the same seeds; the twin runs in
+            lockstep on sim time, a trial ends at the first success signal or after the horizon (5 s sim).
+3. timing:  the same stack on the wall clock (no /clock, no lockstep, physics paced at 20 Hz real time, the
+            twin in its own process as hardware would be) for `--timing-trials` trials: the policy node's timer
+            period (p50/p99 and jitter = |period - 50 ms|) and camera-capture-to-command latency (image header
+            stamp -> action published, p50/p99). `--timing-only` skips 1 and 2.
+
+Target: |success(ros) - success(direct)| <= 10 points and the Wilson intervals overlap.
+Prints a Markdown table, then one line of JSON (the last line of stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from common import command_line, machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "ros2_ws" / "src" / "vla_ros"))
+CONFIG = ROOT / "launch" / "config"
+NODES = ["sim_twin", "policy_node", "safety_filter", "eval_manager", "scripted_operator"]
+
+
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def direct_eval(export: Path, n: int, seed_start: int, out: Path) -> dict:
+    r = subprocess.run([sys.executable, "-m", "sim_trainer.cli", "eval", "--export", str(export), "--episodes",
+                        str(n), "--envs", "2", "--seed-start", str(seed_start), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+    path = re.search(r"json: (\S+)", r.stdout).group(1)
+    s = json.loads(Path(path).read_text())["summary"]
+    return {"episodes": s["episodes"], "success": s["success_once"], "wilson95": s["success_once_wilson95"]}
+
+
+def ros_run(endpoint: str, n: int, seed_start: int, out: Path, overrides: list[str],
+            names: list[str] = NODES) -> tuple[dict, dict]:
+    from vla_ros.stack import load_params, run
+
+    out.mkdir(parents=True, exist_ok=True)
+    plan = out / "plan.yaml"
+    plan.write_text(f"count: {n}\nseed_start: {seed_start}\n")
+    params = load_params(CONFIG / "sim_eval.yaml", [
+        f"eval_manager.plan={plan}", f"eval_manager.results_dir={out}", "eval_manager.exit_when_done=true",
+        "eval_manager.console=false", f"policy_node.runtime_endpoint={endpoint}", *overrides])
+    nodes: dict = {}
+    rc = run(params, names, on_ready=lambda ns: nodes.update({x.get_name(): x for x in ns}))
+    if rc:
+        raise SystemExit(f"stack exited with {rc}")
+    return json.loads((out / "summary.json").read_text()), nodes
+
+
+def pct(xs, q) -> float | None:
+    return round(float(np.percentile(xs, q)), 2) if len(xs) else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--episodes", type=int, default=50)
+    ap.add_argument("--timing-trials", type=int, default=3)
+    ap.add_argument("--seed-start", type=int, default=100_000)
+    ap.add_argument("--export", type=Path, help="export dir (default: made from --checkpoint into OUT/export)")
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "pushcube_rgb_small")
+    ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_ros_stack")
+    ap.add_argument("--timing-only", action="store_true", help="only the wall-clock timing run")
+    a = ap.parse_args()
+    os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from vla_ros.demo import ensure_export, start_server
+
+    out = a.out.resolve() / datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    export = ensure_export(a.checkpoint, (a.export or a.out / "export").resolve())
+
+    report: dict = {"benchmark": "ros_stack", "command": command_line(), "machine": machine_info(), "out": str(out)}
+    endpoint = free_endpoint()
+    if not a.timing_only:
+        t0 = time.monotonic()
+        report["direct"] = direct_eval(export, a.episodes, a.seed_start, out / "direct")
+        report["direct"]["wall_s"] = round(time.monotonic() - t0)
+    server = start_server(export, endpoint, out / "server.log")
+    try:
+        if not a.timing_only:
+            t0 = time.monotonic()
+            summary, nodes = ros_run(endpoint, a.episodes, a.seed_start, out / "ros", [])
+            report["ros"] = {"episodes": summary["judged"], "success": summary["success_rate"],
+                             "wilson95": summary["wilson95"], "aborted": summary["aborted"],
+                             "safety_interventions": dict(nodes["safety_filter"].filter.counts),
+                             "wall_s": round(time.monotonic() - t0)}
+        report["timing"] = timing_run(endpoint, a.timing_trials, a.seed_start, out)
+    finally:
+        server.terminate()
+        server.wait(20)
+    if not a.timing_only:
+        print_success(report)
+    t = report["timing"]
+    print("| timing at 20 Hz, wall clock | p50 | p99 |\n|---|---|---|\n"
+          f"| control period (ms) | {t['period_ms_p50']} | {t['period_ms_p99']} |\n"
+          f"| period jitter abs(period - 50 ms) (ms) | {t['jitter_ms_p50']} | {t['jitter_ms_p99']} |\n"
+          f"| camera capture -> command (ms) | {t['capture_to_command_ms_p50']} | {t['capture_to_command_ms_p99']} |\n"
+          f"| policy server round trip (ms) | {t['server_round_trip_ms_p50']} | {t['server_round_trip_ms_p99']} |\n")
+    print(json.dumps(report))
+    return 0
+
+
+def timing_run(endpoint: str, trials: int, seed_start: int, out: Path) -> dict:
+    wall = ["policy_node", "safety_filter", "eval_manager", "scripted_operator"]
+    overrides = [f"{n}.use_sim_time=false" for n in wall] + ["policy_node.inference_wait_s=0.0"]
+    twin_overrides = ["sim_twin.publish_clock=false", "sim_twin.lockstep_timeout_s=0.0",
+                      "sim_twin.real_time_factor=1.0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "ros2_ws/src/vla_ros"), str(ROOT)])}
+    # The twin stands in for hardware: its own process, so physics and rendering do not share the GIL with the
+    # robot-side nodes whose timing is measured.
+    twin = subprocess.Popen([sys.executable, "-m", "vla_ros.stack", str(CONFIG / "sim_eval.yaml"), "--nodes",
+                             "sim_twin", *[x for o in twin_overrides for x in ("--set", o)]], cwd=ROOT, env=env,
+                            stdout=open(out / "twin.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        _, nodes = ros_run(endpoint, trials, seed_start, out / "timing", overrides, NODES[1:])
+    finally:
+        twin.terminate()
+        twin.wait(30)
+    pol = nodes["policy_node"]
+    periods, latency = 1e3 * np.asarray(pol.tick_periods), 1e3 * np.asarray(pol.latencies)
+    rtt = 1e3 * np.asarray(pol.infer_s)
+    return {"ticks": int(len(periods)), "period_ms_p50": pct(periods, 50), "period_ms_p99": pct(periods, 99),
+            "jitter_ms_p50": pct(np.abs(periods - 50.0), 50), "jitter_ms_p99": pct(np.abs(periods - 50.0), 99),
+            "capture_to_command_ms_p50": pct(latency, 50), "capture_to_command_ms_p99": pct(latency, 99),
+            "server_round_trip_ms_p50": pct(rtt, 50), "server_round_trip_ms_p99": pct(rtt, 99)}
+
+
+def print_success(report: dict) -> None:
+    d, r = report["direct"], report["ros"]
+    diff = 100 * (r["success"] - d["success"])
+    overlap = r["wilson95"][0] <= d["wilson95"][1] and d["wilson95"][0] <= r["wilson95"][1]
+    report.update(difference_points=diff, intervals_overlap=overlap)
+    print(f"| path | trials | success | Wilson 95% | wall time |\n|---|---|---|---|---|\n"
+          f"| direct `sim-trainer eval --export` | {d['episodes']} | {100 * d['success']:.1f}% | "
+          f"{100 * d['wilson95'][0]:.1f}-{100 * d['wilson95'][1]:.1f}% | {d['wall_s']} s |\n"
+          f"| ROS 2 stack (sim twin, lockstep) | {r['episodes']} | {100 * r['success']:.1f}% | "
+          f"{100 * r['wilson95'][0]:.1f}-{100 * r['wilson95'][1]:.1f}% | {r['wall_s']} s |\n")
+    print(f"difference {diff:+.1f} points (target within 10), intervals overlap: {overlap}; "
+          f"ROS aborted trials: {r['aborted']}; safety interventions: {r['safety_interventions']}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

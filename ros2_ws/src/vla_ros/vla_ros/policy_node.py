@@ -1,0 +1,325 @@
+"""Policy node: cameras + joint states -> policy_runtime server -> one normalised action per control tick.
+
+A timer at the control rate runs the chunk executor (policy_runtime.chunking); inference runs on a worker
+thread that owns the PolicyClient, so a slow or dead server never blocks the executor. With
+`inference_wait_s` > 0 a tick that just asked for a chunk waits that long for it, which makes synchronous
+execution match the simulator's (the chunk starts at the step whose observation produced it). When there
+is no action (stale observation, chunk pending or late, server lost) nothing is published and the arm
+holds; the safety filter's watchdog logs the hold. Actions go to the safety filter, never to a controller.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.node import Node
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Float64MultiArray, MultiArrayDimension, String
+
+from policy_runtime.chunking import ChunkRequest, make_executor
+from policy_runtime.client import ClientError, Expectation, PolicyClient
+from vla_ros import topics
+from vla_ros.actions import GRIPPER_ACTION
+from vla_ros.observation import ObservationError, StateBuilder, check_timing, fit_image
+from vla_ros.params import declare, require, run_node_main
+from vla_ros.robot import RobotModel
+from vla_ros.ros_util import JointStateCache, diagnostic, image_to_rgb, rgb_to_image, stamp_s
+
+DEFAULTS = {
+    "runtime_endpoint": "tcp://127.0.0.1:5555",
+    "timeout_ms": 1000.0,
+    "handshake_timeout_ms": 1000.0,
+    "executor": "sync",
+    "expected_latency_s": 0.05,
+    "inference_wait_s": 0.0,
+    "camera_names": ["base_camera"],
+    "camera_topics": ["/camera/camera/color/image_raw"],
+    "state_joints": [f"panda_joint{i}" for i in range(1, 8)] + ["panda_finger_joint1", "panda_finger_joint2"],
+    "action_names": [f"panda_joint{i}" for i in range(1, 8)] + [GRIPPER_ACTION],
+    "urdf": "",
+    "base_link": "panda_link0",
+    "tcp_link": "panda_hand_tcp",
+    "base_pose": [-0.615, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
+    "max_obs_age_s": 0.2,
+    "max_skew_s": 0.1,
+    "diagnostics_hz": 2.0,
+}
+
+
+@dataclass
+class _Job:
+    epoch: int
+    req: ChunkRequest
+    images: dict[str, np.ndarray]
+    state: np.ndarray
+    t_capture: float
+    instruction: str | None
+
+
+class PolicyNode(Node):
+    def __init__(self, name: str = "policy_node", **node_kwargs):
+        super().__init__(name, **node_kwargs)
+        p = declare(self, DEFAULTS)
+        require(len(p["camera_names"]) == len(p["camera_topics"]), "camera_names and camera_topics differ in length")
+        require(p["executor"] in ("sync", "ensemble", "async-switch", "async-crossfade", "async-rtc"),
+                f"unknown executor {p['executor']!r}")
+        self.p = p
+        self.robot = RobotModel(p["urdf"], p["base_link"], p["tcp_link"], list(p["base_pose"]))
+        self.client = PolicyClient(p["runtime_endpoint"], timeout_ms=p["timeout_ms"],
+                                   handshake_timeout_ms=p["handshake_timeout_ms"], handshake_retries=1,
+                                   expect=Expectation(action_dim=len(p["action_names"])), name=name)
+        self.joints = JointStateCache()
+        self.frames: dict[str, Image] = {}
+        self.frames_lock = threading.Lock()
+        for cam, topic in zip(p["camera_names"], p["camera_topics"], strict=True):
+            self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(c, m), topics.SENSOR_QOS)
+        self.create_subscription(JointState, topics.JOINT_STATES, self.joints.update, topics.SENSOR_QOS)
+        self.create_subscription(String, topics.CONTROL_SOURCE, self._on_source, topics.LATCHED_QOS)
+        self.create_subscription(String, topics.INSTRUCTION, self._on_instruction, topics.LATCHED_QOS)
+        self.action_pub = self.create_publisher(JointState, topics.POLICY_ACTION, topics.COMMAND_QOS)
+        self.step_pub = self.create_publisher(Float64MultiArray, topics.POLICY_STEP, topics.COMMAND_QOS)
+        self.obs_pub = self.create_publisher(Image, topics.POLICY_OBS_IMAGE, topics.COMMAND_QOS)
+        self.spec_pub = self.create_publisher(String, topics.POLICY_SPEC, topics.LATCHED_QOS)
+        self.diag_pub = self.create_publisher(DiagnosticArray, topics.DIAGNOSTICS, 10)
+
+        self.contract = None
+        self.state_builder: StateBuilder | None = None
+        self.chunker = None
+        self.active, self.epoch, self.step = False, 0, 0
+        self.instruction: str | None = None
+        self.fault: str | None = None          # server / contract problem (error level)
+        self.obs_problem: str | None = None    # last observation refusal (warn level)
+        self.counts = {"actions": 0, "chunks": 0, "server_errors": 0, "stale_obs": 0, "holds": 0}
+        self.tick_periods: deque[float] = deque(maxlen=2000)   # wall seconds between ticks
+        self.latencies: deque[float] = deque(maxlen=2000)      # capture stamp -> command, node clock seconds
+        self.infer_s: deque[float] = deque(maxlen=2000)
+        self._last_tick: float | None = None
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        self.results: queue.Queue[tuple] = queue.Queue()
+        self.result_ready = threading.Event()
+        self.running = True
+        self.worker = threading.Thread(target=self._work, name="policy_inference", daemon=True)
+        self.worker.start()
+        self.control_hz = 0.0
+        self.timer = None
+        self.create_timer(1.0 / p["diagnostics_hz"], self._publish_diag)
+
+    # ----- inputs ------------------------------------------------------------------------------------------------
+    def _on_image(self, cam: str, msg: Image) -> None:
+        with self.frames_lock:
+            self.frames[cam] = msg
+
+    def _on_source(self, msg: String) -> None:
+        active = msg.data == "policy"
+        if active and not self.active:
+            self.epoch += 1  # replies to requests of an earlier trial are dropped
+            if self.chunker is not None:
+                self.chunker.reset()  # never carry a chunk from one trial into the next
+            self.get_logger().info("policy in control: executor reset")
+        self.active = active
+
+    def _on_instruction(self, msg: String) -> None:
+        self.instruction = msg.data or None
+
+    # ----- inference worker ------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while self.running:
+            if self.contract is None:
+                self._handshake()
+                continue
+            try:
+                job = self.jobs.get(timeout=0.1)
+                while not self.jobs.empty():  # only the newest observation is worth a round trip
+                    job = self.jobs.get_nowait()
+            except queue.Empty:
+                if self.fault:
+                    self._probe()
+                continue
+            t0 = time.monotonic()
+            try:
+                reply = self.client.infer(job.images, job.state, t_capture=job.t_capture,
+                                          instruction=job.instruction, prev_chunk=job.req.leftover,
+                                          delay_steps=job.req.delay_steps if job.req.leftover is not None else None)
+                self.results.put(("ok", job, np.asarray(reply.actions, np.float64), time.monotonic() - t0))
+            except ClientError as e:
+                self.results.put(("error", job, str(e).splitlines()[0], time.monotonic() - t0))
+            self.result_ready.set()
+
+    def _probe(self) -> None:
+        """After a failure, find out when the server is back, so the node reports healthy before it acts."""
+        try:
+            self.client.ping()
+        except ClientError as e:
+            self._set_fault(f"policy server: {str(e).splitlines()[0]}")
+            time.sleep(0.5)
+        else:
+            self._set_fault(None)
+
+    def _handshake(self) -> None:
+        try:
+            contract = self.client.connect()
+            builder = StateBuilder(contract.state_layout, tuple(self.p["state_joints"]), self.robot.tcp_pose_world)
+        except ClientError as e:
+            self._set_fault(f"policy server: {str(e).splitlines()[0]}")
+            time.sleep(0.5)
+            return
+        except ValueError as e:
+            self._set_fault(f"contract: {e}")
+            time.sleep(2.0)
+            return
+        self.state_builder, self.control_hz = builder, float(contract.control_hz)
+        self.chunker = make_executor(self.p["executor"], contract.horizon, contract.exec_steps, contract.control_hz,
+                                      self.p["expected_latency_s"])
+        self.contract = contract
+        self._publish_spec(contract)
+        self._set_fault(None)
+        if self.timer is None:
+            self.timer = self.create_timer(1.0 / contract.control_hz, self._tick)
+        self.get_logger().info(f"policy server {self.p['runtime_endpoint']}: H={contract.horizon} "
+                               f"C={contract.exec_steps} at {contract.control_hz} Hz ({contract.backend}, "
+                               f"{contract.provider}); executor {self.p['executor']}")
+
+    def _set_fault(self, fault: str | None) -> None:
+        if fault != self.fault:
+            if fault:
+                self.get_logger().error(f"{fault}; the arm holds")
+            else:
+                self.get_logger().info("policy server reachable")
+            self.fault = fault
+            self._publish_diag()
+
+    def _publish_spec(self, c) -> None:
+        spec = {"task": c.task, "control_mode": c.control_mode, "obs_mode": "rgb" if c.cameras else "state",
+                "cameras": [{"name": cam.name, "height": cam.height, "width": cam.width} for cam in c.cameras],
+                "state_layout": [list(b) for b in c.state_layout], "action_dim": c.action_dim,
+                "action_low": list(c.action_low), "action_high": list(c.action_high), "control_hz": c.control_hz,
+                "instruction": c.default_instruction}
+        self.spec_pub.publish(String(data=json.dumps(spec)))
+
+    # ----- control tick -----------------------------------------------------------------------------------------
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _tick(self) -> None:
+        wall = time.monotonic()
+        if self._last_tick is not None:
+            self.tick_periods.append(wall - self._last_tick)
+        self._last_tick = wall
+        self.step += 1
+        if not self.active or self.chunker is None:
+            self._drain()
+            return
+        self._drain()
+        try:
+            obs = self._observation()
+            self.obs_problem = None
+        except ObservationError as e:
+            if self.obs_problem != str(e):
+                self.get_logger().warning(f"observation refused: {e}; holding")
+            self.obs_problem = str(e)
+            self.counts["stale_obs"] += 1
+            self.counts["holds"] += 1
+            return
+        req = self.chunker.request(self.step)
+        if req is not None:
+            self.result_ready.clear()
+            self.jobs.put(_Job(self.epoch, req, obs[0], obs[1], obs[2], self.instruction))
+            if self.p["inference_wait_s"] > 0:
+                self.result_ready.wait(self.p["inference_wait_s"])
+            self._drain()
+        action = self.chunker.action(self.step)
+        if action is None:
+            self.counts["holds"] += 1
+            return
+        self._publish_action(action, obs)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                status, job, payload, latency = self.results.get_nowait()
+            except queue.Empty:
+                return
+            if job.epoch != self.epoch or self.chunker is None:
+                continue
+            if status == "ok":
+                self.chunker.on_chunk(payload, job.req, self.step)
+                delay = getattr(self.chunker, "delay", None)
+                if delay is not None:
+                    delay.add(latency)
+                self.infer_s.append(latency)
+                self.counts["chunks"] += 1
+                self._set_fault(None)
+            else:
+                self.counts["server_errors"] += 1
+                self.chunker.reset()  # ask again with a fresh observation; hold meanwhile
+                self._set_fault(f"policy server: {payload}")
+
+    def _observation(self) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
+        snap = self.joints.get()
+        if snap is None:
+            raise ObservationError("no joint state yet")
+        with self.frames_lock:
+            frames = dict(self.frames)
+        missing = [c.name for c in self.contract.cameras if c.name not in frames]
+        if missing:
+            raise ObservationError(f"no frame yet from camera(s) {', '.join(missing)}")
+        stamps = {c.name: stamp_s(frames[c.name].header.stamp) for c in self.contract.cameras}
+        check_timing(self._now(), stamps, snap.stamp, self.p["max_obs_age_s"], self.p["max_skew_s"])
+        try:
+            images = {c.name: fit_image(image_to_rgb(frames[c.name]), c.height, c.width) for c in self.contract.cameras}
+        except ValueError as e:
+            raise ObservationError(str(e)) from None
+        return images, self.state_builder.build(snap), min(stamps.values(), default=snap.stamp)
+
+    def _publish_action(self, action: np.ndarray, obs) -> None:
+        images, state, t_capture = obs
+        now = self.get_clock().now()
+        msg = JointState()
+        msg.header.stamp = now.to_msg()
+        msg.name = list(self.p["action_names"])
+        msg.position = [float(x) for x in action]
+        self.action_pub.publish(msg)
+        self.latencies.append(now.nanoseconds * 1e-9 - t_capture)
+        self.counts["actions"] += 1
+        for cam, rgb in images.items():
+            self.obs_pub.publish(rgb_to_image(rgb, msg.header.stamp, f"{cam}#{self.step}"))
+        rec = Float64MultiArray(data=[float(self.step), t_capture, *map(float, state), *map(float, action)])
+        rec.layout.dim = [MultiArrayDimension(label=lbl, size=n, stride=n) for lbl, n in
+                          (("step", 1), ("stamp", 1), ("state", len(state)), ("action", len(action)))]
+        self.step_pub.publish(rec)
+
+    # ----- diagnostics ------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        def pct(xs, q):
+            return round(1e3 * float(np.percentile(list(xs), q)), 2) if xs else None
+
+        return {**self.counts, "tick_period_ms_p50": pct(self.tick_periods, 50),
+                "tick_period_ms_p99": pct(self.tick_periods, 99), "capture_to_command_ms_p50": pct(self.latencies, 50),
+                "capture_to_command_ms_p99": pct(self.latencies, 99), "infer_ms_p50": pct(self.infer_s, 50),
+                "infer_ms_p99": pct(self.infer_s, 99)}
+
+    def _publish_diag(self) -> None:
+        if self.fault:
+            level, msg = "error", self.fault
+        elif self.obs_problem and self.active:
+            level, msg = "warn", self.obs_problem
+        else:
+            level, msg = "ok", "in control" if self.active else "standing by"
+        values = {"active": self.active, "step": self.step, **self.stats()}
+        self.diag_pub.publish(diagnostic(self.get_name(), level, msg, values, self.get_clock().now().to_msg()))
+
+    def close(self) -> None:
+        self.running = False
+        self.worker.join(timeout=5.0)
+        self.client.close()
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node_main(PolicyNode, args)

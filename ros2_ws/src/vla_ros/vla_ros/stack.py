@@ -1,0 +1,138 @@
+"""The launch files' nodes in one process, from the same parameter YAML (the rclpy component container).
+
+    python -m vla_ros.stack launch/config/sim_eval.yaml --plan launch/config/sim_trial_plan.yaml --results-dir out
+    ros2 run vla_ros vla_ros_stack ...   (after colcon build)
+
+Starts every node that has a section in the YAML (or the ones named with --nodes) on one multi-threaded
+executor; `--set node.param=value` overrides a parameter. The process ends when the eval manager finishes
+a session with `exit_when_done`, or on Ctrl-C. Tests, the demo and the benchmark use it; on a robot use
+`ros2 launch vla_bringup eval.launch.py` (same nodes, same YAML).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+# node name in the YAML -> (module, class); the launch files start the same names (tests/test_ros_launch.py).
+NODES = {
+    "sim_twin": ("vla_ros.sim_twin_node", "SimTwinNode"),
+    "camera": ("vla_ros.camera_node", "CameraNode"),
+    "policy_node": ("vla_ros.policy_node", "PolicyNode"),
+    "safety_filter": ("vla_ros.safety_node", "SafetyFilterNode"),
+    "eval_manager": ("vla_ros.eval_manager_node", "EvalManagerNode"),
+    "teleop": ("vla_ros.teleop_node", "TeleopNode"),
+    "scripted_operator": ("vla_ros.operator_node", "ScriptedOperator"),
+    "calibration_capture": ("vla_ros.capture_node", "CaptureNode"),
+}
+
+
+class StackError(ValueError):
+    """Bad stack configuration (YAML, node names, overrides)."""
+
+
+def load_params(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The ROS parameter YAML ({node: {ros__parameters: {...}}}) with `node.param=value` overrides applied."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise StackError(f"cannot read parameters {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and isinstance(v.get("ros__parameters"), dict)
+                                             for v in data.values()):
+        raise StackError(f"{path}: every top-level key must be a node name with a `ros__parameters` mapping")
+    unknown = sorted(set(data) - set(NODES))
+    if unknown:
+        raise StackError(f"{path}: unknown node(s) {unknown}; known: {sorted(NODES)}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        node, dot, param = key.partition(".")
+        if not sep or not dot or node not in NODES:
+            raise StackError(f"--set {item!r}: expected node.param=value with a known node")
+        data.setdefault(node, {"ros__parameters": {}})["ros__parameters"][param] = yaml.safe_load(value)
+    return data
+
+
+def build_nodes(params: dict, names: list[str], nodes: list) -> list:
+    """Construct the nodes into `nodes` (so the ones built before a failure are still cleaned up)."""
+    import importlib
+
+    for name in names:
+        module, cls = NODES[name]
+        nodes.append(getattr(importlib.import_module(module), cls)(name))
+    return nodes
+
+
+def run(params: dict, names: list[str], threads: int = 8, on_ready=None) -> int:
+    """Init rclpy with the parameters, build the nodes, spin until shutdown; returns an exit code."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    from vla_ros.params import CONFIG_ERRORS
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(params, f)
+    rclpy.init(args=["--ros-args", "--params-file", f.name])
+    nodes = []
+    try:
+        try:
+            build_nodes(params, names, nodes)
+        except CONFIG_ERRORS as e:
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        executor = MultiThreadedExecutor(num_threads=threads)
+        for n in nodes:
+            executor.add_node(n)
+        if on_ready is not None:
+            on_ready(nodes)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        for n in reversed(nodes):
+            close = getattr(n, "close", None)
+            if close is not None:
+                close()
+            n.destroy_node()
+        rclpy.try_shutdown()
+        Path(f.name).unlink(missing_ok=True)
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m vla_ros.stack", description=__doc__.splitlines()[0])
+    ap.add_argument("params", help="parameter YAML (launch/config/*.yaml)")
+    ap.add_argument("--nodes", help="comma-separated node names (default: every node in the YAML)")
+    ap.add_argument("--plan", help="trial plan YAML for the eval manager")
+    ap.add_argument("--results-dir", help="eval manager output directory")
+    ap.add_argument("--runtime", help="policy server endpoint, e.g. tcp://gpu-box:5555")
+    ap.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    overrides = list(a.set)
+    if a.plan:
+        overrides.append(f"eval_manager.plan={Path(a.plan).resolve()}")
+    if a.results_dir:
+        overrides.append(f"eval_manager.results_dir={Path(a.results_dir).resolve()}")
+    if a.runtime:
+        overrides.append(f"policy_node.runtime_endpoint={a.runtime}")
+    try:
+        params = load_params(a.params, overrides)
+        names = a.nodes.split(",") if a.nodes else list(params)
+        bad = [n for n in names if n not in NODES]
+        if bad:
+            raise StackError(f"unknown node(s) {bad}; known: {sorted(NODES)}")
+    except StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run(params, names)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The whole stack: real policy server (ONNX Runtime over ZeroMQ), sim twin (ManiSkill), nodes over Fast DDS.
+
+- the policy node against the real server: joint states mapped by name, stale frames refused;
+- several sim trials through the one-process stack, with episodes and a summary;
+- faults: the server killed mid-trial (arm held, trial aborted, recovery when it returns) and the eval
+  manager killed with SIGKILL mid-trial (the trial is marked aborted on restart, the session completes).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Float64MultiArray, String
+from vla_ros import topics
+from vla_ros.actions import PANDA_ARM, PANDA_FINGERS
+
+from tests.ros_fixtures import CONFIG, Probe, ServerProcess, make_export, rclpy, stack_process, wait_for
+
+pytestmark = pytest.mark.timeout(600)
+REST = [0.0, 0.39, 0.0, -1.96, 0.0, 2.36, 0.79, 0.04, 0.04]
+NAMES = list(PANDA_ARM + PANDA_FINGERS)
+# Physics may run faster than real time: while the policy is in control the twin waits for each command
+# (lockstep), and every node runs on the twin's clock, so the trials are the same, only sooner.
+FAST = ("--set", "sim_twin.real_time_factor=4.0")
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return make_export(tmp_path_factory.mktemp("ros_export") / "pushcube")
+
+
+@pytest.fixture
+def server(export_dir, tmp_path):
+    s = ServerProcess(export_dir, tmp_path).start()
+    yield s
+    s.stop()
+
+
+def read_journal(path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
+    from vla_ros.policy_node import PolicyNode
+    from vla_ros.robot import RobotModel
+    from vla_ros.ros_util import rgb_to_image
+
+    rclpy.init()
+    node = PolicyNode("policy_node", parameter_overrides=[
+        Parameter("runtime_endpoint", value=server.endpoint), Parameter("camera_topics", value=["/test/image"]),
+        Parameter("inference_wait_s", value=0.5), Parameter("diagnostics_hz", value=10.0)])
+    executor = MultiThreadedExecutor(num_threads=3)
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    probe = Probe()
+    try:
+        actions = probe.collect(JointState, topics.POLICY_ACTION, topics.COMMAND_QOS)
+        steps = probe.collect(Float64MultiArray, topics.POLICY_STEP, topics.COMMAND_QOS)
+        spec = probe.collect(String, topics.POLICY_SPEC, topics.LATCHED_QOS)
+        js_pub = probe.node.create_publisher(JointState, topics.JOINT_STATES, 10)
+        img_pub = probe.node.create_publisher(Image, "/test/image", topics.SENSOR_QOS)
+        probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="policy"))
+        image_age = {"s": 1.0}
+        order = [8, 3, 0, 6, 1, 7, 2, 5, 4]  # a driver's own joint order: never the model's
+
+        def publish() -> None:
+            now = probe.node.get_clock().now()
+            js = JointState(name=[NAMES[i] for i in order], position=[REST[i] for i in order],
+                            velocity=[0.0] * 9)
+            js.header.stamp = now.to_msg()
+            js_pub.publish(js)
+            stamp = (now - rclpy.duration.Duration(seconds=image_age["s"])).to_msg()
+            img_pub.publish(rgb_to_image(np.full((128, 128, 3), 90, np.uint8), stamp, "cam"))
+
+        probe.node.create_timer(0.05, publish)
+        wait_for(lambda: node.obs_problem and "old" in node.obs_problem, 60, "the stale frame to be refused")
+        assert actions == [] and node.counts["stale_obs"] > 0
+        image_age["s"] = 0.0
+        wait_for(lambda: len(actions) >= 3 and steps, 60, "actions from fresh observations")
+        assert list(actions[-1].name) == list(PANDA_ARM) + ["gripper"] and np.isfinite(actions[-1].position).all()
+        layout = json.loads(spec[-1].data)["state_layout"]
+        assert layout == [["agent/qpos", 9], ["agent/qvel", 9], ["extra/tcp_pose", 7]]
+        state = np.asarray(steps[-1].data[2:27])
+        np.testing.assert_allclose(state[:9], REST, atol=1e-6)  # in the model's order, whatever the driver's
+        tcp = RobotModel(base_pose=[-0.615, 0, 0, 1, 0, 0, 0]).tcp_pose_world(dict(zip(NAMES, REST, strict=True)))
+        np.testing.assert_allclose(state[18:], tcp, atol=1e-5)
+    finally:
+        probe.close()
+        executor.shutdown()
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def test_sim_trials_through_the_whole_stack(server, tmp_path):
+    from sim_trainer.data.episodes import list_episodes, read_episode
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push the cube to the red and white target\ncount: 2\nseed_start: 100000\n")
+    out = tmp_path / "results"
+    proc = stack_process(CONFIG / "sim_eval.yaml", tmp_path / "stack.log", "--nodes",
+                         "sim_twin,policy_node,safety_filter,eval_manager,scripted_operator",
+                         "--plan", str(plan), "--results-dir", str(out), "--runtime", server.endpoint, *FAST)
+    try:
+        assert proc.wait(timeout=400) == 0, (tmp_path / "stack.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["judged"], summary["aborted"]) == (2, 0)
+    ends = [e for e in read_journal(out / "journal.jsonl") if e["event"] == "end"]
+    assert [e["seed"] for e in ends] == [100000, 100001]
+    episodes = [read_episode(p) for p in list_episodes(out)]
+    assert len(episodes) == 2
+    for ep, end in zip(episodes, ends, strict=True):
+        assert ep.success == (end["outcome"] == "success") and ep.source == "sim" and len(ep) > 10
+        assert ep.images["base_camera"].shape[1:] == (64, 64, 3) and ep.state.shape[1] == 25
+        assert np.abs(ep.actions).max() < 10 and ep.provenance["seed"] == end["seed"]
+
+
+def test_server_loss_holds_the_arm_and_eval_manager_survives_kill_9(server, tmp_path):
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push the cube to the red and white target\ncount: 2\nseed_start: 100010\n")
+    out = tmp_path / "results"
+    journal = out / "journal.jsonl"
+    manager_args = ("--nodes", "eval_manager", "--plan", str(plan), "--results-dir", str(out))
+    probe = Probe()
+    robot = stack_process(CONFIG / "sim_eval.yaml", tmp_path / "robot.log", "--nodes",
+                          "sim_twin,policy_node,safety_filter,scripted_operator", "--runtime", server.endpoint,
+                          *FAST)
+    manager = stack_process(CONFIG / "sim_eval.yaml", tmp_path / "manager1.log", *manager_args)
+    procs = [robot, manager]
+    try:
+        states = probe.collect(String, topics.EVAL_STATE, topics.LATCHED_QOS)
+        diags = probe.collect(DiagnosticArray, topics.DIAGNOSTICS, 50)
+        joints = probe.collect(JointState, topics.JOINT_STATES, topics.SENSOR_QOS)
+
+        def state() -> str:
+            return json.loads(states[-1].data)["state"] if states else ""
+
+        def policy_errors() -> list[str]:
+            return [st.message for m in diags for st in m.status if st.name == "vla/policy_node"
+                    and st.level == DiagnosticStatus.ERROR]
+
+        # 1. The policy server dies mid-trial: the arm holds, the trial is aborted with the reason.
+        wait_for(lambda: state() == "RUNNING", 240, "the first trial to run")
+        time.sleep(1.0)
+        server.kill()
+        wait_for(lambda: any(e.get("outcome") == "aborted" for e in read_journal(journal)), 60, "the trial aborted")
+        aborted = [e for e in read_journal(journal) if e["event"] == "end"][0]
+        assert aborted["outcome"] == "aborted" and "policy server" in aborted["reason"]
+        assert any("policy server" in m for m in policy_errors())  # reported on /diagnostics
+        wait_for(lambda: state() == "READY", 60, "the next trial to wait for the policy")
+        time.sleep(0.5)  # the scene reset settles
+        first = np.asarray(joints[-1].position)
+        time.sleep(1.5)
+        assert state() == "READY"  # nothing runs without the policy...
+        np.testing.assert_allclose(np.asarray(joints[-1].position)[:7], first[:7], atol=2e-3)  # ...and the arm holds
+
+        # 2. The server returns: the stack recovers by itself and the trial runs to a judgement.
+        server.start()
+        wait_for(lambda: any(e["event"] == "end" and e["outcome"] in ("success", "failure")
+                             for e in read_journal(journal)), 120, "a judged trial after the server came back")
+
+        # 3. kill -9 of the eval manager in the middle of the next trial; a new one finishes the session.
+        def running_trial() -> bool:
+            ev = read_journal(journal)
+            return state() == "RUNNING" and ev[-1]["event"] == "start"
+
+        wait_for(running_trial, 120, "the next trial to run")
+        manager.send_signal(signal.SIGKILL)
+        manager.wait(10)
+        manager = stack_process(CONFIG / "sim_eval.yaml", tmp_path / "manager2.log", *manager_args)
+        procs.append(manager)
+        assert manager.wait(timeout=240) == 0, (tmp_path / "manager2.log").read_text()[-3000:]
+        ends = [e for e in read_journal(journal) if e["event"] == "end"]
+        assert [e["outcome"] for e in ends][0] == "aborted" and ends[1]["outcome"] in ("success", "failure")
+        assert ends[2]["outcome"] == "aborted" and "restarted" in ends[2]["reason"]
+        assert ends[3]["outcome"] in ("success", "failure") and ends[3]["plan_index"] == ends[2]["plan_index"]
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["judged"], summary["aborted"]) == (2, 2)
+        assert robot.poll() is None  # the robot side never went down
+    finally:
+        probe.close()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(20)
+            except Exception:
+                p.kill()

@@ -1,0 +1,260 @@
+"""Each node's behaviour over real DDS: nodes under test in this process, a probe node on its own participant."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import cv2
+import numpy as np
+import pytest
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import CameraInfo, Image, JointState
+from std_msgs.msg import Bool, Float64MultiArray, String
+from std_srvs.srv import Trigger
+from vla_ros import topics
+from vla_ros.actions import PANDA_ARM, PANDA_FINGERS
+from vla_ros.ros_util import rgb_to_image
+
+from tests.ros_fixtures import Probe, rclpy, wait_for
+
+REST = [0.0, 0.39, 0.0, -1.96, 0.0, 2.36, 0.79, 0.04, 0.04]
+NAMES = list(PANDA_ARM + PANDA_FINGERS)
+
+
+@pytest.fixture
+def ros():
+    """rclpy for the nodes under test, a background executor for them, and a probe on its own participant."""
+    rclpy.init()
+    executor = MultiThreadedExecutor(num_threads=4)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    probe = Probe()
+    nodes = []
+
+    def add(node):
+        nodes.append(node)
+        executor.add_node(node)
+        return node
+
+    yield add, probe
+    probe.close()
+    executor.shutdown()
+    for n in nodes:
+        close = getattr(n, "close", None)
+        if close is not None:
+            close()
+        n.destroy_node()
+    rclpy.try_shutdown()
+
+
+def params(**kw) -> list[Parameter]:
+    return [Parameter(k, value=v) for k, v in kw.items()]
+
+
+def joint_state(probe: Probe, positions=REST) -> JointState:
+    msg = JointState(name=NAMES, position=[float(x) for x in positions], velocity=[0.0] * len(NAMES))
+    msg.header.stamp = probe.node.get_clock().now().to_msg()
+    return msg
+
+
+def start_joint_states(probe: Probe, positions=REST):
+    pub = probe.node.create_publisher(JointState, topics.JOINT_STATES, 10)
+    return probe.node.create_timer(0.02, lambda: pub.publish(joint_state(probe, positions)))
+
+
+def diag_values(probe: Probe, name: str) -> dict:
+    for msg in reversed(probe.received.get(topics.DIAGNOSTICS, [])):
+        for st in msg.status:
+            if st.name == f"vla/{name}":
+                return {"level": st.level, "message": st.message, **{kv.key: kv.value for kv in st.values}}
+    return {}
+
+
+def test_safety_filter_node_nan_estop_watchdog_forward_command(ros):
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    add(SafetyFilterNode("safety_filter", parameter_overrides=params(
+        controller_type="forward_command", controller_topic="/fcc/commands", gripper_topic="/gripper/commands",
+        gripper_joint="panda_finger_joint1", late_action_s=0.3, diagnostics_hz=10.0)))
+    cmds = probe.collect(Float64MultiArray, "/fcc/commands", topics.COMMAND_QOS)
+    grip = probe.collect(Float64MultiArray, "/gripper/commands", topics.COMMAND_QOS)
+    probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
+    start_joint_states(probe)
+    probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="policy"))
+    act_pub = probe.node.create_publisher(JointState, topics.POLICY_ACTION, topics.COMMAND_QOS)
+
+    def act(values) -> None:
+        act_pub.publish(JointState(name=list(PANDA_ARM) + ["gripper"], position=[float(v) for v in values]))
+
+    wait_for(lambda: diag_values(probe, "safety_filter").get("source") == "policy", 20, "policy in control")
+    n = len(cmds)
+    act([0.5, 0, 0, 0, 0, 0, 0, -0.4])
+    wait_for(lambda: len(cmds) > n, 10, "a command on the forward_command topic")
+    assert len(cmds[-1].data) == 7 and cmds[-1].data[0] == pytest.approx(0.05, abs=1e-6)
+    wait_for(lambda: grip, 10, "a gripper command")
+    assert grip[-1].data[0] == pytest.approx(0.005)
+
+    act([np.nan] + [0.0] * 7)
+    wait_for(lambda: int(diag_values(probe, "safety_filter").get("count/non_finite", 0)) >= 1, 10, "NaN counted")
+    assert all(np.isfinite(m.data).all() for m in cmds) and cmds[-1].data[0] == pytest.approx(0.05, abs=1e-6)
+
+    probe.node.create_publisher(Bool, topics.ESTOP, topics.COMMAND_QOS).publish(Bool(data=True))
+    wait_for(lambda: diag_values(probe, "safety_filter").get("estop"), 10, "e-stop latched")
+    assert diag_values(probe, "safety_filter")["level"] == DiagnosticStatus.ERROR
+    for _ in range(3):
+        act([1.0, 0, 0, 0, 0, 0, 0, 0])
+    wait_for(lambda: int(diag_values(probe, "safety_filter").get("count/estop_latched", 0)) >= 2, 10,
+             "actions refused while latched")
+    assert max(m.data[0] for m in cmds) == pytest.approx(0.05, abs=1e-6)  # never moved past the pre-e-stop target
+    assert probe.call(Trigger, "/safety_filter/reset_estop").success
+    n = len(cmds)
+    act([1.0, 0, 0, 0, 0, 0, 0, 0])
+    wait_for(lambda: any(m.data[0] > 0.09 for m in cmds[n:]), 10, "a command after the reset")
+    # No more actions: the late-action watchdog holds the arm and says so.
+    wait_for(lambda: int(diag_values(probe, "safety_filter").get("count/late_action", 0)) >= 1, 10, "late watchdog")
+    # The e-stop service latches too.
+    assert probe.call(Trigger, "/safety_filter/estop").success
+    wait_for(lambda: diag_values(probe, "safety_filter").get("estop") == "e-stop service", 10, "service e-stop")
+
+
+def test_safety_filter_dry_run_never_reaches_the_controller(ros):
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    add(SafetyFilterNode("safety_filter", parameter_overrides=params(dry_run=True, controller_topic="/jtc/traj")))
+    from trajectory_msgs.msg import JointTrajectory
+
+    real = probe.collect(JointTrajectory, "/jtc/traj", topics.COMMAND_QOS)
+    dry = probe.collect(JointTrajectory, "/safety_filter/dry_run/jtc/traj", topics.COMMAND_QOS)
+    start_joint_states(probe)
+    probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="teleop"))
+    pub = probe.node.create_publisher(JointState, topics.TELEOP_COMMAND, topics.COMMAND_QOS)
+    target = list(REST)
+    target[0] = 0.02
+
+    def send() -> bool:
+        pub.publish(JointState(name=NAMES, position=target))
+        return any(m.points and m.points[0].positions[0] == pytest.approx(0.02) for m in dry)
+
+    wait_for(send, 20, "a dry-run trajectory", poll=0.1)
+    msg = next(m for m in dry if m.points[0].positions[0] == pytest.approx(0.02))
+    assert list(msg.joint_names) == NAMES and len(msg.points[0].velocities) == len(NAMES)
+    assert real == []
+
+
+def test_camera_node_publishes_video_frames_and_camera_info(ros, tmp_path):
+    from vla_ros.camera_node import CameraNode
+    from vla_ros.params import ParamError
+
+    add, probe = ros
+    video = tmp_path / "scene.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24))
+    for i in range(5):
+        writer.write(np.full((24, 32, 3), (0, 0, 40 * i), np.uint8))  # BGR: red rises
+    writer.release()
+    cal = tmp_path / "cam.yaml"
+    cal.write_text("image_width: 32\nimage_height: 24\ncamera_name: test\n"
+                   "camera_matrix: {rows: 3, cols: 3, data: [30, 0, 16, 0, 30, 12, 0, 0, 1]}\n"
+                   "distortion_model: plumb_bob\ndistortion_coefficients: {rows: 1, cols: 5, data: [0, 0, 0, 0, 0]}\n")
+    images = probe.collect(Image, "/test_cam/color/image_raw", topics.SENSOR_QOS)
+    infos = probe.collect(CameraInfo, "/test_cam/color/camera_info", topics.SENSOR_QOS)
+    add(CameraNode("camera", parameter_overrides=params(device=str(video), calibration=str(cal),
+                                                         image_topic="/test_cam/color/image_raw", loop=True, fps=20.0)))
+    wait_for(lambda: images and infos, 20, "camera frames")
+    img, info = images[-1], infos[-1]
+    assert (img.encoding, img.width, img.height) == ("rgb8", 32, 24)
+    rgb = np.frombuffer(bytes(img.data), np.uint8).reshape(24, 32, 3)
+    assert rgb[..., 0].mean() >= rgb[..., 2].mean()  # BGR from OpenCV became RGB
+    assert list(info.k)[:3] == [30.0, 0.0, 16.0]
+    with pytest.raises(ParamError, match="cannot open"):
+        CameraNode("camera_bad", parameter_overrides=params(device=str(tmp_path / "missing.avi")))
+
+
+def test_calibration_capture_writes_samples_json(ros, tmp_path):
+    from vla_ros.capture_node import CaptureNode
+
+    add, probe = ros
+    out = tmp_path / "capture"
+    board = tmp_path / "board.yaml"
+    board.write_text("type: charuco\nsquares: [5, 7]\nsquare_length: 0.04\n")
+    add(CaptureNode("calibration_capture", parameter_overrides=params(out_dir=str(out), board=str(board),
+                                                                      max_skew_s=0.5)))
+    img_pub = probe.node.create_publisher(Image, "/camera/camera/color/image_raw", topics.SENSOR_QOS)
+    js_pub = probe.node.create_publisher(JointState, topics.JOINT_STATES, 10)
+
+    def publish() -> None:
+        js = joint_state(probe)
+        img_pub.publish(rgb_to_image(np.full((8, 8, 3), 200, np.uint8), js.header.stamp, "cam"))
+        js_pub.publish(js)
+
+    probe.node.create_timer(0.05, publish)
+    for _ in range(2):
+        wait_for(lambda: probe.call(Trigger, "/calibration_capture/capture").success, 20, "a capture")
+    doc = json.loads((out / "samples.json").read_text())
+    assert set(doc) == {"board", "intrinsics", "samples"} and doc["intrinsics"] == "camera.yaml"
+    assert doc["board"]["type"] == "charuco" and [s["image"] for s in doc["samples"]] == ["img_000.png", "img_001.png"]
+    s = doc["samples"][0]
+    assert set(s) == {"image", "joint_positions", "stamp"} and list(s["joint_positions"]) == list(PANDA_ARM)
+    assert s["joint_positions"]["panda_joint2"] == pytest.approx(0.39)
+    assert cv2.imread(str(out / "img_001.png")).shape == (8, 8, 3)
+
+
+def test_teleop_jogs_only_while_it_has_control(ros):
+    from vla_ros.teleop_node import TeleopNode
+
+    add, probe = ros
+    node = add(TeleopNode("teleop", parameter_overrides=params(console=False, joint_step=0.03)))
+    cmds = probe.collect(JointState, topics.TELEOP_COMMAND, topics.COMMAND_QOS)
+    start_joint_states(probe)
+    src = probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
+    src.publish(String(data="policy"))
+    wait_for(lambda: node.joints.get() is not None, 20, "joint states at the teleop node")
+    node.key("+")
+    src.publish(String(data="teleop"))
+    wait_for(lambda: node.active, 10, "teleop in control")
+    assert cmds == []  # the key pressed while the policy had control did nothing
+    node.key("2")
+    node.key("+")
+    wait_for(lambda: cmds, 10, "a teleop command")
+    got = dict(zip(cmds[-1].name, cmds[-1].position, strict=True))
+    assert got["panda_joint2"] == pytest.approx(0.39 + 0.03) and got["panda_joint1"] == pytest.approx(0.0)
+    node.key("z")
+    wait_for(lambda: len(cmds) >= 2, 10, "a Cartesian jog")
+
+
+def test_eval_manager_services_journal_and_redo(ros, tmp_path):
+    from vla_ros.eval_manager_node import EvalManagerNode
+
+    add, probe = ros
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push\ncount: 2\nseed_start: 40\n")
+    states = probe.collect(String, topics.EVAL_STATE, topics.LATCHED_QOS)
+    sources = probe.collect(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
+    trials = probe.collect(String, topics.EVAL_TRIAL, topics.LATCHED_QOS)
+    add(EvalManagerNode("eval_manager", parameter_overrides=params(
+        plan=str(plan), results_dir=str(tmp_path / "out"), console=False, trial_timeout_s=60.0, ready_s=0.1)))
+
+    def state() -> str:
+        return json.loads(states[-1].data)["state"] if states else ""
+
+    wait_for(lambda: state() == "RESET", 20, "RESET")
+    assert json.loads(trials[-1].data) == {"index": 0, "seed": 40, "instruction": "push"}
+    assert not probe.call(Trigger, "/eval_manager/success").success  # nothing to judge yet
+    assert probe.call(Trigger, "/eval_manager/start").success
+    wait_for(lambda: state() == "RUNNING", 20, "RUNNING")
+    assert probe.call(Trigger, "/eval_manager/success").success
+    wait_for(lambda: state() == "RESET" and json.loads(states[-1].data)["plan_index"] == 1, 20, "next trial")
+    assert probe.call(Trigger, "/eval_manager/redo").success
+    assert probe.call(Trigger, "/eval_manager/quit").success
+    wait_for(lambda: state() == "DONE", 20, "DONE")
+    events = [json.loads(line) for line in (tmp_path / "out" / "journal.jsonl").read_text().splitlines()]
+    assert [(e["event"], e.get("outcome")) for e in events] == [("start", None), ("end", "success"), ("redo", None)]
+    assert events[1]["episode"] is None  # no policy ran, so there was nothing to record
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["judged"] == 0
+    seen = [m.data for m in sources]
+    i = seen.index("policy")  # teleop for the reset, hold while READY, policy, hold to judge; hold when done
+    assert "teleop" in seen[:i] and seen[i - 1] == "hold" and seen[i + 1] == "hold" and seen[-1] == "hold"
