@@ -35,7 +35,7 @@ def cmd_demos(a: argparse.Namespace) -> int:
     from sim_trainer.envs.spec import EnvConfig
 
     cfg = EnvConfig(task=a.task, obs_mode=a.obs_mode, control_mode=a.control_mode, image_size=a.image_size,
-                    cameras=_camera_overrides(a.camera_config)).validate()
+                    cameras=_camera_overrides(a.camera_config), domain=a.domain).validate()
     counts = generate_demos(cfg, a.num, a.out, seed_start=a.seed_start, workers=a.workers)
     print(f"wrote {counts['kept']} demos to {a.out} ({counts['plan_failed']} failed plans, "
           f"{counts['conversion_failed']} failed conversions, {counts['attempts']} seeds tried)")
@@ -109,7 +109,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     env_cfg = EnvConfig(task=task, obs_mode=spec.obs_mode, control_mode=spec.control_mode,
                         image_size=spec.cameras[0].height if spec.cameras else 64,
                         sim_backend=a.sim_backend, max_episode_steps=a.max_steps,
-                        cameras=_camera_overrides(a.camera_config)).validate()
+                        cameras=_camera_overrides(a.camera_config), domain=getattr(a, "domain", None)).validate()
     result = evaluate(policy, env_cfg, a.episodes, a.envs, seed_start=a.seed_start)
     paths = write_report(result, a.out, str(a.ckpt or a.export), spec.control_hz)
     print(format_table(result.summary()))
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--control-mode", default="pd_joint_delta_pos", choices=CONTROL_MODES)
     d.add_argument("--image-size", type=int, default=64, help="policy image resolution (square)")
     d.add_argument("--camera-config", help="YAML of camera overrides (pose, intrinsic, size), e.g. from calibrate")
+    d.add_argument("--domain", help="shifted domain: 'real_proxy' (built-in) or a domain YAML; the episodes are "
+                                    "labelled real-proxy (see docs/domains.md)")
     d.add_argument("--seed-start", type=int, default=0, help="first env seed; seeds are tried in order")
     d.add_argument("--workers", type=int, default=1, help="parallel planner processes")
     d.set_defaults(func=cmd_demos)
@@ -244,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-steps", type=int, help="episode horizon (default: the task's)")
     e.add_argument("--sim-backend", default="physx_cpu", choices=("physx_cpu", "physx_cuda"))
     e.add_argument("--camera-config", help="YAML of camera overrides (from calibrate sim-camera)")
+    e.add_argument("--domain", help="evaluate in a shifted domain: 'real_proxy' (built-in) or a domain YAML "
+                                    "(see docs/domains.md)")
     e.add_argument("--device", default="cpu", help="torch device for the policy")
     e.add_argument("--threads", type=int)
     e.set_defaults(func=cmd_eval)

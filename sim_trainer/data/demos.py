@@ -4,6 +4,11 @@ For each seed: (1) the Panda motion planner solves the task in `pd_joint_pos`; (
 replayed with ManiSkill's controller conversion into the policy's control mode (joint deltas or EE
 delta poses) in a second env that renders the policy's observations; (3) the converted episode is kept
 only if it succeeds too. Failed plans and failed conversions are skipped and counted.
+
+In a shifted domain (EnvConfig.domain, e.g. the real-proxy one) all three envs are shifted: the planner
+plans in the shifted physics, and the converter closes its loop through the action latency, so the
+recorded (observation, action) pairs carry the latency and noise as a real robot's recordings would.
+Such episodes are labelled source "real-proxy".
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from tqdm import tqdm
 
 from sim_trainer.data.episodes import Episode, EpisodeWriter
 from sim_trainer.envs.adapter import adapt
+from sim_trainer.envs.domain import load_domain
 from sim_trainer.envs.make import make_maniskill_env, spec_from_env
 from sim_trainer.envs.spec import EnvConfig, PolicySpec
 from sim_trainer.envs.tasks import get_task
@@ -109,6 +115,10 @@ def plan_and_convert(cfg: EnvConfig, seed: int) -> DemoResult:
         return DemoResult(seed, False, "conversion failed")
     # Keep a few steps after the first success so the policy also learns to settle.
     end = min(len(rec.actions), rec.success.index(True) + 10)
+    provenance = {"generator": "maniskill-motion-planning", "seed": seed, "planner_steps": len(planned),
+                  "env_config": cfg.to_dict()}
+    if cfg.domain:
+        provenance["domain"] = load_domain(cfg.domain).to_dict()  # the values, in case the YAML changes later
     ep = Episode(
         state=np.stack(rec.states[:end]),
         actions=np.stack(rec.actions[:end]),
@@ -116,12 +126,11 @@ def plan_and_convert(cfg: EnvConfig, seed: int) -> DemoResult:
         instruction=spec.instruction,
         success=True,
         control_hz=spec.control_hz,
-        source="sim",
+        source="real-proxy" if cfg.domain else "sim",
         task=cfg.task,
         control_mode=cfg.control_mode,
         state_layout=spec.state_layout,
-        provenance={"generator": "maniskill-motion-planning", "seed": seed, "planner_steps": len(planned),
-                    "env_config": cfg.to_dict()},
+        provenance=provenance,
         reward=np.asarray(rec.rewards[:end], np.float32),
     )
     return DemoResult(seed, True, episode=ep, spec=spec)

@@ -6,21 +6,21 @@ import gymnasium as gym
 import numpy as np
 
 from sim_trainer.envs.adapter import adapt, state_layout
+from sim_trainer.envs.domain import load_domain, make_shifted_env
 from sim_trainer.envs.spec import CameraSpec, EnvConfig, PolicySpec
 from sim_trainer.envs.tasks import get_task
 
 
 def make_maniskill_env(cfg: EnvConfig, num_envs: int = 1, control_mode: str | None = None,
                        obs_mode: str | None = None, max_episode_steps: int | None = None) -> gym.Env:
-    """The raw ManiSkill env (batched torch observations), configured from cfg."""
+    """The raw ManiSkill env (batched torch observations), configured from cfg (in cfg.domain if one is set)."""
     import mani_skill.envs  # noqa: F401  (registers the tasks)
 
     sensor_configs: dict = {"width": cfg.image_size, "height": cfg.image_size}
     for name, override in cfg.cameras.items():
         sensor_configs[name] = override.to_sensor_config()
     ms_obs_mode = obs_mode or ("rgb" if cfg.obs_mode == "rgb" else "state_dict")
-    return gym.make(
-        cfg.task,
+    kwargs = dict(
         num_envs=num_envs,
         obs_mode=ms_obs_mode,
         control_mode=control_mode or cfg.control_mode,
@@ -30,6 +30,9 @@ def make_maniskill_env(cfg: EnvConfig, num_envs: int = 1, control_mode: str | No
         sensor_configs=sensor_configs,
         max_episode_steps=max_episode_steps or cfg.horizon,
     )
+    if cfg.domain is None:
+        return gym.make(cfg.task, **kwargs)
+    return make_shifted_env(cfg.task, load_domain(cfg.domain), **kwargs)
 
 
 def spec_from_env(cfg: EnvConfig, env: gym.Env, raw_obs: dict) -> PolicySpec:

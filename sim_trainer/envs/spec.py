@@ -126,6 +126,7 @@ class EnvConfig:
     sim_backend: str = "physx_cpu"  # or "physx_cuda" (many envs in one process)
     max_episode_steps: int | None = None  # None: the task's evaluation horizon
     cameras: dict[str, CameraOverride] = field(default_factory=dict)
+    domain: str | None = None  # None: the plain sim; "real_proxy" or a domain YAML (sim_trainer/envs/domain.py)
 
     def validate(self) -> EnvConfig:
         get_task(self.task)
@@ -139,6 +140,10 @@ class EnvConfig:
             raise UserError(f"unknown sim backend {self.sim_backend!r}; use physx_cpu or physx_cuda")
         if self.image_size < 16:
             raise UserError("image_size must be at least 16 pixels")
+        if self.domain is not None:
+            from sim_trainer.envs.domain import load_domain
+
+            load_domain(self.domain)
         return self
 
     @property
