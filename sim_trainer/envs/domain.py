@@ -17,13 +17,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from sim_trainer.errors import UserError
+from sim_trainer.yaml_config import load_yaml_mapping
 
 REAL_PROXY = "real_proxy"  # name of the built-in preset (configs/domain_real_proxy.yaml spells it out)
 _NOISE_SALT = 0x5EA1  # decorrelates the observation noise from the task's own use of the episode seed
@@ -123,17 +123,7 @@ def load_domain(name_or_path: str) -> DomainShift:
     """`real_proxy` (the built-in defaults) or a YAML file of DomainShift fields."""
     if name_or_path == REAL_PROXY:
         return DomainShift()
-    import yaml
-
-    path = Path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise UserError(f"cannot read domain {name_or_path} (a YAML file or {REAL_PROXY!r}): {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"domain {name_or_path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"domain {name_or_path} must be a mapping of field: value")
+    data = load_yaml_mapping(name_or_path, what=f"domain (a YAML file or {REAL_PROXY!r})")
     return DomainShift.from_dict(data, where=f"domain {name_or_path}")
 
 
