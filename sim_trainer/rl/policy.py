@@ -68,8 +68,8 @@ def expand_cache(cache: PrefixCache, n: int) -> PrefixCache:
 
 
 class RLPolicy(nn.Module):
-    def __init__(self, model: FlowVLA, sampler: SamplerSettings, value_input: str = "prefix",
-                 action_low: torch.Tensor | None = None, action_high: torch.Tensor | None = None):
+    def __init__(self, model: FlowVLA, sampler: SamplerSettings, value_input: str, action_low: torch.Tensor,
+                 action_high: torch.Tensor):
         super().__init__()
         self.model, self.sampler, self.value_input = model, sampler, value_input
         cfg = model.cfg
@@ -82,10 +82,8 @@ class RLPolicy(nn.Module):
         else:
             self.noise_head = None
         self.value_head = ValueHead(cfg.d_model)
-        self.register_buffer("action_low", action_low if action_low is not None else torch.full((cfg.action_dim,),
-                                                                                                  -torch.inf))
-        self.register_buffer("action_high", action_high if action_high is not None else torch.full((cfg.action_dim,),
-                                                                                                    torch.inf))
+        self.register_buffer("action_low", action_low)
+        self.register_buffer("action_high", action_high)
         self.register_buffer("grid", time_grid(sampler.num_steps))
 
     # ----- pieces ------------------------------------------------------------------------------------

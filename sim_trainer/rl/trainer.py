@@ -73,10 +73,10 @@ class RLTrainer:
         sampler = SamplerSettings(cfg.noise, cfg.num_steps, cfg.sde_mode, cfg.noise_level, cfg.std_min, cfg.std_max)
         self.policy = RLPolicy(model, sampler, cfg.value_input, torch.tensor(self.spec.action_low),
                                torch.tensor(self.spec.action_high))
-        # the policy lives where the simulator's tensors do
-        self.device = self.world.comm_device if cfg.sim_backend == "physx_cuda" else torch.device("cpu")
-        if cfg.sim_backend == "physx_cuda" and self.device.type != "cuda":
-            self.device = torch.device("cuda")
+        # the policy lives where the simulator's tensors do: this rank's GPU with physx_cuda
+        self.device = torch.device("cpu")
+        if cfg.sim_backend == "physx_cuda":
+            self.device = self.world.comm_device if self.world.comm_device.type == "cuda" else torch.device("cuda")
         self.policy.to(self.device)
         _set_trainable(self.policy, cfg)
         self.world.broadcast_parameters(self.policy)
@@ -189,15 +189,16 @@ class RLTrainer:
             t_roll = time.perf_counter() - t0
             self.policy.train()
             metrics = self.learner.learn(rollout, gen, self.update)
-            metrics["rank_param_spread"] = self._param_spread()
             self.update += 1
             self.env_steps += rollout.env_steps * world.size
             eps = rollout.episodes
             local = torch.tensor([len(eps), sum(e.success_once for e in eps), sum(e.success_at_end for e in eps),
                                   sum(e.ret for e in eps), float(rollout.env_steps) / t_roll])
             tot = world.sum(local)
-            metrics = {k: float(world.mean(torch.tensor([v]))) for k, v in metrics.items()}
-            metrics |= {"env_steps_per_s": float(tot[4]), "rollout_s": t_roll, "episodes": float(tot[0])}
+            means = world.mean(torch.tensor(list(metrics.values()), dtype=torch.float64))  # one collective
+            metrics = dict(zip(metrics, means.tolist(), strict=True))
+            metrics |= {"rank_param_spread": self._param_spread(), "env_steps_per_s": float(tot[4]),
+                        "rollout_s": t_roll, "episodes": float(tot[0])}
             if tot[0] > 0:
                 metrics |= {"train_success_once": float(tot[1] / tot[0]),
                             "train_success_at_end": float(tot[2] / tot[0]), "train_return": float(tot[3] / tot[0])}
