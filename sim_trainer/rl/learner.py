@@ -32,7 +32,7 @@ def flatten(r: Rollout) -> dict:
         return x.reshape(-1, *x.shape[2:])
 
     return {"states": f(r.states), "images": {k: f(v) for k, v in r.images.items()}, "chains": f(r.chains),
-            "stochastic": f(r.stochastic), "log_probs": f(r.log_probs), "values": f(r.values)}
+            "stochastic": f(r.stochastic), "log_probs": f(r.log_probs)}
 
 
 def select_obs(batch: dict, idx: torch.Tensor) -> dict:
