@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Sim-real co-training (RL-Co) with the real-proxy domain standing in for the real robot (state observations).
 
-Arms, all from the same demos and seeds:
+Arms, for each number N of real-proxy demos, all from the same demos and seeds:
 1. real-only SFT      : SFT on N real-proxy demos
 2. mixed SFT          : SFT on sim demos + N real-proxy demos (ratio --mix)
 3. mixed SFT -> RL    : PPO + Flow-Noise in sim from (2), no anchor
-4. RL-Co              : the same RL with the flow-matching anchor on the N real-proxy demos (beta --beta)
+4. RL-Co (beta b)     : the same RL with the flow-matching anchor on the N real-proxy demos, one arm per --betas
 Each is evaluated on held-out seeds in the real-proxy domain and in sim (Wilson 95%). Real-proxy envs are never
-used for RL rollouts. Prints a Markdown table; writes OUT/results.json.
+used for RL rollouts. The demos for a smaller N are a prefix of those for a larger N (same seed range), so the
+data-efficiency curve compares nested datasets. Finished arms are reused; prints Markdown tables, writes
+OUT/results.json and OUT/data_efficiency.png.
 """
 
 from __future__ import annotations
@@ -21,42 +23,32 @@ from pathlib import Path
 
 from common import command_line, machine_info
 
+DOMAINS = ("real_proxy", "sim")
+
 
 def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "sim_trainer.cli", *args], check=True)
 
 
-def evaluate(ckpt: Path, domain: str | None, episodes: int, out: Path) -> dict:
-    extra = ["--domain", domain] if domain else []
-    cli("eval", "--ckpt", str(ckpt), "--episodes", str(episodes), "--envs", "2", "--threads", "1", "--out", str(out),
-        *extra)
+def evaluate(ckpt: Path, domain: str, episodes: int, out: Path) -> dict:
+    if not (out / "eval.json").exists():
+        extra = ["--domain", domain] if domain != "sim" else []
+        cli("eval", "--ckpt", str(ckpt), "--episodes", str(episodes), "--envs", "2", "--threads", "1",
+            "--out", str(out), *extra)
     return json.loads((out / "eval.json").read_text())["summary"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="PushCube-v1")
-    p.add_argument("--sim-data", default="data/pushcube_state20", help="sim demos (state observations)")
-    p.add_argument("--real", type=int, default=10, help="number of real-proxy demos N")
-    p.add_argument("--real-seed-start", type=int, default=500, help="real-proxy demo seeds (disjoint from sim's)")
-    p.add_argument("--mix", type=float, nargs=2, default=(0.5, 0.5), help="sim, real sampling ratio for mixed SFT")
-    p.add_argument("--sft-steps", type=int, default=2000)
-    p.add_argument("--rl-preset", default="configs/rl_pushcube_state_cpu.yaml")
-    p.add_argument("--rl-budget", type=int, default=60_000)
-    p.add_argument("--beta", type=float, default=0.2)
-    p.add_argument("--episodes", type=int, default=100)
-    p.add_argument("--out", default="outputs/bench_rlco")
-    a = p.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    real = out / f"real_proxy_demos_{a.real}"
+def train_arms(a: argparse.Namespace, n: int, out: Path) -> dict[str, Path]:
+    """Train (or reuse) every arm for N real-proxy demos; returns arm name -> checkpoint dir."""
+    real = out / f"real_proxy_demos_{n}"
     if not real.exists():
-        cli("demos", "--task", a.task, "-n", str(a.real), "--obs-mode", "state", "--domain", "real_proxy",
+        cli("demos", "--task", a.task, "-n", str(n), "--obs-mode", "state", "--domain", "real_proxy",
             "--seed-start", str(a.real_seed_start), "--out", str(real))
     sft = ["--size", "small", "--steps", str(a.sft_steps), "--horizon", "16", "--exec-steps", "8",
            "--num-steps", "4", "--threads", "1"]
     arms = {"real_only_sft": out / "real_only_sft", "mixed_sft": out / "mixed_sft",
-            "mixed_sft_rl": out / "mixed_sft_rl", "rl_co": out / "rl_co"}
+            "mixed_sft_rl": out / "mixed_sft_rl"}
+    arms |= {f"rl_co_beta{b:g}": out / f"rl_co_beta{b:g}" for b in a.betas}
     if not (arms["real_only_sft"] / "config.json").exists():
         cli("sft", "--data", str(real), "--out", str(arms["real_only_sft"]), *sft)
     if not (arms["mixed_sft"] / "config.json").exists():
@@ -66,25 +58,82 @@ def main() -> None:
           "--threads", "1"]
     if not (arms["mixed_sft_rl"] / "rl_state.json").exists():
         cli(*rl, "--out", str(arms["mixed_sft_rl"]))
-    if not (arms["rl_co"] / "rl_state.json").exists():
-        cli(*rl, "--out", str(arms["rl_co"]), "--cotrain-data", str(real), "--cotrain-weight", str(a.beta))
+    for b in a.betas:
+        if not (arms[f"rl_co_beta{b:g}"] / "rl_state.json").exists():
+            cli(*rl, "--out", str(arms[f"rl_co_beta{b:g}"]), "--cotrain-data", str(real),
+                "--cotrain-weight", str(b))
+    return arms
+
+
+def pct(s: dict) -> str:
+    lo, hi = s["success_once_wilson95"]
+    return f"{100 * s['success_once']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Success vs N, one panel per domain, one line per arm, Wilson intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = sorted(results["by_n"], key=int)
+    arms = list(results["by_n"][ns[0]])
+    fig, axes = plt.subplots(1, len(DOMAINS), figsize=(11, 4.2), sharey=True)
+    for ax, domain in zip(axes, DOMAINS, strict=True):
+        for i, arm in enumerate(arms):
+            have = [n for n in ns if arm in results["by_n"][n]]
+            xs = [int(n) * (1 + 0.015 * (i - len(arms) / 2)) for n in have]  # small offsets keep bars apart
+            ys, lo, hi = [], [], []
+            for n in have:
+                cell = results["by_n"][n][arm][domain]
+                ys.append(100 * cell["success_once"])
+                lo.append(ys[-1] - 100 * cell["success_once_wilson95"][0])
+                hi.append(100 * cell["success_once_wilson95"][1] - ys[-1])
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=arm.replace("_", " "))
+        ax.set_xscale("log")
+        ax.set_xticks([int(n) for n in ns], [str(n) for n in ns])
+        ax.set_xlabel("real-proxy demos N")
+        ax.set_title(f"success in {domain.replace('_', '-')} ({results['args']['episodes']} episodes, Wilson 95%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("success %")
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="PushCube-v1")
+    p.add_argument("--sim-data", default="data/pushcube_state20", help="sim demos (state observations)")
+    p.add_argument("--real", type=int, nargs="+", default=[10], help="numbers of real-proxy demos N (a sweep)")
+    p.add_argument("--real-seed-start", type=int, default=500, help="real-proxy demo seeds (disjoint from sim's)")
+    p.add_argument("--mix", type=float, nargs=2, default=(0.5, 0.5), help="sim, real sampling ratio for mixed SFT")
+    p.add_argument("--sft-steps", type=int, default=2000)
+    p.add_argument("--rl-preset", default="configs/rl_pushcube_state_cpu.yaml")
+    p.add_argument("--rl-budget", type=int, default=60_000)
+    p.add_argument("--betas", type=float, nargs="+", default=[0.2], help="RL-Co anchor weights, one arm each")
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--out", default="outputs/bench_rlco")
+    a = p.parse_args()
+    out = Path(a.out)
     results = {"machine": machine_info(), "command": command_line(), "date": datetime.date.today().isoformat(),
-               "args": vars(a), "arms": {}}
-    for name, ckpt in arms.items():
-        results["arms"][name] = {
-            "real_proxy": evaluate(ckpt, "real_proxy", a.episodes, out / f"eval_{name}_real_proxy"),
-            "sim": evaluate(ckpt, None, a.episodes, out / f"eval_{name}_sim"),
-        }
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+               "args": vars(a), "by_n": {}}
+    for n in a.real:
+        n_out = out / f"n{n}"
+        n_out.mkdir(parents=True, exist_ok=True)
+        arms = train_arms(a, n, n_out)
+        cells = results["by_n"].setdefault(str(n), {})
+        for name, ckpt in arms.items():
+            cells[name] = {d: evaluate(ckpt, d, a.episodes, n_out / f"eval_{name}_{d}") for d in DOMAINS}
+            (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    plot(results, out / "data_efficiency.png")
 
-    def pct(s: dict) -> str:
-        lo, hi = s["success_once_wilson95"]
-        return f"{100 * s['success_once']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
-
-    print(f"| arm (N={a.real} real-proxy demos) | real-proxy success | sim success |")
-    print("|---|---:|---:|")
-    for name, r in results["arms"].items():
-        print(f"| {name} | {pct(r['real_proxy'])} | {pct(r['sim'])} |")
+    for n, cells in sorted(results["by_n"].items(), key=lambda kv: int(kv[0])):
+        print(f"\n| arm (N={n} real-proxy demos) | real-proxy success | sim success |")
+        print("|---|---:|---:|")
+        for name, r in cells.items():
+            print(f"| {name} | {pct(r['real_proxy'])} | {pct(r['sim'])} |")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ chunk. The client (this process) and each echo server (its own process, multipro
 Paths, measured in the same run, interleaved in rounds (the order rotates every round; each figure is the median
 over rounds of the per-round statistic):
 
-- ours:      policy_runtime.protocol over ZeroMQ DEALER -> ROUTER (tcp). The client encodes a real `infer` request
-             (protocol.encode(infer_request(...))) and decodes the reply with protocol.parse_reply; the server loop
-             decodes and validates the request with protocol.parse_request against a 2-camera contract and answers
-             an `actions` reply (request_id, timing, and the fixed chunk, pre-packed as ExtType 1).
+- ours:      policy_runtime.protocol (version 2) over ZeroMQ DEALER -> ROUTER (tcp). The client encodes a real
+             `infer` request with protocol.encode_frames (msgpack header; each image an attached frame sent without
+             a copy, as PolicyClient does) and decodes the reply with protocol.parse_reply; the server loop receives
+             without copying, decodes and validates the request with protocol.parse_request against a 2-camera
+             contract and answers an `actions` reply (request_id, timing, the fixed chunk pre-packed as ExtType 1).
+- ours-v1:   the same with protocol version 1 framing: one msgpack frame, images inline as ExtType 1.
 - websocket: an openpi-style baseline written here: a `websockets` asyncio server (compression off, no size cap,
              metadata sent on connect), the sync `websockets` client, msgpack with numpy arrays as
              {__ndarray__, data, dtype, shape} maps; same arrays and instruction, the same fixed chunk as reply.
@@ -56,6 +58,7 @@ from policy_runtime.protocol import (
     Timing,
     actions_reply,
     encode,
+    encode_frames,
     error_reply,
     infer_request,
     pack_ndarray,
@@ -68,7 +71,7 @@ OPENPI_IMAGE_KEYS = ("observation/image", "observation/wrist_image")
 IMAGE_SIZE, STATE_DIM, HORIZON, ACTION_DIM = 224, 9, 16, 8
 INSTRUCTION = "pick up the red cube and move it to the goal"
 P50_TARGET_MS, RATIO_TARGET = 0.5, 0.6
-PATHS = ("ours", "websocket", "server")
+PATHS = ("ours", "ours-v1", "websocket", "server")
 SERVER_START_TIMEOUT_S = 60.0
 
 
@@ -150,21 +153,22 @@ def serve_ours(conn, stop) -> None:
                 continue
             for _ in range(256):  # bounded drain
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 t_recv, t0 = time.time(), time.perf_counter()
+                envelope = [frames[0].bytes]
                 try:
-                    req = parse_request(frames[-1], contract, limits)
+                    req = parse_request(frames[1].buffer, contract, limits, [f.buffer for f in frames[2:]])
                     if not isinstance(req, InferRequest):
                         raise ProtocolError(UNKNOWN_KIND, "this echo server answers infer only")
                 except ProtocolError as e:
-                    sock.send_multipart([*frames[:-1], encode(error_reply(e.code, e.message, e.request_id))])
+                    sock.send_multipart([*envelope, encode(error_reply(e.code, e.message, e.request_id))])
                     continue
                 decode_ms = (time.perf_counter() - t0) * 1e3
                 reply = ActionsReply(req.request_id, chunk, "echo", req.t_capture, True, 0,
                                      Timing(0.0, decode_ms, 0.0, 0.0, t_recv, time.time(), 1))
-                sock.send_multipart([*frames[:-1], encode(actions_reply(reply, packed))])
+                sock.send_multipart([*envelope, encode(actions_reply(reply, packed))])
     except Exception as e:  # report instead of leaving the parent waiting
         conn.send(f"ERROR: {type(e).__name__}: {e}")
     finally:
@@ -242,11 +246,13 @@ def serve_policy_server(conn, stop) -> None:
             server.stop()
 
 
-SERVERS = {"ours": serve_ours, "websocket": serve_websocket, "server": serve_policy_server}
+SERVERS = {"ours": serve_ours, "ours-v1": serve_ours, "websocket": serve_websocket, "server": serve_policy_server}
 
 
 # ----- clients (this process) ---------------------------------------------------------------------------------------
 class OursClient:
+    multipart = True  # protocol 2 framing; OursV1Client sends one frame
+
     def __init__(self, endpoint: str, timeout_s: float):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -258,23 +264,33 @@ class OursClient:
     def request(self, images: dict[str, np.ndarray], state: np.ndarray) -> float:
         self.rid += 1
         t0 = time.perf_counter()
-        self.sock.send(encode(infer_request(self.rid, images, state, time.time(), INSTRUCTION)))
+        msg = infer_request(self.rid, images, state, time.time(), INSTRUCTION)
+        if self.multipart:
+            self.sock.send_multipart(encode_frames(msg), copy=False)
+        else:
+            self.sock.send(encode(msg))
         if not self.sock.poll(self.timeout_ms, zmq.POLLIN):
             raise TimeoutError(f"ours: no reply within {self.timeout_ms} ms")
-        reply = parse_reply(self.sock.recv())
+        header, *attached = self.sock.recv_multipart()
+        reply = parse_reply(header, Limits(), attached)
         dt = time.perf_counter() - t0
         if not isinstance(reply, ActionsReply) or reply.request_id != self.rid:
             raise RuntimeError(f"ours: unexpected reply {reply!r:.200}")
         return dt
 
     def sizes(self, images: dict[str, np.ndarray], state: np.ndarray) -> tuple[int, int]:
-        req = len(encode(infer_request(1, images, state, time.time(), INSTRUCTION)))
+        msg = infer_request(1, images, state, time.time(), INSTRUCTION)
+        req = sum(len(f) for f in encode_frames(msg)) if self.multipart else len(encode(msg))
         reply = ActionsReply(1, fixed_chunk(), "echo", time.time(), True, 0, Timing())
         return req, len(encode(actions_reply(reply, pack_ndarray(fixed_chunk()))))
 
     def close(self) -> None:
         self.sock.close(linger=0)
         self.ctx.term()
+
+
+class OursV1Client(OursClient):
+    multipart = False
 
 
 class WebsocketClient:
@@ -325,13 +341,13 @@ class ServerClient:
     def sizes(self, images: dict[str, np.ndarray], state: np.ndarray) -> tuple[int, int]:
         req = infer_request(1, images, state, time.time(), INSTRUCTION, timeout_ms=self.client.timeout_ms)
         reply = ActionsReply(1, fixed_chunk(), "0" * 16, time.time(), True, 0, Timing())
-        return len(encode(req)), len(encode(actions_reply(reply, pack_ndarray(fixed_chunk()))))
+        return sum(len(f) for f in encode_frames(req)), len(encode(actions_reply(reply, pack_ndarray(fixed_chunk()))))
 
     def close(self) -> None:
         self.client.close()
 
 
-CLIENTS = {"ours": OursClient, "websocket": WebsocketClient, "server": ServerClient}
+CLIENTS = {"ours": OursClient, "ours-v1": OursV1Client, "websocket": WebsocketClient, "server": ServerClient}
 
 
 # ----- measurement --------------------------------------------------------------------------------------------------
@@ -365,6 +381,7 @@ def codec_costs(observations, reps: int) -> list[dict]:
     contract, chunk = echo_contract(), fixed_chunk()
     packed = pack_ndarray(chunk)
     ours_req = encode(infer_request(1, images, state, 1.0, INSTRUCTION))
+    v2_header, *v2_attached = encode_frames(infer_request(1, images, state, 1.0, INSTRUCTION))
 
     def ours_reply() -> bytes:
         r = ActionsReply(1, chunk, "echo", 1.0, True, 0, Timing(0.0, 0.1, 0.0, 0.0, 1.0, 1.0, 1))
@@ -374,7 +391,12 @@ def codec_costs(observations, reps: int) -> list[dict]:
     ws_req, ws_rep_obj = ws_pack(ws_observation(images, state)), {"actions": chunk, "server_timing": {"infer_ms": 0.0}}
     ws_rep = ws_pack(ws_rep_obj)
     rows = [
-        {"encoding": "ours (protocol.py, ExtType 1)",
+        {"encoding": "ours (protocol 2: header + attached frames)",
+         "client_encode_us": median_us(lambda: encode_frames(infer_request(1, images, state, 1.0, INSTRUCTION))),
+         "server_decode_us": median_us(lambda: parse_request(v2_header, contract, Limits(), v2_attached)),
+         "server_encode_us": median_us(ours_reply),
+         "client_decode_us": median_us(lambda: parse_reply(ours_rep))},
+        {"encoding": "ours v1 (one frame, ExtType 1)",
          "client_encode_us": median_us(lambda: encode(infer_request(1, images, state, 1.0, INSTRUCTION))),
          "server_decode_us": median_us(lambda: parse_request(ours_req, contract)),
          "server_encode_us": median_us(ours_reply),

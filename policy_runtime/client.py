@@ -28,7 +28,7 @@ from policy_runtime.protocol import (
     Limits,
     PongReply,
     ProtocolError,
-    encode,
+    encode_frames,
     hello_request,
     infer_request,
     parse_reply,
@@ -250,7 +250,8 @@ class PolicyClient:
         self.stats.requests += 1
         deadline = time.monotonic() + timeout_ms / 1e3
         try:
-            sock.send(encode(msg), zmq.NOBLOCK)
+            # Images go as attached frames without a copy; infer() holds them until the reply or the timeout.
+            sock.send_multipart(encode_frames(msg), zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self._timed_out()
             raise Timeout(f"cannot send to {self.endpoint} (send queue full)") from None
@@ -261,9 +262,9 @@ class PolicyClient:
                     continue
                 self._timed_out()
                 raise Timeout(f"no reply from {self.endpoint} within {timeout_ms:.0f} ms")
-            data = sock.recv_multipart()[-1]
+            header, *attached = sock.recv_multipart()
             try:
-                reply = parse_reply(data, self.limits)
+                reply = parse_reply(header, self.limits, attached)
             except ProtocolError as e:
                 raise BadReply(f"unreadable reply from {self.endpoint}: {e}") from None
             if reply.request_id is not None and reply.request_id != rid:

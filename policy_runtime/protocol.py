@@ -1,24 +1,31 @@
 """The wire format (contract 4): the single definition used by the server, the client and docs/protocol.md.
 
-Every ZeroMQ message is one msgpack map with a `kind`. numpy arrays travel as msgpack ExtType
-code 1 with a fixed binary header (dtype string, shape, raw little-endian C-order bytes); pickle is
-never used. Decoding treats every byte as hostile: anything malformed raises `ProtocolError` with a
-specific error code, which the server turns into an `error` reply instead of dying.
+Every ZeroMQ message is one msgpack map with a `kind` (the header frame), optionally followed by
+attached frames. numpy arrays travel either inline as msgpack ExtType code 1 (a fixed binary header:
+dtype string, shape, then raw little-endian C-order bytes) or, when large, as ExtType code 2 in the
+header (the same dtype and shape, plus the index of an attached frame holding the raw bytes), so camera
+images go out without being copied into the msgpack buffer; pickle is never used. Decoding treats every
+byte as hostile: anything malformed raises `ProtocolError` with a specific error code, which the server
+turns into an `error` reply instead of dying.
 """
 
 from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # a v1 message is a v2 message without attached frames, so the server speaks both
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: exposing the server is an explicit choice
-NDARRAY_EXT = 1
+NDARRAY_EXT = 1        # array inline in the header
+FRAME_NDARRAY_EXT = 2  # array whose bytes are an attached frame (protocol 2)
+INLINE_MAX_BYTES = 1024  # arrays larger than this (camera images) are sent as attached frames
 MAX_NDIM = 32
 UINT64_MAX = 2**64 - 1
 SEED_MAX = 2**63 - 1
@@ -28,7 +35,7 @@ SEED_MAX = 2**63 - 1
 ALLOWED_DTYPES = ("|b1", "|u1", "|i1", "<u2", "<i2", "<f2", "<u4", "<i4", "<f4", "<u8", "<i8", "<f8")
 
 # ----- error codes (the `code` field of an `error` reply) --------------------------------------------------------
-BAD_FRAME = "bad_frame"                  # ZeroMQ envelope not [payload] / ["", payload]
+BAD_FRAME = "bad_frame"                  # bad ZeroMQ envelope, or attached frames not referenced exactly once
 MESSAGE_TOO_LARGE = "message_too_large"  # payload over the server's message cap
 BAD_MSGPACK = "bad_msgpack"              # payload is not one valid msgpack object
 BAD_MESSAGE = "bad_message"              # not a map, or no string `kind`
@@ -72,29 +79,39 @@ class Limits:
     max_message_bytes: int = 64 << 20
     max_array_bytes: int = 16 << 20
     max_items: int = 4096  # longest msgpack array/map accepted
+    max_frames: int = 64   # attached frames per message
 
 
 # ----- ndarray <-> ExtType ------------------------------------------------------------------------------------------
-def pack_ndarray(a: np.ndarray) -> msgpack.ExtType:
-    """ExtType(1, u8 len | dtype str | u8 ndim | ndim x u64le dims | raw C-order little-endian bytes)."""
+def _wire_array(a: Any) -> np.ndarray:
+    """A little-endian, C-contiguous array of an allowed dtype (what goes on the wire), or TypeError."""
     a = np.asarray(a)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
-    dt = a.dtype.str
-    if dt not in ALLOWED_DTYPES:
+    if a.dtype.str not in ALLOWED_DTYPES:
         raise TypeError(f"dtype {a.dtype} cannot be sent (allowed: {', '.join(ALLOWED_DTYPES)})")
     if a.ndim > MAX_NDIM:
         raise TypeError(f"{a.ndim} dimensions; at most {MAX_NDIM}")
-    head = bytes([len(dt)]) + dt.encode("ascii") + bytes([a.ndim]) + struct.pack(f"<{a.ndim}Q", *a.shape)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (ascontiguousarray makes 0-d arrays 1-d)
+
+
+def _array_head(a: np.ndarray) -> bytes:
+    """u8 len | dtype str | u8 ndim | ndim x u64le dims: the header both array ext types start with."""
+    dt = a.dtype.str
+    return bytes([len(dt)]) + dt.encode("ascii") + bytes([a.ndim]) + struct.pack(f"<{a.ndim}Q", *a.shape)
+
+
+def pack_ndarray(a: np.ndarray) -> msgpack.ExtType:
+    """ExtType(1, array head | raw C-order little-endian bytes)."""
+    a = _wire_array(a)
     # One copy: join the header with a view of the array (tobytes() + concatenation copied twice, and the
     # large temporaries made encode 10x slower than the copy itself).
-    body = memoryview(np.ascontiguousarray(a)).cast("B") if a.size else b""
-    return msgpack.ExtType(NDARRAY_EXT, b"".join((head, body)))
+    body = memoryview(a).cast("B") if a.size else b""
+    return msgpack.ExtType(NDARRAY_EXT, b"".join((_array_head(a), body)))
 
 
-def unpack_ndarray(data: bytes, max_bytes: int) -> np.ndarray:
-    """Inverse of pack_ndarray; a read-only zero-copy view. Raises ProtocolError on anything malformed."""
-    view = memoryview(data)
+def _parse_head(view: memoryview) -> tuple[np.dtype, tuple[int, ...], int]:
+    """dtype, shape and header length of an array ext payload (ProtocolError if malformed)."""
     if len(view) < 2:
         raise ProtocolError(BAD_ARRAY, "ndarray header truncated")
     n = view[0]
@@ -109,15 +126,27 @@ def unpack_ndarray(data: bytes, max_bytes: int) -> np.ndarray:
         raise ProtocolError(BAD_ARRAY, f"{ndim} dimensions; at most {MAX_NDIM}")
     if len(view) < off + 8 * ndim:
         raise ProtocolError(BAD_ARRAY, "ndarray shape truncated")
-    shape = struct.unpack_from(f"<{ndim}Q", view, off)
-    off += 8 * ndim
-    dtype = np.dtype(dt)
+    return np.dtype(dt), struct.unpack_from(f"<{ndim}Q", view, off), off + 8 * ndim
+
+
+def _array_view(buf: memoryview, off: int, dtype: np.dtype, shape: tuple[int, ...], max_bytes: int) -> np.ndarray:
+    """A read-only zero-copy array over buf[off:], whose length must match the shape exactly."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > max_bytes:
-        raise ProtocolError(ARRAY_TOO_LARGE, f"array of shape {list(shape)} {dt} is {nbytes} bytes; cap {max_bytes}")
-    if len(view) - off != nbytes:
-        raise ProtocolError(BAD_ARRAY, f"shape {list(shape)} {dt} needs {nbytes} bytes, got {len(view) - off}")
-    return np.frombuffer(view, dtype=dtype, count=math.prod(shape), offset=off).reshape(shape)
+        raise ProtocolError(ARRAY_TOO_LARGE, f"array of shape {list(shape)} {dtype.str} is {nbytes} bytes; cap "
+                            f"{max_bytes}")
+    if len(buf) - off != nbytes:
+        raise ProtocolError(BAD_ARRAY, f"shape {list(shape)} {dtype.str} needs {nbytes} bytes, got {len(buf) - off}")
+    out = np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=off).reshape(shape)
+    out.flags.writeable = False  # received frames may be writable buffers; nobody should edit them in place
+    return out
+
+
+def unpack_ndarray(data: bytes, max_bytes: int) -> np.ndarray:
+    """Inverse of pack_ndarray; a read-only zero-copy view. Raises ProtocolError on anything malformed."""
+    view = memoryview(data)
+    dtype, shape, off = _parse_head(view)
+    return _array_view(view, off, dtype, shape, max_bytes)
 
 
 def _default(obj: Any) -> Any:
@@ -129,29 +158,69 @@ def _default(obj: Any) -> Any:
 
 
 def encode(message: dict) -> bytes:
-    """msgpack bytes of one message (ndarrays become ExtType 1; bin type on; no pickle)."""
+    """msgpack bytes of one single-frame message (ndarrays become ExtType 1; bin type on; no pickle)."""
     return msgpack.packb(message, default=_default, use_bin_type=True)
 
 
-def decode(data: bytes, limits: Limits = Limits()) -> Any:
-    """Decode one msgpack object; any failure is a ProtocolError, never another exception."""
-    if len(data) > limits.max_message_bytes:
-        raise ProtocolError(MESSAGE_TOO_LARGE, f"{len(data)} bytes; cap {limits.max_message_bytes}")
+def encode_frames(message: dict, inline_max_bytes: int = INLINE_MAX_BYTES) -> list[bytes | memoryview]:
+    """[header, *attached]: arrays over inline_max_bytes become ExtType 2 references to attached frames.
+
+    The attached frames are views of the caller's arrays (no copy), so they must not change until sent.
+    """
+    attached: list[bytes | memoryview] = []
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.ndarray) and obj.nbytes > inline_max_bytes:
+            a = _wire_array(obj)
+            attached.append(memoryview(a).cast("B"))
+            return msgpack.ExtType(FRAME_NDARRAY_EXT, _array_head(a) + struct.pack("<I", len(attached) - 1))
+        return _default(obj)
+
+    return [msgpack.packb(message, default=default, use_bin_type=True), *attached]
+
+
+def decode(data: bytes | memoryview, limits: Limits = Limits(), attached: Sequence[Any] = ()) -> Any:
+    """Decode one message (header plus attached frames); any failure is a ProtocolError, never another exception.
+
+    Every attached frame must be referenced by exactly one ExtType 2 array; arrays are zero-copy read-only views.
+    """
+    if len(attached) > limits.max_frames:
+        raise ProtocolError(BAD_FRAME, f"{len(attached)} attached frames; at most {limits.max_frames}")
+    frames = [memoryview(f).cast("B") for f in attached]
+    size = len(data) + sum(len(f) for f in frames)
+    if size > limits.max_message_bytes:
+        raise ProtocolError(MESSAGE_TOO_LARGE, f"{size} bytes; cap {limits.max_message_bytes}")
+    used: set[int] = set()
 
     def ext_hook(code: int, payload: bytes) -> Any:
-        if code != NDARRAY_EXT:
+        if code == NDARRAY_EXT:
+            return unpack_ndarray(payload, limits.max_array_bytes)
+        if code != FRAME_NDARRAY_EXT:
             raise ProtocolError(BAD_ARRAY, f"unknown msgpack ext type {code}")
-        return unpack_ndarray(payload, limits.max_array_bytes)
+        view = memoryview(payload)
+        dtype, shape, off = _parse_head(view)
+        if len(view) != off + 4:
+            raise ProtocolError(BAD_ARRAY, "frame array reference must end with a 4-byte frame index")
+        index = struct.unpack_from("<I", view, off)[0]
+        if index >= len(frames) or index in used:
+            raise ProtocolError(BAD_ARRAY, f"array refers to attached frame {index}, but the message has "
+                                f"{len(frames)} attached frame(s){' and it is already used' if index in used else ''}")
+        used.add(index)
+        return _array_view(frames[index], 0, dtype, shape, limits.max_array_bytes)
 
     try:
-        return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=True, timestamp=0,
-                               max_str_len=limits.max_message_bytes, max_bin_len=limits.max_message_bytes,
-                               max_array_len=limits.max_items, max_map_len=limits.max_items,
-                               max_ext_len=limits.max_message_bytes)
+        msg = msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=True, timestamp=0,
+                              max_str_len=limits.max_message_bytes, max_bin_len=limits.max_message_bytes,
+                              max_array_len=limits.max_items, max_map_len=limits.max_items,
+                              max_ext_len=limits.max_message_bytes)
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises ExtraData, FormatError, StackError, ValueError, TypeError, ...
         raise ProtocolError(BAD_MSGPACK, f"not a valid msgpack message ({type(e).__name__}: {str(e)[:120]})") from None
+    if len(used) != len(frames):
+        raise ProtocolError(BAD_FRAME, f"{len(frames) - len(used)} attached frame(s) not referenced by any array",
+                            _request_id_hint(msg))
+    return msg
 
 
 # ----- field checks ---------------------------------------------------------------------------------------------------
@@ -167,6 +236,12 @@ def _require(msg: dict, key: str, rid: int | None) -> Any:
     if key not in msg:
         raise ProtocolError(MISSING_FIELD, f"field {key!r} is required", rid)
     return msg[key]
+
+
+def _request_id_hint(msg: Any) -> int | None:
+    """The request id of a (possibly invalid) message, when it has a usable one; for error replies."""
+    rid = msg.get("request_id") if isinstance(msg, dict) else None
+    return rid if _is_int(rid) and 0 <= rid <= UINT64_MAX else None
 
 
 def _check_fields(msg: dict, allowed: set[str], rid: int | None) -> None:
@@ -328,13 +403,13 @@ def infer_request(request_id: int, images: dict[str, np.ndarray], state: np.ndar
 Request = HelloRequest | PingRequest | InferRequest
 
 
-def parse_request(data: bytes, contract: Contract, limits: Limits = Limits()) -> Request:
-    """Decode and validate one client message against the contract (raises ProtocolError)."""
-    msg = decode(data, limits)
+def parse_request(data: bytes | memoryview, contract: Contract, limits: Limits = Limits(),
+                  attached: Sequence[Any] = ()) -> Request:
+    """Decode and validate one client message (header and attached frames) against the contract."""
+    msg = decode(data, limits, attached)
     if not isinstance(msg, dict):
         raise ProtocolError(BAD_MESSAGE, f"message must be a map, got {type(msg).__name__}")
-    rid_raw = msg.get("request_id")
-    rid_hint = rid_raw if _is_int(rid_raw) and 0 <= rid_raw <= UINT64_MAX else None
+    rid_hint = _request_id_hint(msg)
     kind = msg.get("kind")
     if not isinstance(kind, str):
         raise ProtocolError(BAD_MESSAGE, "message needs a string field 'kind'", rid_hint)
@@ -344,9 +419,9 @@ def parse_request(data: bytes, contract: Contract, limits: Limits = Limits()) ->
         version = _require(msg, "protocol", rid)
         if not _is_int(version):
             raise ProtocolError(BAD_TYPE, "protocol must be an integer", rid)
-        if version != PROTOCOL_VERSION:
-            raise ProtocolError(UNSUPPORTED_VERSION, f"client speaks protocol {version}, server {PROTOCOL_VERSION}",
-                                rid)
+        if version not in SUPPORTED_VERSIONS:
+            raise ProtocolError(UNSUPPORTED_VERSION, f"client speaks protocol {version}, server "
+                                f"{' or '.join(map(str, SUPPORTED_VERSIONS))}", rid)
         client = msg.get("client", "")
         if not isinstance(client, str):
             raise ProtocolError(BAD_TYPE, "client must be a string", rid)
@@ -477,9 +552,10 @@ class PongReply:
     health: dict
 
 
-def parse_reply(data: bytes, limits: Limits = Limits()) -> HelloReply | ActionsReply | PongReply | ErrorReply:
+def parse_reply(data: bytes | memoryview, limits: Limits = Limits(),
+                attached: Sequence[Any] = ()) -> HelloReply | ActionsReply | PongReply | ErrorReply:
     """Client side: decode one server reply (raises ProtocolError when the server breaks the format)."""
-    msg = decode(data, limits)
+    msg = decode(data, limits, attached)
     if not isinstance(msg, dict) or not isinstance(msg.get("kind"), str):
         raise ProtocolError(BAD_MESSAGE, "reply is not a map with a string 'kind'")
     kind = msg["kind"]

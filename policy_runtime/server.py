@@ -183,7 +183,7 @@ class PolicyServer:
                 if self.router in events:
                     for _ in range(256):  # bounded drain, then give replies a turn
                         try:
-                            frames = self.router.recv_multipart(zmq.NOBLOCK)
+                            frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._handle(frames)
@@ -195,20 +195,20 @@ class PolicyServer:
         finally:
             self._shutdown()
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        """One received message: [identity, ("" if REQ), header, *attached frames] (attached: protocol 2)."""
         t_recv, t0 = time.time(), time.perf_counter()
         self.metrics.request()
-        identity, rest = frames[0], frames[1:]
-        if len(rest) == 1:
-            envelope, payload = [identity], rest[0]
-        elif len(rest) == 2 and rest[0] == b"":  # a REQ client puts an empty delimiter first
-            envelope, payload = [identity, b""], rest[1]
+        identity, rest = frames[0].bytes, frames[1:]
+        if len(rest) >= 2 and len(rest[0]) == 0:  # a REQ client puts an empty delimiter first; headers are never empty
+            envelope, rest = [identity, b""], rest[1:]
+        elif rest:
+            envelope = [identity]
         else:
-            self._send_error([identity], BAD_FRAME, f"expected 1 payload frame (DEALER) or an empty delimiter and 1 "
-                             f"payload frame (REQ), got {len(rest)} frames")
+            self._send_error([identity], BAD_FRAME, "expected a header frame after the identity, got none")
             return
         try:
-            req = parse_request(payload, self.contract, self.config.limits)
+            req = parse_request(rest[0].buffer, self.contract, self.config.limits, [f.buffer for f in rest[1:]])
         except ProtocolError as e:
             self._send_error(envelope, e.code, e.message, e.request_id)
             return

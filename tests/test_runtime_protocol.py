@@ -209,6 +209,70 @@ def test_expectation_names_every_mismatch_on_its_own_line():
     assert Expectation(horizon=4, action_dim=3, cameras={"base": (6, 5), "wrist": (4, 4)}).mismatches(CONTRACT) == []
 
 
+# ----- protocol 2: large arrays as attached frames --------------------------------------------------------------------
+def _frame_ref(dtype: str, shape: tuple[int, ...], index: int) -> msgpack.ExtType:
+    head = bytes([len(dtype)]) + dtype.encode() + bytes([len(shape)]) + struct.pack(f"<{len(shape)}Q", *shape)
+    return msgpack.ExtType(P.FRAME_NDARRAY_EXT, head + struct.pack("<I", index))
+
+
+def test_large_arrays_travel_as_attached_frames_without_a_copy():
+    big = np.arange(6 * 5 * 3, dtype=np.uint8).reshape(6, 5, 3)
+    small = np.array([0.5, -1.0], np.float32)
+    frames = P.encode_frames({"big": big, "small": small, "fortran": np.asfortranarray(np.eye(3))},
+                             inline_max_bytes=16)
+    assert len(frames) == 3  # header + big + fortran (made contiguous); small (8 bytes) stays inline
+    assert np.shares_memory(np.frombuffer(frames[1], np.uint8), big)  # the caller's buffer, not a copy
+    got = P.decode(frames[0], Limits(), frames[1:])
+    assert np.array_equal(got["big"], big) and got["big"].dtype == np.uint8 and not got["big"].flags.writeable
+    assert np.array_equal(got["small"], small) and np.array_equal(got["fortran"], np.eye(3))
+    assert np.shares_memory(got["big"], np.frombuffer(frames[1], np.uint8))  # decoding does not copy either
+
+
+def test_protocol_2_request_parses_like_the_single_frame_one():
+    msg = valid_infer(instruction="go", noise_seed=3)
+    header, *attached = P.encode_frames(msg, inline_max_bytes=32)
+    assert len(attached) == 2  # both cameras (90 and 48 bytes); the state (8 bytes) inline
+    v2, v1 = P.parse_request(header, CONTRACT, Limits(), attached), parse(msg)
+    assert v2.request_id == v1.request_id == 7 and v2.noise_seed == 3 and v2.instruction == "go"
+    for cam in ("base", "wrist"):
+        assert np.array_equal(v2.images[cam], v1.images[cam])
+    assert np.array_equal(v2.state, v1.state)
+
+
+def test_both_protocol_versions_are_accepted_at_hello_and_no_other():
+    assert P.PROTOCOL_VERSION == 2
+    for version in P.SUPPORTED_VERSIONS:
+        assert parse({"kind": "hello", "request_id": 1, "protocol": version}).protocol == version
+    with pytest.raises(ProtocolError) as e:
+        parse({"kind": "hello", "request_id": 1, "protocol": 3})
+    assert e.value.code == P.UNSUPPORTED_VERSION
+
+
+FRAME_CASES = {
+    "frame not referenced": ({"kind": "ping", "request_id": 7}, [b"x" * 8], P.BAD_FRAME),
+    "reference past the frames": ({"x": _frame_ref("|u1", (4,), 1)}, [b"abcd"], P.BAD_ARRAY),
+    "frame referenced twice": ({"x": _frame_ref("|u1", (4,), 0), "y": _frame_ref("|u1", (4,), 0)}, [b"abcd"],
+                               P.BAD_ARRAY),
+    "frame shorter than shape": ({"x": _frame_ref("<f4", (4,), 0)}, [b"abcd"], P.BAD_ARRAY),
+    "frame longer than shape": ({"x": _frame_ref("|u1", (2,), 0)}, [b"abcd"], P.BAD_ARRAY),
+    "reference without index": ({"x": msgpack.ExtType(P.FRAME_NDARRAY_EXT, b"\x03|u1\x01" + bytes(8))}, [],
+                                P.BAD_ARRAY),
+    "disallowed dtype": ({"x": _frame_ref("|O", (1,), 0)}, [bytes(8)], P.BAD_ARRAY),
+    "array over the cap": ({"x": _frame_ref("|u1", (64,), 0)}, [bytes(64)], P.ARRAY_TOO_LARGE),
+    "too many frames": ({"x": 1}, [b"a"] * 5, P.BAD_FRAME),
+    "message over the cap": ({"x": _frame_ref("|u1", (60,), 0)}, [bytes(60), bytes(60)], P.MESSAGE_TOO_LARGE),
+}
+
+
+@pytest.mark.parametrize("name", list(FRAME_CASES))
+def test_each_malformed_attachment_gets_its_specific_error_code(name):
+    header, attached, code = FRAME_CASES[name]
+    limits = Limits(max_message_bytes=100, max_array_bytes=32, max_frames=4)
+    with pytest.raises(ProtocolError) as e:
+        P.decode(msgpack.packb(header, use_bin_type=True), limits, attached)
+    assert e.value.code == code, e.value
+
+
 # ----- fuzzing: the decoder raises only ProtocolError -----------------------------------------------------------------
 def _only_protocol_errors(data: bytes) -> None:
     try:
@@ -252,6 +316,31 @@ def test_fuzz_mutated_valid_requests(data):
         raw[i] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(raw)))
     _only_protocol_errors(bytes(raw[:cut]) if data.draw(st.booleans()) else bytes(raw))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_mutated_multipart_requests(data):
+    header, *attached = P.encode_frames(valid_infer(instruction="go"), inline_max_bytes=32)
+    raw = bytearray(header)
+    for _ in range(data.draw(st.integers(0, 4))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    frames = [bytes(f) for f in attached]
+    choice = data.draw(st.sampled_from(["keep", "drop", "extra", "truncate", "swap"]))
+    if choice == "drop":
+        frames.pop(data.draw(st.integers(0, len(frames) - 1)))
+    elif choice == "extra":
+        frames.append(data.draw(st.binary(max_size=64)))
+    elif choice == "truncate":
+        k = data.draw(st.integers(0, len(frames) - 1))
+        frames[k] = frames[k][:data.draw(st.integers(0, len(frames[k])))]
+    elif choice == "swap":
+        frames.reverse()
+    try:
+        P.parse_request(bytes(raw), CONTRACT, Limits(max_array_bytes=1 << 16, max_message_bytes=1 << 20), frames)
+    except ProtocolError as e:
+        assert e.code in P.ERROR_CODES
 
 
 def test_batch_queue_stops_waiting_once_every_active_client_is_queued():

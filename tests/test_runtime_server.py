@@ -232,6 +232,25 @@ def test_req_socket_clients_are_answered_too(backend, serve):
         raw.close()
 
 
+@pytest.mark.parametrize("kind", [zmq.DEALER, zmq.REQ])
+def test_both_framings_get_the_same_chunk_and_stray_frames_are_refused(backend, serve, kind):
+    server = serve(backend)
+    raw = RawClient(server.endpoint, kind)
+    images, state = observation()
+    try:
+        v1 = raw.ask(P.encode(P.infer_request(1, images, state, 1.0, noise_seed=5)))
+        frames = P.encode_frames(P.infer_request(2, images, state, 1.0, noise_seed=5))
+        assert len(frames) == 2  # the 32x32 image travels as an attached frame
+        v2 = raw.ask(*frames)
+        assert isinstance(v1, P.ActionsReply) and isinstance(v2, P.ActionsReply), (v1, v2)
+        assert v2.request_id == 2 and np.array_equal(v1.actions, v2.actions)
+        stray = raw.ask(P.encode(P.ping_request(3)), b"stray")
+        assert isinstance(stray, P.ErrorReply) and stray.code == P.BAD_FRAME and stray.request_id == 3
+        assert isinstance(raw.ask(P.encode(P.ping_request(4))), P.PongReply)
+    finally:
+        raw.close()
+
+
 def test_flood_is_bounded_and_answered_overloaded_at_once(backend, serve, clients):
     server = serve(SlowBackend(backend, 0.4), max_batch=1, max_queue=2)
     raw = RawClient(server.endpoint)
