@@ -49,10 +49,26 @@ def require(cond: bool, message: str) -> None:
         raise ParamError(message)
 
 
+def spin_until_shutdown(executor) -> None:
+    """Spin until Ctrl-C or an rclpy shutdown, including one a node requests from a callback."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception:
+        # A shutdown that lands while the executor builds its wait set (the eval manager ends the session from a
+        # callback) raises RCLError "context is not valid" instead of ExternalShutdownException: a normal end.
+        if rclpy.ok():
+            raise
+
+
 def run_node_main(factory, args: list[str] | None = None) -> int:
     """Entry point body shared by every node: init, build, spin; a ParamError is one line and exit 2."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import MultiThreadedExecutor
 
     rclpy.init(args=args if args is not None else sys.argv)
     try:
@@ -64,9 +80,7 @@ def run_node_main(factory, args: list[str] | None = None) -> int:
     executor = MultiThreadedExecutor()
     executor.add_node(node)
     try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        spin_until_shutdown(executor)
     finally:
         close = getattr(node, "close", None)
         if close is not None:

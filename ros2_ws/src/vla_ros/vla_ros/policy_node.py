@@ -14,6 +14,7 @@ import json
 import queue
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
 
@@ -104,12 +105,13 @@ class PolicyNode(Node):
         self.jobs: queue.Queue[_Job] = queue.Queue()
         self.results: queue.Queue[tuple] = queue.Queue()
         self.result_ready = threading.Event()
-        self.running = True
-        self.worker = threading.Thread(target=self._work, name="policy_inference", daemon=True)
-        self.worker.start()
         self.control_hz = 0.0
         self.timer = None
         self.create_timer(1.0 / p["diagnostics_hz"], self._publish_diag)
+        self.running = True
+        # Started last: the worker reads everything above (it raced `self.timer` once, and the node never acted).
+        self.worker = threading.Thread(target=self._work, name="policy_inference", daemon=True)
+        self.worker.start()
 
     # ----- inputs ------------------------------------------------------------------------------------------------
     def _on_image(self, cam: str, msg: Image) -> None:
@@ -131,26 +133,35 @@ class PolicyNode(Node):
     # ----- inference worker ------------------------------------------------------------------------------------
     def _work(self) -> None:
         while self.running:
-            if self.contract is None:
-                self._handshake()
-                continue
             try:
-                job = self.jobs.get(timeout=0.1)
-                while not self.jobs.empty():  # only the newest observation is worth a round trip
-                    job = self.jobs.get_nowait()
-            except queue.Empty:
-                if self.fault:
-                    self._probe()
-                continue
-            t0 = time.monotonic()
-            try:
-                reply = self.client.infer(job.images, job.state, t_capture=job.t_capture,
-                                          instruction=job.instruction, prev_chunk=job.req.leftover,
-                                          delay_steps=job.req.delay_steps if job.req.leftover is not None else None)
-                self.results.put(("ok", job, np.asarray(reply.actions, np.float64), time.monotonic() - t0))
-            except ClientError as e:
-                self.results.put(("error", job, str(e).splitlines()[0], time.monotonic() - t0))
-            self.result_ready.set()
+                self._work_once()
+            except Exception as e:  # a bug here must not silently stop inference: report it, hold, carry on
+                self.get_logger().error(f"inference worker: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                self._set_fault(f"inference worker crashed ({type(e).__name__}: {e})")
+                time.sleep(0.5)
+
+    def _work_once(self) -> None:
+        """One handshake attempt, one inference, or one health probe."""
+        if self.contract is None:
+            self._handshake()
+            return
+        try:
+            job = self.jobs.get(timeout=0.1)
+            while not self.jobs.empty():  # only the newest observation is worth a round trip
+                job = self.jobs.get_nowait()
+        except queue.Empty:
+            if self.fault:
+                self._probe()
+            return
+        t0 = time.monotonic()
+        try:
+            reply = self.client.infer(job.images, job.state, t_capture=job.t_capture,
+                                      instruction=job.instruction, prev_chunk=job.req.leftover,
+                                      delay_steps=job.req.delay_steps if job.req.leftover is not None else None)
+            self.results.put(("ok", job, np.asarray(reply.actions, np.float64), time.monotonic() - t0))
+        except ClientError as e:
+            self.results.put(("error", job, str(e).splitlines()[0], time.monotonic() - t0))
+        self.result_ready.set()
 
     def _probe(self) -> None:
         """After a failure, find out when the server is back, so the node reports healthy before it acts."""

@@ -69,9 +69,9 @@ def build_nodes(params: dict, names: list[str], nodes: list) -> list:
 def run(params: dict, names: list[str], threads: int = 8, on_ready=None) -> int:
     """Init rclpy with the parameters, build the nodes, spin until shutdown; returns an exit code."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import MultiThreadedExecutor
 
-    from vla_ros.params import CONFIG_ERRORS
+    from vla_ros.params import CONFIG_ERRORS, spin_until_shutdown
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(params, f)
@@ -88,8 +88,8 @@ def run(params: dict, names: list[str], threads: int = 8, on_ready=None) -> int:
             executor.add_node(n)
         if on_ready is not None:
             on_ready(nodes)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        spin_until_shutdown(executor)
+    except KeyboardInterrupt:  # during start-up
         pass
     finally:
         for n in reversed(nodes):
