@@ -78,7 +78,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ns = sorted(results["by_n"], key=int)
-    arms = list(results["by_n"][ns[0]])
+    arms = list(dict.fromkeys(arm for n in ns for arm in results["by_n"][n]))
     fig, axes = plt.subplots(1, len(DOMAINS), figsize=(11, 4.2), sharey=True)
     for ax, domain in zip(axes, DOMAINS, strict=True):
         for i, arm in enumerate(arms):
@@ -93,12 +93,14 @@ def plot(results: dict, path: Path) -> None:
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=arm.replace("_", " "))
         ax.set_xscale("log")
         ax.set_xticks([int(n) for n in ns], [str(n) for n in ns])
+        ax.minorticks_off()
         ax.set_xlabel("real-proxy demos N")
         ax.set_title(f"success in {domain.replace('_', '-')} ({results['args']['episodes']} episodes, Wilson 95%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success %")
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(arms), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
 
 
