@@ -150,6 +150,10 @@ def test_server_loss_holds_the_arm_and_eval_manager_survives_kill_9(server, tmp_
         def state() -> str:
             return json.loads(states[-1].data)["state"] if states else ""
 
+        def safety_lease_lapsed() -> bool:
+            return any(kv.key == "lease_lapsed" and kv.value == "True" for m in diags for st in m.status
+                       if st.name == "vla/safety_filter" for kv in st.values)
+
         def policy_errors() -> list[str]:
             return [st.message for m in diags for st in m.status if st.name == "vla/policy_node"
                     and st.level == DiagnosticStatus.ERROR]
@@ -183,6 +187,12 @@ def test_server_loss_holds_the_arm_and_eval_manager_survives_kill_9(server, tmp_
         wait_for(running_trial, 120, "the next trial to run")
         manager.send_signal(signal.SIGKILL)
         manager.wait(10)
+        # Nobody renews the control source now: the safety filter takes the arm from the policy and holds it.
+        wait_for(safety_lease_lapsed, 60, "the safety filter's control-source lease to lapse")
+        time.sleep(0.3)
+        held = np.asarray(joints[-1].position)
+        time.sleep(1.0)
+        np.testing.assert_allclose(np.asarray(joints[-1].position)[:7], held[:7], atol=2e-3)
         manager = stack_process(CONFIG / "sim_eval.yaml", tmp_path / "manager2.log", *manager_args)
         procs.append(manager)
         assert manager.wait(timeout=240) == 0, (tmp_path / "manager2.log").read_text()[-3000:]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -79,7 +81,8 @@ def test_safety_filter_node_nan_estop_watchdog_forward_command(ros):
     add, probe = ros
     add(SafetyFilterNode("safety_filter", parameter_overrides=params(
         controller_type="forward_command", controller_topic="/fcc/commands", gripper_topic="/gripper/commands",
-        gripper_joint="panda_finger_joint1", late_action_s=0.3, diagnostics_hz=10.0)))
+        gripper_joint="panda_finger_joint1", late_action_s=0.3, diagnostics_hz=10.0,
+        source_lease_s=0.0)))  # the source is sent once here; the lease has its own test
     cmds = probe.collect(Float64MultiArray, "/fcc/commands", topics.COMMAND_QOS)
     grip = probe.collect(Float64MultiArray, "/gripper/commands", topics.COMMAND_QOS)
     probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
@@ -125,7 +128,8 @@ def test_safety_filter_dry_run_never_reaches_the_controller(ros):
     from vla_ros.safety_node import SafetyFilterNode
 
     add, probe = ros
-    add(SafetyFilterNode("safety_filter", parameter_overrides=params(dry_run=True, controller_topic="/jtc/traj")))
+    add(SafetyFilterNode("safety_filter", parameter_overrides=params(dry_run=True, controller_topic="/jtc/traj",
+                                                                     source_lease_s=0.0)))
     from trajectory_msgs.msg import JointTrajectory
 
     real = probe.collect(JointTrajectory, "/jtc/traj", topics.COMMAND_QOS)
@@ -144,6 +148,49 @@ def test_safety_filter_dry_run_never_reaches_the_controller(ros):
     msg = next(m for m in dry if m.points[0].positions[0] == pytest.approx(0.02))
     assert list(msg.joint_names) == NAMES and len(msg.points[0].velocities) == len(NAMES)
     assert real == []
+
+
+def test_safety_filter_takes_control_back_when_the_source_lease_lapses(ros):
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    add(SafetyFilterNode("safety_filter", parameter_overrides=params(
+        controller_type="forward_command", controller_topic="/fcc/commands", source_lease_s=0.5,
+        late_action_s=5.0, diagnostics_hz=10.0)))
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    cmds = probe.collect(Float64MultiArray, "/fcc/commands", topics.COMMAND_QOS)
+    probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
+    start_joint_states(probe)
+    src = probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
+    act_pub = probe.node.create_publisher(JointState, topics.POLICY_ACTION, topics.COMMAND_QOS)
+    heartbeat = probe.node.create_timer(0.1, lambda: src.publish(String(data="policy")))  # an eval manager
+
+    def safety() -> dict:
+        return diag_values(probe, "safety_filter")
+
+    def act() -> None:
+        act_pub.publish(JointState(name=list(PANDA_ARM) + ["gripper"], position=[0.5] + [0.0] * 7))
+
+    wait_for(lambda: safety().get("source") == "policy", 20, "policy in control")
+    time.sleep(1.0)  # twice the lease: renewed by the heartbeat
+    assert safety().get("source") == "policy" and "count/source_lease_lapsed" not in safety()
+    n = len(cmds)
+    act()
+    wait_for(lambda: len(cmds) > n, 10, "a forwarded policy command")
+
+    heartbeat.cancel()  # the eval manager dies
+    wait_for(lambda: safety().get("lease_lapsed") == "True", 10, "the lease to lapse")
+    assert safety()["source"] == "hold" and safety()["count/source_lease_lapsed"] == "1"
+    n = len(cmds)
+    src.publish(String(data="policy"))  # a stale or confused publisher cannot hand the arm back to the policy
+    for _ in range(5):
+        act()
+        time.sleep(0.1)
+    assert safety()["source"] == "hold" and len(cmds) == n
+    src.publish(String(data="teleop"))  # a (restarted) eval manager starts from teleop or hold
+    wait_for(lambda: safety().get("source") == "teleop" and safety().get("lease_lapsed") == "False", 10,
+             "control back to the operator")
 
 
 def test_camera_node_publishes_video_frames_and_camera_info(ros, tmp_path):
@@ -255,6 +302,8 @@ def test_eval_manager_services_journal_and_redo(ros, tmp_path):
     assert [(e["event"], e.get("outcome")) for e in events] == [("start", None), ("end", "success"), ("redo", None)]
     assert events[1]["episode"] is None  # no policy ran, so there was nothing to record
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["judged"] == 0
-    seen = [m.data for m in sources]
+    sent = [m.data for m in sources]
+    seen = [k for k, _ in itertools.groupby(sent)]  # the source is re-sent as a heartbeat (the safety lease)
+    assert len(sent) > len(seen)
     i = seen.index("policy")  # teleop for the reset, hold while READY, policy, hold to judge; hold when done
     assert "teleop" in seen[:i] and seen[i - 1] == "hold" and seen[i + 1] == "hold" and seen[-1] == "hold"

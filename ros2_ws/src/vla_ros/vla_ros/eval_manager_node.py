@@ -48,6 +48,7 @@ DEFAULTS = {
     "home_tolerance": 0.02,
     "home_timeout_s": 15.0,
     "control_hz": 20.0,
+    "source_heartbeat_hz": 5.0,  # the control source is re-sent this often: the safety filter's lease
 }
 
 
@@ -79,6 +80,7 @@ class EvalManagerNode(Node):
         self.joint_positions: dict[str, float] = {}
         self.policy_error: str | None = None    # the policy node's current error, if any
         self.homing = False
+        self.source = "hold"
         self.source_pub = self.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
         self.instruction_pub = self.create_publisher(String, topics.INSTRUCTION, topics.LATCHED_QOS)
         self.trial_pub = self.create_publisher(String, topics.EVAL_TRIAL, topics.LATCHED_QOS)
@@ -96,6 +98,8 @@ class EvalManagerNode(Node):
         if p["console"] and console.register("".join(KEYS), lambda k: self.command(KEYS[k])):
             print("operator console: s start  y success  n failure  a abort  r redo  q quit", flush=True)
         self.create_timer(1.0 / p["control_hz"], self._tick)
+        require(p["source_heartbeat_hz"] > 0, "source_heartbeat_hz must be > 0")
+        self.create_timer(1.0 / p["source_heartbeat_hz"], lambda: self.source_pub.publish(String(data=self.source)))
         self._set_source("hold")
         self._write_summary()
         if p["autostart"]:
@@ -167,6 +171,7 @@ class EvalManagerNode(Node):
         self._publish_state()
 
     def _set_source(self, source: str) -> None:
+        self.source = source
         self.source_pub.publish(String(data=source))
 
     def _enter_reset(self) -> None:

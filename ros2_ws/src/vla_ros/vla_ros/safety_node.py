@@ -1,8 +1,11 @@
 """Safety filter node: the only publisher on the controller topics; policy and teleop commands pass through it.
 
-Watchdogs run on a timer at the control rate: a stale joint state, or no policy action for `late_action_s`
-while the policy is in control, makes the arm hold. The software e-stop latches (topic or service) and only
-`~/reset_estop` clears it. In dry-run mode the filtered commands go to `~/dry_run/<controller>` instead.
+Watchdogs run on a timer at the control rate: a stale joint state, no policy action for `late_action_s`
+while the policy is in control, or no control-source message for `source_lease_s` while the policy or teleop
+is in control (the eval manager re-sends it as a heartbeat; if it dies, nobody may keep driving the arm), makes
+the arm hold. After a lapsed lease the policy regains control only after a `hold` or `teleop` message. The
+software e-stop latches (topic or service) and only `~/reset_estop` clears it. In dry-run mode the filtered
+commands go to `~/dry_run/<controller>` instead.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ DEFAULTS = {
     "max_step_delta": 0.1,
     "stale_state_s": 0.25,
     "late_action_s": 0.3,
+    "source_lease_s": 1.0,                    # 0: no lease (a control source holds until the next message)
     "dry_run": False,
     "diagnostics_hz": 2.0,
 }
@@ -72,6 +76,10 @@ class SafetyFilterNode(Node):
         self.ctrl = ControllerSpec(p["controller_type"], p["controller_topic"], joints, p["gripper_topic"],
                                    p["gripper_joint"])
         self.dt, self.late_s, self.dry_run = 1.0 / p["control_hz"], p["late_action_s"], p["dry_run"]
+        require(p["source_lease_s"] >= 0, "source_lease_s must be >= 0 (0 turns the lease off)")
+        self.lease_s = p["source_lease_s"]
+        self.last_source_msg: float | None = None
+        self.lease_lapsed = False
         self.pub = self.create_publisher(self.ctrl.message_type, self._out(self.ctrl.topic), topics.COMMAND_QOS)
         self.gripper_pub = None
         if self.ctrl.gripper_topic:
@@ -128,11 +136,20 @@ class SafetyFilterNode(Node):
         self._emit(self.filter.joint_command(targets, measured, age))
 
     def _on_source(self, msg: String) -> None:
+        self.last_source_msg = self._now()
         if msg.data not in topics.SOURCES:
             self.get_logger().error(f"unknown control source {msg.data!r}; holding")
             source = "hold"
         else:
             source = msg.data
+        if self.lease_lapsed:
+            if source == "policy":
+                return  # a trial that lost its eval manager never resumes by itself
+            self.lease_lapsed = False
+        self._switch(source)
+
+    def _switch(self, source: str, fault: str | None = None) -> None:
+        """Change the control source; a hold caused by a fault is counted as an intervention for that reason."""
         if source != self.source:
             measured, _ = self._measured()
             if measured is not None:
@@ -140,7 +157,7 @@ class SafetyFilterNode(Node):
             self.get_logger().info(f"control source {self.source} -> {source}")
             self.source, self.last_action_time = source, None
             if source == "hold":
-                self._emit(self.filter.hold(measured, "source_hold", intervention=False))
+                self._emit(self.filter.hold(measured, fault or "source_hold", intervention=fault is not None))
 
     def _on_estop_topic(self, msg: Bool) -> None:
         if msg.data:
@@ -176,6 +193,14 @@ class SafetyFilterNode(Node):
                 and self._now() - self.last_action_time > self.late_s:
             self._emit(self.filter.hold(measured, "late_action"))
             self.last_action_time = self._now()  # one intervention per late period, not per tick
+        if self.lease_s > 0 and self.source != "hold" and self.last_source_msg is not None \
+                and self._now() - self.last_source_msg > self.lease_s:
+            self.get_logger().error(f"control source lease lapsed: no {topics.CONTROL_SOURCE} message for "
+                                    f"{self._now() - self.last_source_msg:.1f} s (eval manager gone?); holding "
+                                    "until a hold or teleop message")
+            self.lease_lapsed = True
+            self._switch("hold", fault="source_lease_lapsed")
+            self._publish_diag()
 
     def _emit(self, d: Decision) -> None:
         if d.reasons:
@@ -197,6 +222,7 @@ class SafetyFilterNode(Node):
         level = "error" if f.estop_reason else ("warn" if f.counts else "ok")
         msg = f"E-STOP: {f.estop_reason}" if f.estop_reason else f"source={self.source}"
         values = {"source": self.source, "estop": f.estop_reason or "", "dry_run": self.dry_run,
+                  "lease_lapsed": self.lease_lapsed,
                   "interventions": sum(f.counts.values()), **{f"count/{k}": v for k, v in sorted(f.counts.items())}}
         self.diag_pub.publish(diagnostic(self.get_name(), level, msg, values, self.get_clock().now().to_msg()))
 

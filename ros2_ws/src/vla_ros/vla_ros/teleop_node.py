@@ -67,8 +67,10 @@ class TeleopNode(Node):
 
     def _on_source(self, msg: String) -> None:
         with self.lock:
-            self.active = msg.data == "teleop"
-            self.target = None  # start from where the arm is, never from an old target
+            active = msg.data == "teleop"
+            if active != self.active:  # the source is re-sent as a heartbeat; only a change restarts the jog
+                self.target = None  # start from where the arm is, never from an old target
+            self.active = active
 
     def _on_joy(self, msg: Joy) -> None:
         b = self.p["joy_mode_button"]
