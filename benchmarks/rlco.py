@@ -6,6 +6,7 @@ Arms, for each number N of real-proxy demos, all from the same demos and seeds:
 2. mixed SFT          : SFT on sim demos + N real-proxy demos (ratio --mix)
 3. mixed SFT -> RL    : PPO + Flow-Noise in sim from (2), no anchor
 4. RL-Co (beta b)     : the same RL with the flow-matching anchor on the N real-proxy demos, one arm per --betas
+RL arms are repeated for every --rl-seeds entry (seed 0 unsuffixed, others `_seed<s>`), from the same Stage I.
 Each is evaluated on held-out seeds in the real-proxy domain and in sim (Wilson 95%). Real-proxy envs are never
 used for RL rollouts. The demos for a smaller N are a prefix of those for a larger N (same seed range), so the
 data-efficiency curve compares nested datasets. Finished arms are reused; prints Markdown tables, writes
@@ -46,9 +47,7 @@ def train_arms(a: argparse.Namespace, n: int, out: Path) -> dict[str, Path]:
             "--seed-start", str(a.real_seed_start), "--out", str(real))
     sft = ["--size", "small", "--steps", str(a.sft_steps), "--horizon", "16", "--exec-steps", "8",
            "--num-steps", "4", "--threads", "1"]
-    arms = {"real_only_sft": out / "real_only_sft", "mixed_sft": out / "mixed_sft",
-            "mixed_sft_rl": out / "mixed_sft_rl"}
-    arms |= {f"rl_co_beta{b:g}": out / f"rl_co_beta{b:g}" for b in a.betas}
+    arms = {"real_only_sft": out / "real_only_sft", "mixed_sft": out / "mixed_sft"}
     if not (arms["real_only_sft"] / "config.json").exists():
         cli("sft", "--data", str(real), "--out", str(arms["real_only_sft"]), *sft)
     if not (arms["mixed_sft"] / "config.json").exists():
@@ -56,12 +55,15 @@ def train_arms(a: argparse.Namespace, n: int, out: Path) -> dict[str, Path]:
             "--out", str(arms["mixed_sft"]), *sft)
     rl = ["rl", "--config", a.rl_preset, "--ckpt", str(arms["mixed_sft"]), "--total-env-steps", str(a.rl_budget),
           "--threads", "1"]
-    if not (arms["mixed_sft_rl"] / "rl_state.json").exists():
-        cli(*rl, "--out", str(arms["mixed_sft_rl"]))
-    for b in a.betas:
-        if not (arms[f"rl_co_beta{b:g}"] / "rl_state.json").exists():
-            cli(*rl, "--out", str(arms[f"rl_co_beta{b:g}"]), "--cotrain-data", str(real),
-                "--cotrain-weight", str(b))
+    for seed in a.rl_seeds:
+        suffix = f"_seed{seed}" if seed else ""
+        runs = {f"mixed_sft_rl{suffix}": []}
+        runs |= {f"rl_co_beta{b:g}{suffix}": ["--cotrain-data", str(real), "--cotrain-weight", str(b)]
+                 for b in a.betas}
+        for name, extra in runs.items():
+            arms[name] = out / name
+            if not (arms[name] / "rl_state.json").exists():
+                cli(*rl, "--seed", str(seed), "--out", str(arms[name]), *extra)
     return arms
 
 
@@ -115,6 +117,7 @@ def main() -> None:
     p.add_argument("--rl-preset", default="configs/rl_pushcube_state_cpu.yaml")
     p.add_argument("--rl-budget", type=int, default=60_000)
     p.add_argument("--betas", type=float, nargs="+", default=[0.2], help="RL-Co anchor weights, one arm each")
+    p.add_argument("--rl-seeds", type=int, nargs="+", default=[0], help="RL seeds, the RL arms once per seed")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--out", default="outputs/bench_rlco")
     a = p.parse_args()
