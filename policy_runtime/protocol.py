@@ -11,6 +11,7 @@ turns into an `error` reply instead of dying.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ SEED_MAX = 2**63 - 1
 
 # dtype strings (numpy `dtype.str`) that may travel; everything else (object, void, complex, strings,
 # datetimes, big-endian) is refused on both sides.
+UINT8, FLOAT32 = np.dtype("uint8"), np.dtype("float32")  # the contract's image and state/action dtypes
 ALLOWED_DTYPES = ("|b1", "|u1", "|i1", "<u2", "<i2", "<f2", "<u4", "<i4", "<f4", "<u8", "<i8", "<f8")
 
 # ----- error codes (the `code` field of an `error` reply) --------------------------------------------------------
@@ -97,8 +99,12 @@ def _wire_array(a: Any) -> np.ndarray:
 
 def _array_head(a: np.ndarray) -> bytes:
     """u8 len | dtype str | u8 ndim | ndim x u64le dims: the header both array ext types start with."""
-    dt = a.dtype.str
-    return bytes([len(dt)]) + dt.encode("ascii") + bytes([a.ndim]) + struct.pack(f"<{a.ndim}Q", *a.shape)
+    return _head_bytes(a.dtype.str, a.shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _head_bytes(dt: str, shape: tuple[int, ...]) -> bytes:
+    return bytes([len(dt)]) + dt.encode("ascii") + bytes([len(shape)]) + struct.pack(f"<{len(shape)}Q", *shape)
 
 
 def pack_ndarray(a: np.ndarray) -> msgpack.ExtType:
@@ -110,34 +116,39 @@ def pack_ndarray(a: np.ndarray) -> msgpack.ExtType:
     return msgpack.ExtType(NDARRAY_EXT, b"".join((_array_head(a), body)))
 
 
-def _parse_head(view: memoryview) -> tuple[np.dtype, tuple[int, ...], int]:
-    """dtype, shape and header length of an array ext payload (ProtocolError if malformed)."""
-    if len(view) < 2:
+def _parse_head(view: memoryview) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """dtype, shape, byte count and header length of an array ext payload (ProtocolError if malformed)."""
+    if len(view) < 2 or len(view) < 2 + view[0]:
         raise ProtocolError(BAD_ARRAY, "ndarray header truncated")
-    n = view[0]
-    if len(view) < 2 + n:
-        raise ProtocolError(BAD_ARRAY, "ndarray header truncated")
-    dt = bytes(view[1:1 + n]).decode("ascii", "replace")
+    off = 2 + view[0] + 8 * view[1 + view[0]]
+    if len(view) < off:
+        raise ProtocolError(BAD_ARRAY, "ndarray shape truncated")
+    return (*_checked_head(bytes(view[:off])), off)
+
+
+@functools.lru_cache(maxsize=1024)  # a robot sends the same few dtypes and shapes all the time
+def _checked_head(head: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    n = head[0]
+    dt = head[1:1 + n].decode("ascii", "replace")
     if dt not in ALLOWED_DTYPES:
         raise ProtocolError(BAD_ARRAY, f"dtype {dt!r} not allowed (allowed: {', '.join(ALLOWED_DTYPES)})")
-    ndim = view[1 + n]
-    off = 2 + n
+    ndim = head[1 + n]
     if ndim > MAX_NDIM:
         raise ProtocolError(BAD_ARRAY, f"{ndim} dimensions; at most {MAX_NDIM}")
-    if len(view) < off + 8 * ndim:
-        raise ProtocolError(BAD_ARRAY, "ndarray shape truncated")
-    return np.dtype(dt), struct.unpack_from(f"<{ndim}Q", view, off), off + 8 * ndim
+    dtype = np.dtype(dt)
+    shape = struct.unpack_from(f"<{ndim}Q", head, 2 + n)
+    return dtype, shape, math.prod(shape) * dtype.itemsize
 
 
-def _array_view(buf: memoryview, off: int, dtype: np.dtype, shape: tuple[int, ...], max_bytes: int) -> np.ndarray:
+def _array_view(buf: memoryview, off: int, dtype: np.dtype, shape: tuple[int, ...], nbytes: int,
+                max_bytes: int) -> np.ndarray:
     """A read-only zero-copy array over buf[off:], whose length must match the shape exactly."""
-    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > max_bytes:
         raise ProtocolError(ARRAY_TOO_LARGE, f"array of shape {list(shape)} {dtype.str} is {nbytes} bytes; cap "
                             f"{max_bytes}")
     if len(buf) - off != nbytes:
         raise ProtocolError(BAD_ARRAY, f"shape {list(shape)} {dtype.str} needs {nbytes} bytes, got {len(buf) - off}")
-    out = np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=off).reshape(shape)
+    out = np.ndarray(shape, dtype, buffer=buf, offset=off) if nbytes else np.zeros(shape, dtype)
     out.flags.writeable = False  # received frames may be writable buffers; nobody should edit them in place
     return out
 
@@ -145,8 +156,8 @@ def _array_view(buf: memoryview, off: int, dtype: np.dtype, shape: tuple[int, ..
 def unpack_ndarray(data: bytes, max_bytes: int) -> np.ndarray:
     """Inverse of pack_ndarray; a read-only zero-copy view. Raises ProtocolError on anything malformed."""
     view = memoryview(data)
-    dtype, shape, off = _parse_head(view)
-    return _array_view(view, off, dtype, shape, max_bytes)
+    dtype, shape, nbytes, off = _parse_head(view)
+    return _array_view(view, off, dtype, shape, nbytes, max_bytes)
 
 
 def _default(obj: Any) -> Any:
@@ -198,7 +209,7 @@ def decode(data: bytes | memoryview, limits: Limits = Limits(), attached: Sequen
         if code != FRAME_NDARRAY_EXT:
             raise ProtocolError(BAD_ARRAY, f"unknown msgpack ext type {code}")
         view = memoryview(payload)
-        dtype, shape, off = _parse_head(view)
+        dtype, shape, nbytes, off = _parse_head(view)
         if len(view) != off + 4:
             raise ProtocolError(BAD_ARRAY, "frame array reference must end with a 4-byte frame index")
         index = struct.unpack_from("<I", view, off)[0]
@@ -206,7 +217,7 @@ def decode(data: bytes | memoryview, limits: Limits = Limits(), attached: Sequen
             raise ProtocolError(BAD_ARRAY, f"array refers to attached frame {index}, but the message has "
                                 f"{len(frames)} attached frame(s){' and it is already used' if index in used else ''}")
         used.add(index)
-        return _array_view(frames[index], 0, dtype, shape, limits.max_array_bytes)
+        return _array_view(frames[index], 0, dtype, shape, nbytes, limits.max_array_bytes)
 
     try:
         msg = msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=True, timestamp=0,
@@ -245,6 +256,8 @@ def _request_id_hint(msg: Any) -> int | None:
 
 
 def _check_fields(msg: dict, allowed: set[str], rid: int | None) -> None:
+    if msg.keys() <= allowed:
+        return
     extra = sorted(str(k) for k in msg if k not in allowed)
     if extra:
         raise ProtocolError(UNKNOWN_FIELD, f"unknown field(s) {extra}; allowed {sorted(allowed)}", rid)
@@ -257,13 +270,13 @@ def _request_id(msg: dict) -> int:
     return rid
 
 
-def _array(v: Any, name: str, dtype: str, shape: tuple[int, ...], rid: int, finite: bool) -> np.ndarray:
+def _array(v: Any, name: str, dtype: np.dtype, shape: tuple[int, ...], rid: int, finite: bool) -> np.ndarray:
     if not isinstance(v, np.ndarray):
         raise ProtocolError(BAD_TYPE, f"{name} must be an ndarray (ext type {NDARRAY_EXT}), got {type(v).__name__}",
                             rid)
-    if v.dtype != np.dtype(dtype):
+    if v.dtype != dtype:
         raise ProtocolError(BAD_DTYPE, f"{name} has dtype {v.dtype}, expected {dtype}", rid)
-    if tuple(v.shape) != shape:
+    if v.shape != shape:
         raise ProtocolError(BAD_SHAPE, f"{name} has shape {list(v.shape)}, expected {list(shape)}", rid)
     if finite and not np.isfinite(v).all():
         raise ProtocolError(NON_FINITE, f"{name} contains NaN or Inf", rid)
@@ -306,6 +319,10 @@ class Contract:
     rtc: bool = False
     instance: str = ""
     protocol: int = PROTOCOL_VERSION
+
+    @functools.cached_property
+    def camera_names(self) -> frozenset[str]:
+        return frozenset(cam.name for cam in self.cameras)
 
     @property
     def instruction_max_bytes(self) -> int:
@@ -444,16 +461,16 @@ def _validate_infer(msg: dict, c: Contract) -> InferRequest:
     images = _require(msg, "images", rid)
     if not isinstance(images, dict):
         raise ProtocolError(BAD_TYPE, "images must be a map camera name -> ndarray", rid)
-    names = [cam.name for cam in c.cameras]
-    missing = [n for n in names if n not in images]
-    if missing:
-        raise ProtocolError(MISSING_CAMERA, f"missing camera(s) {missing}; the model needs {names}", rid)
-    unknown = sorted(str(k) for k in images if k not in names)
-    if unknown:
+    if images.keys() != c.camera_names:
+        names = [cam.name for cam in c.cameras]
+        missing = [n for n in names if n not in images]
+        if missing:
+            raise ProtocolError(MISSING_CAMERA, f"missing camera(s) {missing}; the model needs {names}", rid)
+        unknown = sorted(str(k) for k in images if k not in names)
         raise ProtocolError(UNKNOWN_CAMERA, f"unknown camera(s) {unknown}; the model needs {names}", rid)
-    checked = {cam.name: _array(images[cam.name], f"images[{cam.name!r}]", "uint8", (cam.height, cam.width, 3), rid,
+    checked = {cam.name: _array(images[cam.name], f"images[{cam.name!r}]", UINT8, (cam.height, cam.width, 3), rid,
                                 finite=False) for cam in c.cameras}
-    state = _array(_require(msg, "state", rid), "state", "float32", (c.state_dim,), rid, finite=True)
+    state = _array(_require(msg, "state", rid), "state", FLOAT32, (c.state_dim,), rid, finite=True)
 
     instruction = msg.get("instruction")
     if instruction is not None:
@@ -474,7 +491,7 @@ def _validate_infer(msg: dict, c: Contract) -> InferRequest:
         if not isinstance(prev, np.ndarray) or prev.ndim != 2 or not 0 < prev.shape[0] <= c.horizon:
             raise ProtocolError(BAD_SHAPE, f"prev_chunk must be an ndarray [n, {c.action_dim}] with "
                                 f"1 <= n <= {c.horizon}", rid)
-        prev = _array(prev, "prev_chunk", "float32", (prev.shape[0], c.action_dim), rid, finite=True)
+        prev = _array(prev, "prev_chunk", FLOAT32, (prev.shape[0], c.action_dim), rid, finite=True)
     timeout = msg.get("timeout_ms")
     if timeout is not None and (not _is_number(timeout) or not 0 < timeout < math.inf):
         raise ProtocolError(BAD_TYPE, "timeout_ms must be a positive number", rid)
