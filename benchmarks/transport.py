@@ -14,6 +14,8 @@ over rounds of the per-round statistic):
              without copying, decodes and validates the request with protocol.parse_request against a 2-camera
              contract and answers an `actions` reply (request_id, timing, the fixed chunk pre-packed as ExtType 1).
 - ours-v1:   the same with protocol version 1 framing: one msgpack frame, images inline as ExtType 1.
+- zmq-floor: (informative) the same three frames, pre-encoded once, sent as they are; the server answers a
+             fixed reply without decoding: ZeroMQ and the kernel alone, the floor under `ours`.
 - websocket: an openpi-style baseline written here: a `websockets` asyncio server (compression off, no size cap,
              metadata sent on connect), the sync `websockets` client, msgpack with numpy arrays as
              {__ndarray__, data, dtype, shape} maps; same arrays and instruction, the same fixed chunk as reply.
@@ -71,7 +73,7 @@ OPENPI_IMAGE_KEYS = ("observation/image", "observation/wrist_image")
 IMAGE_SIZE, STATE_DIM, HORIZON, ACTION_DIM = 224, 9, 16, 8
 INSTRUCTION = "pick up the red cube and move it to the goal"
 P50_TARGET_MS, RATIO_TARGET = 0.5, 0.6
-PATHS = ("ours", "ours-v1", "websocket", "server")
+PATHS = ("ours", "ours-v1", "websocket", "server", "zmq-floor")
 SERVER_START_TIMEOUT_S = 60.0
 
 
@@ -246,7 +248,30 @@ def serve_policy_server(conn, stop) -> None:
             server.stop()
 
 
-SERVERS = {"ours": serve_ours, "ours-v1": serve_ours, "websocket": serve_websocket, "server": serve_policy_server}
+def serve_floor(conn, stop) -> None:
+    """ROUTER loop answering every message with the same pre-encoded reply, nothing decoded."""
+    ppid = os.getppid()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        sock.linger = 0
+        sock.bind("tcp://127.0.0.1:*")
+        conn.send(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+        reply = ActionsReply(1, fixed_chunk(), "echo", 0.0, True, 0, Timing())
+        payload = encode(actions_reply(reply, pack_ndarray(fixed_chunk())))
+        while not stop.is_set() and _parent_alive(ppid):
+            if sock.poll(100, zmq.POLLIN):
+                frames = sock.recv_multipart(copy=False)
+                sock.send_multipart([frames[0].bytes, payload])
+    except Exception as e:
+        conn.send(f"ERROR: {type(e).__name__}: {e}")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+SERVERS = {"ours": serve_ours, "ours-v1": serve_ours, "websocket": serve_websocket, "server": serve_policy_server,
+           "zmq-floor": serve_floor}
 
 
 # ----- clients (this process) ---------------------------------------------------------------------------------------
@@ -291,6 +316,20 @@ class OursClient:
 
 class OursV1Client(OursClient):
     multipart = False
+
+
+class FloorClient(OursClient):
+    """Sends one pre-encoded protocol-2 observation every time and does not decode the reply."""
+
+    def request(self, images: dict[str, np.ndarray], state: np.ndarray) -> float:
+        if not hasattr(self, "frames"):
+            self.frames = encode_frames(infer_request(1, images, state, time.time(), INSTRUCTION))
+        t0 = time.perf_counter()
+        self.sock.send_multipart(self.frames, copy=False)
+        if not self.sock.poll(self.timeout_ms, zmq.POLLIN):
+            raise TimeoutError(f"zmq-floor: no reply within {self.timeout_ms} ms")
+        self.sock.recv_multipart()
+        return time.perf_counter() - t0
 
 
 class WebsocketClient:
@@ -347,7 +386,8 @@ class ServerClient:
         self.client.close()
 
 
-CLIENTS = {"ours": OursClient, "ours-v1": OursV1Client, "websocket": WebsocketClient, "server": ServerClient}
+CLIENTS = {"ours": OursClient, "ours-v1": OursV1Client, "websocket": WebsocketClient, "server": ServerClient,
+           "zmq-floor": FloorClient}
 
 
 # ----- measurement --------------------------------------------------------------------------------------------------
