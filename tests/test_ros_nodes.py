@@ -157,7 +157,7 @@ def test_safety_filter_takes_control_back_when_the_source_lease_lapses(ros):
     add(SafetyFilterNode("safety_filter", parameter_overrides=params(
         controller_type="forward_command", controller_topic="/fcc/commands", source_lease_s=0.5,
         late_action_s=5.0, diagnostics_hz=10.0)))
-    from diagnostic_msgs.msg import DiagnosticArray
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 
     cmds = probe.collect(Float64MultiArray, "/fcc/commands", topics.COMMAND_QOS)
     probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
@@ -182,6 +182,7 @@ def test_safety_filter_takes_control_back_when_the_source_lease_lapses(ros):
     heartbeat.cancel()  # the eval manager dies
     wait_for(lambda: safety().get("lease_lapsed") == "True", 10, "the lease to lapse")
     assert safety()["source"] == "hold" and safety()["count/source_lease_lapsed"] == "1"
+    assert safety()["level"] == DiagnosticStatus.ERROR  # a live eval manager aborts its trial on this
     n = len(cmds)
     src.publish(String(data="policy"))  # a stale or confused publisher cannot hand the arm back to the policy
     for _ in range(5):

@@ -219,8 +219,10 @@ class SafetyFilterNode(Node):
 
     def _publish_diag(self) -> None:
         f = self.filter
-        level = "error" if f.estop_reason else ("warn" if f.counts else "ok")
-        msg = f"E-STOP: {f.estop_reason}" if f.estop_reason else f"source={self.source}"
+        # Error level ends a running trial in the eval manager (if it is still there to hear it).
+        level = "error" if f.estop_reason or self.lease_lapsed else ("warn" if f.counts else "ok")
+        msg = (f"E-STOP: {f.estop_reason}" if f.estop_reason else
+               "control source lease lapsed: holding" if self.lease_lapsed else f"source={self.source}")
         values = {"source": self.source, "estop": f.estop_reason or "", "dry_run": self.dry_run,
                   "lease_lapsed": self.lease_lapsed,
                   "interventions": sum(f.counts.values()), **{f"count/{k}": v for k, v in sorted(f.counts.items())}}
