@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import multiprocessing as mp
@@ -136,8 +137,11 @@ def _parent_alive(ppid: int) -> bool:
     return os.getppid() == ppid
 
 
-def serve_ours(conn, stop) -> None:
-    """ROUTER loop: parse_request (decode + validate), then an `actions` reply carrying the fixed chunk."""
+def serve_ours(conn, stop, decode: bool = True) -> None:
+    """ROUTER loop: parse_request (decode + validate), then an `actions` reply carrying the fixed chunk.
+
+    With decode=False (the zmq-floor path) every message gets the same pre-encoded reply, nothing decoded.
+    """
     ppid = os.getppid()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
@@ -150,6 +154,7 @@ def serve_ours(conn, stop) -> None:
         contract, limits = echo_contract(), Limits()
         chunk = fixed_chunk()
         packed = pack_ndarray(chunk)
+        canned = encode(actions_reply(ActionsReply(1, chunk, "echo", 0.0, True, 0, Timing()), packed))
         while not stop.is_set() and _parent_alive(ppid):
             if not sock.poll(100, zmq.POLLIN):
                 continue
@@ -160,6 +165,9 @@ def serve_ours(conn, stop) -> None:
                     break
                 t_recv, t0 = time.time(), time.perf_counter()
                 envelope = [frames[0].bytes]
+                if not decode:
+                    sock.send_multipart([*envelope, canned])
+                    continue
                 try:
                     req = parse_request(frames[1].buffer, contract, limits, [f.buffer for f in frames[2:]])
                     if not isinstance(req, InferRequest):
@@ -248,30 +256,8 @@ def serve_policy_server(conn, stop) -> None:
             server.stop()
 
 
-def serve_floor(conn, stop) -> None:
-    """ROUTER loop answering every message with the same pre-encoded reply, nothing decoded."""
-    ppid = os.getppid()
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    try:
-        sock.linger = 0
-        sock.bind("tcp://127.0.0.1:*")
-        conn.send(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
-        reply = ActionsReply(1, fixed_chunk(), "echo", 0.0, True, 0, Timing())
-        payload = encode(actions_reply(reply, pack_ndarray(fixed_chunk())))
-        while not stop.is_set() and _parent_alive(ppid):
-            if sock.poll(100, zmq.POLLIN):
-                frames = sock.recv_multipart(copy=False)
-                sock.send_multipart([frames[0].bytes, payload])
-    except Exception as e:
-        conn.send(f"ERROR: {type(e).__name__}: {e}")
-    finally:
-        sock.close(linger=0)
-        ctx.term()
-
-
 SERVERS = {"ours": serve_ours, "ours-v1": serve_ours, "websocket": serve_websocket, "server": serve_policy_server,
-           "zmq-floor": serve_floor}
+           "zmq-floor": functools.partial(serve_ours, decode=False)}
 
 
 # ----- clients (this process) ---------------------------------------------------------------------------------------
