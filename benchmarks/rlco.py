@@ -39,8 +39,24 @@ def evaluate(ckpt: Path, domain: str, episodes: int, out: Path) -> dict:
     return json.loads((out / "eval.json").read_text())["summary"]
 
 
+def rl_finished(run: Path, budget: int) -> bool:
+    """Whether an RL run reached its env-step budget (its state is also saved mid-run, for --resume)."""
+    state = run / "rl_state.json"
+    return state.exists() and json.loads(state.read_text())["env_steps"] >= budget
+
+
 def train_arms(a: argparse.Namespace, n: int, out: Path) -> dict[str, Path]:
-    """Train (or reuse) every arm for N real-proxy demos; returns arm name -> checkpoint dir."""
+    """Train (or reuse) every arm for N real-proxy demos; returns arm name -> checkpoint dir.
+
+    With --report-only nothing is trained: the arms that exist are returned.
+    """
+    if a.report_only:
+        names = ["real_only_sft", "mixed_sft"]
+        for seed in a.rl_seeds:
+            suffix = f"_seed{seed}" if seed else ""
+            names += [f"mixed_sft_rl{suffix}"] + [f"rl_co_beta{b:g}{suffix}" for b in a.betas]
+        return {name: out / name for name in names if (out / name / "config.json").exists()
+                and (name.endswith("_sft") or rl_finished(out / name, a.rl_budget))}
     real = out / f"real_proxy_demos_{n}"
     if not real.exists():
         cli("demos", "--task", a.task, "-n", str(n), "--obs-mode", "state", "--domain", "real_proxy",
@@ -62,8 +78,9 @@ def train_arms(a: argparse.Namespace, n: int, out: Path) -> dict[str, Path]:
                  for b in a.betas}
         for name, extra in runs.items():
             arms[name] = out / name
-            if not (arms[name] / "rl_state.json").exists():
-                cli(*rl, "--seed", str(seed), "--out", str(arms[name]), *extra)
+            if not rl_finished(arms[name], a.rl_budget):  # an interrupted run continues where it stopped
+                resume = ["--resume"] if (arms[name] / "rl_state.json").exists() else []
+                cli(*rl, "--seed", str(seed), "--out", str(arms[name]), *extra, *resume)
     return arms
 
 
@@ -118,6 +135,8 @@ def main() -> None:
     p.add_argument("--rl-budget", type=int, default=60_000)
     p.add_argument("--betas", type=float, nargs="+", default=[0.2], help="RL-Co anchor weights, one arm each")
     p.add_argument("--rl-seeds", type=int, nargs="+", default=[0], help="RL seeds, the RL arms once per seed")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: evaluate (or reuse evaluations of) the arms that exist, tabulate, plot")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--out", default="outputs/bench_rlco")
     a = p.parse_args()
