@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--value-lr", dest="value_lr", type=float)
     r.add_argument("--epochs", type=int, help="passes over each rollout")
     r.add_argument("--minibatch", type=int, help="chunk samples per gradient step")
+    r.add_argument("--target-kl", dest="target_kl", type=float,
+                   help="stop an update's remaining epochs once an epoch's mean approx KL exceeds this")
     r.add_argument("--critic-warmup", dest="critic_warmup", type=int, help="updates training only the critic")
     r.add_argument("--ent-coef", dest="ent_coef", type=float)
     r.add_argument("--cotrain-data", dest="cotrain_data", help="RL-Co: real(-proxy) episode dataset; its "

@@ -243,3 +243,20 @@ def test_cotrain_weight_zero_is_plain_rl_and_positive_weight_is_not():
         params[name] = torch.cat([p.detach().flatten() for p in policy.parameters()])
     assert torch.equal(params["plain"], params["beta0"])
     assert not torch.equal(params["plain"], params["beta"])
+
+
+def test_target_kl_stops_the_update_after_the_epoch_that_crossed_it():
+    import copy
+
+    base = tiny_policy("flow_noise", k=2, horizon=2, exec_steps=1)
+    env = TargetTask(32, (0.6, -0.4))
+    rollout = Collector(env, base, TEXT, 1, 0.99, episodic=False).collect(2, np.random.default_rng(0),
+                                                                          torch.Generator().manual_seed(0))
+    ran = {}
+    for target_kl in (None, 1e-12, 1e6):
+        policy = copy.deepcopy(base)
+        cfg = RLConfig(lr=1e-3, epochs=4, minibatch=16, target_kl=target_kl)
+        metrics = Learner(policy, cfg, TEXT, 1).learn(rollout, torch.Generator().manual_seed(1), 0)
+        ran[target_kl] = metrics["epochs_run"]
+        assert metrics["approx_kl"] >= 0 and math.isfinite(metrics["policy_loss"])
+    assert ran == {None: 4.0, 1e-12: 1.0, 1e6: 4.0}  # the first epoch always runs; a loose target never stops

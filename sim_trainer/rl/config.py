@@ -48,6 +48,7 @@ class RLConfig:
     critic_warmup: int = 0  # updates that train only the value head
     epochs: int = 4
     minibatch: int = 64
+    target_kl: float | None = None  # stop an update's remaining epochs once an epoch's mean approx KL exceeds it
     max_grad_norm: float = 1.0
     cotrain_data: str | None = None  # RL-Co: real(-proxy) episodes anchoring the policy with a flow-matching loss
     cotrain_weight: float = 0.2  # beta in L = L_RL + beta * L_SFT(real)
@@ -102,6 +103,8 @@ class RLConfig:
             raise UserError(f"co-training dataset {self.cotrain_data} does not exist or is not a directory")
         if self.clip <= 0:
             raise UserError("clip must be positive")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise UserError("target_kl must be positive (leave it out for no early stop)")
         return self
 
 

@@ -106,6 +106,7 @@ class Learner:
         train_actor = update >= cfg.critic_warmup
         sums: dict[str, float] = {}
         first_dev = float("nan")
+        epoch_kl, steps = 0.0, 0
         t0 = time.perf_counter()
         for j, idx in enumerate(mbs):
             ev = evaluate(idx)
@@ -136,8 +137,17 @@ class Learner:
             for k, v in (("policy_loss", pg), ("entropy", entropy), ("clip_frac", clip_frac), ("approx_kl", kl),
                          ("grad_norm", grad_norm), ("mean_std", mean_std)):
                 sums[k] = sums.get(k, 0.0) + v.item()
-        metrics = {k: v / len(mbs) for k, v in sums.items()}
-        metrics |= {"first_ratio_max_dev": first_dev, "logp_rollout_drift": drift.item(),
+            steps += 1
+            epoch_kl += kl.item()
+            if cfg.target_kl is not None and (j + 1) % per_epoch == 0:
+                # Early stop on the epoch's mean KL over all ranks, so every rank stops at the same minibatch.
+                mean_kl = self.world.mean(torch.tensor([epoch_kl / per_epoch], device=adv.device)).item()
+                epoch_kl = 0.0
+                if mean_kl > cfg.target_kl:
+                    break
+        metrics = {k: v / steps for k, v in sums.items()}
+        metrics |= {"epochs_run": steps / per_epoch, "first_ratio_max_dev": first_dev,
+                    "logp_rollout_drift": drift.item(),
                     "update_s": time.perf_counter() - t0, "valid_frac": valid.float().mean().item(),
                     "actor_trained": float(train_actor)}
         if cfg.algorithm == "ppo":
