@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-every", dest="eval_every", type=int, help="updates between evaluations (0: at the end)")
     r.add_argument("--eval-episodes", dest="eval_episodes", type=int)
     r.add_argument("--eval-envs", dest="eval_envs", type=int, help="parallel envs for evaluation")
+    r.add_argument("--eval-domain", dest="eval_domain",
+                   help="also evaluate in this shifted domain at every evaluation ('real_proxy' or a domain YAML); "
+                        "rollouts stay in the plain sim")
     r.add_argument("--save-every", dest="save_every", type=int, help="updates between checkpoints")
     r.add_argument("--sim-backend", dest="sim_backend", choices=("physx_cpu", "physx_cuda"))
     r.add_argument("--max-episode-steps", dest="max_episode_steps", type=int, help="default: the task's horizon")

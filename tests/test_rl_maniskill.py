@@ -37,7 +37,7 @@ def read_metrics(out) -> tuple[list[dict], list[dict]]:
 
 
 @pytest.mark.parametrize("algorithm,noise,extra", [
-    ("ppo", "flow_noise", ["--value-input", "expert"]),
+    ("ppo", "flow_noise", ["--value-input", "expert", "--eval-domain", "real_proxy"]),
     ("grpo", "flow_sde", ["--group-size", "2"]),
 ])
 def test_rl_runs_on_maniskill_writes_a_checkpoint_and_resumes(tiny_state_checkpoint, tmp_path, algorithm, noise,
@@ -53,6 +53,8 @@ def test_rl_runs_on_maniskill_writes_a_checkpoint_and_resumes(tiny_state_checkpo
         assert u["first_ratio_max_dev"] == 0.0
         assert all(math.isfinite(v) for k, v in u.items() if k != "explained_variance")
     assert [e["update"] for e in evals] == [0, updates[-1]["update"]]  # before and after
+    if "--eval-domain" in extra:  # the shifted domain is evaluated alongside the sim, never rolled out
+        assert all(e["eval_domain"]["domain"] == "real_proxy" and e["eval_domain"]["episodes"] == 1 for e in evals)
     loaded = load_checkpoint(out)
     assert loaded.model.cfg.num_steps == 2 and loaded.info["trained_by"] == "sim-trainer rl"
     # the run is refused without --resume, then resumed where it stopped
@@ -68,6 +70,7 @@ def test_rl_runs_on_maniskill_writes_a_checkpoint_and_resumes(tiny_state_checkpo
     (["--num-steps", "0"], "K=0"),
     (["--exec-steps", "9"], "cannot exceed the chunk horizon"),
     (["--noise", "langevin"], "unknown noise method"),
+    (["--eval-domain", "nowhere.yaml"], "nowhere.yaml"),
 ])
 def test_bad_rl_configs_get_one_line_errors(tiny_state_checkpoint, tmp_path, flags, fragment):
     assert_user_error(run_cli("rl", "--ckpt", str(tiny_state_checkpoint), "--out", str(tmp_path / "o"), *flags),

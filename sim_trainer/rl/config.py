@@ -58,6 +58,7 @@ class RLConfig:
     eval_every: int = 0  # updates between evaluations (0: only at the end)
     eval_episodes: int = 20
     eval_envs: int = 2
+    eval_domain: str | None = None  # also evaluate in this shifted domain (e.g. real_proxy); never used for rollouts
     save_every: int = 10  # updates
     seed: int = 0
     sim_backend: str = "physx_cpu"

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,8 @@ class RLTrainer:
                                  image_size=self.spec.cameras[0].height if self.spec.cameras else 64,
                                  reward_mode=cfg.reward, sim_backend=cfg.sim_backend,
                                  max_episode_steps=cfg.max_episode_steps).validate()
+        self.eval_domain_cfg = (replace(self.env_cfg, domain=cfg.eval_domain).validate()
+                                if cfg.eval_domain else None)
         self.chunk = model.cfg.exec_steps
         torch.manual_seed(cfg.seed)
         sampler = SamplerSettings(cfg.noise, cfg.num_steps, cfg.sde_mode, cfg.noise_level, cfg.std_min, cfg.std_max)
@@ -141,12 +143,14 @@ class RLTrainer:
         self.update, self.env_steps = int(meta["update"]), int(meta["env_steps"])
 
     # ----- the loop ---------------------------------------------------------------------------------------
-    def evaluate(self, episodes: int) -> dict:
+    def evaluate(self, episodes: int, env_cfg: EnvConfig | None = None) -> dict:
+        """Deterministic evaluation on held-out seeds, in the training env or in `env_cfg` (a shifted domain)."""
         from sim_trainer.evaluate.rollout import evaluate
         from sim_trainer.policy import ChunkPolicy
 
         policy = ChunkPolicy(self.policy.model, self.spec, num_steps=self.cfg.num_steps, device=str(self.device))
-        res = evaluate(policy, self.env_cfg, episodes, self.cfg.eval_envs, record_video=False, progress=False)
+        res = evaluate(policy, env_cfg or self.env_cfg, episodes, self.cfg.eval_envs, record_video=False,
+                       progress=False)
         self.policy.model.train()
         return res.summary()
 
@@ -231,15 +235,19 @@ class RLTrainer:
         return float(per_rank.max() - per_rank.min())
 
     def _log_eval(self, tb, log_path: Path, episodes: int) -> None:
-        s = self.evaluate(episodes)
-        tb.add_scalar("eval/success_once", s["success_once"], self.env_steps)
-        tb.add_scalar("eval/success_at_end", s["success_at_end"], self.env_steps)
+        keys = ("episodes", "success_once", "success_once_wilson95", "success_at_end", "mean_return")
+        row: dict = {"update": self.update, "env_steps": self.env_steps}
+        runs = [("eval", self.env_cfg)] + ([("eval_domain", self.eval_domain_cfg)] if self.eval_domain_cfg else [])
+        for name, env_cfg in runs:
+            s = self.evaluate(episodes, env_cfg)
+            tb.add_scalar(f"{name}/success_once", s["success_once"], self.env_steps)
+            tb.add_scalar(f"{name}/success_at_end", s["success_at_end"], self.env_steps)
+            row[name] = {k: s[k] for k in keys} | ({"domain": env_cfg.domain} if env_cfg.domain else {})
+            tqdm.write(f"update {self.update} ({self.env_steps} env steps): {name} "
+                       f"{env_cfg.domain or 'sim'} success_once {s['success_once']:.2f} over {s['episodes']} "
+                       "episodes")
         with log_path.open("a") as f:
-            f.write(json.dumps({"update": self.update, "env_steps": self.env_steps, "eval": {
-                k: s[k] for k in ("episodes", "success_once", "success_once_wilson95", "success_at_end",
-                                  "mean_return")}}) + "\n")
-        tqdm.write(f"update {self.update} ({self.env_steps} env steps): eval success_once {s['success_once']:.2f} "
-                   f"over {s['episodes']} episodes")
+            f.write(json.dumps(row) + "\n")
 
 
 def train_rl(cfg: RLConfig) -> Path:
