@@ -290,6 +290,7 @@ def test_eval_manager_services_journal_and_redo(ros, tmp_path):
         return json.loads(states[-1].data)["state"] if states else ""
 
     wait_for(lambda: state() == "RESET", 20, "RESET")
+    wait_for(lambda: trials, 10, "the trial announcement")  # its own topic: it may arrive after the state
     assert json.loads(trials[-1].data) == {"index": 0, "seed": 40, "instruction": "push"}
     assert not probe.call(Trigger, "/eval_manager/success").success  # nothing to judge yet
     assert probe.call(Trigger, "/eval_manager/start").success
