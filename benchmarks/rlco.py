@@ -98,6 +98,8 @@ def plot(results: dict, path: Path) -> None:
 
     ns = sorted(results["by_n"], key=int)
     arms = list(dict.fromkeys(arm for n in ns for arm in results["by_n"][n]))
+    bases = list(dict.fromkeys(arm.split("_seed")[0] for arm in arms))  # a seed repeat shares its arm's colour
+    colours = {base: f"C{i}" for i, base in enumerate(bases)}
     fig, axes = plt.subplots(1, len(DOMAINS), figsize=(11, 4.2), sharey=True)
     for ax, domain in zip(axes, DOMAINS, strict=True):
         for i, arm in enumerate(arms):
@@ -109,7 +111,10 @@ def plot(results: dict, path: Path) -> None:
                 ys.append(100 * cell["success_once"])
                 lo.append(ys[-1] - 100 * cell["success_once_wilson95"][0])
                 hi.append(100 * cell["success_once_wilson95"][1] - ys[-1])
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=arm.replace("_", " "))
+            base, _, seed = arm.partition("_seed")
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=colours[base],
+                        linestyle="--" if seed else "-",
+                        label=base.replace("_", " ") + (f" (RL seed {seed})" if seed else ""))
         ax.set_xscale("log")
         ax.set_xticks([int(n) for n in ns], [str(n) for n in ns])
         ax.minorticks_off()
