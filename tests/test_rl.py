@@ -225,13 +225,19 @@ def test_cotrain_loss_is_the_flow_matching_loss_on_the_real_batch():
     torch.testing.assert_close(got, expected)
 
 
-def test_cotrain_weight_zero_is_plain_rl_and_positive_weight_is_not():
-    import copy
-
+def one_step_rollout():
+    """A tiny one-step policy and one PPO rollout of it on TargetTask: the input of a single learner update."""
     base = tiny_policy("flow_noise", k=2, horizon=2, exec_steps=1)
     env = TargetTask(32, (0.6, -0.4))
     rollout = Collector(env, base, TEXT, 1, 0.99, episodic=False).collect(2, np.random.default_rng(0),
                                                                           torch.Generator().manual_seed(0))
+    return base, rollout
+
+
+def test_cotrain_weight_zero_is_plain_rl_and_positive_weight_is_not():
+    import copy
+
+    base, rollout = one_step_rollout()
     params = {}
     for name, weight, cotrain in (("plain", 0.2, None), ("beta0", 0.0, real_sampler(horizon=2)),
                                   ("beta", 0.5, real_sampler(horizon=2))):
@@ -248,10 +254,7 @@ def test_cotrain_weight_zero_is_plain_rl_and_positive_weight_is_not():
 def test_target_kl_stops_the_update_after_the_epoch_that_crossed_it():
     import copy
 
-    base = tiny_policy("flow_noise", k=2, horizon=2, exec_steps=1)
-    env = TargetTask(32, (0.6, -0.4))
-    rollout = Collector(env, base, TEXT, 1, 0.99, episodic=False).collect(2, np.random.default_rng(0),
-                                                                          torch.Generator().manual_seed(0))
+    base, rollout = one_step_rollout()
     ran = {}
     for target_kl in (None, 1e-12, 1e6):
         policy = copy.deepcopy(base)
