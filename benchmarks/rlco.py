@@ -45,19 +45,27 @@ def rl_finished(run: Path, budget: int) -> bool:
     return state.exists() and json.loads(state.read_text())["env_steps"] >= budget
 
 
+def rl_runs(a: argparse.Namespace, real: Path) -> dict[str, tuple[int, list[str]]]:
+    """RL arm name -> (seed, extra `sim-trainer rl` flags): plain RL and one RL-Co arm per beta, per RL seed."""
+    runs: dict[str, tuple[int, list[str]]] = {}
+    for seed in a.rl_seeds:
+        suffix = f"_seed{seed}" if seed else ""
+        runs[f"mixed_sft_rl{suffix}"] = (seed, [])
+        for b in a.betas:
+            runs[f"rl_co_beta{b:g}{suffix}"] = (seed, ["--cotrain-data", str(real), "--cotrain-weight", str(b)])
+    return runs
+
+
 def train_arms(a: argparse.Namespace, n: int, out: Path) -> dict[str, Path]:
     """Train (or reuse) every arm for N real-proxy demos; returns arm name -> checkpoint dir.
 
     With --report-only nothing is trained: the arms that exist are returned.
     """
-    if a.report_only:
-        names = ["real_only_sft", "mixed_sft"]
-        for seed in a.rl_seeds:
-            suffix = f"_seed{seed}" if seed else ""
-            names += [f"mixed_sft_rl{suffix}"] + [f"rl_co_beta{b:g}{suffix}" for b in a.betas]
-        return {name: out / name for name in names if (out / name / "config.json").exists()
-                and (name.endswith("_sft") or rl_finished(out / name, a.rl_budget))}
     real = out / f"real_proxy_demos_{n}"
+    runs = rl_runs(a, real)
+    if a.report_only:
+        sft = [name for name in ("real_only_sft", "mixed_sft") if (out / name / "config.json").exists()]
+        return {name: out / name for name in sft + [r for r in runs if rl_finished(out / r, a.rl_budget)]}
     if not real.exists():
         cli("demos", "--task", a.task, "-n", str(n), "--obs-mode", "state", "--domain", "real_proxy",
             "--seed-start", str(a.real_seed_start), "--out", str(real))
@@ -71,16 +79,11 @@ def train_arms(a: argparse.Namespace, n: int, out: Path) -> dict[str, Path]:
             "--out", str(arms["mixed_sft"]), *sft)
     rl = ["rl", "--config", a.rl_preset, "--ckpt", str(arms["mixed_sft"]), "--total-env-steps", str(a.rl_budget),
           "--threads", "1"]
-    for seed in a.rl_seeds:
-        suffix = f"_seed{seed}" if seed else ""
-        runs = {f"mixed_sft_rl{suffix}": []}
-        runs |= {f"rl_co_beta{b:g}{suffix}": ["--cotrain-data", str(real), "--cotrain-weight", str(b)]
-                 for b in a.betas}
-        for name, extra in runs.items():
-            arms[name] = out / name
-            if not rl_finished(arms[name], a.rl_budget):  # an interrupted run continues where it stopped
-                resume = ["--resume"] if (arms[name] / "rl_state.json").exists() else []
-                cli(*rl, "--seed", str(seed), "--out", str(arms[name]), *extra, *resume)
+    for name, (seed, extra) in runs.items():
+        arms[name] = out / name
+        if not rl_finished(arms[name], a.rl_budget):  # an interrupted run continues where it stopped
+            resume = ["--resume"] if (arms[name] / "rl_state.json").exists() else []
+            cli(*rl, "--seed", str(seed), "--out", str(arms[name]), *extra, *resume)
     return arms
 
 
