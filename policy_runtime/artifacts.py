@@ -1,0 +1,104 @@
+"""Writing what users keep (checkpoints, exports, reports, calibration files) without ever losing it.
+
+Three rules, shared by every command that writes an output:
+- a file appears whole or not at all (`atomic_write_*`: temp file in the same directory, fsync, rename);
+- a command never replaces an artifact it did not create in this run unless the user says so
+  (`claim_output_dir`: a non-empty output directory is refused without --force / --resume);
+- two runs never write one output at once (`OutputLock`: an exclusive advisory lock held for the run).
+
+Torch-free on purpose: the runtime, calibration and the trainers all use it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+from policy_runtime.errors import UserError
+
+LOCK_NAME = ".lock"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` so that a reader (or a crash) sees the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def check_writable_dir(path: str | Path, what: str = "output directory") -> Path:
+    """Fail before any work if `path` cannot become a writable directory (a file, a read-only parent, too long)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
+        raise UserError(f"cannot create {what} {path}: {reason}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} is not writable")
+    return path
+
+
+def claim_output_dir(path: str | Path, *, force: bool = False, resume: bool = False,
+                     inputs: tuple[str | Path, ...] = (), what: str = "output directory") -> Path:
+    """Make `path` this run's output, refusing to replace what is already there.
+
+    A directory that exists and holds anything (other than a stale lock file) is refused unless `force`
+    (replace) or `resume` (continue a run, checked by the caller) is given. An output that is one of the
+    run's own inputs is refused even with --force: the run would destroy what it reads.
+    """
+    path = Path(path)
+    for src in inputs:
+        if src and Path(src).resolve() == path.resolve():
+            raise UserError(f"{what} {path} is also this run's input; choose another --out")
+    if path.is_dir() and not (force or resume) and any(p.name != LOCK_NAME for p in path.iterdir()):
+        raise UserError(f"{what} {path} is not empty; pass --force to replace its contents or choose a new --out")
+    return check_writable_dir(path, what)
+
+
+class OutputLock:
+    """An exclusive lock on an output directory for the length of a run (released by the OS if the run dies)."""
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory) / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot lock {self.path.parent}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.path.parent} is being written by another run (pid {holder}); "
+                            "wait for it or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the lock goes with the descriptor; the file stays (harmless, ignored above)
+            self._fd = None
