@@ -45,9 +45,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def check_writable_dir(path: str | Path, what: str = "output directory") -> Path:
     """Fail before any work if `path` cannot become a writable directory (a file, a read-only parent, too long)."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path} is a file, not a directory")
     try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{what} {path} is a file, not a directory")
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         reason = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
@@ -69,9 +69,10 @@ def claim_output_dir(path: str | Path, *, force: bool = False, resume: bool = Fa
     for src in inputs:
         if src and Path(src).resolve() == path.resolve():
             raise UserError(f"{what} {path} is also this run's input; choose another --out")
-    if path.is_dir() and not (force or resume) and any(p.name != LOCK_NAME for p in path.iterdir()):
+    check_writable_dir(path, what)
+    if not (force or resume) and any(p.name != LOCK_NAME for p in path.iterdir()):
         raise UserError(f"{what} {path} is not empty; pass --force to replace its contents or choose a new --out")
-    return check_writable_dir(path, what)
+    return path
 
 
 class OutputLock:
