@@ -379,12 +379,22 @@ class PolicyServer:
         self.metrics.error(code)
         self._reply(p.envelope, error_reply(code, message, p.request.request_id))
 
+    def _late(self, p: _Pending, now: float) -> bool:
+        """Would the reply miss the client's deadline? Then computing it only delays everyone else.
+
+        Past the deadline: late. Otherwise late when the recent inference time does not fit in what is left,
+        but only for a request that already waited at least that long: its own wait shows the server is that
+        slow now, so one slow batch in the past never makes a fresh request on an idle server refused.
+        """
+        if now > p.deadline:
+            return True
+        return now - p.t_mono >= self._infer_s and now + self._infer_s > p.deadline
+
     def _run_batch(self, batch: list[_Pending]) -> None:
         t_start = time.perf_counter()
         live = []
         for p in batch:
-            # A reply that cannot reach the client before its deadline is not computed: it would only delay others.
-            if t_start + self._infer_s > p.deadline:
+            if self._late(p, t_start):
                 waited = (t_start - p.t_mono) * 1e3
                 self._worker_error(p, EXPIRED, f"waited {waited:.1f} ms + inference ~{self._infer_s * 1e3:.1f} ms "
                                    f"> timeout_ms {p.request.timeout_ms}")
