@@ -715,6 +715,22 @@ def test_cli_serve_answers_and_stops_cleanly_on_sigterm(tiny_export, clients):
     assert "Traceback" not in err
 
 
+def test_cli_serve_on_all_interfaces_needs_insecure_and_says_so_loudly(tiny_export, clients):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "policy_runtime.cli", "serve", str(tiny_export[1]), "--bind",
+                             f"tcp://0.0.0.0:{port}", "--insecure", "--threads", "1", "--warmup", "1"], env=ENV,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        client = clients(f"tcp://127.0.0.1:{port}", handshake_timeout_ms=1000, handshake_retries=20)
+        assert client.infer(*observation()).actions.shape == (16, 8)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "WARNING" in err and "INSECURE" in err and "WITHOUT CURVE" in err, err
+
+
 def test_cli_serve_rejects_bad_key_files_in_one_line(tiny_export, tmp_path):
     (tmp_path / "garbage.key_secret").write_text("nonsense\n")
     (tmp_path / "clients").mkdir()
