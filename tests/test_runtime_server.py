@@ -486,6 +486,34 @@ def test_client_times_out_against_a_slow_server_then_recovers(backend, serve, cl
     assert r.actions.shape == (16, 8) and client.stats.reconnects == 1 and client.stats.handshakes == 2
 
 
+def test_client_never_buffers_a_reply_frame_over_its_cap(clients):
+    """A hostile server answering the handshake with a huge frame: the robot times out instead of holding it."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def hostile() -> None:
+        while not stop.is_set():
+            if router.poll(50):
+                identity, *_ = router.recv_multipart()
+                router.send_multipart([identity, b"\0" * (3 << 19)])
+
+    thread = threading.Thread(target=hostile, daemon=True)
+    thread.start()
+    try:
+        client = clients(f"tcp://127.0.0.1:{port}", handshake_timeout_ms=500, handshake_retries=1,
+                         limits=Limits(max_message_bytes=1 << 20))
+        with pytest.raises(Timeout):
+            client.connect()
+    finally:
+        stop.set()
+        thread.join(2)
+        router.close(0)
+        ctx.term()
+
+
 def test_client_drops_replies_to_stale_request_ids():
     """A scripted ROUTER peer answers an old request id first; the client must skip it."""
     ctx = zmq.Context()
