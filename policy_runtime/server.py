@@ -196,10 +196,11 @@ class PolicyServer:
         worker.start()
         self._threads.append(worker)
         log.info("serving %s model %s (%s on %s) at %s: horizon %d, action dim %d, cameras %s, batch <= %d, "
-                 "wait <= %.1f ms, queue <= %d%s", self.contract.backend, self.contract.model_sha256[:12],
-                 self.contract.task or "task ?", self.contract.provider, self.endpoint, self.contract.horizon,
+                 "wait <= %.1f ms, queue <= %d (<= %d per client)%s", self.contract.backend,
+                 self.contract.model_sha256[:12], self.contract.task or "task ?", self.contract.provider,
+                 self.endpoint, self.contract.horizon,
                  self.contract.action_dim, [f"{c.name} {c.height}x{c.width}" for c in self.contract.cameras],
-                 self.config.max_batch, self.config.max_wait_ms, self.config.max_queue,
+                 self.config.max_batch, self.config.max_wait_ms, self.config.max_queue, self.queue.per_key,
                  ", CURVE on" if self.config.curve else "")
         if self.config.curve is None and not is_loopback(self.endpoint):
             log.warning("INSECURE: %s is reachable from the network WITHOUT CURVE: anyone who can connect can "
@@ -327,7 +328,8 @@ class PolicyServer:
 
     def health(self) -> dict:
         h = self.metrics.health(queue_depth=len(self.queue))
-        h.update(provider=self.contract.provider, backend=self.contract.backend, max_batch=self.config.max_batch)
+        h.update(provider=self.contract.provider, backend=self.contract.backend, max_batch=self.config.max_batch,
+                 max_per_client=self.queue.per_key)
         return h
 
     def _log_stats(self) -> None:
