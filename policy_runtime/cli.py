@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,9 +19,24 @@ from policy_runtime.protocol import DEFAULT_ENDPOINT, Limits
 
 log = logging.getLogger("policy_runtime")
 
+# Upper bounds so one typo cannot exhaust a shared machine (threads, warm-up memory, queue memory).
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+MAX_BATCH = 256
+MAX_QUEUE = 4096
+MAX_WAIT_MS = 1000.0
+MAX_ARRAY_MB = 1024.0
+MAX_WARMUP = 100
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (no usage block), like every other user mistake."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="policy-runtime",
+    p = _Parser(prog="policy-runtime",
                                 description="Serve an exported flow VLA (ONNX Runtime) as action chunks over ZeroMQ.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -39,11 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8)
     s.add_argument("--max-wait-ms", type=float, default=2.0)
     s.add_argument("--max-queue", type=int, default=32)
+    s.add_argument("--max-per-client", type=int, default=4,
+                   help="pending observations one client (ZeroMQ identity) may hold; its share of the queue")
     s.add_argument("--max-array-mb", type=float, default=16.0, help="largest accepted array")
     s.add_argument("--seed", type=int, default=0, help="server noise stream seed")
     s.add_argument("--warmup", type=int, default=3, help="warm-up runs per batch size before serving")
     s.add_argument("--curve-secret", type=Path, help="server secret key file (*.key_secret); enables CURVE")
     s.add_argument("--curve-clients", type=Path, help="directory of authorised client public keys (*.key)")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --bind without CURVE (anyone on the network can drive the model)")
     s.add_argument("-v", "--verbose", action="store_true")
 
     c = sub.add_parser("check", help="re-verify an export on this machine (hash, session, determinism, latency)")
@@ -73,14 +94,35 @@ def _onnx_options(args: argparse.Namespace, warmup: int = 3, batch_sizes: tuple[
                        iobinding=not getattr(args, "no_iobinding", False), seed=getattr(args, "seed", 0))
 
 
+def _in_range(option: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    """Refuse NaN, infinities and values outside [low, high] (or (low, high]) naming the option and the range."""
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        raise UserError(f"{option} {value:g} is outside {'(' if low_open else '['}{low:g}, {high:g}]")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    _in_range("--threads", args.threads, 0, MAX_THREADS)
+    if args.cmd != "serve":
+        return
+    _in_range("--max-batch", args.max_batch, 1, MAX_BATCH)
+    _in_range("--max-queue", args.max_queue, 1, MAX_QUEUE)
+    _in_range("--max-per-client", args.max_per_client, 1, args.max_queue)
+    _in_range("--max-wait-ms", args.max_wait_ms, 0, MAX_WAIT_MS)
+    _in_range("--max-array-mb", args.max_array_mb, 0, MAX_ARRAY_MB, low_open=True)
+    _in_range("--warmup", args.warmup, 0, MAX_WARMUP)
+    _in_range("--seed", args.seed, 0, 2**63 - 1)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from policy_runtime.curve import CurveServerKeys
-    from policy_runtime.server import PolicyServer, ServerConfig, probe_bind
+    from policy_runtime.server import PolicyServer, ServerConfig, check_exposure, parse_endpoint, probe_bind
 
     if (args.curve_secret is None) != (args.curve_clients is None):
         raise UserError("--curve-secret and --curve-clients go together")
-    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0 or args.max_array_mb <= 0:
-        raise UserError("--max-batch/--max-queue must be >= 1, --max-wait-ms >= 0, --max-array-mb > 0")
+    _check_numbers(args)
+    parse_endpoint(args.bind)
+    check_exposure(args.bind, curve=args.curve_secret is not None, insecure=args.insecure)
     curve = CurveServerKeys(args.curve_secret, args.curve_clients) if args.curve_secret else None
     if curve is not None:  # fail on bad keys before spending time on loading the model
         from policy_runtime.curve import check_clients_dir, load_keypair
@@ -101,7 +143,8 @@ def _serve(args: argparse.Namespace) -> int:
     limits = Limits(max_array_bytes=int(args.max_array_mb * (1 << 20)),
                     max_message_bytes=max(Limits().max_message_bytes, 4 * int(args.max_array_mb * (1 << 20))))
     server = PolicyServer(backend, ServerConfig(bind=args.bind, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                                max_queue=args.max_queue, limits=limits, curve=curve))
+                                                max_queue=args.max_queue, max_per_client=args.max_per_client,
+                                                limits=limits, curve=curve, insecure=args.insecure))
     server.start()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -118,6 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from policy_runtime.check import check_export
 
+    _check_numbers(args)
     report = check_export(args.export_dir, _onnx_options(args))
     for line in report.lines:
         print(line)

@@ -201,6 +201,8 @@ class PolicyClient:
     def _open(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
+        # A reply frame over the cap (a hostile or broken server) is dropped by libzmq before it is allocated.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         if self.curve is not None:
             secure_client(sock, self.curve)
         sock.connect(self.endpoint)

@@ -15,6 +15,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from policy_runtime.errors import UserError
 
@@ -47,7 +48,19 @@ def load_keypair(path: Path, need_secret: bool) -> tuple[bytes, bytes | None]:
         raise UserError(f"key file {path} has no valid public key")
     if need_secret and (not secret or len(secret) != 40):
         raise UserError(f"key file {path} has no secret key (pass the *.key_secret file)")
+    for which, key in (("public", public), ("secret", secret if need_secret else None)):
+        if key is not None and not _is_z85(key):
+            raise UserError(f"key file {path}: the {which} key has characters outside ZeroMQ's Z85 alphabet")
     return public, secret
+
+
+def _is_z85(key: bytes) -> bool:
+    """libzmq rejects a non-Z85 key only when it is set on a socket, after the authenticator thread started."""
+    try:
+        z85.decode(key)
+    except (KeyError, ValueError, TypeError):
+        return False
+    return True
 
 
 def check_clients_dir(path: Path) -> int:
@@ -67,12 +80,19 @@ def secure_server(ctx: zmq.Context, sock: zmq.Socket, keys: CurveServerKeys) -> 
     """Make `sock` a CURVE server that only accepts the authorised keys; call before bind()."""
     public, secret = load_keypair(keys.secret_file, need_secret=True)
     check_clients_dir(keys.clients_dir)
+    try:  # set the keys before the authenticator thread exists, so a refused key cannot leave it running
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+    except zmq.ZMQError as e:
+        raise UserError(f"key file {keys.secret_file}: libzmq refuses the key ({e})") from None
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve(domain="*", location=str(keys.clients_dir))
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
-    sock.curve_server = True
+    try:
+        auth.configure_curve(domain="*", location=str(keys.clients_dir))
+    except BaseException:
+        auth.stop()
+        raise
     return auth
 
 

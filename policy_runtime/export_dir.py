@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,22 @@ def load_export(path: str | Path, verify_hash: bool = True) -> ExportDir:
         if got != manifest.get("model_sha256"):
             raise UserError(f"export {path}: {model_file} sha256 {got[:12]}... does not match the manifest's "
                             f"{str(manifest.get('model_sha256'))[:12]}... (corrupt or replaced file)")
+        _verify_norm_stats(path, manifest)
     return ExportDir(path, manifest, model_path)
+
+
+def _verify_norm_stats(path: Path, manifest: dict) -> None:
+    """The normalisation file travels with the export; clients check its hash, so a missing or edited one is fatal."""
+    norm = manifest["normalisation"]  # a map with a sha256: contract_from_manifest checked it
+    name = norm.get("file", "norm_stats.json")
+    if not isinstance(name, str) or Path(name).name != name:
+        raise UserError(f"export {path}: manifest normalisation file {name!r} is not a file name")
+    if not (path / name).is_file():
+        raise UserError(f"export {path}: {name} is missing (the manifest's normalisation hash refers to it)")
+    got = file_sha256(path / name)
+    if got != norm.get("sha256"):
+        raise UserError(f"export {path}: {name} sha256 {got[:12]}... does not match the manifest's "
+                        f"{str(norm.get('sha256'))[:12]}... (truncated or edited file)")
 
 
 def contract_from_manifest(m: dict, backend: str, provider: str, where: str = "export") -> Contract:
@@ -90,4 +106,23 @@ def contract_from_manifest(m: dict, backend: str, provider: str, where: str = "e
         raise UserError(f"{where}: manifest state layout does not add up to state dim {c.state_dim}")
     if c.horizon < 1 or c.action_dim < 1 or c.text_max_len < 2:  # no cameras is fine: a state-only policy
         raise UserError(f"{where}: manifest has a non-positive horizon/action_dim/max_len")
+    _check_ranges(c, where)
     return c
+
+
+def _check_ranges(c: Contract, where: str) -> None:
+    """Numbers a robot acts on: each must be in range, or the manifest is refused naming the field and value."""
+    if not 1 <= c.exec_steps <= c.horizon:
+        raise UserError(f"{where}: manifest exec_steps {c.exec_steps} is outside [1, horizon={c.horizon}]")
+    if c.num_steps < 1:
+        raise UserError(f"{where}: manifest num_steps {c.num_steps} must be >= 1")
+    if not (math.isfinite(c.control_hz) and c.control_hz > 0):
+        raise UserError(f"{where}: manifest control_hz {c.control_hz} must be a positive finite number")
+    pairs = list(zip(c.action_low, c.action_high, strict=True))
+    if not all(math.isfinite(lo) and math.isfinite(hi) and lo <= hi for lo, hi in pairs):
+        raise UserError(f"{where}: manifest action bounds must be finite with low <= high")
+    bad_cam = next((cam for cam in c.cameras if cam.height < 1 or cam.width < 1), None)
+    if bad_cam is not None:
+        raise UserError(f"{where}: manifest camera {bad_cam.name} has size {bad_cam.height}x{bad_cam.width}")
+    if any(k < 0 for _, k in c.state_layout):
+        raise UserError(f"{where}: manifest state layout has a negative size")

@@ -234,6 +234,35 @@ def decode(data: bytes | memoryview, limits: Limits = Limits(), attached: Sequen
     return msg
 
 
+PEEK_BYTES = 256  # how much of a header the server reads to learn its kind before deciding to decode it
+
+
+def peek_kind(data: bytes | memoryview) -> tuple[str | None, int | None]:
+    """(kind, request_id) read from the first PEEK_BYTES of a header without decoding the rest; None where unknown.
+
+    Lets the server answer a client over its share with `overloaded` (and its request id) at the cost of a few
+    hundred bytes, while still letting hello and ping through. Our encoder puts both fields first.
+    """
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=PEEK_BYTES, strict_map_key=True, max_ext_len=0,
+                                max_bin_len=PEEK_BYTES, max_str_len=PEEK_BYTES, max_array_len=16, max_map_len=64)
+    kind = rid = None
+    try:
+        unpacker.feed(memoryview(data)[:PEEK_BYTES])
+        for _ in range(min(unpacker.read_map_header(), 8)):
+            key = unpacker.unpack()
+            if key == "kind" or key == "request_id":
+                value = unpacker.unpack()
+                kind = value if key == "kind" and isinstance(value, str) else kind
+                rid = value if key == "request_id" and _is_int(value) and 0 <= value <= UINT64_MAX else rid
+            else:
+                unpacker.skip()
+            if kind is not None and rid is not None:
+                break
+    except Exception:  # truncated at PEEK_BYTES, not a map, malformed: the full decode (if admitted) reports it
+        pass
+    return kind, rid
+
+
 # ----- field checks ---------------------------------------------------------------------------------------------------
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)

@@ -1,10 +1,13 @@
 """ZeroMQ ROUTER server: many robots, dynamic batching, a structured error for every bad message.
 
-Two threads. The I/O thread owns the ROUTER socket: it decodes and validates every message, answers
-hello/ping and errors itself (so health stays visible during a slow inference), and puts valid
-observations in a bounded queue, answering `overloaded` when it is full. The worker thread takes batches
-from the queue, runs the backend and hands encoded replies back to the I/O thread over an inproc pipe
-(ZeroMQ sockets are not thread-safe). Replies to clients that vanished are dropped by ROUTER.
+Two threads. The I/O thread owns the ROUTER socket: it answers hello/ping and errors itself (so health
+stays visible during a slow inference), checks admission for an observation before decoding it (a client
+over its share of the queue gets `overloaded` without the server spending a decode on it), then decodes
+and validates it and puts it in a bounded, per-client fair queue. The worker thread takes batches from the
+queue round-robin across clients, drops requests whose client deadline has passed or would pass before the
+chunk is ready (`expired`, never computed), runs the backend and hands encoded replies back to the I/O
+thread over an inproc pipe (ZeroMQ sockets are not thread-safe). Replies to clients that vanished are
+dropped by ROUTER. Every received message is released as soon as it is handled.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import math
+import re
 import secrets
 import threading
 import time
@@ -45,6 +50,7 @@ from policy_runtime.protocol import (
     hello_reply,
     pack_ndarray,
     parse_request,
+    peek_kind,
     pong_reply,
 )
 
@@ -53,8 +59,46 @@ log = logging.getLogger("policy_runtime.server")
 DEFAULT_BIND = DEFAULT_ENDPOINT
 
 
+_TCP = re.compile(r"tcp://(?P<host>.+):(?P<port>[^:\]]+)")
+LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, str]:
+    """(transport, address) of a bindable endpoint; a bad one is a UserError (libzmq would bind somewhere else).
+
+    libzmq takes `tcp://127.0.0.1:99999` and binds a random port, so the port is checked here.
+    """
+    transport, sep, address = endpoint.partition("://")
+    if not sep or transport not in ("tcp", "ipc", "inproc") or not address:
+        raise UserError(f"endpoint {endpoint!r} is not tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+    if transport == "tcp":
+        m = _TCP.fullmatch(endpoint)
+        port = m["port"] if m else ""
+        if not m or not (port == "*" or (port.isdigit() and int(port) <= 65535)):
+            raise UserError(f"endpoint {endpoint!r}: the port must be a number in 0..65535 or *")
+    return transport, address
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True when only this machine can connect (loopback TCP, ipc, inproc)."""
+    transport, address = parse_endpoint(endpoint)
+    if transport != "tcp":
+        return True
+    host = address.rsplit(":", 1)[0].rsplit(";", 1)[-1]
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def check_exposure(endpoint: str, curve: bool, insecure: bool) -> None:
+    """A non-loopback bind without CURVE lets anyone on the network drive the robot's policy: refused unless
+    the operator says --insecure."""
+    if not curve and not insecure and not is_loopback(endpoint):
+        raise UserError(f"refusing to serve {endpoint} without CURVE: anyone on the network could send "
+                        "observations; use --curve-secret/--curve-clients, bind 127.0.0.1, or pass --insecure")
+
+
 def probe_bind(endpoint: str) -> None:
     """Fail fast (before a model load that may take minutes) when the endpoint cannot be bound."""
+    parse_endpoint(endpoint)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     try:
@@ -73,11 +117,13 @@ class ServerConfig:
     max_batch: int = 8
     max_wait_ms: float = 2.0        # how long the oldest queued request may wait for others to join its batch
     max_queue: int = 32             # pending observations; beyond this, `overloaded`
+    max_per_client: int = 4         # pending observations of one client (ZeroMQ identity): its share of the queue
     limits: Limits = Limits()
     curve: CurveServerKeys | None = None
     rcvhwm: int = 100               # ZeroMQ per-peer receive queue (messages)
     heartbeat_ms: int = 1000        # ZMTP heartbeats so dead peers are noticed
     stats_interval_s: float = 10.0  # progress log period (only when something was served)
+    insecure: bool = False          # allow a non-loopback bind without CURVE (logged loudly)
 
 
 ACTIVE_WINDOW_S = 1.0  # a client that sent an observation this recently may send another one into a batch
@@ -90,35 +136,41 @@ class _Pending:
     t_recv: float    # wall clock, for the reply
     t_mono: float    # perf_counter at receipt, for durations
     decode_ms: float
+    deadline: float  # perf_counter after which the client no longer waits (receipt + timeout_ms)
 
 
 class PolicyServer:
     """Serve one backend. start() binds (errors surface here); run() loops until request_stop()."""
 
     def __init__(self, backend: Backend, config: ServerConfig = ServerConfig()):
-        if config.max_batch < 1 or config.max_queue < 1 or config.max_wait_ms < 0:
-            raise UserError("max batch and max queue must be >= 1 and max wait >= 0")
+        if config.max_batch < 1 or config.max_queue < 1 or config.max_per_client < 1 or config.max_wait_ms < 0:
+            raise UserError("max batch, max queue and max per client must be >= 1 and max wait >= 0")
         self.backend, self.config = backend, config
         self.instance = secrets.token_hex(8)
         self.contract = dataclasses.replace(backend.contract(), max_batch=config.max_batch,
                                             max_array_bytes=config.limits.max_array_bytes, instance=self.instance)
         self.metrics = Metrics()
-        self.queue: BatchQueue[_Pending] = BatchQueue(config.max_queue)
+        self.queue: BatchQueue[_Pending] = BatchQueue(config.max_queue, config.max_per_client)
         self.endpoint = ""
         self._stop = threading.Event()
         self._ctx: zmq.Context | None = None
         self._threads: list[threading.Thread] = []
         self._auth = None
         self._last_infer: dict[bytes, float] = {}  # client identity -> its last hello or observation
+        self._infer_s = 0.0  # recent inference time per batch (moving average), to foresee missed deadlines
 
     # ----- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> str:
         """Bind the sockets and start the worker; returns the bound endpoint (useful with port 0 / '*')."""
+        parse_endpoint(self.config.bind)
+        check_exposure(self.config.bind, self.config.curve is not None, self.config.insecure)
         ctx = self._ctx = zmq.Context()
         self.router = ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.rcvhwm = self.config.rcvhwm
-        self.router.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.limits.max_message_bytes)
+        # libzmq buffers a whole multipart message before handing it over; it can only cap each frame, and a
+        # peer sending a larger frame is disconnected before the frame is allocated.
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_bytes)
         self.router.setsockopt(zmq.HEARTBEAT_IVL, self.config.heartbeat_ms)
         self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * self.config.heartbeat_ms)
         try:
@@ -144,11 +196,15 @@ class PolicyServer:
         worker.start()
         self._threads.append(worker)
         log.info("serving %s model %s (%s on %s) at %s: horizon %d, action dim %d, cameras %s, batch <= %d, "
-                 "wait <= %.1f ms, queue <= %d%s", self.contract.backend, self.contract.model_sha256[:12],
-                 self.contract.task or "task ?", self.contract.provider, self.endpoint, self.contract.horizon,
+                 "wait <= %.1f ms, queue <= %d (<= %d per client)%s", self.contract.backend,
+                 self.contract.model_sha256[:12], self.contract.task or "task ?", self.contract.provider,
+                 self.endpoint, self.contract.horizon,
                  self.contract.action_dim, [f"{c.name} {c.height}x{c.width}" for c in self.contract.cameras],
-                 self.config.max_batch, self.config.max_wait_ms, self.config.max_queue,
+                 self.config.max_batch, self.config.max_wait_ms, self.config.max_queue, self.queue.per_key,
                  ", CURVE on" if self.config.curve else "")
+        if self.config.curve is None and not is_loopback(self.endpoint):
+            log.warning("INSECURE: %s is reachable from the network WITHOUT CURVE: anyone who can connect can "
+                        "send observations and receive this robot's actions (--insecure was given)", self.endpoint)
         return self.endpoint
 
     def start_background(self) -> str:
@@ -187,6 +243,7 @@ class PolicyServer:
                         except zmq.Again:
                             break
                         self._handle(frames)
+                        del frames  # an idle loop must not keep the last (possibly huge) message alive
                 if time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + self.config.stats_interval_s
                     if self.metrics.served != last_served:
@@ -207,6 +264,10 @@ class PolicyServer:
         else:
             self._send_error([identity], BAD_FRAME, "expected a header frame after the identity, got none")
             return
+        kind, rid = peek_kind(rest[0].buffer)
+        if kind not in ("hello", "ping") and not self.queue.admits(identity):
+            self._refuse(envelope, rid)  # before decoding: a flood costs a peek per message, not a decode
+            return
         try:
             req = parse_request(rest[0].buffer, self.contract, self.config.limits, [f.buffer for f in rest[1:]])
         except ProtocolError as e:
@@ -220,9 +281,23 @@ class PolicyServer:
             self._send(envelope, pong_reply(req.request_id, self.instance, self.health()))
         else:
             self._last_infer[identity] = time.monotonic()
-            if not self.queue.offer(_Pending(envelope, req, t_recv, t0, (time.perf_counter() - t0) * 1e3)):
-                self._send_error(envelope, OVERLOADED, f"{self.config.max_queue} requests already pending; send a "
-                                 "fresh observation later", req.request_id)
+            deadline = t0 + req.timeout_ms / 1e3 if req.timeout_ms is not None else math.inf
+            pending = _Pending(envelope, req, t_recv, t0, (time.perf_counter() - t0) * 1e3, deadline)
+            accepted, displaced = self.queue.offer(identity, pending)
+            if displaced is not None:
+                self._refuse(displaced.envelope, displaced.request.request_id, displaced=True)
+            if not accepted:
+                self._refuse(envelope, req.request_id)
+
+    def _refuse(self, envelope: list[bytes], request_id: int | None, displaced: bool = False) -> None:
+        """`overloaded`, saying whether this client is over its own share or the whole queue is full."""
+        if displaced:
+            why = "your request was displaced by a client with fewer pending requests (fair share)"
+        elif self.queue.pending(envelope[0]) >= self.queue.per_key:
+            why = f"this client already has {self.queue.per_key} requests pending (its share of the queue)"
+        else:
+            why = f"{self.config.max_queue} requests already pending"
+        self._send_error(envelope, OVERLOADED, f"{why}; send a fresh observation later", request_id)
 
     def _active_clients(self) -> int:
         """Clients that said hello or sent an observation within the last ACTIVE_WINDOW_S (at least 1)."""
@@ -253,7 +328,8 @@ class PolicyServer:
 
     def health(self) -> dict:
         h = self.metrics.health(queue_depth=len(self.queue))
-        h.update(provider=self.contract.provider, backend=self.contract.backend, max_batch=self.config.max_batch)
+        h.update(provider=self.contract.provider, backend=self.contract.backend, max_batch=self.config.max_batch,
+                 max_per_client=self.queue.per_key)
         return h
 
     def _log_stats(self) -> None:
@@ -294,6 +370,7 @@ class PolicyServer:
                 if batch is None:
                     return
                 self._run_batch(batch)
+                del batch  # release the requests' frames now, not when the next batch arrives
         finally:
             self._pipe_out.close(linger=0)
 
@@ -304,13 +381,25 @@ class PolicyServer:
         self.metrics.error(code)
         self._reply(p.envelope, error_reply(code, message, p.request.request_id))
 
+    def _late(self, p: _Pending, now: float) -> bool:
+        """Would the reply miss the client's deadline? Then computing it only delays everyone else.
+
+        Past the deadline: late. Otherwise late when the recent inference time does not fit in what is left,
+        but only for a request that already waited at least that long: its own wait shows the server is that
+        slow now, so one slow batch in the past never makes a fresh request on an idle server refused.
+        """
+        if now > p.deadline:
+            return True
+        return now - p.t_mono >= self._infer_s and now + self._infer_s > p.deadline
+
     def _run_batch(self, batch: list[_Pending]) -> None:
         t_start = time.perf_counter()
         live = []
         for p in batch:
-            waited = (t_start - p.t_mono) * 1e3
-            if p.request.timeout_ms is not None and waited > p.request.timeout_ms:
-                self._worker_error(p, EXPIRED, f"waited {waited:.1f} ms > timeout_ms {p.request.timeout_ms}")
+            if self._late(p, t_start):
+                waited = (t_start - p.t_mono) * 1e3
+                self._worker_error(p, EXPIRED, f"waited {waited:.1f} ms + inference ~{self._infer_s * 1e3:.1f} ms "
+                                   f"> timeout_ms {p.request.timeout_ms}")
             else:
                 live.append(p)
         if not live:
@@ -326,6 +415,7 @@ class PolicyServer:
                 self._worker_error(p, INTERNAL, f"inference failed: {type(e).__name__}: {str(e)[:200]}")
             return
         infer_ms = (time.perf_counter() - t_infer) * 1e3
+        self._infer_s = infer_ms / 1e3 if not self._infer_s else 0.7 * self._infer_s + 0.3 * infer_ms / 1e3
         self.metrics.batch(len(live))
         for p, res in zip(live, results, strict=True):
             if res.error is not None or res.actions is None:

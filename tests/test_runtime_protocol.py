@@ -349,11 +349,24 @@ def test_batch_queue_stops_waiting_once_every_active_client_is_queued():
     from policy_runtime.batching import BatchQueue
 
     q: BatchQueue[int] = BatchQueue(8)
-    q.offer(1)
+    q.offer("a", 1)
     t0 = time.monotonic()
     assert q.take(8, 0.5, expected=lambda: 1) == [1]
     assert time.monotonic() - t0 < 0.1  # a lone client is not delayed by the batching window
-    q.offer(2)
+    q.offer("a", 2)
     t0 = time.monotonic()
     assert q.take(8, 0.2, expected=lambda: 2) == [2]
     assert time.monotonic() - t0 >= 0.19  # a second active client may still send: wait for it
+
+
+def test_batch_queue_gives_each_client_a_bounded_fair_share():
+    from policy_runtime.batching import BatchQueue
+
+    q: BatchQueue[str] = BatchQueue(6, per_key=4)
+    accepted = [q.offer("flood", f"f{i}")[0] for i in range(6)]
+    assert accepted == [True] * 4 + [False] * 2 and not q.admits("flood")  # its share, no more
+    assert q.offer("b", "b0") == (True, None) and q.offer("c", "c0") == (True, None)  # queue now full (6)
+    ok, displaced = q.offer("d", "d0")  # full: the newcomer displaces the largest holder's newest item
+    assert ok and displaced == "f3" and q.pending("flood") == 3
+    assert q.take(4, 0.0) == ["f0", "b0", "c0", "d0"]  # one per client per round
+    assert q.take(4, 0.0) == ["f1", "f2"]

@@ -23,6 +23,7 @@ from policy_runtime.client import ContractMismatch, Expectation, PolicyClient, S
 from policy_runtime.curve import CurveClientKeys, CurveServerKeys
 from policy_runtime.protocol import Limits
 from policy_runtime.server import PolicyServer, ServerConfig
+from tests.ros_fixtures import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -288,6 +289,179 @@ def test_requests_that_waited_past_their_timeout_are_not_run(backend, serve, cli
         raw.close()
 
 
+# ----- overload: fair shares, admission, deadlines, memory ----------------------------------------------------------
+class CountingBackend(SlowBackend):
+    """SlowBackend that counts the observations it actually computed."""
+
+    def __init__(self, inner: OnnxBackend, delay_s: float):
+        super().__init__(inner, delay_s)
+        self.computed = 0
+
+    def infer_batch(self, requests):
+        self.computed += len(requests)
+        return super().infer_batch(requests)
+
+
+class Flooder:
+    """A client sending observations as fast as the server takes them, `window` outstanding, in its own thread."""
+
+    def __init__(self, endpoint: str, window: int = 64):
+        self.raw, self.window = RawClient(endpoint), window
+        self.sent = self.replies = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        frames = P.encode_frames(P.infer_request(0, *observation(), 1.0))
+        while not self._stop.is_set():
+            while self.sent - self.replies < self.window:
+                self.raw.sock.send_multipart(frames)
+                self.sent += 1
+            if self.raw.sock.poll(5):
+                while True:
+                    try:
+                        self.raw.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.replies += 1
+
+    def __enter__(self) -> Flooder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.raw.close()
+
+
+def paced_client(client: PolicyClient, n: int, hz: float = 50.0) -> tuple[int, list[float]]:
+    """A robot's control loop: n observations at `hz`; (chunks received, latencies in ms of those)."""
+    ok, latencies = 0, []
+    images, state = observation()
+    t_start = time.monotonic()
+    for i in range(n):
+        t0 = time.monotonic()
+        try:
+            client.infer(images, state)
+            ok += 1
+            latencies.append((time.monotonic() - t0) * 1e3)
+        except (ServerError, Timeout):
+            pass
+        time.sleep(max(0.0, t_start + (i + 1) / hz - time.monotonic()))
+    return ok, latencies
+
+
+def test_a_flooding_client_leaves_a_50hz_client_its_share(backend, serve, clients):
+    server = serve(SlowBackend(backend, 0.02), max_batch=4, max_queue=16)
+    robot = clients(server.endpoint, timeout_ms=1000)
+    robot.connect()
+    with Flooder(server.endpoint) as flood:
+        wait_for(lambda: flood.replies > 50, 10, "the flood to be under way")
+        ok, latencies = paced_client(robot, 50)
+    health = robot.ping()
+    assert health["errors_by_code"].get(P.OVERLOADED, 0) > 0  # the flood was refused beyond its share...
+    assert ok >= 48, f"the 50 Hz client got {ok}/50 chunks beside a flood"  # ...and the robot was served
+    assert np.percentile(latencies, 99) < 500
+
+
+def test_admission_is_checked_before_the_request_is_decoded(backend, serve):
+    server = serve(SlowBackend(backend, 0.5), max_batch=1, max_per_client=2)
+    raw = RawClient(server.endpoint)
+    images, state = observation()
+    try:
+        for i in range(3):  # one in inference (or queued) and two queued: this client's share is full
+            raw.sock.send(P.encode(P.infer_request(i, images, state, 1.0)))
+        raw.sock.send(P.encode(P.infer_request(9, images, np.full(18, np.nan, np.float32), 1.0)))
+        replies = {}
+        while 9 not in replies:
+            assert raw.sock.poll(3000), "no reply"
+            r = P.parse_reply(raw.sock.recv())
+            replies[r.request_id] = r
+        # refused as over its share, not as non-finite: the NaN was never decoded
+        assert isinstance(replies[9], P.ErrorReply) and replies[9].code == P.OVERLOADED, replies[9]
+        assert "share" in replies[9].message
+    finally:
+        raw.close()
+
+
+def test_a_request_that_would_miss_its_deadline_is_not_computed(backend, serve):
+    counting = CountingBackend(backend, 0.3)
+    server = serve(counting, max_batch=1)
+    raw = RawClient(server.endpoint)
+    images, state = observation()
+    try:
+        raw.sock.send(P.encode(P.infer_request(1, images, state, 1.0)))
+        raw.sock.send(P.encode(P.infer_request(2, images, state, 1.0)))
+        # waits ~600 ms behind the first two, then would need ~300 ms more: the reply would come after 800 ms
+        raw.sock.send(P.encode(P.infer_request(3, images, state, 1.0, timeout_ms=800)))
+        replies = {r.request_id: r for r in (P.parse_reply(raw.sock.recv()) for _ in range(3) if raw.sock.poll(5000))}
+        assert isinstance(replies[1], P.ActionsReply) and isinstance(replies[2], P.ActionsReply)
+        assert isinstance(replies[3], P.ErrorReply) and replies[3].code == P.EXPIRED, replies[3]
+        assert counting.computed == 2
+    finally:
+        raw.close()
+
+
+def test_pings_stay_fast_while_the_batcher_is_busy_and_flooded(backend, serve, clients):
+    server = serve(SlowBackend(backend, 0.2), max_batch=2, max_queue=8)
+    monitor = clients(server.endpoint, timeout_ms=2000)
+    monitor.connect()
+    with Flooder(server.endpoint, window=256) as flood:
+        wait_for(lambda: flood.replies > 100, 10, "the flood to be under way")
+        times = []
+        for _ in range(20):
+            t0 = time.monotonic()
+            monitor.ping()
+            times.append((time.monotonic() - t0) * 1e3)
+    assert max(times) < 150, times
+
+
+def test_a_frame_over_the_message_cap_is_dropped_by_libzmq_before_it_is_buffered(backend, serve, clients):
+    limits = Limits(max_message_bytes=1 << 20, max_array_bytes=1 << 18)
+    server = serve(backend, limits=limits)
+    assert server.router.getsockopt(zmq.MAXMSGSIZE) == limits.max_message_bytes
+    raw = RawClient(server.endpoint)
+    try:
+        header = P.encode(P.ping_request(1))
+        raw.sock.send_multipart([header, b"\0" * (3 << 19)])  # 1.5 MiB: over the cap, so never delivered
+        assert not raw.sock.poll(1000), "a message with an oversized frame was answered (it was buffered)"
+    finally:
+        raw.close()
+    assert clients(server.endpoint).infer(*observation()).actions.shape == (16, 8)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_a_refused_large_message_is_released_at_once(tiny_export, clients):
+    """Before: the I/O loop kept the last message (here 120 MiB) alive until the next one arrived."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "policy_runtime.cli", "serve", str(tiny_export[1]), "--bind",
+                             f"tcp://127.0.0.1:{port}", "--threads", "1", "--warmup", "1"], env=ENV,
+                            stderr=subprocess.DEVNULL)
+    try:
+        client = clients(f"tcp://127.0.0.1:{port}", handshake_timeout_ms=1000, handshake_retries=30)
+        client.infer(*observation())
+        base = rss_mib(proc.pid)
+        raw = RawClient(f"tcp://127.0.0.1:{port}")
+        try:
+            frame = b"\0" * (40 << 20)  # each frame under the 64 MiB cap, the message (120 MiB) over it
+            reply = raw.ask(P.encode(P.ping_request(5)), frame, frame, frame, timeout_ms=30000)
+        finally:
+            raw.close()
+        assert isinstance(reply, P.ErrorReply) and reply.code == P.MESSAGE_TOO_LARGE
+        wait_for(lambda: rss_mib(proc.pid) < base + 40, 10, f"the server's RSS to fall back near {base:.0f} MiB")
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 # ----- client robustness ----------------------------------------------------------------------------------------------
 def test_client_times_out_against_an_absent_server(clients):
     client = clients(f"tcp://127.0.0.1:{free_port()}", handshake_timeout_ms=150, handshake_retries=2)
@@ -310,6 +484,34 @@ def test_client_times_out_against_a_slow_server_then_recovers(backend, serve, cl
     time.sleep(0.5)  # the late answer to the abandoned request goes to the closed socket and is lost
     r = client.infer(images, state)
     assert r.actions.shape == (16, 8) and client.stats.reconnects == 1 and client.stats.handshakes == 2
+
+
+def test_client_never_buffers_a_reply_frame_over_its_cap(clients):
+    """A hostile server answering the handshake with a huge frame: the robot times out instead of holding it."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def hostile() -> None:
+        while not stop.is_set():
+            if router.poll(50):
+                identity, *_ = router.recv_multipart()
+                router.send_multipart([identity, b"\0" * (3 << 19)])
+
+    thread = threading.Thread(target=hostile, daemon=True)
+    thread.start()
+    try:
+        client = clients(f"tcp://127.0.0.1:{port}", handshake_timeout_ms=500, handshake_retries=1,
+                         limits=Limits(max_message_bytes=1 << 20))
+        with pytest.raises(Timeout):
+            client.connect()
+    finally:
+        stop.set()
+        thread.join(2)
+        router.close(0)
+        ctx.term()
 
 
 def test_client_drops_replies_to_stale_request_ids():
@@ -539,6 +741,22 @@ def test_cli_serve_answers_and_stops_cleanly_on_sigterm(tiny_export, clients):
     for fragment in ("loaded", "serving onnxruntime model", "SIGTERM", "stopped"):
         assert fragment in err, err
     assert "Traceback" not in err
+
+
+def test_cli_serve_on_all_interfaces_needs_insecure_and_says_so_loudly(tiny_export, clients):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "policy_runtime.cli", "serve", str(tiny_export[1]), "--bind",
+                             f"tcp://0.0.0.0:{port}", "--insecure", "--threads", "1", "--warmup", "1"], env=ENV,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        client = clients(f"tcp://127.0.0.1:{port}", handshake_timeout_ms=1000, handshake_retries=20)
+        assert client.infer(*observation()).actions.shape == (16, 8)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "WARNING" in err and "INSECURE" in err and "WITHOUT CURVE" in err, err
 
 
 def test_cli_serve_rejects_bad_key_files_in_one_line(tiny_export, tmp_path):

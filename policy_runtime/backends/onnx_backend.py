@@ -119,10 +119,23 @@ class OnnxBackend:
                             f"{sorted(want)}")
         if [o.name for o in self.session.get_outputs()] != ["actions"]:
             raise UserError(f"export {self.export.path}: graph output is not 'actions'")
+        shapes = {f"image.{cam.name}": (cam.height, cam.width, 3) for cam in c.cameras}
+        shapes.update(state=(c.state_dim,), text=(c.text_max_len,), noise=(c.horizon, c.action_dim),
+                      actions=(c.horizon, c.action_dim))
+        for node in (*self.session.get_inputs(), *self.session.get_outputs()):
+            self._check_dims(node.name, node.shape, shapes[node.name])
         tokens = m["text"].get("tokens")
         if tokens is not None and tokenize(c.default_instruction, c.text_max_len).tolist() != list(tokens):
             raise UserError(f"export {self.export.path}: the manifest's instruction tokens do not follow the "
                             "utf8-bytes-v1 rule this runtime implements")
+
+    def _check_dims(self, name: str, graph: list, manifest: tuple[int, ...]) -> None:
+        """Fixed graph dimensions (after the batch axis) must equal the manifest's; symbolic ones are free."""
+        dims = list(graph or [])[1:]
+        if len(dims) != len(manifest) or any(isinstance(g, int) and g != m
+                                             for g, m in zip(dims, manifest, strict=True)):
+            raise UserError(f"export {self.export.path}: graph {name} has shape {list(graph or [])}, the manifest "
+                            f"says [batch, {', '.join(map(str, manifest))}]")
 
     def _warmup(self) -> float:
         """Run dummy batches so first-call costs (allocations, cuDNN search, TRT builds) happen before serving."""
