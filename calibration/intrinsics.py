@@ -31,8 +31,10 @@ class IntrinsicsResult:
 
 def list_images(directory: str | Path) -> list[Path]:
     d = Path(directory)
-    if not d.is_dir():
+    if not d.exists():
         raise UserError(f"image directory {d} does not exist")
+    if not d.is_dir():
+        raise UserError(f"--images {d} is a file, not a directory of images")
     files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {d}")
@@ -40,9 +42,14 @@ def list_images(directory: str | Path) -> list[Path]:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"image {p} does not exist")
+    if not p.is_file():
+        raise UserError(f"image {p} is not a file")
+    img = cv2.imread(str(p), cv2.IMREAD_COLOR)
     if img is None:
-        raise UserError(f"cannot read image {path}")
+        raise UserError(f"image {p} is unreadable or not an image format OpenCV reads (png, jpg, bmp, tif)")
     return img
 
 

@@ -141,12 +141,12 @@ def test_handeye_recovers_synthetic_transform(mount):
     assert 0 < res.uncertainty_mm < 3.0 and 0 < res.uncertainty_deg < 0.3
 
 
-def test_wrong_mounting_convention_is_detected_by_consistency():
-    """Eye-to-hand data solved as eye-in-hand gives an inconsistent chain: the spread exposes the mistake."""
+def test_wrong_mounting_convention_is_refused_by_consistency():
+    """Eye-to-hand data solved as eye-in-hand fits no single X: refused, and the message names the right mount."""
     G, C, _ = synthetic_handeye("eye-to-hand")
-    right = calibrate_handeye(G, C, "eye-to-hand").methods["TSAI"].consistency
-    wrong = calibrate_handeye(G, C, "eye-in-hand").methods["TSAI"].consistency
-    assert wrong.translation_rms_mm > 20 * right.translation_rms_mm
+    calibrate_handeye(G, C, "eye-to-hand")
+    with pytest.raises(UserError, match="solved as eye-to-hand they all fit: is --mount eye-to-hand"):
+        calibrate_handeye(G, C, "eye-in-hand")
 
 
 def test_handeye_refuses_too_few_samples():
