@@ -211,10 +211,11 @@ def check_consistency(base_T_gripper: list[np.ndarray], cam_T_target: list[np.nd
         return res
     outliers = find_outliers(base_T_gripper, cam_T_target, mount, method, gate)
     if outliers:
-        named = ", ".join(f"{labels[i]} ({res[i, 0]:.0f} mm / {res[i, 1]:.1f} deg)" for i in outliers)
-        raise UserError(f"{named} disagree{'s' if len(outliers) == 1 else ''} with the other samples beyond the "
-                        f"gate of {gate} (leave-one-out residual): paired with the wrong image or read while the "
-                        "arm moved? remove it from samples.json and run again")
+        named = "; ".join(f"{labels[i]} off by {res[i, 0]:.0f} mm / {res[i, 1]:.1f} deg" for i in outliers)
+        many = len(outliers) > 1
+        raise UserError(f"{len(outliers)} sample{'s' if many else ''} disagree{'' if many else 's'} with the others "
+                        f"beyond the gate of {gate} (leave-one-out residual): {named}; paired with the wrong image or "
+                        "read while the arm moved? remove from samples.json and run again")
     other = MOUNTS[1 - MOUNTS.index(mount)]
     worst = int(np.argmax([gate.ratio(mm, deg) for mm, deg in res]))
     what = (f"the samples do not fit one transform: {sum(gate.ratio(*r) > 1 for r in res)} of {len(res)} are beyond "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -27,16 +28,26 @@ def check_outputs(outputs: list[Path], *, force: bool, inputs: tuple[Path, ...] 
     resolved_inputs = {Path(p).resolve() for p in inputs}
     for out in outputs:
         out = Path(out)
+        check_writable_dir(out.parent, "output directory")
+        _check_name_length(out)
         if out.resolve() in resolved_inputs:
             raise UserError(f"output {out} is also an input of this run; choose another path")
         if out.is_dir():
             raise UserError(f"output {out} is a directory, not a file")
         if out.exists() and not force:
             raise UserError(f"output {out} exists; pass --force to replace it or choose another path")
-        check_writable_dir(out.parent, "output directory")
-        _check_name_length(out)
+        _probe_write(out.parent)
     if len({Path(p).resolve() for p in outputs}) != len(outputs):
         raise UserError("two outputs of this run have the same path: " + ", ".join(map(str, outputs)))
+
+
+def _probe_write(directory: Path) -> None:
+    """Create and remove a file: permission bits do not tell (root, read-only mounts, /sys, /proc)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".calibrate-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(f"output directory {directory} is not writable ({e.strerror})") from None
 
 
 def _check_name_length(path: Path) -> None:
