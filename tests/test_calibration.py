@@ -416,6 +416,28 @@ def test_cli_handeye_degenerate_samples(tmp_path):
     assert_one_line_error(proc, "same axis")
 
 
+def test_cli_handeye_writes_residuals_and_replaces_only_with_force(tmp_path):
+    """Consistent samples with real images: accepted within the gate, the residuals reported, X recovered;
+    a second run into the same --out is refused unless --force is given."""
+    import yaml
+
+    samples = write_handeye_set(tmp_path)
+    out = tmp_path / "extrinsics.yaml"
+    args = ("handeye", "--samples", samples, "--mount", "eye-in-hand", "--out", out)
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "largest leave-one-out residual" in proc.stdout
+    d = yaml.safe_load(out.read_text())
+    assert max(d["calibration"]["residuals"]["loo_mm"]) < 2.0 and d["calibration"]["residuals"]["gate_mm"] == 15.0
+    dmm, ddeg = pose_difference(np.array(d["matrix"]), X_EYE_IN_HAND)
+    assert dmm < 2.0 and ddeg < 0.3, (dmm, ddeg)
+    before = out.read_bytes()
+    assert_one_line_error(run_cli(*args), "exists; pass --force")
+    assert out.read_bytes() == before
+    assert run_cli(*args, "--force").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp file left
+
+
 def test_methods_table_covers_opencv():
     assert set(HAND_EYE_METHODS) == {"TSAI", "PARK", "HORAUD", "ANDREFF", "DANIILIDIS"}
     assert set(METHODS) - set(HAND_EYE_METHODS) == {"SHAH", "LI"}
