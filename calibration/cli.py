@@ -34,6 +34,12 @@ def _board_args(p: argparse.ArgumentParser) -> None:
                    help="board made with the pre-OpenCV-4.6 layout (even row counts; e.g. calib.io boards)")
 
 
+def _frame_name(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"a frame name must be non-empty without spaces, got {text!r}")
+    return text
+
+
 def _force_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace output files that exist already (without it, an existing output is refused)")
@@ -259,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse when a sample's leave-one-out residual or the result's uncertainty is larger (mm)")
     h.add_argument("--max-residual-deg", type=arg_number(0, 180, low_open=True), default=Gate.max_deg,
                    help="the same gate for rotation (deg)")
-    h.add_argument("--parent-frame", help="parent frame name (default from samples.json frames)")
-    h.add_argument("--child-frame", help="camera frame name (default from samples.json frames)")
+    h.add_argument("--parent-frame", type=_frame_name, help="parent frame name (default from samples.json frames)")
+    h.add_argument("--child-frame", type=_frame_name, help="camera frame name (default from samples.json frames)")
     h.add_argument("--out", required=True, help="extrinsics YAML to write")
     _force_arg(h)
     h.set_defaults(func=cmd_handeye)
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"calibrate: error: {e}", file=sys.stderr)
+        print(f"calibrate: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except cv2.error as e:
         print(f"calibrate: error: OpenCV refused the input: {str(e).strip().splitlines()[-1]}", file=sys.stderr)

@@ -49,7 +49,9 @@ class Gate:
     max_deg: float = 2.0
 
     def ratio(self, mm: float, deg: float) -> float:
-        return max(mm / self.max_mm, deg / self.max_deg)
+        """How far past the gate (1.0 = on it); a NaN residual (a diverged solve) counts as infinitely far."""
+        r = max(mm / self.max_mm, deg / self.max_deg)
+        return r if math.isfinite(r) else math.inf
 
     def __str__(self) -> str:
         return f"{self.max_mm:g} mm / {self.max_deg:g} deg (--max-residual-mm / --max-residual-deg)"
@@ -146,6 +148,9 @@ def solve(base_T_gripper: list[np.ndarray], cam_T_target: list[np.ndarray], moun
 
 def _nearest_rotation(R: np.ndarray) -> np.ndarray:
     """Closest proper rotation: on inconsistent data some methods return a matrix that is not one."""
+    if not np.all(np.isfinite(R)):
+        raise UserError("a hand-eye solve returned no finite rotation: the samples (or some subset of them, in the "
+                        "leave-out refits) are too few or rotate too little; add samples rotated about more axes")
     U, _, Vt = np.linalg.svd(R)
     return U @ np.diag([1.0, 1.0, np.linalg.det(U @ Vt)]) @ Vt
 

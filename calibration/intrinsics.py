@@ -87,6 +87,10 @@ def calibrate_intrinsics(images: list[Path], spec: BoardSpec) -> IntrinsicsResul
 
 def check_rms_gate(result: IntrinsicsResult, max_rms: float) -> None:
     """Refuse a calibration whose RMS reprojection error is above the gate, naming the worst views."""
+    if not (np.isfinite(result.rms) and np.all(np.isfinite(result.K)) and np.all(np.isfinite(result.dist))
+            and result.K[0, 0] > 0 and result.K[1, 1] > 0):
+        raise UserError(f"the calibration diverged (RMS {result.rms}, fx {result.K[0, 0]}, fy {result.K[1, 1]}); "
+                        "add views with the board tilted and spread over the image")
     if result.rms > max_rms:
         worst = sorted(result.per_view.items(), key=lambda kv: -kv[1])[:3]
         raise UserError(f"RMS reprojection error {result.rms:.3f} px is above the gate of {max_rms} px (--max-rms); "

@@ -7,6 +7,7 @@ the board used) sits under a `calibration` key that those tools ignore.
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +194,8 @@ def read_extrinsics_yaml(path: str | Path) -> Extrinsics:
 def check_camera_distance(t: np.ndarray, where: str) -> None:
     """A camera more than MAX_CAMERA_DISTANCE_M from its parent frame is a unit mistake or a broken calibration."""
     dist = float(np.linalg.norm(t))
+    if not math.isfinite(dist):
+        raise UserError(f"{where}: the camera position is not finite ({t.tolist()})")
     if dist > MAX_CAMERA_DISTANCE_M:
         raise UserError(f"{where}: the camera is {dist:.1f} m from its parent frame (at most "
                         f"{MAX_CAMERA_DISTANCE_M:g} m is plausible; translations are in metres, not mm)")
