@@ -17,10 +17,11 @@ import cv2
 import numpy as np
 import yaml
 
-from policy_runtime.artifacts import atomic_write_bytes, check_writable_dir
+from policy_runtime.artifacts import atomic_write_bytes
 from policy_runtime.errors import UserError
 
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+TEMP_NAME_EXTRA = 32  # bytes the temp files' names add to an output's name (".NAME.PID.new" and mkstemp's own)
 
 
 def check_outputs(outputs: list[Path], *, force: bool, inputs: tuple[Path, ...] = ()) -> None:
@@ -28,17 +29,36 @@ def check_outputs(outputs: list[Path], *, force: bool, inputs: tuple[Path, ...] 
     resolved_inputs = {Path(p).resolve() for p in inputs}
     for out in outputs:
         out = Path(out)
-        check_writable_dir(out.parent, "output directory")
-        _check_name_length(out)
+        _check_name_length(out, _check_folder(out.parent))
         if out.resolve() in resolved_inputs:
             raise UserError(f"output {out} is also an input of this run; choose another path")
         if out.is_dir():
             raise UserError(f"output {out} is a directory, not a file")
         if out.exists() and not force:
             raise UserError(f"output {out} exists; pass --force to replace it or choose another path")
-        _probe_write(out.parent)
     if len({Path(p).resolve() for p in outputs}) != len(outputs):
         raise UserError("two outputs of this run have the same path: " + ", ".join(map(str, outputs)))
+
+
+def _check_folder(folder: Path) -> Path:
+    """The output's folder exists as a writable directory or can be created (nothing is created here).
+
+    Returns the folder, or its nearest existing ancestor when it is still to be created.
+    """
+    missing, existing = [], folder
+    try:
+        while not existing.exists():
+            missing.append(existing.name)
+            existing = existing.parent
+    except OSError as e:
+        raise UserError(f"cannot use output folder {folder}: {_reason(e)}") from None
+    if not existing.is_dir():
+        raise UserError(f"{existing} is a file, not a directory (in output folder {folder})")
+    _probe_write(existing)
+    limit = os.pathconf(existing, "PC_NAME_MAX")
+    if any(len(name.encode()) > limit for name in missing):
+        raise UserError(f"cannot create output folder {folder}: name too long")
+    return existing
 
 
 def _probe_write(directory: Path) -> None:
@@ -47,15 +67,19 @@ def _probe_write(directory: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".calibrate-probe-"):
             pass
     except OSError as e:
-        raise UserError(f"output directory {directory} is not writable ({e.strerror})") from None
+        raise UserError(f"output folder {directory} is not writable ({e.strerror})") from None
 
 
-def _check_name_length(path: Path) -> None:
+def _check_name_length(path: Path, folder: Path) -> None:
     """A file name longer than the file system allows would only fail at the final write, after all the work."""
-    limit = os.pathconf(path.parent, "PC_NAME_MAX")
-    if len(path.name.encode()) + 16 > limit:  # + room for the temp file's prefix and suffix
+    limit = os.pathconf(folder, "PC_NAME_MAX") - TEMP_NAME_EXTRA
+    if len(path.name.encode()) > limit:
         raise UserError(f"output file name {path.name[:40]}... is too long ({len(path.name.encode())} bytes; "
-                        f"this file system allows {limit - 16} here)")
+                        f"at most {limit} here, with room for the temp file written first)")
+
+
+def _reason(e: OSError) -> str:
+    return "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
 
 
 def check_image_suffix(path: Path) -> None:
@@ -67,6 +91,7 @@ def write_new(path: Path, data: bytes, *, force: bool) -> Path:
     """Atomic write; without `force` it never replaces a file, even one that appeared while this run worked."""
     path = Path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if force:
             return atomic_write_bytes(path, data)
         tmp = atomic_write_bytes(path.with_name(f".{path.name}.{os.getpid()}.new"), data)
@@ -75,8 +100,7 @@ def write_new(path: Path, data: bytes, *, force: bool) -> Path:
         finally:
             tmp.unlink(missing_ok=True)
     except OSError as e:
-        reason = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
-        raise UserError(f"cannot write {path}: {reason}") from None
+        raise UserError(f"cannot write {path}: {_reason(e)}") from None
     return path
 
 

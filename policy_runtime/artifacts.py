@@ -45,11 +45,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def check_writable_dir(path: str | Path, what: str = "output directory") -> Path:
     """Fail before any work if `path` cannot become a writable directory (a file, a read-only parent, too long)."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a directory")
     try:
-        if path.exists() and not path.is_dir():
-            raise UserError(f"{what} {path} is a file, not a directory")
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # stat() too raises for a name too long, not only mkdir()
+    except OSError as e:
         reason = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
         raise UserError(f"cannot create {what} {path}: {reason}") from None
     if not os.access(path, os.W_OK | os.X_OK):
