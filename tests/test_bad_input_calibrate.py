@@ -213,6 +213,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_calibrate_refuses_bad_input(root, case):
     args, contains = CASES[case]
+    paths = sorted(root.rglob("*"))
     line = assert_refused_unchanged("calibrate", [a.replace("{r}", str(root)) for a in args], [root],
                                     contains=contains)
     assert line.startswith("calibrate"), line
+    assert sorted(root.rglob("*")) == paths  # no folder created either
