@@ -1,7 +1,9 @@
 """`calibrate`: ChArUco intrinsics, hand-eye extrinsics, and the calibrated camera placed in ManiSkill.
 
 Every user mistake (missing file, no board found, too few or degenerate views, a result above the
-error gate) ends in one line on stderr and exit code 2, never a traceback.
+error gate, an option out of range) ends in one line on stderr and exit code 2, never a traceback.
+Outputs are checked before the work, written only once every gate has passed, atomically, and an
+existing file is never replaced without --force (calibration.outputs; docs/calibration.md).
 """
 
 from __future__ import annotations
