@@ -438,6 +438,20 @@ def test_cli_handeye_writes_residuals_and_replaces_only_with_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp file left
 
 
+def test_output_that_appears_during_the_run_is_not_replaced(tmp_path):
+    """Two runs into one output: the one finishing second is refused at the final rename, not silently lost."""
+    from calibration.outputs import check_outputs, write_new
+
+    out = tmp_path / "extrinsics.yaml"
+    check_outputs([out], force=False)  # this run's check passes ...
+    out.write_text("the other run's result\n")  # ... then another run writes the same output first
+    with pytest.raises(UserError, match="created by another process while this run worked"):
+        write_new(out, b"this run's result\n", force=False)
+    assert out.read_text() == "the other run's result\n" and [p.name for p in tmp_path.iterdir()] == [out.name]
+    write_new(out, b"this run's result\n", force=True)
+    assert out.read_text() == "this run's result\n"
+
+
 def test_methods_table_covers_opencv():
     assert set(HAND_EYE_METHODS) == {"TSAI", "PARK", "HORAUD", "ANDREFF", "DANIILIDIS"}
     assert set(METHODS) - set(HAND_EYE_METHODS) == {"SHAH", "LI"}
