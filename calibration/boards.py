@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from calibration.checks import number
 from calibration.transforms import make_T
 from policy_runtime.errors import UserError
 
@@ -37,16 +38,21 @@ class BoardSpec:
     @classmethod
     def from_dict(cls, d: dict) -> BoardSpec:
         """Reads the board block of samples.json (lengths in mm there, as printed on the board)."""
-        try:
-            if d.get("type", "charuco") != "charuco":
-                raise UserError(f"board type {d['type']!r} is not supported; only 'charuco' boards are")
-            sq = d["squares"]
-            cols, rows = parse_squares("x".join(map(str, sq)) if isinstance(sq, list | tuple) else str(sq))
-            return cls(cols, rows, float(d["square_mm"]) / 1000.0, float(d["marker_mm"]) / 1000.0,
-                       str(d.get("dictionary", "DICT_5X5_100")), bool(d.get("legacy_pattern", False)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"board description needs squares ('7x5'), square_mm, marker_mm, dictionary: {e!r}") \
-                from None
+        if d.get("type", "charuco") != "charuco":
+            raise UserError(f"board type {d['type']!r} is not supported; only 'charuco' boards are")
+        for key in ("squares", "square_mm", "marker_mm"):
+            if key not in d:
+                raise UserError(f"board description lacks '{key}' (squares '7x5', square_mm, marker_mm, dictionary)")
+        sq = d["squares"]
+        if not (isinstance(sq, str) or (isinstance(sq, list) and all(isinstance(v, int) for v in sq))):
+            raise UserError(f"board squares must be 'COLUMNSxROWS' or [columns, rows], got {sq!r}")
+        cols, rows = parse_squares("x".join(map(str, sq)) if isinstance(sq, list) else sq)
+        square = number(d["square_mm"], "board square_mm", low=0, high=2000, low_open=True)
+        marker = number(d["marker_mm"], "board marker_mm", low=0, high=2000, low_open=True)
+        dictionary, legacy = d.get("dictionary", "DICT_5X5_100"), d.get("legacy_pattern", False)
+        if not isinstance(dictionary, str) or not isinstance(legacy, bool):
+            raise UserError("board dictionary must be a name such as 'DICT_5X5_100' and legacy_pattern true or false")
+        return cls(cols, rows, square / 1000.0, marker / 1000.0, dictionary, legacy)
 
 
 def parse_squares(text: str) -> tuple[int, int]:

@@ -31,8 +31,10 @@ class IntrinsicsResult:
 
 def list_images(directory: str | Path) -> list[Path]:
     d = Path(directory)
-    if not d.is_dir():
+    if not d.exists():
         raise UserError(f"image directory {d} does not exist")
+    if not d.is_dir():
+        raise UserError(f"--images {d} is a file, not a directory of images")
     files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {d}")
@@ -40,9 +42,14 @@ def list_images(directory: str | Path) -> list[Path]:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"image {p} does not exist")
+    if not p.is_file():
+        raise UserError(f"image {p} is not a file")
+    img = cv2.imread(str(p), cv2.IMREAD_COLOR)
     if img is None:
-        raise UserError(f"cannot read image {path}")
+        raise UserError(f"image {p} is unreadable or not an image format OpenCV reads (png, jpg, bmp, tif)")
     return img
 
 
@@ -80,6 +87,10 @@ def calibrate_intrinsics(images: list[Path], spec: BoardSpec) -> IntrinsicsResul
 
 def check_rms_gate(result: IntrinsicsResult, max_rms: float) -> None:
     """Refuse a calibration whose RMS reprojection error is above the gate, naming the worst views."""
+    if not (np.isfinite(result.rms) and np.all(np.isfinite(result.K)) and np.all(np.isfinite(result.dist))
+            and result.K[0, 0] > 0 and result.K[1, 1] > 0):
+        raise UserError(f"the calibration diverged (RMS {result.rms}, fx {result.K[0, 0]}, fy {result.K[1, 1]}); "
+                        "add views with the board tilted and spread over the image")
     if result.rms > max_rms:
         worst = sorted(result.per_view.items(), key=lambda kv: -kv[1])[:3]
         raise UserError(f"RMS reprojection error {result.rms:.3f} px is above the gate of {max_rms} px (--max-rms); "

@@ -7,14 +7,23 @@ the board used) sits under a `calibration` key that those tools ignore.
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from calibration.checks import integer, number
 from calibration.transforms import from_pos_quat_xyzw, make_T, quat_xyzw
+from policy_runtime.artifacts import atomic_write_text
 from policy_runtime.errors import UserError
+
+MOUNTS = ("eye-in-hand", "eye-to-hand")
+MAX_CAMERA_DISTANCE_M = 5.0  # farther than this from the robot, a pose is in mm or the calibration is broken
+MAX_IMAGE_SIDE = 16384
+MAX_FOCAL_PER_PX = 100.0  # fx above 100 x the image width is a field of view under 0.6 deg: not a robot camera
+DISTORTION_LENGTHS = (4, 5, 8, 12, 14)
 
 
 @dataclass
@@ -45,18 +54,80 @@ def load_yaml(path: str | Path, what: str) -> dict:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as e:
         raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a text (YAML) file") from None
     except yaml.YAMLError as e:
         raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{what} {path} must be a YAML mapping")
+        raise UserError(f"{what} {path} must be a YAML mapping, not {type(data).__name__}")
     return data
 
 
 def write_yaml(path: str | Path, data: dict) -> Path:
+    """Write a YAML file atomically (the commands themselves go through calibration.outputs)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=160))
-    return p
+    return atomic_write_text(p, yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=160))
+
+
+def _key(d: dict, key: str, where: str):
+    if key not in d:
+        raise UserError(f"{where} lacks '{key}'")
+    return d[key]
+
+
+def _numbers(value, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
+    """A nested list of finite numbers, of the given shape (any length when None)."""
+    try:
+        a = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a list of numbers, got {str(value)[:60]}") from None
+    if any(isinstance(v, bool | str) for v in np.ravel(np.array(value, dtype=object))):
+        raise UserError(f"{what} must be a list of numbers, got {str(value)[:60]}")
+    if (shape is not None and a.shape != shape) or (shape is None and a.ndim != 1):
+        raise UserError(f"{what} must have shape {shape or '(n,)'}, got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise UserError(f"{what} must be finite, got {a.tolist()}")
+    return a
+
+
+def _ros_matrix(d: dict, key: str, rows: int | None, cols: int | None, where: str) -> np.ndarray:
+    """A camera_info matrix {rows, cols, data}; rows/cols None accept what the file states."""
+    m = _key(d, key, where)
+    if not isinstance(m, dict):
+        raise UserError(f"{where}: {key} must be a mapping with rows, cols and data")
+    data = _numbers(_key(m, "data", f"{where}: {key}"), None, f"{where}: {key}.data")
+    r = rows if rows is not None else integer(m.get("rows", 1), f"{where}: {key}.rows", low=1, high=1)
+    c = cols if cols is not None else len(data)
+    if data.size != r * c:
+        raise UserError(f"{where}: {key}.data has {data.size} numbers; a {r}x{c} matrix needs {r * c}")
+    return data.reshape(r, c)
+
+
+def read_camera_yaml(path: str | Path) -> CameraIntrinsics:
+    """The camera YAML from `calibrate intrinsics`, with every number checked (finite, positive, in the image)."""
+    where = f"camera file {path}"
+    d = load_yaml(path, "camera file")
+    if "camera_matrix" not in d:
+        raise UserError(f"{where} is not a camera_info YAML (from `calibrate intrinsics`): it lacks 'camera_matrix'")
+    w = integer(_key(d, "image_width", where), f"{where}: image_width", low=1, high=MAX_IMAGE_SIDE)
+    h = integer(_key(d, "image_height", where), f"{where}: image_height", low=1, high=MAX_IMAGE_SIDE)
+    K = _ros_matrix(d, "camera_matrix", 3, 3, where)
+    dist = _ros_matrix(d, "distortion_coefficients", None, None, where).reshape(-1)
+    if len(dist) not in DISTORTION_LENGTHS:
+        raise UserError(f"{where}: {len(dist)} distortion coefficients; OpenCV models have "
+                        f"{', '.join(map(str, DISTORTION_LENGTHS))}")
+    if not (0 < K[0, 0] <= MAX_FOCAL_PER_PX * w and 0 < K[1, 1] <= MAX_FOCAL_PER_PX * h):
+        raise UserError(f"{where}: focal lengths fx {K[0, 0]:g}, fy {K[1, 1]:g} px must be positive and at most "
+                        f"{MAX_FOCAL_PER_PX} x the image size")
+    if not (0 <= K[0, 2] <= w and 0 <= K[1, 2] <= h):
+        raise UserError(f"{where}: principal point ({K[0, 2]:g}, {K[1, 2]:g}) lies outside the {w}x{h} image")
+    if not np.allclose(K[1:, 0], 0) or not np.allclose(K[2], [0, 0, 1]):
+        raise UserError(f"{where}: camera_matrix must be [fx, s, cx, 0, fy, cy, 0, 0, 1]")
+    name = d.get("camera_name", "")
+    if not isinstance(name, str):
+        raise UserError(f"{where}: camera_name must be a string")
+    return CameraIntrinsics(w, h, K, dist, name)
 
 
 def camera_yaml(cam: CameraIntrinsics, report: dict) -> dict:
@@ -73,19 +144,6 @@ def camera_yaml(cam: CameraIntrinsics, report: dict) -> dict:
         "calibration": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         **report},
     }
-
-
-def read_camera_yaml(path: str | Path) -> CameraIntrinsics:
-    d = load_yaml(path, "camera file")
-    try:
-        K = np.array(d["camera_matrix"]["data"], dtype=np.float64).reshape(3, 3)
-        dist = np.array(d["distortion_coefficients"]["data"], dtype=np.float64).reshape(-1)
-        cam = CameraIntrinsics(int(d["image_width"]), int(d["image_height"]), K, dist, str(d.get("camera_name", "")))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"camera file {path} is not a camera_info YAML (from `calibrate intrinsics`): {e!r}") from None
-    if K[0, 0] <= 0 or K[1, 1] <= 0 or cam.width <= 0 or cam.height <= 0:
-        raise UserError(f"camera file {path} has a non-positive focal length or image size")
-    return cam
 
 
 def extrinsics_yaml(ext: Extrinsics, report: dict) -> dict:
@@ -105,18 +163,42 @@ def extrinsics_yaml(ext: Extrinsics, report: dict) -> dict:
 
 
 def read_extrinsics_yaml(path: str | Path) -> Extrinsics:
+    """The extrinsics YAML from `calibrate handeye`, with every field checked (types, finite, a plausible place)."""
+    where = f"extrinsics file {path}"
     d = load_yaml(path, "extrinsics file")
-    try:
-        T = from_pos_quat_xyzw(d["translation"], d["quaternion_xyzw"])
-        unc = d.get("uncertainty") or {}
-        ext = Extrinsics(str(d["parent_frame"]), str(d["child_frame"]), T, str(d["mount"]),
-                         float(unc.get("translation_mm", 0.0)), float(unc.get("rotation_deg", 0.0)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"extrinsics file {path} is not an extrinsics YAML (from `calibrate handeye`): {e!r}") \
-            from None
-    if "matrix" in d and not np.allclose(np.asarray(d["matrix"], dtype=np.float64), T, atol=1e-6):
-        raise UserError(f"extrinsics file {path}: translation/quaternion and matrix disagree (edited by hand?)")
-    return ext
+    if "quaternion_xyzw" not in d or "translation" not in d:
+        raise UserError(f"{where} is not an extrinsics YAML (from `calibrate handeye`): it lacks 'translation' or "
+                        "'quaternion_xyzw'")
+    frames = [_key(d, k, where) for k in ("parent_frame", "child_frame")]
+    if not all(isinstance(f, str) and f for f in frames):
+        raise UserError(f"{where}: parent_frame and child_frame must be non-empty strings")
+    mount = _key(d, "mount", where)
+    if mount not in MOUNTS:
+        raise UserError(f"{where}: mount must be one of {', '.join(MOUNTS)}, got {mount!r}")
+    t = _numbers(d["translation"], (3,), f"{where}: translation")
+    q = _numbers(d["quaternion_xyzw"], (4,), f"{where}: quaternion_xyzw")
+    if abs(np.linalg.norm(q) - 1) > 1e-3:
+        raise UserError(f"{where}: quaternion_xyzw must be a unit quaternion, its norm is {np.linalg.norm(q):g}")
+    check_camera_distance(t, where)
+    T = from_pos_quat_xyzw(t, q)
+    if "matrix" in d and not np.allclose(_numbers(d["matrix"], (4, 4), f"{where}: matrix"), T, atol=1e-6):
+        raise UserError(f"{where}: translation/quaternion and matrix disagree (edited by hand?)")
+    unc = d.get("uncertainty", {})
+    if not isinstance(unc, dict):
+        raise UserError(f"{where}: uncertainty must be a mapping with translation_mm and rotation_deg")
+    unc_mm = number(unc.get("translation_mm", 0.0), f"{where}: uncertainty.translation_mm", low=0)
+    unc_deg = number(unc.get("rotation_deg", 0.0), f"{where}: uncertainty.rotation_deg", low=0, high=180)
+    return Extrinsics(frames[0], frames[1], T, mount, unc_mm, unc_deg)
+
+
+def check_camera_distance(t: np.ndarray, where: str) -> None:
+    """A camera more than MAX_CAMERA_DISTANCE_M from its parent frame is a unit mistake or a broken calibration."""
+    dist = float(np.linalg.norm(t))
+    if not math.isfinite(dist):
+        raise UserError(f"{where}: the camera position is not finite ({t.tolist()})")
+    if dist > MAX_CAMERA_DISTANCE_M:
+        raise UserError(f"{where}: the camera is {dist:.1f} m from its parent frame (at most "
+                        f"{MAX_CAMERA_DISTANCE_M:g} m is plausible; translations are in metres, not mm)")
 
 
 def homogeneous(value, what: str) -> np.ndarray:
@@ -130,6 +212,6 @@ def homogeneous(value, what: str) -> np.ndarray:
     R = T[:3, :3]
     if not np.allclose(R.T @ R, np.eye(3), atol=1e-4) or np.linalg.det(R) < 0 or not np.allclose(T[3], [0, 0, 0, 1]):
         raise UserError(f"{what} is not a rigid transform (its rotation must be orthonormal, last row 0 0 0 1)")
-    if np.linalg.norm(T[:3, 3]) > 5.0:
+    if np.linalg.norm(T[:3, 3]) > MAX_CAMERA_DISTANCE_M:
         raise UserError(f"{what} translation is {np.linalg.norm(T[:3, 3]):.1f} away from the base: give metres, not mm")
     return make_T(R, T[:3, 3])

@@ -14,6 +14,11 @@ from calibration.io import CameraIntrinsics, Extrinsics
 from calibration.transforms import cv_camera_to_sapien, from_sapien_pose_list, to_sapien_pose_list
 from policy_runtime.errors import UserError
 
+# Widest camera pose randomisation written: beyond it the training camera no longer resembles the real one,
+# and a range that wide comes from a broken calibration (an uncertainty of metres), not from a real camera.
+MAX_DR_MM = 50.0
+MAX_DR_DEG = 10.0
+
 
 def rescale_intrinsics(K: np.ndarray, src_size: tuple[int, int], dst_size: tuple[int, int]) -> np.ndarray:
     """K for the whole image resized from src (w, h) to dst (w, h); pixel centres sit at integer coordinates."""
@@ -46,9 +51,22 @@ def camera_override(intr: CameraIntrinsics, world_T_cam_cv: np.ndarray, size: tu
 
 
 def randomization(ext: Extrinsics, scale: float, min_mm: float, min_deg: float) -> dict:
-    """Camera pose randomisation bounds for training, scale x the hand-eye uncertainty (with floors)."""
+    """Camera pose randomisation bounds for training, scale x the hand-eye uncertainty (with floors).
+
+    Refused beyond MAX_DR_MM / MAX_DR_DEG, and for negative or non-finite inputs (the options are checked
+    by the CLI; the uncertainty by the extrinsics reader; checked again here for other callers).
+    """
+    values = (scale, min_mm, min_deg, ext.uncertainty_mm, ext.uncertainty_deg)
+    if not all(np.isfinite(v) and v >= 0 for v in values):
+        raise UserError(f"randomisation inputs must be finite and >= 0: scale {scale}, floors {min_mm} mm / "
+                        f"{min_deg} deg, uncertainty {ext.uncertainty_mm} mm / {ext.uncertainty_deg} deg")
     pos_mm = max(scale * ext.uncertainty_mm, min_mm)
     rot_deg = max(scale * ext.uncertainty_deg, min_deg)
+    if pos_mm > MAX_DR_MM or rot_deg > MAX_DR_DEG:
+        raise UserError(f"the randomisation range would be +/-{pos_mm:.1f} mm / +/-{rot_deg:.2f} deg ({scale:g} x the "
+                        f"extrinsics' uncertainty of {ext.uncertainty_mm:g} mm / {ext.uncertainty_deg:g} deg), beyond "
+                        f"+/-{MAX_DR_MM:g} mm / +/-{MAX_DR_DEG:g} deg: recalibrate (calibrate handeye) or lower "
+                        "--dr-scale")
     return {"position_m": round(pos_mm / 1000.0, 6), "rotation_deg": round(rot_deg, 4),
             "about": "uniform +/- per world axis (position) and per camera axis (rotation), around the pose",
             "derived_from": {"uncertainty_mm": ext.uncertainty_mm, "uncertainty_deg": ext.uncertainty_deg,

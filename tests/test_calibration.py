@@ -18,7 +18,7 @@ from scipy.spatial.transform import Rotation
 
 from calibration.alignment import edge_fscore
 from calibration.boards import BoardDetector, BoardSpec, board_image
-from calibration.handeye import HAND_EYE_METHODS, METHODS, MOUNTS, calibrate_handeye, solve
+from calibration.handeye import HAND_EYE_METHODS, METHODS, MOUNTS, Gate, calibrate_handeye, solve
 from calibration.intrinsics import calibrate_intrinsics, check_rms_gate, list_images
 from calibration.io import (
     CameraIntrinsics,
@@ -44,27 +44,60 @@ from policy_runtime.errors import UserError
 
 K_SYN = np.array([[600.0, 0, 320], [0, 600, 240], [0, 0, 1]])
 SPEC = BoardSpec(7, 5, 0.03, 0.022, "DICT_5X5_100")
+X_EYE_IN_HAND = make_T(Rotation.from_euler("xyz", [5, -8, 90], degrees=True).as_matrix(), [0.05, -0.03, 0.04])
 
 
 def rot(rng: np.random.Generator, deg: float) -> np.ndarray:
     return Rotation.from_rotvec(rng.normal(size=3) * np.radians(deg)).as_matrix()
 
 
-def board_views(spec: BoardSpec, n: int, seed: int = 0, px: int = 80) -> list[np.ndarray]:
-    """n images of the board seen by K_SYN from tilted poses 0.35-0.5 m away (exact perspective warps)."""
+def random_board_pose(rng: np.random.Generator, spec: BoardSpec) -> np.ndarray:
+    """cam_T_board of a board tilted up to 30 deg about each axis, its centre 0.35-0.5 m in front of the camera."""
+    R = Rotation.from_euler("xyz", rng.uniform(-30, 30, 3), degrees=True).as_matrix()
+    c = np.array([rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04), rng.uniform(0.35, 0.5)])
+    W, H = spec.columns * spec.square_m, spec.rows * spec.square_m
+    return make_T(R, c - R @ np.array([W / 2, H / 2, 0]))
+
+
+def render_board(spec: BoardSpec, cam_T_board: np.ndarray, px: int = 80) -> np.ndarray:
+    """The board seen by K_SYN at cam_T_board (an exact perspective warp of the board image, 640x480)."""
     img = board_image(spec, px, margin_px=px // 2)
     s = spec.square_m / px
     A = np.array([[s, 0, -s * px / 2], [0, s, -s * px / 2], [0, 0, 1]])  # board image px -> board metres
-    W, H = spec.columns * spec.square_m, spec.rows * spec.square_m
+    R, t = cam_T_board[:3, :3], cam_T_board[:3, 3]
+    Hm = K_SYN @ np.column_stack([R[:, 0], R[:, 1], t]) @ A
+    return cv2.warpPerspective(img, Hm, (640, 480), flags=cv2.INTER_AREA, borderValue=255)
+
+
+def board_views(spec: BoardSpec, n: int, seed: int = 0, px: int = 80) -> list[np.ndarray]:
+    """n images of the board seen by K_SYN from tilted poses 0.35-0.5 m away (exact perspective warps)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        R = Rotation.from_euler("xyz", rng.uniform(-30, 30, 3), degrees=True).as_matrix()
-        c = np.array([rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04), rng.uniform(0.35, 0.5)])
-        t = c - R @ np.array([W / 2, H / 2, 0])
-        Hm = K_SYN @ np.column_stack([R[:, 0], R[:, 1], t]) @ A
-        out.append(cv2.warpPerspective(img, Hm, (640, 480), flags=cv2.INTER_AREA, borderValue=255))
-    return out
+    return [render_board(spec, random_board_pose(rng, spec), px) for _ in range(n)]
+
+
+def write_handeye_set(directory: Path, n: int = 8, seed: int = 0, stray: int | None = None) -> Path:
+    """An eye-in-hand samples.json with real board images: the camera on the gripper, the board on the table.
+
+    Each sample's board pose is drawn first and the gripper pose follows from the true X, so every image
+    shows the board. With `stray`, that sample's image is replaced by one taken from another pose (the
+    robot pose paired with the wrong image).
+    """
+    rng = np.random.default_rng(seed)
+    X = X_EYE_IN_HAND
+    W = make_T(Rotation.from_euler("x", 180, degrees=True).as_matrix(), [0.5, 0.1, 0.0])  # base_T_board
+    samples = []
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        C = random_board_pose(rng, SPEC)
+        name = f"{i:03d}.png"
+        if i == stray:
+            C, name = random_board_pose(rng, SPEC), "stray.png"
+            G = W @ inv_T(random_board_pose(rng, SPEC)) @ inv_T(X)
+        else:
+            G = W @ inv_T(C) @ inv_T(X)
+        cv2.imwrite(str(directory / name), render_board(SPEC, C))
+        samples.append({"image": name, "tcp_pose": G.tolist()})
+    return write_samples(directory, samples)
 
 
 def write_views(directory: Path, images: list[np.ndarray]) -> Path:
@@ -141,12 +174,56 @@ def test_handeye_recovers_synthetic_transform(mount):
     assert 0 < res.uncertainty_mm < 3.0 and 0 < res.uncertainty_deg < 0.3
 
 
-def test_wrong_mounting_convention_is_detected_by_consistency():
-    """Eye-to-hand data solved as eye-in-hand gives an inconsistent chain: the spread exposes the mistake."""
+def test_wrong_mounting_convention_is_refused_by_consistency():
+    """Eye-to-hand data solved as eye-in-hand fits no single X: refused, and the message names the right mount."""
     G, C, _ = synthetic_handeye("eye-to-hand")
-    right = calibrate_handeye(G, C, "eye-to-hand").methods["TSAI"].consistency
-    wrong = calibrate_handeye(G, C, "eye-in-hand").methods["TSAI"].consistency
-    assert wrong.translation_rms_mm > 20 * right.translation_rms_mm
+    calibrate_handeye(G, C, "eye-to-hand")
+    with pytest.raises(UserError, match="solved as eye-to-hand they all fit: is --mount eye-to-hand"):
+        calibrate_handeye(G, C, "eye-in-hand")
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+def test_leave_one_out_names_the_sample_with_the_wrong_board_pose(mount):
+    """One sample's board pose taken from another sample (its image swapped): refused, naming only that sample.
+
+    Before the gate these were written with only a warning, the result 20-700 mm off.
+    """
+    G, C, X = synthetic_handeye(mount, n=12)
+    for k, j in ((0, 5), (4, 9), (11, 2)):
+        bad = list(C)
+        bad[k] = C[j]
+        with pytest.raises(UserError, match=f"^1 sample disagrees .*: sample {k} off by [0-9]+ mm") as e:
+            calibrate_handeye(G, bad, mount)
+        assert str(e.value).count(" off by ") == 1, e.value
+        wide_open = calibrate_handeye(G, bad, mount, gate=Gate(1e4, 180))  # what used to be written
+        assert pose_difference(wide_open.X, X)[0] > 10
+
+
+def test_leave_one_out_names_two_bad_samples():
+    G, C, _ = synthetic_handeye("eye-to-hand", n=14)
+    bad = list(C)
+    bad[2], bad[7] = C[9], C[3]
+    with pytest.raises(UserError, match="^2 samples disagree .*: sample 2 off by .*; sample 7 off by"):
+        calibrate_handeye(G, bad, "eye-to-hand")
+
+
+def test_consistency_gate_refuses_noisy_samples_and_is_settable():
+    """Board poses 8 mm / 1.5 deg noisy fit no transform within the default gate; a clean set fails a tiny gate."""
+    G, C, _ = synthetic_handeye("eye-in-hand", n=15, t_noise_m=8e-3, r_noise_deg=1.5)
+    with pytest.raises(UserError, match="beyond the gate of 15 mm / 2 deg"):
+        calibrate_handeye(G, C, "eye-in-hand")
+    G, C, _ = synthetic_handeye("eye-in-hand", n=15)
+    res = calibrate_handeye(G, C, "eye-in-hand")
+    assert res.residuals.shape == (15, 2) and res.residuals[:, 0].max() < 3.0
+    with pytest.raises(UserError, match="beyond the gate of 0.1 mm / 0.01 deg"):
+        calibrate_handeye(G, C, "eye-in-hand", gate=Gate(0.1, 0.01))
+
+
+def test_handeye_refuses_the_same_pose_twice():
+    """A repeated robot pose adds no motion: before, it went through and inflated the uncertainty to 160 mm."""
+    G, C, _ = synthetic_handeye("eye-in-hand", n=10)
+    with pytest.raises(UserError, match="sample 0 and sample 10 have the same robot pose"):
+        calibrate_handeye([*G, G[0]], [*C, C[0]], "eye-in-hand")
 
 
 def test_handeye_refuses_too_few_samples():
@@ -337,6 +414,42 @@ def test_cli_handeye_degenerate_samples(tmp_path):
     proc = run_cli("handeye", "--samples", write_samples(tmp_path, samples), "--mount", "eye-in-hand", "--out",
                    tmp_path / "e.yaml")
     assert_one_line_error(proc, "same axis")
+
+
+def test_cli_handeye_writes_residuals_and_replaces_only_with_force(tmp_path):
+    """Consistent samples with real images: accepted within the gate, the residuals reported, X recovered;
+    a second run into the same --out is refused unless --force is given."""
+    import yaml
+
+    samples = write_handeye_set(tmp_path)
+    out = tmp_path / "extrinsics.yaml"
+    args = ("handeye", "--samples", samples, "--mount", "eye-in-hand", "--out", out)
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "largest leave-one-out residual" in proc.stdout
+    d = yaml.safe_load(out.read_text())
+    assert max(d["calibration"]["residuals"]["loo_mm"]) < 2.0 and d["calibration"]["residuals"]["gate_mm"] == 15.0
+    dmm, ddeg = pose_difference(np.array(d["matrix"]), X_EYE_IN_HAND)
+    assert dmm < 2.0 and ddeg < 0.3, (dmm, ddeg)
+    before = out.read_bytes()
+    assert_one_line_error(run_cli(*args), "exists; pass --force")
+    assert out.read_bytes() == before
+    assert run_cli(*args, "--force").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp file left
+
+
+def test_output_that_appears_during_the_run_is_not_replaced(tmp_path):
+    """Two runs into one output: the one finishing second is refused at the final rename, not silently lost."""
+    from calibration.outputs import check_outputs, write_new
+
+    out = tmp_path / "extrinsics.yaml"
+    check_outputs([out], force=False)  # this run's check passes ...
+    out.write_text("the other run's result\n")  # ... then another run writes the same output first
+    with pytest.raises(UserError, match="created by another process while this run worked"):
+        write_new(out, b"this run's result\n", force=False)
+    assert out.read_text() == "the other run's result\n" and [p.name for p in tmp_path.iterdir()] == [out.name]
+    write_new(out, b"this run's result\n", force=True)
+    assert out.read_text() == "this run's result\n"
 
 
 def test_methods_table_covers_opencv():

@@ -203,6 +203,33 @@ def test_rendered_handeye_recovers_camera_pose(rig, extrinsics_yaml):
     np.testing.assert_allclose(np.array(yaml.safe_load(extrinsics_yaml.read_text())["matrix"]), ext.T, atol=1e-9)
 
 
+def test_rendered_handeye_names_the_sample_with_the_wrong_image(rig, camera_yaml, capsys):
+    """Sample 4's robot pose paired with the image taken at sample 9's pose: refused, naming sample 4.
+
+    Before the leave-one-out gate this was written with a warning only, tens of mm off.
+    """
+    import shutil
+
+    doc = json.loads(rig.samples.read_text())
+    shutil.copy(rig.out / "handeye" / "009.png", rig.out / "handeye" / "wrong.png")
+    doc["samples"][4]["image"] = "handeye/wrong.png"
+    (rig.out / "samples_wrong.json").write_text(json.dumps(doc))
+    out = rig.out / "wrong_extrinsics.yaml"
+    assert calibrate(["handeye", "--samples", str(rig.out / "samples_wrong.json"), "--mount", "eye-to-hand",
+                      "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1 sample disagrees" in err and "sample 4 (handeye/wrong.png) off by" in err
+    assert not out.exists()
+    # the good samples, their mounting not recorded, solved as eye-in-hand: refused, naming the right mounting
+    doc = json.loads(rig.samples.read_text())
+    del doc["mount"]
+    (rig.out / "samples_no_mount.json").write_text(json.dumps(doc))
+    assert calibrate(["handeye", "--samples", str(rig.out / "samples_no_mount.json"), "--mount", "eye-in-hand",
+                      "--out", str(out)]) == 2
+    assert "is --mount eye-to-hand the right mounting" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_forward_kinematics_matches_maniskill_tcp(rig):
     import torch
 
