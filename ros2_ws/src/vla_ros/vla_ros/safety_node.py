@@ -170,8 +170,8 @@ class SafetyFilterNode(Node):
         self._emit(self.filter.joint_command(targets, measured, age))
 
     # ----- control authority -------------------------------------------------------------------------------------
-    def _on_source(self, msg: String, info=None) -> None:
-        gid = (info or {}).get("publisher_gid") or {}
+    def _on_source(self, msg: String, info: dict) -> None:
+        gid = info.get("publisher_gid") or {}  # rclpy passes MessageInfo to a two-argument callback
         self.pending_sources.append((msg.data, bytes(gid.get("data", b"")), time.monotonic()))
         self._resolve_sources()
 
