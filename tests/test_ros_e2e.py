@@ -327,12 +327,13 @@ def test_reversed_joint_names_and_a_position_contract_are_refused(hostile, ros_n
     reversed_arm = list(PANDA_ARM[::-1])
     add(policy_node(hostile(), action_names=reversed_arm + ["gripper"],
                     state_joints=reversed_arm + list(PANDA_FINGERS)))
-    wait_for(lambda: "action joints" in diag(probe, "policy_node").get("message", ""), 60, "the contract refused")
+    wait_for(lambda: actions or "action joints" in diag(probe, "policy_node").get("message", ""), 60,
+             "the contract refused (or, before the fix, actions driving the wrong joints)")
+    time.sleep(1.0)
+    assert actions == []
     d = diag(probe, "policy_node")
     assert d["level"] == DiagnosticStatus.ERROR and str(list(PANDA_ARM) + ["gripper"]) in d["message"]
     assert str(reversed_arm + ["gripper"]) in d["message"]
-    time.sleep(1.0)
-    assert actions == []
     # A server whose model was trained for absolute joint positions: the filter refuses to run it as deltas.
     add(SafetyFilterNode("safety_filter", parameter_overrides=[Parameter("controller_topic", value="/jtc/traj"),
                                                                Parameter("diagnostics_hz", value=10.0)]))
@@ -352,7 +353,8 @@ def test_a_chunk_older_than_max_chunk_age_is_never_executed(hostile, ros_nodes):
     probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="policy"))
     # Every chunk arrives 0.6 s after its observation: past the filter's late_action hold (0.3 s), so never run.
     add(policy_node(hostile(delay_s=0.6), max_chunk_age_s=0.3))
-    wait_for(lambda: int(diag(probe, "policy_node").get("late_chunks", 0)) >= 3, 90, "late chunks dropped")
+    wait_for(lambda: actions or int(diag(probe, "policy_node").get("late_chunks", 0)) >= 3, 90,
+             "late chunks dropped (or, before the fix, executed)")
     assert actions == [] and int(diag(probe, "policy_node")["chunks"]) == 0
 
 

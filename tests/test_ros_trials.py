@@ -132,5 +132,5 @@ def test_plan_entry_is_given_up_after_max_aborts(tmp_path):
     s = summarize(j, plan, max_aborts=2)
     assert s["given_up"] == [{"plan_index": 0, "seed": 0, "aborts": 2, "last_reason": "policy server: rejected again"}]
     write_summary(tmp_path, s)
-    assert "1 plan entries given up after 2 aborts each (plan 0: policy server: rejected again)" in \
+    assert "given up after 2 aborts: plan 0 (policy server: rejected again)" in \
         (tmp_path / "summary.md").read_text()

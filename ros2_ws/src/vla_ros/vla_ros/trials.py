@@ -169,8 +169,8 @@ def given_up_note(summary: dict) -> str:
     gone = summary.get("given_up") or []
     if not gone:
         return ""
-    reasons = ", ".join(f"plan {g['plan_index']}: {g['last_reason']}" for g in gone)
-    return f"; {len(gone)} plan entries given up after {gone[0]['aborts']} aborts each ({reasons})"
+    entries = ", ".join(f"plan {g['plan_index']} ({g['last_reason']})" for g in gone)
+    return f"; given up after {gone[0]['aborts']} aborts: {entries}"
 
 
 def write_summary(directory: str | Path, summary: dict) -> None:
