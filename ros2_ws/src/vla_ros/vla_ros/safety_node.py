@@ -101,6 +101,7 @@ class SafetyFilterNode(Node):
         self.lease_lapsed = False
         self.authority = node_path(p["control_authority"])
         require(self.authority != "/", "control_authority must name the eval manager node, e.g. /eval_manager")
+        require(p["authority_grace_s"] > 0, "authority_grace_s must be > 0")
         self.grace_s = p["authority_grace_s"]
         self.pending_sources: list[tuple[str, bytes, float]] = []  # (source, publisher GID, arrival) in order
         self.requested = "hold"                # the last source the authority asked for
