@@ -19,6 +19,23 @@ MANIFEST_FORMAT = "flow-vla-export"
 MANIFEST_VERSION = 1  # newest manifest version this runtime reads
 
 
+PANDA_ARM_JOINTS = tuple(f"panda_joint{i}" for i in range(1, 8))
+GRIPPER_ACTION = "gripper"
+
+
+def default_action_joints(control_mode: str, action_dim: int) -> tuple[str, ...]:
+    """The joints of ManiSkill's Panda joint-space controllers, in action order (what every task here trains).
+
+    Manifests that do not list `action.joints` get these, so a robot side that maps the actions onto other
+    joints (or in another order) is refused at connect, not discovered when the wrong joint moves.
+    """
+    if not control_mode.startswith("pd_joint"):
+        return ()
+    if action_dim == len(PANDA_ARM_JOINTS) + 1:
+        return (*PANDA_ARM_JOINTS, GRIPPER_ACTION)
+    return PANDA_ARM_JOINTS if action_dim == len(PANDA_ARM_JOINTS) else ()
+
+
 @dataclass(frozen=True)
 class ExportDir:
     path: Path
@@ -95,13 +112,18 @@ def contract_from_manifest(m: dict, backend: str, provider: str, where: str = "e
             state_dim=int(m["state"]["dim"]), state_layout=tuple((str(n), int(k)) for n, k in m["state"]["layout"]),
             normalisation_sha256=str(m["normalisation"]["sha256"]), control_hz=float(m["control_hz"]),
             text_max_len=int(m["text"]["max_len"]), default_instruction=str(m["text"]["instruction"]),
-            task=str(m.get("task", "")))
+            task=str(m.get("task", "")),
+            action_joints=tuple(str(j) for j in m["action"].get("joints") or default_action_joints(
+                str(m["action"]["control_mode"]), int(m["action_dim"]))))
     except KeyError as e:
         raise UserError(f"{where}: manifest.json lacks field {e}") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}: manifest.json has a malformed field ({e})") from None
     if len(c.action_low) != c.action_dim or len(c.action_high) != c.action_dim:
         raise UserError(f"{where}: manifest action bounds do not have action_dim={c.action_dim} entries")
+    if c.action_joints and len(c.action_joints) != c.action_dim:
+        raise UserError(f"{where}: manifest action.joints has {len(c.action_joints)} names for action_dim="
+                        f"{c.action_dim}")
     if sum(k for _, k in c.state_layout) != c.state_dim:
         raise UserError(f"{where}: manifest state layout does not add up to state dim {c.state_dim}")
     if c.horizon < 1 or c.action_dim < 1 or c.text_max_len < 2:  # no cameras is fine: a state-only policy

@@ -348,6 +348,7 @@ class Contract:
     rtc: bool = False
     instance: str = ""
     protocol: int = PROTOCOL_VERSION
+    action_joints: tuple[str, ...] = ()  # the joint each action dimension drives, in order; () = not stated
 
     @functools.cached_property
     def camera_names(self) -> frozenset[str]:
@@ -365,7 +366,8 @@ class Contract:
             "horizon": self.horizon, "exec_steps": self.exec_steps, "action_dim": self.action_dim,
             "num_steps": self.num_steps, "control_hz": self.control_hz,
             "action": {"control_mode": self.control_mode, "low": list(self.action_low),
-                       "high": list(self.action_high), "clipped": self.clip_actions},
+                       "high": list(self.action_high), "clipped": self.clip_actions,
+                       "joints": list(self.action_joints)},
             "cameras": [{"name": c.name, "height": c.height, "width": c.width, "dtype": "uint8", "layout": "HWC RGB"}
                         for c in self.cameras],
             "state": {"dim": self.state_dim, "layout": [[n, k] for n, k in self.state_layout], "dtype": "float32"},
@@ -386,6 +388,7 @@ class Contract:
                 num_steps=int(d["num_steps"]), control_hz=float(d["control_hz"]),
                 control_mode=str(a["control_mode"]), action_low=tuple(float(x) for x in a["low"]),
                 action_high=tuple(float(x) for x in a["high"]), clip_actions=bool(a["clipped"]),
+                action_joints=tuple(str(x) for x in a.get("joints", ())),
                 cameras=tuple(CameraContract(str(c["name"]), int(c["height"]), int(c["width"])) for c in d["cameras"]),
                 state_dim=int(s["dim"]), state_layout=tuple((str(n), int(k)) for n, k in s["layout"]),
                 normalisation_sha256=str(d["normalisation_sha256"]), text_max_len=int(ins["max_tokens"]),

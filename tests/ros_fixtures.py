@@ -128,6 +128,7 @@ class Probe:
         self.thread.start()
         self.received: dict[str, list] = {}
         self.lock = threading.Lock()
+        self.extra_nodes: list = []
 
     def collect(self, msg_type, topic: str, qos=10) -> list:
         box: list = []
@@ -145,6 +146,17 @@ class Probe:
             box = self.received.get(topic) or []
             return box[-1] if box else None
 
+    def add_node(self, name: str, **parameters):
+        """Another node on the probe's participant (a controller with its `joints`, an intruder, ...)."""
+        from rclpy.node import Node
+        from rclpy.parameter import Parameter
+
+        node = Node(name, context=self.context, automatically_declare_parameters_from_overrides=True,
+                    parameter_overrides=[Parameter(k, value=v) for k, v in parameters.items()])
+        self.executor.add_node(node)
+        self.extra_nodes.append(node)
+        return node
+
     def call(self, srv_type, name: str, timeout: float = 30.0):
         cli = self.node.create_client(srv_type, name)
         wait_for(cli.service_is_ready, timeout, f"service {name}")
@@ -154,6 +166,8 @@ class Probe:
 
     def close(self) -> None:
         self.executor.shutdown()
+        for node in self.extra_nodes:
+            node.destroy_node()
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
 

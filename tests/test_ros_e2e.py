@@ -22,7 +22,7 @@ from std_msgs.msg import Float64MultiArray, String
 from vla_ros import topics
 from vla_ros.actions import PANDA_ARM, PANDA_FINGERS
 
-from tests.ros_fixtures import CONFIG, Probe, ServerProcess, make_export, rclpy, stack_process, wait_for
+from tests.ros_fixtures import CONFIG, Probe, ServerProcess, free_port, make_export, rclpy, stack_process, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 REST = [0.0, 0.39, 0.0, -1.96, 0.0, 2.36, 0.79, 0.04, 0.04]
@@ -213,3 +213,182 @@ def test_server_loss_holds_the_arm_and_eval_manager_survives_kill_9(server, tmp_
                 p.wait(20)
             except Exception:
                 p.kill()
+
+
+# ----- hostile policy servers (issue 12: items 5 and 7) -------------------------------------------------------------
+class HostileBackend:
+    """Our real ONNX backend behind our own PolicyServer, made to lie about its contract, answer late or reject."""
+
+    def __init__(self, export_dir, delay_s: float = 0.0, reject: bool = False, **contract_changes):
+        from policy_runtime.backends.onnx_backend import OnnxBackend, OnnxOptions
+
+        self.inner = OnnxBackend(export_dir, OnnxOptions(intra_op_threads=1, warmup_runs=1, allow_spinning=False))
+        self.name, self.delay_s, self.reject, self.changes = self.inner.name, delay_s, reject, contract_changes
+
+    def contract(self):
+        import dataclasses
+
+        return dataclasses.replace(self.inner.contract(), **self.changes)
+
+    def infer_batch(self, requests):
+        time.sleep(self.delay_s)
+        if self.reject:
+            raise RuntimeError("rejected on purpose")
+        return self.inner.infer_batch(requests)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def hostile(export_dir):
+    """Factory: a PolicyServer on a free loopback port around a HostileBackend; stopped at teardown."""
+    from policy_runtime.server import PolicyServer, ServerConfig
+
+    servers = []
+
+    def start(**kw) -> str:
+        server = PolicyServer(HostileBackend(export_dir, **kw), ServerConfig(bind=f"tcp://127.0.0.1:{free_port()}"))
+        servers.append(server)
+        return server.start_background()
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def ros_nodes():
+    """rclpy with a background executor for the nodes under test, and a probe on its own participant."""
+    rclpy.init()
+    executor = MultiThreadedExecutor(num_threads=4)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    probe = Probe()
+    nodes = []
+
+    def add(node):
+        nodes.append(node)
+        executor.add_node(node)
+        return node
+
+    yield add, probe
+    probe.close()
+    executor.shutdown()
+    for n in nodes:
+        close = getattr(n, "close", None)
+        if close is not None:
+            close()
+        n.destroy_node()
+    rclpy.try_shutdown()
+
+
+def feed_robot(probe: Probe) -> None:
+    """Fresh joint states and camera frames at 20 Hz, as the robot's drivers publish them."""
+    from vla_ros.ros_util import rgb_to_image
+
+    js_pub = probe.node.create_publisher(JointState, topics.JOINT_STATES, 10)
+    img_pub = probe.node.create_publisher(Image, "/camera/camera/color/image_raw", topics.SENSOR_QOS)
+
+    def publish() -> None:
+        now = probe.node.get_clock().now().to_msg()
+        js = JointState(name=NAMES, position=[float(x) for x in REST], velocity=[0.0] * 9)
+        js.header.stamp = now
+        js_pub.publish(js)
+        img_pub.publish(rgb_to_image(np.full((64, 64, 3), 90, np.uint8), now, "cam"))
+
+    probe.node.create_timer(0.05, publish)
+
+
+def diag(probe: Probe, name: str) -> dict:
+    for msg in reversed(probe.received.get(topics.DIAGNOSTICS, [])):
+        for st in msg.status:
+            if st.name == f"vla/{name}":
+                return {"level": st.level, "message": st.message, **{kv.key: kv.value for kv in st.values}}
+    return {}
+
+
+def policy_node(endpoint: str, name: str = "policy_node", **params):
+    from vla_ros.policy_node import PolicyNode
+
+    values = {"runtime_endpoint": endpoint, "diagnostics_hz": 10.0, "timeout_ms": 3000.0, **params}
+    return PolicyNode(name, parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
+
+
+def test_reversed_joint_names_and_a_position_contract_are_refused(hostile, ros_nodes):
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros_nodes
+    probe.collect(DiagnosticArray, topics.DIAGNOSTICS, 50)
+    actions = probe.collect(JointState, topics.POLICY_ACTION, topics.COMMAND_QOS)
+    feed_robot(probe)
+    probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="policy"))
+    # Reversed joint names on both sides agree with each other, but not with the model: refused at connect.
+    reversed_arm = list(PANDA_ARM[::-1])
+    add(policy_node(hostile(), action_names=reversed_arm + ["gripper"],
+                    state_joints=reversed_arm + list(PANDA_FINGERS)))
+    wait_for(lambda: actions or "action joints" in diag(probe, "policy_node").get("message", ""), 60,
+             "the contract refused (or, before the fix, actions driving the wrong joints)")
+    time.sleep(1.0)
+    assert actions == []
+    d = diag(probe, "policy_node")
+    assert d["level"] == DiagnosticStatus.ERROR and str(list(PANDA_ARM) + ["gripper"]) in d["message"]
+    assert str(reversed_arm + ["gripper"]) in d["message"]
+    # A server whose model was trained for absolute joint positions: the filter refuses to run it as deltas.
+    add(SafetyFilterNode("safety_filter", parameter_overrides=[Parameter("controller_topic", value="/jtc/traj"),
+                                                               Parameter("diagnostics_hz", value=10.0)]))
+    add(policy_node(hostile(control_mode="pd_joint_pos"), name="policy_node_pos"))
+    wait_for(lambda: "pd_joint_pos" in diag(probe, "safety_filter").get("message", ""), 60, "the position mode refused")
+    d = diag(probe, "safety_filter")
+    assert d["level"] == DiagnosticStatus.ERROR and "'pd_joint_delta_pos'" in d["message"]
+
+
+def test_a_chunk_older_than_max_chunk_age_is_never_executed(hostile, ros_nodes):
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    add, probe = ros_nodes
+    probe.collect(DiagnosticArray, topics.DIAGNOSTICS, 50)
+    actions = probe.collect(JointState, topics.POLICY_ACTION, topics.COMMAND_QOS)
+    feed_robot(probe)
+    probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="policy"))
+    # Every chunk arrives 0.6 s after its observation: past the filter's late_action hold (0.3 s), so never run.
+    add(policy_node(hostile(delay_s=0.6), max_chunk_age_s=0.3))
+    wait_for(lambda: actions or int(diag(probe, "policy_node").get("late_chunks", 0)) >= 3, 90,
+             "late chunks dropped (or, before the fix, executed)")
+    assert actions == [] and int(diag(probe, "policy_node")["chunks"]) == 0
+
+
+def test_a_plan_entry_whose_server_rejects_every_request_is_given_up(hostile, ros_nodes, tmp_path):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from std_srvs.srv import Trigger
+    from vla_ros.eval_manager_node import EvalManagerNode
+
+    add, probe = ros_nodes
+    probe.collect(DiagnosticArray, topics.DIAGNOSTICS, 50)
+    states = probe.collect(String, topics.EVAL_STATE, topics.LATCHED_QOS)
+    feed_robot(probe)
+    add(policy_node(hostile(reject=True)))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push\ncount: 1\nseed_start: 3\n")
+    out = tmp_path / "out"
+    add(EvalManagerNode("eval_manager", parameter_overrides=[
+        Parameter("plan", value=str(plan)), Parameter("results_dir", value=str(out)), Parameter("console", value=False),
+        Parameter("trial_timeout_s", value=120.0), Parameter("ready_s", value=0.1), Parameter("max_aborts", value=2)]))
+
+    def state() -> str:
+        return json.loads(states[-1].data)["state"] if states else ""
+
+    def operator() -> bool:  # starts whatever trial is set up, until the session ends
+        if state() == "RESET":
+            probe.call(Trigger, "/eval_manager/start")
+        return state() == "DONE"
+
+    wait_for(operator, 240, "the session to end", poll=0.2)
+    events = read_journal(out / "journal.jsonl")
+    ends = [e for e in events if e["event"] == "end"]
+    assert [e["outcome"] for e in ends] == ["aborted", "aborted"] and all("policy server" in e["reason"] for e in ends)
+    (give_up,) = [e for e in events if e["event"] == "give_up"]
+    assert give_up["plan_index"] == 0 and give_up["aborts"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["judged"] == 0 and [g["plan_index"] for g in summary["given_up"]] == [0]
+    assert "given up after 2 aborts" in (out / "summary.md").read_text()

@@ -23,6 +23,10 @@ from tests.ros_fixtures import Probe, rclpy, wait_for
 
 REST = [0.0, 0.39, 0.0, -1.96, 0.0, 2.36, 0.79, 0.04, 0.04]
 NAMES = list(PANDA_ARM + PANDA_FINGERS)
+PROBE = "/test_probe"  # the probe plays the eval manager (the control authority) where a test says so
+SPEC = {"task": "PushCube-v1", "control_mode": "pd_joint_delta_pos", "obs_mode": "state", "cameras": [],
+        "state_layout": [["agent/qpos", 9]], "action_dim": 8, "action_low": [-1.0] * 8, "action_high": [1.0] * 8,
+        "control_hz": 20.0, "instruction": "push", "action_joints": list(PANDA_ARM) + ["gripper"]}
 
 
 @pytest.fixture
@@ -66,6 +70,12 @@ def start_joint_states(probe: Probe, positions=REST):
     return probe.node.create_timer(0.02, lambda: pub.publish(joint_state(probe, positions)))
 
 
+def publish_spec(probe: Probe, **changes) -> None:
+    """The policy node's contract announcement (latched), as the safety filter receives it."""
+    pub = probe.node.create_publisher(String, topics.POLICY_SPEC, topics.LATCHED_QOS)
+    pub.publish(String(data=json.dumps({**SPEC, **changes})))
+
+
 def diag_values(probe: Probe, name: str) -> dict:
     for msg in reversed(probe.received.get(topics.DIAGNOSTICS, [])):
         for st in msg.status:
@@ -81,8 +91,10 @@ def test_safety_filter_node_nan_estop_watchdog_forward_command(ros):
     add, probe = ros
     add(SafetyFilterNode("safety_filter", parameter_overrides=params(
         controller_type="forward_command", controller_topic="/fcc/commands", gripper_topic="/gripper/commands",
-        gripper_joint="panda_finger_joint1", late_action_s=0.3, diagnostics_hz=10.0,
+        gripper_joint="panda_finger_joint1", late_action_s=0.3, diagnostics_hz=10.0, control_authority=PROBE,
         source_lease_s=0.0)))  # the source is sent once here; the lease has its own test
+    probe.add_node("fcc", joints=list(PANDA_ARM))  # the controller node, with the joint order it was configured for
+    publish_spec(probe)
     cmds = probe.collect(Float64MultiArray, "/fcc/commands", topics.COMMAND_QOS)
     grip = probe.collect(Float64MultiArray, "/gripper/commands", topics.COMMAND_QOS)
     probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
@@ -114,6 +126,7 @@ def test_safety_filter_node_nan_estop_watchdog_forward_command(ros):
              "actions refused while latched")
     assert max(m.data[0] for m in cmds) == pytest.approx(0.05, abs=1e-6)  # never moved past the pre-e-stop target
     assert probe.call(Trigger, "/safety_filter/reset_estop").success
+    assert probe.call(Trigger, "/safety_filter/rearm").success  # the operator's explicit re-arm
     n = len(cmds)
     act([1.0, 0, 0, 0, 0, 0, 0, 0])
     wait_for(lambda: any(m.data[0] > 0.09 for m in cmds[n:]), 10, "a command after the reset")
@@ -129,7 +142,7 @@ def test_safety_filter_dry_run_never_reaches_the_controller(ros):
 
     add, probe = ros
     add(SafetyFilterNode("safety_filter", parameter_overrides=params(dry_run=True, controller_topic="/jtc/traj",
-                                                                     source_lease_s=0.0)))
+                                                                     source_lease_s=0.0, control_authority=PROBE)))
     from trajectory_msgs.msg import JointTrajectory
 
     real = probe.collect(JointTrajectory, "/jtc/traj", topics.COMMAND_QOS)
@@ -156,8 +169,11 @@ def test_safety_filter_takes_control_back_when_the_source_lease_lapses(ros):
     add, probe = ros
     add(SafetyFilterNode("safety_filter", parameter_overrides=params(
         controller_type="forward_command", controller_topic="/fcc/commands", source_lease_s=0.5,
-        late_action_s=5.0, diagnostics_hz=10.0)))
+        late_action_s=5.0, diagnostics_hz=10.0, control_authority=PROBE)))
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+
+    probe.add_node("fcc", joints=NAMES)
+    publish_spec(probe)
 
     cmds = probe.collect(Float64MultiArray, "/fcc/commands", topics.COMMAND_QOS)
     probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
@@ -309,3 +325,196 @@ def test_eval_manager_services_journal_and_redo(ros, tmp_path):
     assert len(sent) > len(seen)
     i = seen.index("policy")  # teleop for the reset, hold while READY, policy, hold to judge; hold when done
     assert "teleop" in seen[:i] and seen[i - 1] == "hold" and seen[i + 1] == "hold" and seen[-1] == "hold"
+
+
+# ----- control authority, re-arming, contracts (issue 12: items 3, 4, 5) ------------------------------------------
+def _filter_rig(ros, **overrides):
+    """A safety filter on a trajectory topic, joint states at rest, a policy contract; returns helpers."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from trajectory_msgs.msg import JointTrajectory
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    cfg = dict(controller_topic="/jtc/traj", late_action_s=5.0, diagnostics_hz=10.0, source_lease_s=0.0)
+    add(SafetyFilterNode("safety_filter", parameter_overrides=params(**{**cfg, **overrides})))
+    cmds = probe.collect(JointTrajectory, "/jtc/traj", topics.COMMAND_QOS)
+    probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
+    start_joint_states(probe)
+    act_pub = probe.node.create_publisher(JointState, topics.POLICY_ACTION, topics.COMMAND_QOS)
+
+    def act(j1: float = 0.5) -> None:
+        act_pub.publish(JointState(name=list(PANDA_ARM) + ["gripper"], position=[j1] + [0.0] * 7))
+
+    def moved() -> bool:
+        """Did any command move joint 1 away from rest (where every hold keeps it)?"""
+        return any(abs(m.points[0].positions[0] - REST[0]) > 1e-6 for m in list(cmds))
+
+    def safety() -> dict:
+        return diag_values(probe, "safety_filter")
+
+    return probe, cmds, act, moved, safety
+
+
+def _keep_acting(act, seconds: float = 1.0) -> None:
+    for _ in range(int(seconds / 0.1)):
+        act()
+        time.sleep(0.1)
+
+
+def test_only_the_control_authority_may_change_the_control_source(ros):
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    probe, cmds, act, moved, safety = _filter_rig(ros)  # authority: the default /eval_manager
+    publish_spec(probe)
+    manager = probe.add_node("eval_manager").create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
+    intruder = probe.add_node("intruder").create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
+    wait_for(lambda: safety().get("contract", "ok") == "ok", 20, "the policy contract")
+
+    # An unrelated node hands the arm to the policy while no eval manager has said anything: refused, held.
+    intruder.publish(String(data="policy"))
+    _keep_acting(act, 1.5)
+    assert not moved()
+    wait_for(lambda: "/intruder" in safety().get("unauthorised", ""), 20, "the unauthorised source reported")
+    assert safety()["level"] == DiagnosticStatus.ERROR and safety()["source"] == "hold"
+    assert "'policy' from /intruder" in safety()["message"] and int(safety()["count/unauthorised_source"]) >= 1
+
+    # The eval manager's own messages count: teleop clears the alarm, then the policy drives.
+    manager.publish(String(data="teleop"))
+    wait_for(lambda: safety().get("source") == "teleop" and safety().get("unauthorised") == "", 20, "teleop")
+    manager.publish(String(data="policy"))
+    wait_for(lambda: safety().get("source") == "policy", 20, "the policy in control")
+    wait_for(lambda: (act(), moved())[1], 20, "a policy command forwarded", poll=0.1)
+
+    # A running trial: an unrelated node switches to teleop. The arm holds, and the eval manager's next
+    # `policy` heartbeat does not resume it; only its hold/teleop (the end of the trial) clears the alarm.
+    intruder.publish(String(data="teleop"))
+    wait_for(lambda: safety().get("source") == "hold" and "'teleop' from /intruder" in safety().get("unauthorised", ""),
+             20, "the hijack refused")
+    n = len(cmds)
+    manager.publish(String(data="policy"))
+    _keep_acting(act)
+    assert safety()["source"] == "hold" and safety()["level"] == DiagnosticStatus.ERROR
+    assert all(m.points[0].positions == cmds[n - 1].points[0].positions for m in cmds[n:])  # held still
+    manager.publish(String(data="hold"))
+    wait_for(lambda: safety().get("unauthorised") == "" and safety().get("level") != DiagnosticStatus.ERROR, 20,
+             "the alarm cleared by the eval manager")
+
+
+def test_eval_manager_aborts_a_trial_hijacked_by_another_node(ros, tmp_path):
+    from vla_ros.eval_manager_node import EvalManagerNode
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push\ncount: 1\nseed_start: 7\n")
+    states = probe.collect(String, topics.EVAL_STATE, topics.LATCHED_QOS)
+    start_joint_states(probe)
+    add(SafetyFilterNode("safety_filter", parameter_overrides=params(controller_topic="/jtc/traj",
+                                                                     diagnostics_hz=10.0)))
+    add(EvalManagerNode("eval_manager", parameter_overrides=params(
+        plan=str(plan), results_dir=str(tmp_path / "out"), console=False, trial_timeout_s=120.0, ready_s=0.1)))
+
+    def state() -> str:
+        return json.loads(states[-1].data)["state"] if states else ""
+
+    wait_for(lambda: state() == "RESET", 20, "RESET")
+    assert probe.call(Trigger, "/eval_manager/start").success
+    wait_for(lambda: state() == "RUNNING", 20, "RUNNING")
+    intruder = probe.add_node("intruder").create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
+    intruder.publish(String(data="teleop"))
+    journal = tmp_path / "out" / "journal.jsonl"
+
+    def ends() -> list[dict]:
+        return [e for e in map(json.loads, journal.read_text().splitlines()) if e["event"] == "end"]
+
+    wait_for(ends, 30, "the trial to end")  # long before its 120 s timeout
+    (end,) = ends()
+    assert end["outcome"] == "aborted" and "unauthorised control source 'teleop' from /intruder" in end["reason"]
+
+
+def test_estop_reset_holds_until_the_operator_or_the_eval_manager_rearms(ros):
+    probe, cmds, act, moved, safety = _filter_rig(ros, control_authority=PROBE)
+    publish_spec(probe)
+    src = probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
+    src.publish(String(data="policy"))
+    wait_for(lambda: safety().get("source") == "policy" and safety().get("contract", "ok") == "ok", 20, "policy")
+    estop = probe.node.create_publisher(Bool, topics.ESTOP, topics.COMMAND_QOS)
+
+    def estop_and_reset() -> str:
+        estop.publish(Bool(data=True))
+        wait_for(lambda: safety().get("estop"), 20, "the e-stop latched")
+        reply = probe.call(Trigger, "/safety_filter/reset_estop")
+        assert reply.success
+        wait_for(lambda: not safety().get("estop"), 20, "the latch cleared")
+        return reply.message
+
+    message = estop_and_reset()
+    cmds.clear()
+    src.publish(String(data="policy"))  # the heartbeat of a running trial does not re-arm
+    _keep_acting(act, 1.5)
+    assert not moved() and safety()["source"] == "hold" and safety()["armed"] == "False"
+    assert "re-armed" in message and "re-armed" in safety()["message"]
+    assert probe.call(Trigger, "/safety_filter/rearm").success  # the operator re-arms: the policy drives again
+    wait_for(lambda: (act(), moved())[1], 20, "a policy command after the operator's re-arm", poll=0.1)
+
+    estop_and_reset()
+    cmds.clear()
+    for _ in range(5):  # the eval manager's RESET -> READY step re-arms: teleop heartbeats, then hold...
+        src.publish(String(data="teleop"))
+        time.sleep(0.1)
+    assert safety()["armed"] == "False" and not moved()
+    src.publish(String(data="hold"))
+    wait_for(lambda: safety().get("armed") == "True", 20, "re-armed by teleop -> hold")
+    assert not moved()
+    src.publish(String(data="policy"))  # ...and the trial that follows runs
+    wait_for(lambda: (act(), moved())[1], 20, "a policy command in the next trial", poll=0.1)
+
+
+def test_safety_filter_refuses_a_forward_command_controller_with_another_joint_order(ros):
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    probe.add_node("fcc", joints=NAMES)  # the controller drives joint 1 first
+    add(SafetyFilterNode("safety_filter", parameter_overrides=params(
+        controller_type="forward_command", controller_topic="/fcc/commands", controller_joints=NAMES[::-1],
+        control_authority=PROBE, diagnostics_hz=10.0, source_lease_s=0.0)))
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+
+    cmds = probe.collect(Float64MultiArray, "/fcc/commands", topics.COMMAND_QOS)
+    probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
+    start_joint_states(probe)
+    publish_spec(probe)
+    probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="policy"))
+    act_pub = probe.node.create_publisher(JointState, topics.POLICY_ACTION, topics.COMMAND_QOS)
+    wait_for(lambda: diag_values(probe, "safety_filter"), 20, "the safety filter")
+    for _ in range(15):
+        act_pub.publish(JointState(name=list(PANDA_ARM) + ["gripper"], position=[0.5] + [0.0] * 7))
+        time.sleep(0.1)
+    assert cmds == []  # not even a hold: in the wrong order it would drive panda_joint7 to joint 1's position
+    wait_for(lambda: "do not match" in diag_values(probe, "safety_filter").get("controller", ""), 20,
+             "the joint order refused")
+    d = diag_values(probe, "safety_filter")
+    assert d["level"] == DiagnosticStatus.ERROR and str(NAMES[::-1]) in d["message"] and str(NAMES) in d["message"]
+
+
+def test_safety_filter_refuses_a_policy_contract_it_does_not_execute(ros):
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    probe, cmds, act, moved, safety = _filter_rig(ros, control_authority=PROBE)
+    probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="policy"))
+    wait_for(lambda: safety().get("source") == "policy", 20, "policy")
+    _keep_acting(act, 0.5)
+    assert not moved() and int(safety().get("count/no_policy_contract", 0)) >= 1  # no contract yet: no motion
+
+    reversed_joints = list(PANDA_ARM[::-1]) + ["gripper"]
+    for changes, words in (({"control_mode": "pd_joint_pos"}, ["'pd_joint_pos'", "'pd_joint_delta_pos'"]),
+                           ({"action_joints": reversed_joints},
+                            [str(reversed_joints), str(list(PANDA_ARM) + ["gripper"])])):
+        publish_spec(probe, **changes)
+        wait_for(lambda w=words: all(x in safety().get("message", "") for x in w), 20, f"refusal naming {words}")
+        assert safety()["level"] == DiagnosticStatus.ERROR
+        _keep_acting(act, 0.5)
+        assert not moved()
+    publish_spec(probe)
+    wait_for(lambda: safety().get("contract") == "ok", 20, "the matching contract accepted")
+    wait_for(lambda: (act(), moved())[1], 20, "a policy command under the agreed contract", poll=0.1)

@@ -115,3 +115,22 @@ def test_recorder_pairs_steps_and_images_into_a_valid_episode(tmp_path):
     np.testing.assert_allclose(ep.timestamps, [0.0, 0.1])
     path = EpisodeWriter(tmp_path, spec).write(ep)
     assert read_episode(path).success
+
+
+def test_plan_entry_is_given_up_after_max_aborts(tmp_path):
+    from vla_ros.trials import given_up
+
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text("count: 2\n")
+    plan = load_plan(plan_file)
+    j = Journal(tmp_path / "journal.jsonl")
+    for trial, reason in enumerate(["policy server: rejected", "policy server: rejected again"]):
+        j.append({"event": "start", "trial": trial, "plan_index": 0, "seed": 0})
+        j.append({"event": "end", "trial": trial, "plan_index": 0, "seed": 0, "outcome": "aborted", "reason": reason})
+    assert next_plan_index(j, plan) == 0 and next_plan_index(j, plan, max_aborts=3) == 0  # retried while allowed
+    assert next_plan_index(j, plan, max_aborts=2) == 1 and list(given_up(j, plan, 2)) == [0]
+    s = summarize(j, plan, max_aborts=2)
+    assert s["given_up"] == [{"plan_index": 0, "seed": 0, "aborts": 2, "last_reason": "policy server: rejected again"}]
+    write_summary(tmp_path, s)
+    assert "given up after 2 aborts: plan 0 (policy server: rejected again)" in \
+        (tmp_path / "summary.md").read_text()

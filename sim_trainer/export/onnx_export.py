@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from policy_runtime.export_dir import default_action_joints
 from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import LoadedPolicy, file_sha256, load_checkpoint
 from sim_trainer.models.flow_vla import FlowVLA
@@ -149,6 +150,7 @@ def _manifest(loaded: LoadedPolicy, ckpt: Path, onnx_path: Path, out: Path, num_
         "exec_steps": cfg.exec_steps,
         "action_dim": spec.action_dim,
         "action": {"control_mode": spec.control_mode, "low": list(spec.action_low), "high": list(spec.action_high),
+                   "joints": list(default_action_joints(spec.control_mode, spec.action_dim)),
                    "units": "normalised controller action in [low, high] (ManiSkill convention)"},
         "cameras": [{"name": c.name, "input": f"image.{c.name}", "height": c.height, "width": c.width,
                      "dtype": "uint8", "layout": "HWC RGB"} for c in spec.cameras],

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 GRIPPER_ACTION = "gripper"
+# The ManiSkill controller each delta reference reproduces; a policy trained for any other mode is refused.
+CONTROL_MODES = {"measured": "pd_joint_delta_pos", "target": "pd_joint_target_delta_pos"}
 
 
 def scale(a: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -34,6 +36,11 @@ class ActionSemantics:
     def __post_init__(self) -> None:
         if self.delta_reference not in ("measured", "target"):
             raise ValueError(f"delta_reference must be 'measured' or 'target', got {self.delta_reference!r}")
+
+    @property
+    def control_mode(self) -> str:
+        """The ManiSkill control mode these semantics execute."""
+        return CONTROL_MODES[self.delta_reference]
 
     @property
     def action_names(self) -> tuple[str, ...]:

@@ -3,8 +3,10 @@
 RESET hands the arm to teleop (after driving it home, if a home pose is set) while the operator resets the
 scene; `start` makes the arm hold (READY) and then, once the policy reports healthy, gives it to the policy
 (RUNNING) with the trial's instruction. A trial ends on the success signal (`auto_judge`), the timeout, an
-operator key, or a fault (policy server lost, e-stop): faults abort it. Outcomes go to the append-only
-journal, the summary and an episode per trial.
+operator key, or a fault (policy server lost, e-stop, a control-source change this node did not make, as the
+safety filter reports it): faults abort it. A trial starts only while the safety filter is armed and reports no
+error. A plan entry aborted `max_aborts` times is given up (journaled, and listed in the summary) instead of
+being retried forever. Outcomes go to the append-only journal, the summary and an episode per trial.
 Driven by std_srvs/Trigger services (~/start, ~/success, ~/failure, ~/abort, ~/redo, ~/quit) and, when
 run in a terminal, by single keys: s start, y success, n failure, a abort, r redo, q quit.
 """
@@ -27,7 +29,7 @@ from vla_ros import console, topics
 from vla_ros.params import ParamError, declare, require, run_node_main
 from vla_ros.recorder import TrialRecorder
 from vla_ros.ros_util import image_to_rgb
-from vla_ros.trials import Journal, PlanError, load_plan, next_plan_index, summarize, write_summary
+from vla_ros.trials import Journal, PlanError, given_up, load_plan, next_plan_index, summarize, write_summary
 
 STATES = ("IDLE", "RESET", "READY", "RUNNING", "JUDGE", "DONE")
 KEYS = {"s": "start", "y": "success", "n": "failure", "a": "abort", "r": "redo", "q": "quit"}
@@ -49,6 +51,7 @@ DEFAULTS = {
     "home_timeout_s": 15.0,
     "control_hz": 20.0,
     "source_heartbeat_hz": 5.0,  # the control source is re-sent this often: the safety filter's lease
+    "max_aborts": 3,             # aborted trials of one plan entry before it is given up
 }
 
 
@@ -58,6 +61,7 @@ class EvalManagerNode(Node):
         p = declare(self, DEFAULTS)
         require(bool(p["plan"]), "parameter `plan` (trial plan YAML) is required")
         require(len(p["home_positions"]) == len(p["home_joints"]), "home_joints and home_positions differ in length")
+        require(p["max_aborts"] >= 1, "max_aborts must be >= 1")
         try:
             self.plan = load_plan(p["plan"])
         except PlanError as e:
@@ -79,6 +83,7 @@ class EvalManagerNode(Node):
         self.trial_interventions_start = 0
         self.joint_positions: dict[str, float] = {}
         self.policy_error: str | None = None    # the policy node's current error, if any
+        self.filter_block: str | None = None    # why the safety filter would not let a trial run (error, not armed)
         self.homing = False
         self.source = "hold"
         self.source_pub = self.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
@@ -175,7 +180,8 @@ class EvalManagerNode(Node):
         self.source_pub.publish(String(data=source))
 
     def _enter_reset(self) -> None:
-        idx = next_plan_index(self.journal, self.plan)
+        self._give_up_exhausted()
+        idx = next_plan_index(self.journal, self.plan, self.p["max_aborts"])
         if idx is None:
             self._done("plan complete")
             return
@@ -186,17 +192,28 @@ class EvalManagerNode(Node):
         self.homing = bool(self.p["home_joints"])
         self._set_state("RESET")
 
+    def _give_up_exhausted(self) -> None:
+        """Journal each plan entry that has just used up its aborts, once, with the last abort's reason."""
+        journaled = {e["plan_index"] for e in self.journal.events if e["event"] == "give_up"}
+        for idx, last in given_up(self.journal, self.plan, self.p["max_aborts"]).items():
+            if idx not in journaled:
+                self.journal.append({"event": "give_up", "plan_index": idx, "seed": last.get("seed"),
+                                     "aborts": self.p["max_aborts"], "reason": last.get("reason")})
+                self.get_logger().error(f"plan entry {idx} given up after {self.p['max_aborts']} aborted trials "
+                                        f"(last: {last.get('reason')})")
+
     def _tick(self) -> None:
         with self.lock:
             elapsed = self._now() - self.state_since
             if self.state == "RESET" and self.homing:
                 self._send_home(elapsed)
             elif self.state == "READY" and elapsed >= self.p["ready_s"]:
-                if self.policy_error is None:
+                if self.policy_error is None and self.filter_block is None:
                     self._start_running()
                 else:
-                    self.get_logger().warning(f"waiting for the policy: {self.policy_error}",
-                                              throttle_duration_sec=5.0)
+                    waiting = (f"the policy: {self.policy_error}" if self.policy_error else
+                               f"the safety filter: {self.filter_block}")
+                    self.get_logger().warning(f"waiting for {waiting}", throttle_duration_sec=5.0)
             elif self.state == "RUNNING" and elapsed >= self.p["trial_timeout_s"]:
                 if self.p["auto_judge"]:
                     self._end_running("failure", "timeout")
@@ -283,12 +300,12 @@ class EvalManagerNode(Node):
         rclpy.try_shutdown()
 
     def _write_summary(self) -> dict:
-        summary = summarize(self.journal, self.plan)
+        summary = summarize(self.journal, self.plan, self.p["max_aborts"])
         write_summary(self.dir, summary)
         return summary
 
     def _publish_state(self) -> None:
-        s = summarize(self.journal, self.plan)
+        s = summarize(self.journal, self.plan, self.p["max_aborts"])
         plan_index = getattr(self, "trial_plan", None)
         self.state_pub.publish(String(data=json.dumps({
             "state": self.state, "plan_index": plan_index.index if plan_index else None,
@@ -327,6 +344,9 @@ class EvalManagerNode(Node):
                 self.interventions = int(values["interventions"])
             if st.name.endswith("/policy_node"):
                 self.policy_error = st.message if st.level == DiagnosticStatus.ERROR else None
+            if st.name.endswith("/safety_filter"):
+                self.filter_block = st.message if st.level == DiagnosticStatus.ERROR or \
+                    values.get("armed") == "False" else None
             if st.level == DiagnosticStatus.ERROR and st.name.endswith(("/policy_node", "/safety_filter")):
                 with self.lock:
                     if self.state == "RUNNING":

@@ -6,6 +6,10 @@ thread that owns the PolicyClient, so a slow or dead server never blocks the exe
 execution match the simulator's (the chunk starts at the step whose observation produced it). When there
 is no action (stale observation, chunk pending or late, server lost) nothing is published and the arm
 holds; the safety filter's watchdog logs the hold. Actions go to the safety filter, never to a controller.
+A chunk whose observation is older than `max_chunk_age_s` when it arrives is never executed (the arm already
+moved on, and the filter may have held it as late): it is dropped and a fresh observation is sent instead.
+A server whose contract names other action joints than `action_names` (or whose arm joints are not the
+first `state_joints`) is refused at connect, with one line naming both lists.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ DEFAULTS = {
     "base_pose": [-0.615, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
     "max_obs_age_s": 0.2,
     "max_skew_s": 0.1,
+    "max_chunk_age_s": 0.3,   # observation -> chunk arrival; older chunks are dropped (<= the filter's late_action_s)
     "diagnostics_hz": 2.0,
 }
 
@@ -69,6 +74,7 @@ class PolicyNode(Node):
         super().__init__(name, **node_kwargs)
         p = declare(self, DEFAULTS)
         require(len(p["camera_names"]) == len(p["camera_topics"]), "camera_names and camera_topics differ in length")
+        require(p["max_chunk_age_s"] > 0, "max_chunk_age_s must be > 0")
         require(p["executor"] in ("sync", "ensemble", "async-switch", "async-crossfade", "async-rtc"),
                 f"unknown executor {p['executor']!r}")
         self.p = p
@@ -97,7 +103,7 @@ class PolicyNode(Node):
         self.instruction: str | None = None
         self.fault: str | None = None          # server / contract problem (error level)
         self.obs_problem: str | None = None    # last observation refusal (warn level)
-        self.counts = {"actions": 0, "chunks": 0, "server_errors": 0, "stale_obs": 0, "holds": 0}
+        self.counts = {"actions": 0, "chunks": 0, "late_chunks": 0, "server_errors": 0, "stale_obs": 0, "holds": 0}
         self.tick_periods: deque[float] = deque(maxlen=2000)   # wall seconds between ticks
         self.latencies: deque[float] = deque(maxlen=2000)      # capture stamp -> command, node clock seconds
         self.infer_s: deque[float] = deque(maxlen=2000)
@@ -176,6 +182,7 @@ class PolicyNode(Node):
     def _handshake(self) -> None:
         try:
             contract = self.client.connect()
+            check_joint_names(contract.action_joints, tuple(self.p["action_names"]), tuple(self.p["state_joints"]))
             builder = StateBuilder(contract.state_layout, tuple(self.p["state_joints"]), self.robot.tcp_pose_world)
         except ClientError as e:
             self._set_fault(f"policy server: {str(e).splitlines()[0]}")
@@ -211,7 +218,7 @@ class PolicyNode(Node):
                 "cameras": [{"name": cam.name, "height": cam.height, "width": cam.width} for cam in c.cameras],
                 "state_layout": [list(b) for b in c.state_layout], "action_dim": c.action_dim,
                 "action_low": list(c.action_low), "action_high": list(c.action_high), "control_hz": c.control_hz,
-                "instruction": c.default_instruction}
+                "instruction": c.default_instruction, "action_joints": list(c.action_joints)}
         self.spec_pub.publish(String(data=json.dumps(spec)))
 
     # ----- control tick -----------------------------------------------------------------------------------------
@@ -259,7 +266,13 @@ class PolicyNode(Node):
                 return
             if job.epoch != self.epoch or self.chunker is None:
                 continue
-            if status == "ok":
+            age = self._now() - job.t_capture
+            if status == "ok" and age > self.p["max_chunk_age_s"]:
+                self.counts["late_chunks"] += 1
+                self.chunker.reset()  # hold, and ask again with a fresh observation
+                self.get_logger().warning(f"chunk dropped: its observation is {age:.3f} s old (max_chunk_age_s "
+                                          f"{self.p['max_chunk_age_s']})", throttle_duration_sec=2.0)
+            elif status == "ok":
                 self.chunker.on_chunk(payload, job.req, self.step)
                 delay = getattr(self.chunker, "delay", None)
                 if delay is not None:
@@ -330,6 +343,17 @@ class PolicyNode(Node):
         self.running = False
         self.worker.join(timeout=5.0)
         self.client.close()
+
+
+def check_joint_names(model: tuple[str, ...], action_names: tuple[str, ...], state_joints: tuple[str, ...]) -> None:
+    """The model's action joints (from its contract) must be the ones this node names, in the same order."""
+    if not model:
+        return  # a contract that does not state them: nothing to compare
+    if model != action_names:
+        raise ValueError(f"the model's action joints {list(model)} differ from action_names {list(action_names)}")
+    arm = tuple(j for j in model if j != GRIPPER_ACTION)
+    if state_joints[:len(arm)] != arm:
+        raise ValueError(f"the model's arm joints {list(arm)} are not the first state_joints {list(state_joints)}")
 
 
 def main(args: list[str] | None = None) -> int:

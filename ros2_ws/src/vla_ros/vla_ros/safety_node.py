@@ -6,12 +6,27 @@ is in control (the eval manager re-sends it as a heartbeat; if it dies, nobody m
 the arm hold. After a lapsed lease the policy regains control only after a `hold` or `teleop` message. The
 software e-stop latches (topic or service) and only `~/reset_estop` clears it. In dry-run mode the filtered
 commands go to `~/dry_run/<controller>` instead.
+
+Control authority: only control-source messages published by the `control_authority` node (the eval manager)
+count; the publisher of each message is looked up in the ROS graph by its GID. Any other publisher is an
+unauthorised source change: the arm holds, the diagnostics report it at error level (a running trial is aborted
+with that reason) and the policy is refused until the authority sends `hold` or `teleop`.
+Re-arming: after `~/reset_estop` the arm holds whatever the source, until `~/rearm` (the operator) or the
+authority's next `teleop` -> `hold` sequence (the eval manager's RESET -> READY step).
+Contracts: policy actions are refused until the policy node's spec (`/vla/policy/spec`) has this filter's
+control mode and action joints; with a forward_command controller nothing is published until the controller's
+`joints` parameter equals `controller_joints` (a wrong order would drive the wrong joints, even when holding).
 """
 
 from __future__ import annotations
 
+import json
+import time
+
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import ParameterType
+from rcl_interfaces.srv import GetParameters
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
@@ -48,6 +63,10 @@ DEFAULTS = {
     "stale_state_s": 0.25,
     "late_action_s": 0.3,
     "source_lease_s": 1.0,                    # 0: no lease (a control source holds until the next message)
+    "control_authority": "/eval_manager",     # the only node whose control-source messages count
+    "authority_grace_s": 1.0,                 # how long a new publisher may take to appear in the ROS graph
+    "controller_node": "",                    # node with the controller's `joints`; default: the topic's namespace
+    "verify_controller_joints": True,         # forward_command: publish nothing until the joint order is verified
     "dry_run": False,
     "diagnostics_hz": 2.0,
 }
@@ -80,6 +99,16 @@ class SafetyFilterNode(Node):
         self.lease_s = p["source_lease_s"]
         self.last_source_msg: float | None = None
         self.lease_lapsed = False
+        self.authority = node_path(p["control_authority"])
+        require(self.authority != "/", "control_authority must name the eval manager node, e.g. /eval_manager")
+        require(p["authority_grace_s"] > 0, "authority_grace_s must be > 0")
+        self.grace_s = p["authority_grace_s"]
+        self.pending_sources: list[tuple[str, bytes, float]] = []  # (source, publisher GID, arrival) in order
+        self.requested = "hold"                # the last source the authority asked for
+        self.intrusion: str | None = None      # an unauthorised source change: policy refused until hold/teleop
+        self.armed, self.rearm_teleop_seen = True, False
+        self.contract_ok, self.contract_problem = False, None
+        self.controller_problem = self._start_controller_check(p)
         self.pub = self.create_publisher(self.ctrl.message_type, self._out(self.ctrl.topic), topics.COMMAND_QOS)
         self.gripper_pub = None
         if self.ctrl.gripper_topic:
@@ -97,6 +126,8 @@ class SafetyFilterNode(Node):
         self.create_subscription(Bool, topics.ESTOP, self._on_estop_topic, topics.COMMAND_QOS)
         self.create_service(Trigger, "~/estop", self._srv_estop)
         self.create_service(Trigger, "~/reset_estop", self._srv_reset)
+        self.create_service(Trigger, "~/rearm", self._srv_rearm)
+        self.create_subscription(String, topics.POLICY_SPEC, self._on_spec, topics.LATCHED_QOS)
         self.create_timer(self.dt, self._watchdog)
         self.create_timer(1.0 / p["diagnostics_hz"], self._publish_diag)
         self.get_logger().info(f"safety filter -> {self.ctrl.kind} on {self.ctrl.topic}"
@@ -118,6 +149,10 @@ class SafetyFilterNode(Node):
         if self.source != "policy":
             return  # a policy that lost control never reaches the arm
         self.last_action_time = self._now()
+        if not self.contract_ok:  # never execute actions whose meaning was not agreed
+            reason = "policy_contract" if self.contract_problem else "no_policy_contract"
+            self._emit(self.filter.hold(self._measured()[0], reason))
+            return
         names = list(self.filter.cfg.semantics.action_names)
         if list(msg.name) != names:
             self._emit(self.filter.hold(self._measured()[0], "bad_action_names"))
@@ -135,18 +170,68 @@ class SafetyFilterNode(Node):
         targets = dict(zip(msg.name, (float(v) for v in msg.position), strict=True))
         self._emit(self.filter.joint_command(targets, measured, age))
 
-    def _on_source(self, msg: String) -> None:
+    # ----- control authority -------------------------------------------------------------------------------------
+    def _on_source(self, msg: String, info: dict) -> None:
+        gid = info.get("publisher_gid") or {}  # rclpy passes MessageInfo to a two-argument callback
+        self.pending_sources.append((msg.data, bytes(gid.get("data", b"")), time.monotonic()))
+        self._resolve_sources()
+
+    def _resolve_sources(self) -> None:
+        """Apply queued control-source messages in order, each once its publisher is known (or its grace is over)."""
+        while self.pending_sources:
+            data, gid, arrived = self.pending_sources[0]
+            who = self._publisher_of(gid)
+            if who is None and time.monotonic() - arrived < self.grace_s:
+                return  # the ROS graph has not caught up with a new publisher yet: next watchdog tick
+            self.pending_sources.pop(0)
+            self._apply_source(data, who or "an unidentified publisher")
+
+    def _publisher_of(self, gid: bytes) -> str | None:
+        """Fully qualified name of the node that owns publisher `gid` on the control-source topic, if known."""
+        for ep in self.get_publishers_info_by_topic(topics.CONTROL_SOURCE) if gid else ():
+            own = bytes(ep.endpoint_gid)
+            if own and gid[:len(own)] == own and not gid[len(own):].strip(b"\0"):
+                return None if ep.node_name.startswith("_NODE_NAME_UNKNOWN") else node_path(ep.node_namespace,
+                                                                                            ep.node_name)
+        return None
+
+    def _apply_source(self, data: str, who: str) -> None:
+        if who != self.authority:
+            self._unauthorised(f"{data!r} from {who} (only {self.authority} may set it)")
+            return
         self.last_source_msg = self._now()
-        if msg.data not in topics.SOURCES:
-            self.get_logger().error(f"unknown control source {msg.data!r}; holding")
+        if data not in topics.SOURCES:
+            self.get_logger().error(f"unknown control source {data!r}; holding")
             source = "hold"
         else:
-            source = msg.data
-        if self.lease_lapsed:
+            source = data
+        self.requested = source
+        if self.lease_lapsed or self.intrusion:
             if source == "policy":
-                return  # a trial that lost its eval manager never resumes by itself
-            self.lease_lapsed = False
+                return  # a trial that lost its eval manager, or was interfered with, never resumes by itself
+            self.lease_lapsed, self.intrusion = False, None
+            self._publish_diag()
+        if not self.armed:
+            if source == "hold" and self.rearm_teleop_seen:
+                self._rearm("the eval manager's next start (teleop -> hold)")
+            else:
+                self.rearm_teleop_seen |= source == "teleop"
+                return
         self._switch(source)
+
+    def _unauthorised(self, why: str) -> None:
+        """A source change the authority did not make: hold, and say so at error level until it sends hold/teleop."""
+        self.intrusion = why
+        self.get_logger().error(f"unauthorised control source {why}; holding until {self.authority} sends hold "
+                                "or teleop", throttle_duration_sec=1.0)
+        self._switch("hold")
+        self._emit(self.filter.hold(self._measured()[0], "unauthorised_source"))
+        self._publish_diag()
+
+    def _rearm(self, by: str) -> None:
+        self.armed, self.rearm_teleop_seen = True, False
+        self.get_logger().warning(f"re-armed by {by}")
+        self._publish_diag()
 
     def _switch(self, source: str, fault: str | None = None) -> None:
         """Change the control source; a hold caused by a fault is counted as an intervention for that reason."""
@@ -169,12 +254,103 @@ class SafetyFilterNode(Node):
         return resp
 
     def _srv_reset(self, _req, resp):
+        """Clear the latch, but keep holding: motion needs a separate, deliberate re-arm."""
         was = self.filter.estop_reason
+        if was is None:
+            resp.success, resp.message = True, "no e-stop latched"
+            return resp
         self.filter.reset_estop()
-        self.get_logger().warning(f"e-stop reset (was: {was})")
-        resp.success, resp.message = True, f"e-stop cleared (was: {was})"
+        self.armed, self.rearm_teleop_seen = False, False
+        self._switch("hold")
+        resp.success, resp.message = True, (f"e-stop cleared (was: {was}); the arm holds until re-armed "
+                                            "(~/rearm, or the eval manager's next start)")
+        self.get_logger().warning(resp.message)
         self._publish_diag()
         return resp
+
+    def _srv_rearm(self, _req, resp):
+        """The operator's explicit re-arm after an e-stop reset: the authority's current source applies again."""
+        if self.filter.estop_reason is not None:
+            resp.success, resp.message = False, f"e-stop latched ({self.filter.estop_reason}): reset it first"
+        elif self.armed:
+            resp.success, resp.message = True, f"already armed (source {self.source})"
+        else:
+            self._rearm("the operator (~/rearm)")
+            if not (self.requested == "policy" and (self.lease_lapsed or self.intrusion)):
+                self._switch(self.requested)
+            resp.success, resp.message = True, f"re-armed: control source {self.source}"
+        return resp
+
+    # ----- contracts ---------------------------------------------------------------------------------------------
+    def _on_spec(self, msg: String) -> None:
+        """The policy's contract: its actions mean what this filter executes, or they are never executed."""
+        sem = self.filter.cfg.semantics
+        try:
+            spec = json.loads(msg.data)
+            mode, dim = str(spec["control_mode"]), int(spec["action_dim"])
+            joints = [str(j) for j in spec.get("action_joints") or []]
+        except (ValueError, TypeError, KeyError) as e:
+            problem = f"unreadable policy spec ({type(e).__name__}: {e})"
+        else:
+            problem = None
+            if mode != sem.control_mode:
+                problem = (f"policy control_mode {mode!r} does not match the filter's {sem.control_mode!r} "
+                           f"(delta_reference {sem.delta_reference!r})")
+            elif dim != len(sem.action_names):
+                problem = f"policy action_dim {dim} does not match the filter's {len(sem.action_names)} actions"
+            elif joints and joints != list(sem.action_names):
+                problem = f"policy action joints {joints} do not match the filter's {list(sem.action_names)}"
+        if problem:
+            self.get_logger().error(f"{problem}: policy actions refused")
+        elif not self.contract_ok:
+            self.get_logger().info(f"policy contract accepted: {sem.control_mode}, actions {list(sem.action_names)}")
+        self.contract_ok, self.contract_problem = problem is None, problem
+        if problem and self.source == "policy":
+            self._emit(self.filter.hold(self._measured()[0], "policy_contract"))
+        self._publish_diag()
+
+    def _start_controller_check(self, p: dict) -> str | None:
+        """forward_command messages are bare vectors: verify their order against the controller's `joints`."""
+        if self.ctrl.kind != "forward_command" or not p["verify_controller_joints"]:
+            return None
+        self.controller_node = node_path(p["controller_node"] or self.ctrl.topic.rsplit("/", 1)[0])
+        require(self.controller_node != "/", "controller_node is needed: the controller topic has no namespace")
+        self.param_client = self.create_client(GetParameters, f"{self.controller_node}/get_parameters")
+        self.param_future = None
+        self.verify_timer = self.create_timer(0.5, self._verify_controller)
+        return f"controller joint order not verified yet (no reply from {self.controller_node}/get_parameters)"
+
+    def _verify_controller(self) -> None:
+        if self.param_future is not None and not self.param_future.done():
+            return
+        if not self.param_client.service_is_ready():
+            self.get_logger().warning(f"{self.controller_problem}; nothing is sent to the controller",
+                                      throttle_duration_sec=5.0)
+            return
+        self.param_future = self.param_client.call_async(GetParameters.Request(names=["joints"]))
+        self.param_future.add_done_callback(self._on_controller_joints)
+
+    def _on_controller_joints(self, future) -> None:
+        ours = list(self.ctrl.joints)
+        try:
+            values = future.result().values
+        except Exception as e:  # the controller went away mid-call: ask again
+            self.get_logger().warning(f"{self.controller_node}/get_parameters failed: {e}")
+            return
+        theirs = list(values[0].string_array_value) if values and \
+            values[0].type == ParameterType.PARAMETER_STRING_ARRAY else None
+        if theirs is None:
+            problem = f"controller {self.controller_node} has no `joints` parameter to check controller_joints {ours}"
+        elif theirs != ours:
+            problem = f"controller_joints {ours} do not match {self.controller_node} joints {theirs}"
+        else:
+            problem = None
+            self.verify_timer.cancel()
+            self.get_logger().info(f"controller {self.controller_node} joint order verified: {ours}")
+        if problem and problem != self.controller_problem:
+            self.get_logger().error(f"{problem}: nothing is sent to the controller")
+        self.controller_problem = problem
+        self._publish_diag()
 
     def _estop(self, why: str) -> None:
         self.filter.trigger_estop(why)
@@ -184,6 +360,7 @@ class SafetyFilterNode(Node):
 
     # ----- watchdog and output -----------------------------------------------------------------------------------
     def _watchdog(self) -> None:
+        self._resolve_sources()
         measured, age = self._measured()
         if self.filter.estop_reason is not None:
             self._emit(self.filter.hold(measured, "estop_latched"))
@@ -203,6 +380,8 @@ class SafetyFilterNode(Node):
             self._publish_diag()
 
     def _emit(self, d: Decision) -> None:
+        if self.controller_problem is not None:
+            return  # the controller's joint order is unknown or different: even a hold could move the wrong joints
         if d.reasons:
             self.get_logger().warning(f"intervention: {', '.join(d.reasons)}{' -> hold' if d.hold else ''}",
                                       throttle_duration_sec=1.0)
@@ -219,14 +398,27 @@ class SafetyFilterNode(Node):
 
     def _publish_diag(self) -> None:
         f = self.filter
-        # Error level ends a running trial in the eval manager (if it is still there to hear it).
-        level = "error" if f.estop_reason or self.lease_lapsed else ("warn" if f.counts else "ok")
-        msg = (f"E-STOP: {f.estop_reason}" if f.estop_reason else
-               "control source lease lapsed: holding" if self.lease_lapsed else f"source={self.source}")
+        # Error level ends a running trial in the eval manager (if it is still there to hear it) and keeps the
+        # next one from starting; so does a filter that is not armed.
+        errors = [f"E-STOP: {f.estop_reason}" if f.estop_reason else None, self.controller_problem,
+                  f"policy contract: {self.contract_problem}" if self.contract_problem else None,
+                  f"unauthorised control source {self.intrusion}: holding" if self.intrusion else None,
+                  "control source lease lapsed: holding" if self.lease_lapsed else None]
+        errors = [e for e in errors if e]
+        level = "error" if errors else ("warn" if f.counts or not self.armed else "ok")
+        msg = errors[0] if errors else ("e-stop reset: holding until re-armed (~/rearm or the eval manager's next "
+                                        "start)" if not self.armed else f"source={self.source}")
         values = {"source": self.source, "estop": f.estop_reason or "", "dry_run": self.dry_run,
-                  "lease_lapsed": self.lease_lapsed,
+                  "lease_lapsed": self.lease_lapsed, "armed": self.armed, "authority": self.authority,
+                  "unauthorised": self.intrusion or "", "controller": self.controller_problem or "ok",
+                  "contract": "ok" if self.contract_ok else (self.contract_problem or "none yet"),
                   "interventions": sum(f.counts.values()), **{f"count/{k}": v for k, v in sorted(f.counts.items())}}
         self.diag_pub.publish(diagnostic(self.get_name(), level, msg, values, self.get_clock().now().to_msg()))
+
+
+def node_path(namespace: str, name: str = "") -> str:
+    """'/ns/name' with single slashes, from a namespace and a name or from one (possibly relative) path."""
+    return "/" + "/".join(part for part in f"{namespace}/{name}".split("/") if part)
 
 
 def main(args: list[str] | None = None) -> int:

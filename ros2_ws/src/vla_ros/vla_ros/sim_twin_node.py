@@ -21,6 +21,7 @@ import threading
 import time
 
 import numpy as np
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image, JointState
@@ -98,6 +99,10 @@ class SimTwinNode(Node):
                               tuple(self.joint_names if not p["gripper_topic"] else self.arm),
                               p["gripper_topic"], p["gripper_joint"])
         self.ctrl = ctrl
+        # Like a ros2_control controller, say which joints the command vector addresses, in order: the safety
+        # filter checks its controller_joints against this before it sends a forward_command vector
+        # (safety_filter.controller_node: /sim_twin).
+        self.declare_parameter("joints", list(ctrl.joints), ParameterDescriptor(read_only=True))
         self.create_subscription(ctrl.message_type, ctrl.topic, self._on_command, topics.COMMAND_QOS)
         if ctrl.gripper_topic:
             self.create_subscription(Float64MultiArray, ctrl.gripper_topic, self._on_gripper, topics.COMMAND_QOS)

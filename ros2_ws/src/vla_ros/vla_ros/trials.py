@@ -4,7 +4,9 @@ The journal is JSON Lines, one fsync'ed line per event, never rewritten. A crash
 most the running trial: on restart a `start` without its `end` gets an `end` with outcome `aborted`; a
 line torn by the crash is closed off by the next append and skipped when reading. The summary is derived
 from the journal alone, so it can always be rebuilt. A plan entry is done once it has a success or failure
-that no later `redo` discarded; aborted trials do not count and their plan entry is run again.
+that no later `redo` discarded; aborted trials do not count and their plan entry is run again, up to a
+bound: an entry aborted `max_aborts` times is given up (a server that rejects every request must not keep
+the session going forever), and the summary lists it with the last abort's reason.
 """
 
 from __future__ import annotations
@@ -131,12 +133,25 @@ class Journal:
         return max(judged.values(), key=lambda e: e["trial"]) if judged else None
 
 
-def next_plan_index(journal: Journal, plan: list[PlannedTrial]) -> int | None:
-    done = journal.judged()
+def given_up(journal: Journal, plan: list[PlannedTrial], max_aborts: int | None) -> dict[int, dict]:
+    """plan_index -> its last aborted `end`, for each unjudged entry aborted at least `max_aborts` times."""
+    if max_aborts is None:
+        return {}
+    judged = journal.judged()
+    aborts: dict[int, list[dict]] = {}
+    for e in journal.events:
+        if e["event"] == "end" and e["outcome"] == "aborted" and e["plan_index"] not in judged:
+            aborts.setdefault(e["plan_index"], []).append(e)
+    planned = {t.index for t in plan}
+    return {i: ends[-1] for i, ends in aborts.items() if len(ends) >= max_aborts and i in planned}
+
+
+def next_plan_index(journal: Journal, plan: list[PlannedTrial], max_aborts: int | None = None) -> int | None:
+    done = journal.judged().keys() | given_up(journal, plan, max_aborts).keys()
     return next((t.index for t in plan if t.index not in done), None)
 
 
-def summarize(journal: Journal, plan: list[PlannedTrial]) -> dict:
+def summarize(journal: Journal, plan: list[PlannedTrial], max_aborts: int | None = None) -> dict:
     judged = journal.judged()
     n = len(judged)
     k = sum(e["outcome"] == "success" for e in judged.values())
@@ -145,7 +160,17 @@ def summarize(journal: Journal, plan: list[PlannedTrial]) -> dict:
     return {"planned": len(plan), "judged": n, "successes": k, "success_rate": k / n if n else None,
             "wilson95": [lo, hi], "aborted": len(aborted),
             "redos": sum(e["event"] == "redo" for e in journal.events),
+            "given_up": [{"plan_index": i, "seed": e.get("seed"), "aborts": max_aborts, "last_reason": e.get("reason")}
+                         for i, e in sorted(given_up(journal, plan, max_aborts).items())],
             "trials": [judged[i] for i in sorted(judged)]}
+
+
+def given_up_note(summary: dict) -> str:
+    gone = summary.get("given_up") or []
+    if not gone:
+        return ""
+    entries = ", ".join(f"plan {g['plan_index']} ({g['last_reason']})" for g in gone)
+    return f"; given up after {gone[0]['aborts']} aborts: {entries}"
 
 
 def write_summary(directory: str | Path, summary: dict) -> None:
@@ -155,7 +180,8 @@ def write_summary(directory: str | Path, summary: dict) -> None:
     lines = ["# Evaluation summary\n",
              f"Success {summary['successes']}/{summary['judged']} = {rate}, Wilson 95% "
              f"[{100 * summary['wilson95'][0]:.1f}%, {100 * summary['wilson95'][1]:.1f}%]; "
-             f"{summary['aborted']} aborted, {summary['redos']} redone, {summary['planned']} planned.\n",
+             f"{summary['aborted']} aborted, {summary['redos']} redone, {summary['planned']} planned"
+             f"{given_up_note(summary)}.\n",
              "| plan | trial | seed | outcome | steps | interventions | reason |", "|---|---|---|---|---|---|---|"]
     for t in summary["trials"]:
         lines.append(f"| {t['plan_index']} | {t['trial']} | {t.get('seed')} | {t['outcome']} | {t.get('steps', '')} "
