@@ -71,6 +71,18 @@ def test_oscillating_policy_is_bounded_against_the_previous_command(robot, kw):
     assert f.counts["rate_limited" if not kw else "acceleration_limited"] > 0
 
 
+def test_rate_reference_is_the_previous_command_but_never_pulls_away_from_the_arm(robot):
+    f, step = make_filter(robot), vmax(robot, "panda_joint1") / 20
+    x = f.joint_command({**REST, "panda_joint1": 0.08}, REST, 0.0).targets["panda_joint1"]
+    lagging = {**REST, "panda_joint1": 0.0}
+    f.rebase(lagging)  # a change of command source: the controller still runs the previous command
+    d = f.joint_command({**REST, "panda_joint1": -1.0}, lagging, 0.0)
+    assert d.targets["panda_joint1"] == pytest.approx(x - step) and "rate_limited" in d.reasons
+    teleported = {**REST, "panda_joint1": 1.0}  # the scene was reset under the last command
+    d = f.joint_command({**REST, "panda_joint1": 1.0}, teleported, 0.0)
+    assert abs(d.targets["panda_joint1"] - 1.0) <= 0.1 + 1e-9 and abs(d.velocities["panda_joint1"]) <= step * 20
+
+
 def test_finger_targets_out_of_range_are_clipped_and_counted(robot):
     f = make_filter(robot)
     step = vmax(robot, "panda_finger_joint1") / 20

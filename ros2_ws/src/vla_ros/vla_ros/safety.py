@@ -108,8 +108,8 @@ class Decision:
 
 
 class SafetyFilter:
-    """Stateful filter: remembers the last safe target (the hold point and the previous command), the velocity it
-    was commanded with, and the latched e-stop."""
+    """Stateful filter: remembers the last safe target (the hold point), the previous command and its velocity
+    (the reference of the rate limits), and the latched e-stop."""
 
     def __init__(self, cfg: SafetyConfig, fk=None):
         self.cfg = cfg
@@ -119,6 +119,7 @@ class SafetyFilter:
         self.counts: Counter[str] = Counter()
         self.estop_reason: str | None = None
         self.last_safe: dict[str, float] | None = None
+        self.last_command: dict[str, float] | None = None  # what the controller was last sent (a hold included)
         self.last_velocity: dict[str, float] = {}  # of the previous command; empty after a hold (standing still)
         self.dt = 1.0 / cfg.control_hz
         acc = cfg.acceleration_limits
@@ -131,9 +132,11 @@ class SafetyFilter:
             self.counts["estop"] += 1
 
     def rebase(self, measured: dict[str, float]) -> None:
-        """Make the current position the hold point (after a scene reset or a change of command source)."""
+        """Make the current position the hold point (after a scene reset or a change of command source).
+
+        The previous command stays the reference of the rate limits: the controller is still executing it.
+        """
         self.last_safe = {j: float(measured[j]) for j in self.cfg.semantics.joints if j in measured} or None
-        self.last_velocity = {}
 
     def reset_estop(self) -> None:
         """Only an explicit reset clears the latch; the arm keeps holding until the next valid command."""
@@ -149,8 +152,9 @@ class SafetyFilter:
             self.counts[reason] += 1
         if self.last_safe is None and measured is not None:
             self.last_safe = {j: float(measured[j]) for j in self.cfg.semantics.joints if j in measured}
-        self.last_velocity = {}
         targets = dict(self.last_safe) if self.last_safe else None
+        if targets is not None:
+            self.last_command, self.last_velocity = targets, {}
         return Decision(targets, True, [reason] if intervention else [], dict.fromkeys(targets or (), 0.0))
 
     def policy_action(self, action: np.ndarray, measured: dict[str, float] | None, state_age_s: float) -> Decision:
@@ -204,15 +208,19 @@ class SafetyFilter:
         return None
 
     def _previous(self, measured: dict[str, float]) -> dict[str, float]:
-        """The previous command of every joint (where the arm is, for a joint not commanded since a rebase)."""
-        return {**measured, **(self.last_safe or {})}
+        """The previous command of every joint (where the arm is, for a joint never commanded)."""
+        return {**measured, **(self.last_command or {})}
+
+    def _tracking_step(self, joint: str) -> float:
+        """The largest |target - measured| of an arm joint in one control period."""
+        return min(self.cfg.max_step_delta, self.cfg.max_velocity(joint) * self.dt)
 
     def _check_targets(self, targets: dict[str, float], measured: dict[str, float], reasons: list[str]) -> Decision:
         cfg = self.cfg
         out = dict(targets)
         for j in cfg.semantics.arm_joints:
             delta = out[j] - measured[j]
-            step = min(cfg.max_step_delta, cfg.max_velocity(j) * self.dt)
+            step = self._tracking_step(j)
             if abs(delta) > step + 1e-9:  # the policy's own bound is exactly max_step_delta
                 out[j] = measured[j] + math.copysign(step, delta)
                 reasons.append("step_limited" if step == cfg.max_step_delta else "velocity_limited")
@@ -223,9 +231,13 @@ class SafetyFilter:
             if not lo <= out[j] <= hi:
                 out[j] = min(max(out[j], lo), hi)
                 reasons.append("position_limited")
-            v = self._rate_limit(j, out[j], prev[j], reasons)
-            # Inside the range whenever the previous command was (it may not be right after a rebase).
-            out[j] = min(max(prev[j] + v * self.dt, lo), hi)
+            t = prev[j] + self._rate_limit(j, out[j], prev[j], reasons) * self.dt
+            if j in cfg.semantics.arm_joints:
+                # A previous command the arm is far from (the scene was reset under it) must not pull the
+                # target away from the arm: the tracking bound wins over the rate limit.
+                step = self._tracking_step(j)
+                t = min(max(t, measured[j] - step), measured[j] + step)
+            out[j] = min(max(t, lo), hi)
             velocities[j] = (out[j] - prev[j]) / self.dt
         if cfg.workspace_low is not None:
             tcp = self.fk(out)[:3, 3]
@@ -233,7 +245,8 @@ class SafetyFilter:
                 return self.hold(measured, "workspace")
         for r in reasons:
             self.counts[r] += 1
-        self.last_safe, self.last_velocity = out, velocities
+        self.last_safe = self.last_command = out
+        self.last_velocity = velocities
         vmax = {j: cfg.max_velocity(j) for j in out}
         return Decision(out, False, reasons, {j: min(max(v, -vmax[j]), vmax[j]) for j, v in velocities.items()})
 
