@@ -10,6 +10,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+import yaml
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, Image, JointState
@@ -19,7 +20,7 @@ from vla_ros import topics
 from vla_ros.actions import PANDA_ARM, PANDA_FINGERS
 from vla_ros.ros_util import rgb_to_image
 
-from tests.ros_fixtures import Probe, rclpy, wait_for
+from tests.ros_fixtures import CONFIG, Probe, rclpy, wait_for
 
 REST = [0.0, 0.39, 0.0, -1.96, 0.0, 2.36, 0.79, 0.04, 0.04]
 NAMES = list(PANDA_ARM + PANDA_FINGERS)
@@ -111,7 +112,7 @@ def test_safety_filter_node_nan_estop_watchdog_forward_command(ros):
     wait_for(lambda: len(cmds) > n, 10, "a command on the forward_command topic")
     assert len(cmds[-1].data) == 7 and cmds[-1].data[0] == pytest.approx(0.05, abs=1e-6)
     wait_for(lambda: grip, 10, "a gripper command")
-    assert grip[-1].data[0] == pytest.approx(0.005)
+    assert grip[-1].data[0] == pytest.approx(0.04 - 0.2 * 0.95 / 20)  # towards 0.005 m at the fingers' speed limit
 
     act([np.nan] + [0.0] * 7)
     wait_for(lambda: int(diag_values(probe, "safety_filter").get("count/non_finite", 0)) >= 1, 10, "NaN counted")
@@ -208,6 +209,133 @@ def test_safety_filter_takes_control_back_when_the_source_lease_lapses(ros):
     src.publish(String(data="teleop"))  # a (restarted) eval manager starts from teleop or hold
     wait_for(lambda: safety().get("source") == "teleop" and safety().get("lease_lapsed") == "False", 10,
              "control back to the operator")
+
+
+def robot_params(node: str, **overrides) -> list[Parameter]:
+    """A node's parameters from launch/config/robot_eval.yaml (the real arm's limits), with test overrides."""
+    doc = yaml.safe_load((CONFIG / "robot_eval.yaml").read_text())
+    return params(**{**doc[node]["ros__parameters"], **overrides})
+
+
+def hand_control(probe: Probe, source: str) -> None:
+    probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data=source))
+
+
+def assert_within_velocity_limits(trajectories: list, margin: float) -> None:
+    """Consecutive commands (one control period apart) and every velocity field stay within the URDF limits.
+
+    A hold (velocity field zero) is exempt from the step check: it stops where the arm is (a change of source).
+    """
+    from vla_ros.robot import RobotModel
+
+    limits, dt = RobotModel().limits, 1 / 20
+    for prev, cur in itertools.pairwise(trajectories):
+        if not any(cur.points[0].velocities):
+            continue
+        for j, p0, p1, v in zip(cur.joint_names, prev.points[0].positions, cur.points[0].positions,
+                                cur.points[0].velocities, strict=True):
+            vmax = limits[j].velocity * (1 - margin)
+            assert abs(p1 - p0) <= vmax * dt + 1e-9 and abs(v) <= vmax + 1e-9, (j, p0, p1, v)
+
+
+def test_oscillating_policy_through_the_filter_stays_within_the_velocity_limit(ros):
+    """+1/-1 every step with the robot's limits; the arm lags (the measured position stays put)."""
+    from trajectory_msgs.msg import JointTrajectory
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    add(SafetyFilterNode("safety_filter", parameter_overrides=robot_params(
+        "safety_filter", dry_run=False, source_lease_s=0.0, late_action_s=5.0, stale_state_s=0.5,
+        control_authority=PROBE)))
+    sent = probe.collect(JointTrajectory, "/joint_trajectory_controller/joint_trajectory", topics.COMMAND_QOS)
+    publish_spec(probe)
+    start_joint_states(probe)
+    hand_control(probe, "policy")
+    act_pub = probe.node.create_publisher(JointState, topics.POLICY_ACTION, topics.COMMAND_QOS)
+    sign = itertools.cycle([1.0, -1.0])
+    probe.node.create_timer(0.05, lambda: act_pub.publish(JointState(name=list(PANDA_ARM) + ["gripper"],
+                                                                     position=[next(sign)] * 8)))
+    wait_for(lambda: len(sent) >= 30, 60, "30 filtered policy commands")
+    with probe.lock:
+        trajectories = list(sent)
+    moved = [abs(b.points[0].positions[0] - a.points[0].positions[0]) for a, b in itertools.pairwise(trajectories)]
+    assert max(moved) > 0.01  # the policy did drive the arm
+    assert_within_velocity_limits(trajectories, margin=0.2)
+
+
+def test_teleop_finger_targets_are_clipped_and_counted(ros):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from trajectory_msgs.msg import JointTrajectory
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    add(SafetyFilterNode("safety_filter", parameter_overrides=robot_params(
+        "safety_filter", dry_run=False, source_lease_s=0.0, stale_state_s=0.5, diagnostics_hz=10.0,
+        control_authority=PROBE)))
+    sent = probe.collect(JointTrajectory, "/joint_trajectory_controller/joint_trajectory", topics.COMMAND_QOS)
+    probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
+    start_joint_states(probe)
+    hand_control(probe, "teleop")
+    pub = probe.node.create_publisher(JointState, topics.TELEOP_COMMAND, topics.COMMAND_QOS)
+    wild = itertools.cycle([1000.0, -1000.0])
+    probe.node.create_timer(0.05, lambda: pub.publish(JointState(name=NAMES, position=REST[:7] + [next(wild)] * 2)))
+
+    def limited() -> int:
+        return int(diag_values(probe, "safety_filter").get("count/position_limited", 0))
+
+    wait_for(lambda: limited() >= 10 and len(sent) >= 10, 60, "finger targets clipped and counted")
+    with probe.lock:
+        trajectories = list(sent)
+    fingers = [p for m in trajectories for j, p in zip(m.joint_names, m.points[0].positions, strict=True)
+               if "finger" in j]
+    assert min(fingers) >= 0.0 and max(fingers) <= 0.04
+    assert_within_velocity_limits(trajectories, margin=0.2)
+
+
+def test_homing_with_the_robot_configuration_reaches_home(ros, tmp_path):
+    """The eval manager's home pose (arm joints of robot_eval.yaml) through the filter with the robot's limits,
+    on an arm that follows its commands: every command is accepted and the arm gets home."""
+    from trajectory_msgs.msg import JointTrajectory
+    from vla_ros.eval_manager_node import EvalManagerNode
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    arm = dict(zip(NAMES, [0.5, 0.2, 0.0, -2.3, 0.0, 2.6, 0.3, 0.04, 0.04], strict=True))
+    sent: list = []
+
+    def follow(msg: JointTrajectory) -> None:
+        with probe.lock:
+            sent.append(msg)
+            arm.update(zip(msg.joint_names, msg.points[0].positions, strict=True))
+
+    probe.node.create_subscription(JointTrajectory, "/joint_trajectory_controller/joint_trajectory", follow,
+                                   topics.COMMAND_QOS)
+    js = probe.node.create_publisher(JointState, topics.JOINT_STATES, 10)
+
+    def publish_arm() -> None:
+        with probe.lock:
+            msg = joint_state(probe, [arm[j] for j in NAMES])
+        js.publish(msg)
+
+    probe.node.create_timer(0.02, publish_arm)
+    filt = add(SafetyFilterNode("safety_filter", parameter_overrides=robot_params(
+        "safety_filter", dry_run=False, stale_state_s=0.5)))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push\ncount: 1\nseed_start: 0\n")
+    manager = add(EvalManagerNode("eval_manager", parameter_overrides=robot_params(
+        "eval_manager", plan=str(plan), results_dir=str(tmp_path / "out"), console=False, home_timeout_s=120.0)))
+    doc = yaml.safe_load((CONFIG / "robot_eval.yaml").read_text())["eval_manager"]["ros__parameters"]
+    home = dict(zip(doc["home_joints"], doc["home_positions"], strict=True))
+
+    wait_for(lambda: not manager.homing, 60, "the eval manager to end homing")
+    with probe.lock:
+        assert all(abs(arm[j] - q) <= 0.02 for j, q in home.items()), arm  # home_tolerance; not a timeout
+    refused = {"missing_joint", "unknown_joint", "workspace", "non_finite"} & set(filt.filter.counts)
+    assert not refused, dict(filt.filter.counts)
+    with probe.lock:
+        trajectories = list(sent)
+    assert arm["panda_finger_joint1"] == 0.04  # the fingers keep their command
+    assert_within_velocity_limits(trajectories, margin=0.2)
 
 
 def test_camera_node_publishes_video_frames_and_camera_info(ros, tmp_path):

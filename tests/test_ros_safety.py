@@ -13,6 +13,7 @@ from tests.ros_fixtures import ROOT  # noqa: F401  (puts vla_ros on the path)
 REST = dict(zip(PANDA_ARM + PANDA_FINGERS, [0.0, np.pi / 8, 0.0, -5 * np.pi / 8, 0.0, 3 * np.pi / 4, np.pi / 4,
                                              0.04, 0.04], strict=True))
 SEM = ActionSemantics(PANDA_ARM, PANDA_FINGERS)
+NAMES = PANDA_ARM + PANDA_FINGERS
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def robot() -> RobotModel:
 
 
 def make_filter(robot: RobotModel, **kw) -> SafetyFilter:
-    cfg = SafetyConfig(SEM, robot.limits, PANDA_ARM, 20.0, -np.ones(8), np.ones(8), **kw)
+    cfg = SafetyConfig(SEM, robot.limits, 20.0, -np.ones(8), np.ones(8), **kw)
     return SafetyFilter(cfg, robot.base_T_tcp)
 
 
@@ -31,12 +32,119 @@ def tcp(robot: RobotModel, q: dict) -> np.ndarray:
 
 def test_valid_action_becomes_joint_targets(robot):
     f = make_filter(robot)
-    a = np.array([0.5, -0.5, 0, 0, 0, 0, 0, -1.0])
+    a = np.array([0.5, -0.5, 0, 0, 0, 0, 0, 1.0])
     d = f.policy_action(a, REST, state_age_s=0.0)
     assert not d.hold and d.reasons == []
     assert d.targets["panda_joint1"] == pytest.approx(REST["panda_joint1"] + 0.05)
     assert d.targets["panda_joint2"] == pytest.approx(REST["panda_joint2"] - 0.05)
-    assert d.targets["panda_finger_joint1"] == pytest.approx(-0.01) == d.targets["panda_finger_joint2"]
+    assert d.targets["panda_finger_joint1"] == pytest.approx(0.04) == d.targets["panda_finger_joint2"]
+    assert d.velocities["panda_joint1"] == pytest.approx(0.05 * 20) and d.velocities["panda_finger_joint1"] == 0
+
+
+def vmax(robot: RobotModel, joint: str, margin: float = 0.05) -> float:
+    return robot.limits[joint].velocity * (1 - margin)
+
+
+ROBOT_ACCEL = np.array([15.0, 7.5, 10.0, 12.5, 15.0, 20.0, 20.0])  # launch/config/robot_eval.yaml
+ROBOT_LIMITS = {"velocity_margin": 0.2, "position_margin": 0.1, "acceleration_limits": ROBOT_ACCEL}
+
+
+@pytest.mark.parametrize("kw", [{}, ROBOT_LIMITS], ids=["defaults", "robot_margins"])
+def test_oscillating_policy_is_bounded_against_the_previous_command(robot, kw):
+    """+1/-1 every step while the arm lags (measured stays put): each measured-relative target is legal, but
+    consecutive commands must not jump by twice the step, nor publish a velocity field above the limit."""
+    f, dt, margin = make_filter(robot, **kw), 1 / 20, kw.get("velocity_margin", 0.05)
+    prev, prev_v = dict(REST), dict.fromkeys(REST, 0.0)
+    for k in range(20):
+        d = f.policy_action(np.full(8, 1.0 if k % 2 == 0 else -1.0), REST, 0.0)
+        assert not d.hold
+        for j in NAMES:
+            assert abs(d.targets[j] - prev[j]) <= vmax(robot, j, margin) * dt + 1e-9, (k, j)
+            assert abs(d.velocities[j]) <= vmax(robot, j, margin) + 1e-9, (k, j)
+            assert d.velocities[j] == pytest.approx((d.targets[j] - prev[j]) / dt)
+            lo, hi = robot.limits[j].lower, robot.limits[j].upper
+            assert lo <= d.targets[j] <= hi
+        if "acceleration_limits" in kw:
+            for j, a in zip(PANDA_ARM, ROBOT_ACCEL, strict=True):
+                assert abs(d.velocities[j] - prev_v[j]) <= a * dt + 1e-9, (k, j)
+        prev, prev_v = d.targets, d.velocities
+    assert f.counts["rate_limited" if not kw else "acceleration_limited"] > 0
+
+
+def test_rate_reference_is_the_previous_command_but_never_pulls_away_from_the_arm(robot):
+    f, step = make_filter(robot), vmax(robot, "panda_joint1") / 20
+    x = f.joint_command({**REST, "panda_joint1": 0.08}, REST, 0.0).targets["panda_joint1"]
+    lagging = {**REST, "panda_joint1": 0.0}
+    f.rebase(lagging)  # a change of command source: the controller still runs the previous command
+    d = f.joint_command({**REST, "panda_joint1": -1.0}, lagging, 0.0)
+    assert d.targets["panda_joint1"] == pytest.approx(x - step) and "rate_limited" in d.reasons
+    teleported = {**REST, "panda_joint1": 1.0}  # the scene was reset under the last command
+    d = f.joint_command({**REST, "panda_joint1": 1.0}, teleported, 0.0)
+    assert abs(d.targets["panda_joint1"] - 1.0) <= 0.1 + 1e-9 and abs(d.velocities["panda_joint1"]) <= step * 20
+
+
+def test_finger_targets_out_of_range_are_clipped_and_counted(robot):
+    f = make_filter(robot)
+    step = vmax(robot, "panda_finger_joint1") / 20
+    d = f.joint_command({**REST, "panda_finger_joint1": 1000.0, "panda_finger_joint2": -1000.0}, REST, 0.0)
+    assert not d.hold and d.reasons.count("position_limited") == 2 and "rate_limited" in d.reasons
+    assert d.targets["panda_finger_joint1"] == pytest.approx(0.04)  # already open: clipped to the upper limit
+    assert d.targets["panda_finger_joint2"] == pytest.approx(0.04 - step)  # towards 0, at the velocity limit
+    assert f.counts["position_limited"] == 2
+    for _ in range(10):
+        d = f.joint_command({**REST, "panda_finger_joint1": -1000.0, "panda_finger_joint2": -1000.0}, REST, 0.0)
+    assert d.targets["panda_finger_joint1"] == 0.0 == d.targets["panda_finger_joint2"]
+
+
+def test_policy_gripper_close_is_the_closed_limit_reached_at_finger_speed(robot):
+    """The training's -0.01 m closing target becomes 0 m (the range), not counted; the motion is rate limited."""
+    f = make_filter(robot)
+    step, fingers = vmax(robot, "panda_finger_joint1") / 20, []
+    for _ in range(8):
+        d = f.policy_action(np.array([0, 0, 0, 0, 0, 0, 0, -1.0]), REST, 0.0)
+        fingers.append(d.targets["panda_finger_joint1"])
+    assert fingers[0] == pytest.approx(0.04 - step) and fingers[-1] == 0.0 and min(fingers) == 0.0
+    assert "position_limited" not in f.counts and f.counts["rate_limited"] == 2 * 4
+
+
+def follow(f: SafetyFilter, command: dict, steps: int) -> list[dict]:
+    """Drive a perfectly tracking arm (measured = the previous command) with one fixed command."""
+    q, out = dict(REST), []
+    for _ in range(steps):
+        d = f.joint_command(command, q, 0.0)
+        assert not d.hold, d.reasons
+        out.append(d)
+        q = {**q, **d.targets}
+    return out
+
+
+HOME = dict(zip(PANDA_ARM, [0.0, 0.3927, 0.0, -1.9635, 0.0, 2.3562, 0.7854], strict=True))  # robot_eval.yaml
+
+
+def test_home_pose_of_the_arm_joints_alone_is_accepted(robot):
+    """The eval manager's home pose names the arm joints only: the fingers keep their previous command."""
+    far = {**REST, "panda_joint1": 0.5, "panda_joint4": -2.3, "panda_joint6": 2.6}
+    f = make_filter(robot, velocity_margin=0.2, position_margin=0.1)
+    f.rebase(far)
+    q = dict(far)
+    for _ in range(40):
+        d = f.joint_command(HOME, q, 0.0)
+        assert not d.hold and d.targets["panda_finger_joint1"] == 0.04
+        q = {**q, **d.targets}
+    assert all(q[j] == pytest.approx(HOME[j]) for j in PANDA_ARM)
+    d = f.joint_command({**HOME, "panda_joint8": 0.0}, q, 0.0)
+    assert d.hold and d.reasons == ["unknown_joint"]
+
+
+def test_acceleration_limits_reach_a_goal_without_overshoot(robot):
+    f = make_filter(robot, velocity_margin=0.2, acceleration_limits=ROBOT_ACCEL, max_step_delta=0.5)
+    goal = {**REST, "panda_joint2": REST["panda_joint2"] + 0.6, "panda_joint1": REST["panda_joint1"] - 0.3}
+    path = follow(f, goal, 40)
+    v = np.array([[d.velocities[j] for j in PANDA_ARM] for d in path])
+    assert np.all(np.abs(np.diff(v, axis=0, prepend=0.0)) <= ROBOT_ACCEL * 0.05 + 1e-9)
+    j2 = [d.targets["panda_joint2"] for d in path]
+    assert j2[-1] == pytest.approx(goal["panda_joint2"]) and max(j2) <= goal["panda_joint2"] + 0.005
+    assert f.counts["acceleration_limited"] > 0
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -112,7 +220,12 @@ def test_bad_configuration_is_refused(robot):
     with pytest.raises(SafetyConfigError, match="workspace_low must be below"):
         make_filter(robot, workspace_low=np.ones(3), workspace_high=np.zeros(3))
     with pytest.raises(SafetyConfigError, match="no URDF limits"):
-        SafetyConfig(SEM, {}, PANDA_ARM, 20.0, -np.ones(8), np.ones(8))
+        SafetyConfig(SEM, {}, 20.0, -np.ones(8), np.ones(8))
+    limits = {j: v for j, v in robot.limits.items() if j != "panda_finger_joint2"}
+    with pytest.raises(SafetyConfigError, match="no URDF limits for joint.s. panda_finger_joint2"):
+        SafetyConfig(SEM, limits, 20.0, -np.ones(8), np.ones(8))  # every published joint is limit-checked
+    with pytest.raises(SafetyConfigError, match="acceleration_limits need 7"):
+        make_filter(robot, acceleration_limits=np.ones(3))
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,14 @@
 
 Order of checks for one command (joint targets by name, from the policy or from teleop):
 latched e-stop -> stale joint state -> NaN/Inf -> (policy only) clip to the training action range and convert
-with the controller semantics -> per-step delta limit -> velocity limit -> joint position limits with margin ->
-TCP workspace box (forward kinematics of the URDF). Clipping checks modify the command and count an
-intervention; the others reject it, and a rejected command becomes a hold at the last safe target. Every
-intervention is counted by reason, so the diagnostics show what the filter did and why.
+with the controller semantics -> (arm) per-step delta and velocity limit against the measured position ->
+position limits (arm joints with margin, fingers at their URDF range) -> rate limit against the previous
+command (URDF velocity, and the optional acceleration limits) -> TCP workspace box (forward kinematics of the
+URDF). Every joint the filter publishes, fingers included, passes the position and rate limits, so neither an
+oscillating policy nor a wild teleop command can make consecutive commands, or the published velocity field,
+exceed the joint's velocity limit. Clipping checks modify the command and count an intervention; the others
+reject it, and a rejected command becomes a hold at the last safe target. Every intervention is counted by
+reason, so the diagnostics show what the filter did and why.
 """
 
 from __future__ import annotations
@@ -50,8 +54,7 @@ def urdf_joint_limits(urdf: str | Path) -> dict[str, JointLimit]:
 @dataclass
 class SafetyConfig:
     semantics: ActionSemantics
-    limits: dict[str, JointLimit]
-    limited_joints: tuple[str, ...]            # joints whose position limits are enforced (arm joints)
+    limits: dict[str, JointLimit]               # every joint the filter publishes needs one
     control_hz: float
     action_low: np.ndarray
     action_high: np.ndarray
@@ -61,31 +64,52 @@ class SafetyConfig:
     workspace_low: np.ndarray | None = None    # TCP box in the robot base frame, metres
     workspace_high: np.ndarray | None = None
     stale_state_s: float = 0.25                # joint state older than this -> hold
+    acceleration_limits: np.ndarray | None = None  # rad/s^2 per arm joint between consecutive commands, or None
 
     def __post_init__(self) -> None:
-        missing = [j for j in self.limited_joints if j not in self.limits]
+        missing = [j for j in self.semantics.joints if j not in self.limits]
         if missing:
             raise SafetyConfigError(f"no URDF limits for joint(s) {', '.join(missing)}")
         if self.control_hz <= 0 or self.max_step_delta <= 0 or not 0 <= self.velocity_margin < 1:
             raise SafetyConfigError("control_hz and max_step_delta must be > 0, velocity_margin in [0, 1)")
+        if self.acceleration_limits is not None:
+            acc = np.asarray(self.acceleration_limits, dtype=np.float64)
+            if acc.shape != (len(self.semantics.arm_joints),) or not np.all(np.isfinite(acc) & (acc > 0)):
+                raise SafetyConfigError(f"acceleration_limits need {len(self.semantics.arm_joints)} finite values "
+                                        f"> 0 (one per arm joint), got {list(acc.ravel())}")
         if (self.workspace_low is None) != (self.workspace_high is None):
             raise SafetyConfigError("give both workspace_low and workspace_high, or neither")
         if self.workspace_low is not None and not np.all(np.asarray(self.workspace_low)
                                                          < np.asarray(self.workspace_high)):
             raise SafetyConfigError("workspace_low must be below workspace_high on every axis")
 
+    def max_velocity(self, joint: str) -> float:
+        """The fastest any joint may be commanded to move: its URDF velocity limit less the margin."""
+        return self.limits[joint].velocity * (1 - self.velocity_margin)
+
+    def position_range(self, joint: str) -> tuple[float, float]:
+        """Arm joints keep `position_margin` (rad) from their limits; fingers (metres) may use their whole range."""
+        margin = self.position_margin if joint in self.semantics.arm_joints else 0.0
+        return self.limits[joint].lower + margin, self.limits[joint].upper - margin
+
 
 @dataclass
 class Decision:
-    """`targets` is what goes to the controller; `hold` says it is a hold, `reasons` why it differs."""
+    """`targets` is what goes to the controller; `hold` says it is a hold, `reasons` why it differs.
+
+    `velocities` is the trajectory's velocity field: the change from the previous command over one period
+    (zero for a hold), never above a joint's velocity limit.
+    """
 
     targets: dict[str, float] | None
     hold: bool
     reasons: list[str] = field(default_factory=list)
+    velocities: dict[str, float] = field(default_factory=dict)
 
 
 class SafetyFilter:
-    """Stateful filter: remembers the last safe target (the hold point) and the latched e-stop."""
+    """Stateful filter: remembers the last safe target (the hold point), the previous command and its velocity
+    (the reference of the rate limits), and the latched e-stop."""
 
     def __init__(self, cfg: SafetyConfig, fk=None):
         self.cfg = cfg
@@ -95,7 +119,11 @@ class SafetyFilter:
         self.counts: Counter[str] = Counter()
         self.estop_reason: str | None = None
         self.last_safe: dict[str, float] | None = None
+        self.last_command: dict[str, float] | None = None  # what the controller was last sent (a hold included)
+        self.last_velocity: dict[str, float] = {}  # of the previous command; empty after a hold (standing still)
         self.dt = 1.0 / cfg.control_hz
+        acc = cfg.acceleration_limits
+        self.max_accel = {} if acc is None else dict(zip(cfg.semantics.arm_joints, map(float, acc), strict=True))
 
     # ----- e-stop ------------------------------------------------------------------------------------------------
     def trigger_estop(self, reason: str) -> None:
@@ -104,7 +132,10 @@ class SafetyFilter:
             self.counts["estop"] += 1
 
     def rebase(self, measured: dict[str, float]) -> None:
-        """Make the current position the hold point (after a scene reset or a change of command source)."""
+        """Make the current position the hold point (after a scene reset or a change of command source).
+
+        The previous command stays the reference of the rate limits: the controller is still executing it.
+        """
         self.last_safe = {j: float(measured[j]) for j in self.cfg.semantics.joints if j in measured} or None
 
     def reset_estop(self) -> None:
@@ -121,7 +152,10 @@ class SafetyFilter:
             self.counts[reason] += 1
         if self.last_safe is None and measured is not None:
             self.last_safe = {j: float(measured[j]) for j in self.cfg.semantics.joints if j in measured}
-        return Decision(dict(self.last_safe) if self.last_safe else None, True, [reason] if intervention else [])
+        targets = dict(self.last_safe) if self.last_safe else None
+        if targets is not None:
+            self.last_command, self.last_velocity = targets, {}
+        return Decision(targets, True, [reason] if intervention else [], dict.fromkeys(targets or (), 0.0))
 
     def policy_action(self, action: np.ndarray, measured: dict[str, float] | None, state_age_s: float) -> Decision:
         """A normalised policy action -> safe joint targets, or a hold."""
@@ -138,20 +172,30 @@ class SafetyFilter:
         if not np.array_equal(clipped, a):
             reasons.append("action_clipped")
         targets = self.cfg.semantics.to_targets(clipped, measured, self.last_safe)
+        for j in self.cfg.semantics.gripper_joints:
+            # The sim controller closes towards -0.01 m, below the fingers' range, so that they squeeze: on the
+            # robot that is the closed limit. Part of the conversion, not an intervention.
+            lo, hi = self.cfg.position_range(j)
+            targets[j] = min(max(targets[j], lo), hi)
         return self._check_targets(targets, measured, reasons)
 
     def joint_command(self, targets: dict[str, float], measured: dict[str, float] | None,
                       state_age_s: float) -> Decision:
-        """Absolute joint targets by name (teleop, going home) -> safe joint targets, or a hold."""
+        """Absolute joint targets by name (teleop, going home) -> safe joint targets, or a hold.
+
+        A command may name a subset of the joints (the home pose names the arm only): the others keep their
+        previous command. A joint the filter does not command is refused, so a misnamed pose never half-runs.
+        """
         pre = self._precheck(measured, state_age_s)
         if pre is not None:
             return pre
-        values = [targets.get(j) for j in self.cfg.semantics.joints]
-        if any(v is None for v in values):
-            return self.hold(measured, "missing_joint")
-        if not all(math.isfinite(v) for v in values):
+        if any(j not in self.cfg.semantics.joints for j in targets):
+            return self.hold(measured, "unknown_joint")
+        if not all(math.isfinite(v) for v in targets.values()):
             return self.hold(measured, "non_finite")
-        return self._check_targets({j: float(targets[j]) for j in self.cfg.semantics.joints}, measured, [])
+        prev = self._previous(measured)
+        return self._check_targets({j: float(targets.get(j, prev[j])) for j in self.cfg.semantics.joints},
+                                   measured, [])
 
     # ----- internals ---------------------------------------------------------------------------------------------
     def _precheck(self, measured: dict[str, float] | None, state_age_s: float) -> Decision | None:
@@ -163,26 +207,64 @@ class SafetyFilter:
             return self.hold(measured, "stale_joint_state")
         return None
 
+    def _previous(self, measured: dict[str, float]) -> dict[str, float]:
+        """The previous command of every joint (where the arm is, for a joint never commanded)."""
+        return {**measured, **(self.last_command or {})}
+
+    def _tracking_step(self, joint: str) -> float:
+        """The largest |target - measured| of an arm joint in one control period."""
+        return min(self.cfg.max_step_delta, self.cfg.max_velocity(joint) * self.dt)
+
     def _check_targets(self, targets: dict[str, float], measured: dict[str, float], reasons: list[str]) -> Decision:
         cfg = self.cfg
         out = dict(targets)
         for j in cfg.semantics.arm_joints:
             delta = out[j] - measured[j]
-            step = min(cfg.max_step_delta, cfg.limits[j].velocity * (1 - cfg.velocity_margin) * self.dt
-                       if j in cfg.limits else cfg.max_step_delta)
+            step = self._tracking_step(j)
             if abs(delta) > step + 1e-9:  # the policy's own bound is exactly max_step_delta
                 out[j] = measured[j] + math.copysign(step, delta)
                 reasons.append("step_limited" if step == cfg.max_step_delta else "velocity_limited")
-        for j in cfg.limited_joints:
-            lo, hi = cfg.limits[j].lower + cfg.position_margin, cfg.limits[j].upper - cfg.position_margin
+        prev = self._previous(measured)
+        velocities = {}
+        for j in cfg.semantics.joints:
+            lo, hi = cfg.position_range(j)
             if not lo <= out[j] <= hi:
                 out[j] = min(max(out[j], lo), hi)
                 reasons.append("position_limited")
+            t = prev[j] + self._rate_limit(j, out[j], prev[j], reasons) * self.dt
+            if j in cfg.semantics.arm_joints:
+                # A previous command the arm is far from (the scene was reset under it) must not pull the
+                # target away from the arm: the tracking bound wins over the rate limit.
+                step = self._tracking_step(j)
+                t = min(max(t, measured[j] - step), measured[j] + step)
+            out[j] = min(max(t, lo), hi)
+            velocities[j] = (out[j] - prev[j]) / self.dt
         if cfg.workspace_low is not None:
             tcp = self.fk(out)[:3, 3]
             if np.any(tcp < cfg.workspace_low) or np.any(tcp > cfg.workspace_high):
                 return self.hold(measured, "workspace")
         for r in reasons:
             self.counts[r] += 1
-        self.last_safe = out
-        return Decision(out, False, reasons)
+        self.last_safe = self.last_command = out
+        self.last_velocity = velocities
+        vmax = {j: cfg.max_velocity(j) for j in out}
+        return Decision(out, False, reasons, {j: min(max(v, -vmax[j]), vmax[j]) for j, v in velocities.items()})
+
+    def _rate_limit(self, joint: str, target: float, prev: float, reasons: list[str]) -> float:
+        """The velocity that moves `joint` from the previous command towards `target` within the limits.
+
+        Velocity: |v| <= the URDF limit less the margin, whatever the measured position did (an oscillating
+        policy). Acceleration (if configured): |v - v_prev| <= a * dt, and no faster than allows stopping at the
+        target with that deceleration, so a fixed goal (home) is reached without overshoot.
+        """
+        wanted = (target - prev) / self.dt
+        v, vmax = wanted, self.cfg.max_velocity(joint)
+        a = self.max_accel.get(joint)
+        if a is not None:
+            v0, da = self.last_velocity.get(joint, 0.0), a * self.dt
+            braking = da * (math.sqrt(0.25 + 2 * abs(target - prev) / (da * self.dt)) - 0.5)
+            v = min(max(math.copysign(min(abs(v), braking), v), v0 - da), v0 + da)
+        v = min(max(v, -vmax), vmax)
+        if abs(v - wanted) * self.dt > 1e-9:
+            reasons.append("rate_limited" if abs(wanted) > vmax else "acceleration_limited")
+        return v

@@ -60,6 +60,7 @@ DEFAULTS = {
     "position_margin": 0.05,
     "velocity_margin": 0.05,
     "max_step_delta": 0.1,
+    "acceleration_limits": "float[]",         # rad/s^2 per arm joint between consecutive commands; empty: none
     "stale_state_s": 0.25,
     "late_action_s": 0.3,
     "source_lease_s": 1.0,                    # 0: no lease (a control source holds until the next message)
@@ -85,11 +86,13 @@ class SafetyFilterNode(Node):
         robot = RobotModel(p["urdf"], p["base_link"], p["tcp_link"])
         ws_lo, ws_hi = p["workspace_low"], p["workspace_high"]
         require(len(ws_lo) in (0, 3) and len(ws_hi) == len(ws_lo), "workspace_low/high need 3 values each, or none")
-        cfg = SafetyConfig(sem, robot.limits, sem.arm_joints, p["control_hz"], low, high,
+        cfg = SafetyConfig(sem, robot.limits, p["control_hz"], low, high,
                            position_margin=p["position_margin"], velocity_margin=p["velocity_margin"],
                            max_step_delta=p["max_step_delta"], stale_state_s=p["stale_state_s"],
                            workspace_low=np.asarray(ws_lo, float) if ws_lo else None,
-                           workspace_high=np.asarray(ws_hi, float) if ws_hi else None)
+                           workspace_high=np.asarray(ws_hi, float) if ws_hi else None,
+                           acceleration_limits=np.asarray(p["acceleration_limits"], float)
+                           if p["acceleration_limits"] else None)
         self.filter = SafetyFilter(cfg, robot.base_T_tcp)
         joints = tuple(p["controller_joints"]) or (sem.joints if not p["gripper_topic"] else sem.arm_joints)
         self.ctrl = ControllerSpec(p["controller_type"], p["controller_topic"], joints, p["gripper_topic"],
@@ -118,7 +121,6 @@ class SafetyFilterNode(Node):
         self.joints = JointStateCache()
         self.source = "hold"
         self.last_action_time: float | None = None
-        self.last_sent: dict[str, float] | None = None
         self.create_subscription(JointState, topics.JOINT_STATES, self.joints.update, topics.SENSOR_QOS)
         self.create_subscription(JointState, topics.POLICY_ACTION, self._on_policy, topics.COMMAND_QOS)
         self.create_subscription(JointState, topics.TELEOP_COMMAND, self._on_teleop, topics.COMMAND_QOS)
@@ -387,14 +389,11 @@ class SafetyFilterNode(Node):
                                       throttle_duration_sec=1.0)
         if d.targets is None:
             return
-        prev = self.last_sent or d.targets
-        vel = {j: 0.0 if d.hold else (d.targets[j] - prev.get(j, d.targets[j])) / self.dt for j in d.targets}
-        self.pub.publish(arm_message(self.ctrl, d.targets, vel, self.get_clock().now().to_msg(), self.dt))
+        self.pub.publish(arm_message(self.ctrl, d.targets, d.velocities, self.get_clock().now().to_msg(), self.dt))
         if self.gripper_pub is not None:
             g = gripper_message(self.ctrl, d.targets)
             if g is not None:
                 self.gripper_pub.publish(g)
-        self.last_sent = d.targets
 
     def _publish_diag(self) -> None:
         f = self.filter
