@@ -27,6 +27,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600; the file gets the mode a plain write would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -38,6 +39,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def _file_mode(path: Path) -> int:
+    """The replaced file's mode, or for a new file the one open() would give (0666 less the umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
@@ -45,9 +56,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def check_writable_dir(path: str | Path, what: str = "output directory") -> Path:
     """Fail before any work if `path` cannot become a writable directory (a file, a read-only parent, too long)."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path} is a file, not a directory")
     try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{what} {path} is a file, not a directory")
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         reason = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
@@ -69,7 +80,11 @@ def claim_output_dir(path: str | Path, *, force: bool = False, resume: bool = Fa
     for src in inputs:
         if src and Path(src).resolve() == path.resolve():
             raise UserError(f"{what} {path} is also this run's input; choose another --out")
-    if path.is_dir() and not (force or resume) and any(p.name != LOCK_NAME for p in path.iterdir()):
+    try:
+        occupied = path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())
+    except OSError:  # e.g. a name too long: check_writable_dir below says so in one line
+        occupied = False
+    if occupied and not (force or resume):
         raise UserError(f"{what} {path} is not empty; pass --force to replace its contents or choose a new --out")
     return check_writable_dir(path, what)
 

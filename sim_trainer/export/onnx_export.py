@@ -90,11 +90,11 @@ def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int, force: bool =
     loaded = load_checkpoint(ckpt)
     if len({(c.height, c.width) for c in loaded.spec.cameras}) > 1:
         raise UserError("cameras of different sizes are not supported by the exporter")
-    if (out / "config.json").is_file() and out.resolve() != ckpt.resolve():
+    created = not os.path.lexists(out)  # (os.path, unlike Path, answers False for a name too long)
+    out = claim_output_dir(out, force=force, inputs=(ckpt,), what="export directory")
+    if (out / "config.json").is_file():
         raise UserError(f"{out} holds a checkpoint (config.json); an export never replaces a checkpoint's files, "
                         "choose another --out")
-    created = not out.exists()
-    out = claim_output_dir(out, force=force, inputs=(ckpt,), what="export directory")
     try:
         with OutputLock(out):
             staging = _staging_dir(out)
