@@ -129,6 +129,18 @@ def _check_device(device: str, sim_backend: str) -> None:
         raise UserError(f"--device {device}: this host has {torch.cuda.device_count()} CUDA device(s)")
 
 
+def _check_export_dir(path: Path) -> None:
+    """Name what --export points at when it is not an export (a file, a checkpoint), not just "missing"."""
+    from sim_trainer.models.checkpoint import describe_kind
+
+    if not path.is_dir():
+        kind = describe_kind(path)
+        raise UserError(f"export {path} does not exist" if kind == "missing"
+                        else f"export {path} is {kind}, not an export directory")
+    if (path / "config.json").is_file() and not (path / "manifest.json").exists():
+        raise UserError(f"{path} is a checkpoint, not an export: evaluate it with --ckpt, or export it first")
+
+
 def _new_run_dir(base: str) -> Path:
     """A fresh run_YYYYmmdd_HHMMSS directory under `base`: each demo keeps its own results, none is replaced."""
     from policy_runtime.artifacts import check_writable_dir
@@ -161,6 +173,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         loaded = load_checkpoint(a.ckpt)
         policy = ChunkPolicy(loaded.model, loaded.spec, num_steps=a.steps, device=a.device)
     else:
+        _check_export_dir(Path(a.export))
         policy = BackendPolicy.from_export(a.export, threads=a.threads or 0)
     spec = policy.spec
     task = a.task or spec.task

@@ -70,6 +70,8 @@ def _check_layout(path: Path) -> None:
         if not path.exists() and not path.is_symlink():
             raise UserError(f"checkpoint {path} does not exist")
         raise UserError(f"checkpoint {path} is {describe_kind(path)}, not a checkpoint directory")
+    if (path / "manifest.json").is_file() and not (path / "config.json").exists():
+        raise UserError(f"{path} is an ONNX export (manifest.json), not a checkpoint directory")
     for name in ("config.json", "model.safetensors", "norm_stats.json"):
         if not (path / name).is_file():
             kind = describe_kind(path / name)
