@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from policy_runtime.artifacts import OutputLock
 from tests.bad_input import ROOT, assert_refused_unchanged, run_cli, tree_hashes
 
 SHIPPED = ROOT / "checkpoints" / "pushcube_rgb_small"
@@ -271,7 +272,7 @@ def test_export_force_replaces_and_an_interrupted_export_leaves_the_previous_one
     before = tree_hashes(out)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "sim_trainer.cli", "export", "--ckpt", str(SHIPPED), "--steps",
-                             "3", "--out", str(out), "--force"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "8", "--out", str(out), "--force"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: list(tmp_path.glob(".exp.export-*/policy.onnx")) or proc.poll() is not None,
@@ -283,6 +284,15 @@ def test_export_force_replaces_and_an_interrupted_export_leaves_the_previous_one
     assert proc.returncode == 130, err[-2000:]
     assert tree_hashes(out) == before
     assert not list(tmp_path.glob(".exp.export-*"))
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_a_second_writer_of_one_output_is_refused(command, tmp_path):
+    out = Path(existing_export(tmp_path))
+    args = ([*EVAL, "--ckpt", SHIPPED] if command == "eval" else ["export", "--ckpt", SHIPPED])
+    with OutputLock(out):  # this test process is the run writing `out` (a real flock, as a CLI run holds it)
+        assert_refused_unchanged("sim-trainer", [*args, "--out", out, "--force"], watched=[tmp_path],
+                                 contains="is being written by another run", cwd=tmp_path)
 
 
 def test_demo_twice_keeps_both_runs(tmp_path):
