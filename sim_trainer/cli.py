@@ -133,7 +133,7 @@ def _check_export_dir(path: Path) -> None:
     """Name what --export points at when it is not an export (a file, a checkpoint), not just "missing"."""
     from sim_trainer.models.checkpoint import describe_kind
 
-    if not path.is_dir():
+    if not os.path.isdir(path):
         kind = describe_kind(path)
         raise UserError(f"export {path} does not exist" if kind == "missing"
                         else f"export {path} is {kind}, not an export directory")

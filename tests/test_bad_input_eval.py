@@ -113,6 +113,8 @@ CASES: list[Case] = [
      "is a file, not a checkpoint directory"),
     ("eval-ckpt-missing", lambda t, c: [*EVAL, "--ckpt", str(t / "nowhere"), "--out", str(t / "ev")],
      "does not exist"),
+    ("eval-ckpt-name-too-long", lambda t, c: [*EVAL, "--ckpt", str(t / ("c" * 300)), "--out", str(t / "ev")],
+     "does not exist"),
     ("eval-ckpt-is-an-export", lambda t, c: [*EVAL, "--ckpt", existing_export(t), "--out", str(t / "ev")],
      "is an ONNX export (manifest.json), not a checkpoint"),
     ("eval-export-is-a-file", lambda t, c: [*EVAL, "--export", str(c / "config.json"), "--out", str(t / "ev")],

@@ -55,21 +55,23 @@ def save_checkpoint(path: str | Path, model: FlowVLA, spec: PolicySpec, norm: No
 
 
 def describe_kind(path: Path) -> str:
-    """What is at `path`, for messages: a file where a directory belongs is not "missing"."""
-    if path.is_dir():
+    """What is at `path`, for messages: a file where a directory belongs is not "missing".
+
+    os.path, unlike pathlib, answers False instead of raising for a name too long or an unreadable parent."""
+    if os.path.isdir(path):
         return "a directory"
-    if path.is_file():
+    if os.path.isfile(path):
         return "a file"
-    if path.is_symlink():
+    if os.path.islink(path):
         return "a broken symbolic link"
-    return "not a regular file" if path.exists() else "missing"
+    return "not a regular file" if os.path.lexists(path) else "missing"
 
 
 def _check_layout(path: Path) -> None:
-    if not path.is_dir():
-        if not path.exists() and not path.is_symlink():
-            raise UserError(f"checkpoint {path} does not exist")
-        raise UserError(f"checkpoint {path} is {describe_kind(path)}, not a checkpoint directory")
+    if not os.path.isdir(path):
+        kind = describe_kind(path)
+        raise UserError(f"checkpoint {path} does not exist" if kind == "missing"
+                        else f"checkpoint {path} is {kind}, not a checkpoint directory")
     if (path / "manifest.json").is_file() and not (path / "config.json").exists():
         raise UserError(f"{path} is an ONNX export (manifest.json), not a checkpoint directory")
     for name in ("config.json", "model.safetensors", "norm_stats.json"):
