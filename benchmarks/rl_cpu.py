@@ -38,7 +38,7 @@ def cli(*args: str) -> None:
 
 def evaluate(ckpt: str, k: int, episodes: int, out: Path) -> dict:
     cli("eval", "--ckpt", ckpt, "--steps", str(k), "--episodes", str(episodes), "--envs", "2", "--out", str(out),
-        "--threads", "1")
+        "--threads", "1", "--force")  # a rerun of the benchmark replaces its own earlier evaluation
     return json.loads((out / "eval.json").read_text())["summary"]
 
 

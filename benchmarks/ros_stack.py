@@ -45,7 +45,7 @@ def free_endpoint() -> str:
 
 def direct_eval(export: Path, n: int, seed_start: int, out: Path) -> dict:
     r = subprocess.run([sys.executable, "-m", "sim_trainer.cli", "eval", "--export", str(export), "--episodes",
-                        str(n), "--envs", "2", "--seed-start", str(seed_start), "--out", str(out)],
+                        str(n), "--envs", "2", "--seed-start", str(seed_start), "--out", str(out), "--force"],
                        cwd=ROOT, capture_output=True, text=True, check=True)
     path = re.search(r"json: (\S+)", r.stdout).group(1)
     s = json.loads(Path(path).read_text())["summary"]

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
 
-from policy_runtime.artifacts import atomic_write_bytes
+from policy_runtime.artifacts import atomic_write_bytes, probe_writable
 from policy_runtime.errors import UserError
 
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -54,20 +53,11 @@ def _check_folder(folder: Path) -> Path:
         raise UserError(f"cannot use output folder {folder}: {_reason(e)}") from None
     if not existing.is_dir():
         raise UserError(f"{existing} is a file, not a directory (in output folder {folder})")
-    _probe_write(existing)
+    probe_writable(existing, "output folder")
     limit = os.pathconf(existing, "PC_NAME_MAX")
     if any(len(name.encode()) > limit for name in missing):
         raise UserError(f"cannot create output folder {folder}: name too long")
     return existing
-
-
-def _probe_write(directory: Path) -> None:
-    """Create and remove a file: permission bits do not tell (root, read-only mounts, /sys, /proc)."""
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".calibrate-probe-"):
-            pass
-    except OSError as e:
-        raise UserError(f"output folder {directory} is not writable ({e.strerror})") from None
 
 
 def _check_name_length(path: Path, folder: Path) -> None:

@@ -27,6 +27,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600; the file gets the mode a plain write would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -36,6 +37,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _file_mode(path: Path) -> int:
+    """The replaced file's mode, or for a new file the one open() would give (0666 less the umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -52,9 +63,17 @@ def check_writable_dir(path: str | Path, what: str = "output directory") -> Path
     except OSError as e:
         reason = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
         raise UserError(f"cannot create {what} {path}: {reason}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path} is not writable")
+    probe_writable(path, what)
     return path
+
+
+def probe_writable(directory: Path, what: str = "output directory") -> None:
+    """Create and remove a file: permission bits do not tell (root, read-only mounts, /proc)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {directory} is not writable ({e.strerror})") from None
 
 
 def claim_output_dir(path: str | Path, *, force: bool = False, resume: bool = False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -19,15 +20,9 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "p
 
 
 def _camera_overrides(path: str | None) -> dict:
-    from sim_trainer.envs.spec import CameraOverride
+    from sim_trainer.envs.spec import camera_overrides
 
-    if not path:
-        return {}
-    data = load_yaml_mapping(path)
-    try:
-        return {name: CameraOverride(**(v or {})) for name, v in data.get("cameras", data).items()}
-    except TypeError as e:
-        raise UserError(f"camera config {path}: {e}") from None
+    return camera_overrides(load_yaml_mapping(path, "camera config"), path) if path else {}
 
 
 def cmd_demos(a: argparse.Namespace) -> int:
@@ -85,33 +80,113 @@ def _set_threads(n: int | None) -> None:
     torch.set_num_threads(n or os.cpu_count() or 1)
 
 
+# Bounds of the evaluation options: one typo must not occupy a shared machine for hours or exhaust it.
+MAX_DENOISING_STEPS = 64  # K: each step is a full pass of the action expert
+MAX_EPISODES = 100_000
+MAX_ENVS = {"physx_cpu": 64, "physx_cuda": 4096}  # physx_cpu runs one process per env
+MAX_EPISODE_STEPS = 10_000
+MAX_SEED = 2**31 - 1
+
+
+def _check_range(value: int | None, flag: str, low: int, high: int, why: str = "") -> None:
+    """A flag left off (None) takes its default; a given value must lie in [low, high] (0 is not "default")."""
+    if value is not None and not low <= value <= high:
+        raise UserError(f"{flag} must be between {low} and {high}{why}, got {value}")
+
+
+def _check_eval_args(a: argparse.Namespace) -> None:
+    """Every number and device of `eval`/`demo`, checked before anything is loaded."""
+    _check_range(a.episodes, "--episodes", 1, MAX_EPISODES)
+    _check_range(a.envs, "--envs", 1, MAX_ENVS[a.sim_backend], f" with --sim-backend {a.sim_backend}")
+    _check_range(a.steps, "--steps", 1, MAX_DENOISING_STEPS, " (denoising steps K)")
+    _check_range(a.max_steps, "--max-steps", 1, MAX_EPISODE_STEPS)
+    _check_range(a.seed_start, "--seed-start", 0, MAX_SEED - a.episodes - a.envs,
+                 f" (seeds run from it to it + --episodes; the largest seed is {MAX_SEED})")
+    _check_range(a.threads, "--threads", 1, os.cpu_count() or 1, " (this host's CPU cores)")
+    if (a.ckpt is None) == (a.export is None):
+        raise UserError("give exactly one of --ckpt (PyTorch) and --export (ONNX Runtime)")
+    if a.export is not None and a.steps is not None:
+        raise UserError("--steps is fixed in an export (K is unrolled); export again with another --steps")
+    if a.export is not None and a.device != "cpu":
+        raise UserError("--device applies to --ckpt; an --export runs on ONNX Runtime's CPU provider")
+    _check_device(a.device, a.sim_backend)
+
+
+def _check_device(device: str, sim_backend: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a torch device (cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: only cpu and cuda devices are supported")
+    if (dev.type == "cuda" or sim_backend == "physx_cuda") and not torch.cuda.is_available():
+        what, fix = ((f"--device {device}", "--device cpu") if dev.type == "cuda"
+                     else (f"--sim-backend {sim_backend}", "--sim-backend physx_cpu"))
+        raise UserError(f"{what} needs CUDA, which this host does not have; use {fix}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this host has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_export_dir(path: Path) -> None:
+    """Name what --export points at when it is not an export (a file, a checkpoint), not just "missing"."""
+    from sim_trainer.models.checkpoint import describe_kind
+
+    if not os.path.isdir(path):
+        kind = describe_kind(path)
+        raise UserError(f"export {path} does not exist" if kind == "missing"
+                        else f"export {path} is {kind}, not an export directory")
+    if (path / "config.json").is_file() and not (path / "manifest.json").exists():
+        raise UserError(f"{path} is a checkpoint, not an export: evaluate it with --ckpt, or export it first")
+
+
+def _new_run_dir(base: str) -> Path:
+    """A fresh run_YYYYmmdd_HHMMSS directory under `base`: each demo keeps its own results, none is replaced."""
+    from policy_runtime.artifacts import check_writable_dir
+
+    root = check_writable_dir(base)
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    for i in range(100):
+        run = root / (f"run_{stamp}" if i == 0 else f"run_{stamp}_{i}")
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot create run directory {run}: {e.strerror}") from None
+    raise UserError(f"cannot create a new run directory in {root}: too many runs this second")
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
+    from policy_runtime.artifacts import OutputLock, claim_output_dir
     from sim_trainer.envs.spec import EnvConfig
     from sim_trainer.evaluate.report import format_table, write_report
     from sim_trainer.evaluate.rollout import evaluate
     from sim_trainer.models.checkpoint import load_checkpoint
     from sim_trainer.policy import BackendPolicy, ChunkPolicy
 
-    if a.episodes < 1 or a.envs < 1:
-        raise UserError("--episodes and --envs must be at least 1")
-    if (a.ckpt is None) == (getattr(a, "export", None) is None):
-        raise UserError("give exactly one of --ckpt (PyTorch) and --export (ONNX Runtime)")
+    _check_eval_args(a)
     _set_threads(a.threads)
     if a.ckpt is not None:
         loaded = load_checkpoint(a.ckpt)
         policy = ChunkPolicy(loaded.model, loaded.spec, num_steps=a.steps, device=a.device)
     else:
-        if a.steps is not None:
-            raise UserError("--steps is fixed in an export (K is unrolled); export again with another --steps")
+        _check_export_dir(Path(a.export))
         policy = BackendPolicy.from_export(a.export, threads=a.threads or 0)
     spec = policy.spec
     task = a.task or spec.task
     env_cfg = EnvConfig(task=task, obs_mode=spec.obs_mode, control_mode=spec.control_mode,
                         image_size=spec.cameras[0].height if spec.cameras else 64,
                         sim_backend=a.sim_backend, max_episode_steps=a.max_steps,
-                        cameras=_camera_overrides(a.camera_config), domain=getattr(a, "domain", None)).validate()
-    result = evaluate(policy, env_cfg, a.episodes, a.envs, seed_start=a.seed_start)
-    paths = write_report(result, a.out, str(a.ckpt or a.export), spec.control_hz)
+                        cameras=_camera_overrides(a.camera_config), domain=a.domain).validate()
+    # The output is checked and claimed before the (long) evaluation, so its results cannot be lost at the end.
+    out = _new_run_dir(a.out) if a.new_run_dir else claim_output_dir(a.out, force=a.force,
+                                                                     inputs=(a.ckpt, a.export))
+    with OutputLock(out):
+        result = evaluate(policy, env_cfg, a.episodes, a.envs, seed_start=a.seed_start)
+        paths = write_report(result, out, str(a.ckpt or a.export), spec.control_hz)
     print(format_table(result.summary()))
     print(f"report: {paths['report']}  json: {paths['json']}  video: {paths['video']}")
     return 0
@@ -120,7 +195,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from sim_trainer.export.onnx_export import export_onnx
 
-    result = export_onnx(a.ckpt, a.out, a.steps)
+    result = export_onnx(a.ckpt, a.out, a.steps, force=a.force)
     m = result.manifest
     print(f"exported {a.ckpt} with K={m['num_steps']} to {result.out / m['model_file']} "
           f"(opset {m['onnx']['opset']}, IR {m['onnx']['ir_version']}, parity max |err| "
@@ -129,10 +204,15 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    """The no-GPU, no-robot demo: evaluate the shipped checkpoint in ManiSkill and write a report."""
+    """The no-GPU, no-robot demo: evaluate the shipped checkpoint in ManiSkill and write a report.
+
+    Each run writes a new OUT/run_<time> directory, so `make demo-sim` can run again without --force.
+    """
     args = argparse.Namespace(ckpt=a.ckpt, export=None, task=None, episodes=a.episodes, envs=a.envs, out=a.out,
                               steps=None, seed_start=a.seed_start, sim_backend="physx_cpu", max_steps=None,
-                              camera_config=None, threads=None, device="cpu")
+                              camera_config=None, domain=None, threads=None, device="cpu", force=False,
+                              new_run_dir=True)
+    _check_eval_args(args)
     print(f"Evaluating the shipped checkpoint {a.ckpt} on {a.episodes} held-out ManiSkill episodes (CPU)...")
     return cmd_eval(args)
 
@@ -245,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", help="task to evaluate on (default: the checkpoint's task)")
     e.add_argument("--episodes", type=int, default=100)
     e.add_argument("--envs", type=int, default=2, help="parallel envs (CPU: one process each)")
-    e.add_argument("--out", default="outputs/eval")
+    e.add_argument("--out", default="outputs/eval", help="report directory; a non-empty one needs --force")
+    e.add_argument("--force", action="store_true", help="replace the report files in a non-empty --out")
     e.add_argument("--steps", type=int, help="denoising steps K (default: the checkpoint's)")
     e.add_argument("--seed-start", type=int, default=EVAL_SEED_START, help="first episode seed (held out)")
     e.add_argument("--max-steps", type=int, help="episode horizon (default: the task's)")
@@ -254,16 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--domain", help="evaluate in a shifted domain: 'real_proxy' (built-in) or a domain YAML "
                                     "(see docs/domains.md)")
     e.add_argument("--device", default="cpu", help="torch device for the policy")
-    e.add_argument("--threads", type=int)
-    e.set_defaults(func=cmd_eval)
+    e.add_argument("--threads", type=int, help="torch CPU threads, at most this host's cores (default: all)")
+    e.set_defaults(func=cmd_eval, new_run_dir=False)
 
     x = sub.add_parser("export", help="export the K-step denoiser to ONNX with a manifest",
                        description="Write policy.onnx (prefix encoding + K unrolled Euler steps, noise as an input, "
                                    "normalisation inside, dynamic batch) and manifest.json (the serving contract, "
                                    "with the ONNX-vs-PyTorch parity measured now; above 1e-4 the export fails).")
     x.add_argument("--ckpt", required=True, help="checkpoint directory")
-    x.add_argument("--steps", type=int, default=4, help="denoising steps K to unroll (1-4 are the fast ones)")
-    x.add_argument("--out", required=True, help="export directory")
+    x.add_argument("--steps", type=int, default=4, help="denoising steps K to unroll, 1-64 (1-4 are the fast ones)")
+    x.add_argument("--out", required=True, help="export directory (not the checkpoint's); a non-empty one needs "
+                                                "--force")
+    x.add_argument("--force", action="store_true", help="replace the export in a non-empty --out (built aside "
+                                                        "first: a failed export leaves the old one intact)")
     x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="evaluate the shipped checkpoint and write a report (what `make demo` runs)")
@@ -271,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--episodes", type=int, default=20)
     m.add_argument("--envs", type=int, default=2)
     m.add_argument("--seed-start", type=int, default=EVAL_SEED_START)
-    m.add_argument("--out", default="outputs/demo")
+    m.add_argument("--out", default="outputs/demo", help="each run writes a new OUT/run_<date>_<time> directory")
     m.set_defaults(func=cmd_demo)
     return p
 

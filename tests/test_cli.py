@@ -61,9 +61,9 @@ def test_corrupt_checkpoint(tiny_rgb_checkpoint, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_checkpoint_whose_spec_does_not_match_the_task(tiny_rgb_checkpoint):
+def test_checkpoint_whose_spec_does_not_match_the_task(tiny_rgb_checkpoint, tmp_path):
     # PushCube's camera-mode state has no goal position, so the state layout differs from PickCube's.
     proc = run_cli("eval", "--ckpt", str(tiny_rgb_checkpoint), "--task", "PushCube-v1", "--episodes", "1",
-                   "--envs", "1")
+                   "--envs", "1", "--out", str(tmp_path / "eval"))
     assert_user_error(proc, "does not match task PushCube-v1")
     assert "state_layout" in proc.stderr

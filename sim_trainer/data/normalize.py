@@ -30,8 +30,27 @@ class Stats:
         return {k: getattr(self, k).astype(float).tolist() for k in ("mean", "std", "q01", "q99")}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Stats:
-        return cls(*(np.asarray(d[k], np.float64) for k in ("mean", "std", "q01", "q99")))
+    def from_dict(cls, d: dict, where: str = "stats") -> Stats:
+        """Stats from JSON: four equally long lists of finite numbers (std not negative), else a UserError."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where} must be a mapping of mean, std, q01 and q99, got {type(d).__name__}")
+        arrays = []
+        for k in ("mean", "std", "q01", "q99"):
+            if k not in d:
+                raise UserError(f"{where} has no {k}")
+            v = d[k]
+            if not isinstance(v, list) or not all(type(x) in (int, float) for x in v):
+                raise UserError(f"{where}.{k} must be a list of numbers, got {str(v)[:60]}")
+            arr = np.asarray(v, np.float64)
+            if not np.isfinite(arr).all():
+                raise UserError(f"{where}.{k} holds NaN or Inf")
+            arrays.append(arr)
+        lengths = [len(a) for a in arrays]
+        if len(set(lengths)) > 1:
+            raise UserError(f"{where}: mean, std, q01 and q99 have different lengths {lengths}")
+        if (arrays[1] < 0).any():
+            raise UserError(f"{where}.std has negative values")
+        return cls(*arrays)
 
 
 @dataclass
@@ -50,11 +69,17 @@ class NormStats:
         return {"version": 1, "kind": "zscore", "state": self.state.to_dict(), "actions": self.actions.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> NormStats:
-        try:
-            return cls(Stats.from_dict(d["state"]), Stats.from_dict(d["actions"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"malformed norm stats: {e!r}") from None
+    def from_dict(cls, d: dict, where: str = "norm stats") -> NormStats:
+        if not isinstance(d, dict) or "state" not in d or "actions" not in d:
+            raise UserError(f"{where} must be a mapping with state and actions statistics")
+        return cls(Stats.from_dict(d["state"], f"{where}: state"), Stats.from_dict(d["actions"], f"{where}: actions"))
+
+    def check_dims(self, state_dim: int, action_dim: int, where: str) -> None:
+        """Refuse statistics of another state or action size than the model's (one line naming both)."""
+        for name, stats, dim in (("state", self.state, state_dim), ("actions", self.actions, action_dim)):
+            if len(stats.mean) != dim:
+                raise UserError(f"{where}: {name} statistics have {len(stats.mean)} values but the model's "
+                                f"{name} have {dim}")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
@@ -62,9 +87,10 @@ class NormStats:
     @classmethod
     def load(cls, path: str | Path) -> NormStats:
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read norm stats {path}: {e}") from None
+        return cls.from_dict(data, f"norm stats {path}")
 
 
 class Normalizer(torch.nn.Module):

@@ -78,6 +78,9 @@ def _short(v: object) -> str:
     return s if len(s) < 120 else s[:117] + "..."
 
 
+MAX_CAMERA_SIDE = 4096  # pixels: a larger camera is a typo that would exhaust memory in every env worker
+
+
 @dataclass
 class CameraOverride:
     """A camera placed and shaped like a calibrated real one (OpenCV intrinsics, SAPIEN-convention pose)."""
@@ -88,21 +91,44 @@ class CameraOverride:
     width: int | None = None
     height: int | None = None
 
+    def validate(self, name: str) -> CameraOverride:
+        """Check every value here, in the main process: the env workers would only fail with a traceback."""
+        import numpy as np
+
+        where = f"camera {name!r}"
+        if self.pose is not None:
+            pose = _finite_array(self.pose, f"{where} pose")
+            if pose.shape != (7,):
+                raise UserError(f"{where} pose must be [x, y, z, qw, qx, qy, qz], got {_short(self.pose)}")
+            if not 0.5 < float(np.linalg.norm(pose[3:])) < 2.0:
+                raise UserError(f"{where} pose quaternion {pose[3:].tolist()} is not a rotation (norm far from 1)")
+        if self.intrinsic is not None and self.fov is not None:
+            raise UserError(f"give {where} either an intrinsic matrix or a fov, not both")
+        if self.intrinsic is not None:
+            k = _finite_array(self.intrinsic, f"{where} intrinsic")
+            if k.shape != (3, 3):
+                raise UserError(f"{where} intrinsic must be 3x3, got shape {k.shape}")
+            if not (k[0, 0] > 0 and k[1, 1] > 0):
+                raise UserError(f"{where} intrinsic focal lengths must be positive, got {k[0, 0]} and {k[1, 1]}")
+        if self.fov is not None:
+            fov = _finite_array(self.fov, f"{where} fov")
+            if fov.shape != () or not 0 < float(fov) < np.pi:
+                raise UserError(f"{where} fov must be one angle in radians in (0, pi), got {_short(self.fov)}")
+        for side in ("width", "height"):
+            v = getattr(self, side)
+            if v is not None and (type(v) is not int or not 1 <= v <= MAX_CAMERA_SIDE):
+                raise UserError(f"{where} {side} must be a whole number of pixels in 1..{MAX_CAMERA_SIDE}, "
+                                f"got {_short(v)}")
+        return self
+
     def to_sensor_config(self) -> dict:
         cfg: dict = {}
         if self.pose is not None:
-            if len(self.pose) != 7:
-                raise UserError("camera pose must be [x, y, z, qw, qx, qy, qz]")
             cfg["pose"] = [float(x) for x in self.pose]
-        if self.intrinsic is not None and self.fov is not None:
-            raise UserError("give a camera either an intrinsic matrix or a fov, not both")
         if self.intrinsic is not None:
             import numpy as np
 
-            k = np.asarray(self.intrinsic, dtype=np.float64)
-            if k.shape != (3, 3):
-                raise UserError(f"camera intrinsic must be 3x3, got shape {k.shape}")
-            cfg["intrinsic"] = k
+            cfg["intrinsic"] = np.asarray(self.intrinsic, dtype=np.float64)
             cfg["fov"] = None
         if self.fov is not None:
             cfg["fov"] = float(self.fov)
@@ -112,6 +138,42 @@ class CameraOverride:
         if self.height is not None:
             cfg["height"] = int(self.height)
         return cfg
+
+
+def _finite_array(value: object, what: str):
+    """`value` as a float array, or a UserError naming `what` (strings, nested junk, NaN and Inf refused)."""
+    import numpy as np
+
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be numbers, got {_short(value)}") from None
+    if isinstance(value, (str, bytes, bool)) or not np.isfinite(arr).all():
+        raise UserError(f"{what} must be finite numbers, got {_short(value)}")
+    return arr
+
+
+def camera_overrides(data: object, where: str) -> dict[str, CameraOverride]:
+    """The camera overrides of a parsed camera config: {name: {pose, intrinsic, fov, width, height}}.
+
+    A config written by `calibrate sim-camera` keeps them under `cameras:` beside its other keys.
+    """
+    if isinstance(data, dict) and "cameras" in data:
+        data = data["cameras"]
+    if not isinstance(data, dict):
+        raise UserError(f"camera config {where}: expected a mapping of camera name to settings, got {_short(data)}")
+    known = [f.name for f in fields(CameraOverride)]
+    out = {}
+    for name, v in data.items():
+        v = {} if v is None else v
+        if not isinstance(v, dict):
+            raise UserError(f"camera config {where}: camera {name!r} must be a mapping of settings, got {_short(v)}")
+        unknown = sorted(set(map(str, v)) - set(known))
+        if unknown:
+            raise UserError(f"camera config {where}: camera {name!r} has unknown keys {unknown}; "
+                            f"known: {', '.join(known)}")
+        out[str(name)] = CameraOverride(**v).validate(str(name))
+    return out
 
 
 @dataclass
@@ -140,6 +202,12 @@ class EnvConfig:
             raise UserError(f"unknown sim backend {self.sim_backend!r}; use physx_cpu or physx_cuda")
         if self.image_size < 16:
             raise UserError("image_size must be at least 16 pixels")
+        task_cameras = get_task(self.task).cameras
+        for name, override in self.cameras.items():
+            if name not in task_cameras:
+                raise UserError(f"{self.task} has no camera {name!r} to override; its cameras: "
+                                f"{', '.join(task_cameras)}")
+            override.validate(name)
         if self.domain is not None:
             from sim_trainer.envs.domain import load_domain
 

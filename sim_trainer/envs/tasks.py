@@ -14,6 +14,8 @@ class TaskInfo:
     # Policies imitating motion-planned demos move slower than RL experts, so evaluation gets a longer
     # horizon than ManiSkill's RL default of 50 steps (ManiSkill's own BC baselines do the same).
     max_episode_steps: int
+    # ManiSkill's sensor cameras of the task: the names a camera config (--camera-config) may override.
+    cameras: tuple[str, ...] = ("base_camera",)
 
 
 TASKS: dict[str, TaskInfo] = {

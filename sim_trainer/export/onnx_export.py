@@ -10,10 +10,12 @@ at export time; an export whose parity exceeds the tolerance is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from policy_runtime.artifacts import LOCK_NAME, OutputLock, atomic_write_text, claim_output_dir
 from policy_runtime.export_dir import default_action_joints
 from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import LoadedPolicy, file_sha256, load_checkpoint
@@ -31,6 +34,10 @@ MANIFEST_FORMAT = "flow-vla-export"
 MANIFEST_VERSION = 1
 OPSET = 17
 PARITY_TOLERANCE = 1e-4  # max |onnx - torch| in raw action units, fp32 on CPU
+# K is unrolled: graph size and export time grow with it (1-4 are the fast ones); beyond this it is a typo
+# (--steps 1000000000 once took 3.3 GB in 5 s).
+MAX_EXPORT_STEPS = 64
+EXPORT_FILES = ("policy.onnx", "norm_stats.json", "manifest.json")  # the manifest last: see _publish
 
 
 class UnrolledSampler(torch.nn.Module):
@@ -70,36 +77,80 @@ class ExportResult:
     manifest: dict
 
 
-def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int) -> ExportResult:
-    if num_steps < 1:
-        raise UserError(f"--steps must be at least 1, got {num_steps}")
+def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int, force: bool = False) -> ExportResult:
+    """Export `ckpt` with K=`num_steps` into `out`.
+
+    Everything is checked before any work, the export is built in a directory beside `out` and moved in
+    at the end, so a failure (refused parity, an exception, Ctrl-C) leaves `out` exactly as it was.
+    An existing export in `out` is replaced only with `force`.
+    """
+    if type(num_steps) is not int or not 1 <= num_steps <= MAX_EXPORT_STEPS:
+        raise UserError(f"--steps must be at least 1 and at most {MAX_EXPORT_STEPS} (each step unrolls another "
+                        f"copy of the action expert into the graph), got {num_steps}")
+    ckpt, out = Path(ckpt), Path(out)
     loaded = load_checkpoint(ckpt)
-    model = loaded.model.eval()
-    cfg, spec = model.cfg, loaded.spec
-    if len({(c.height, c.width) for c in spec.cameras}) > 1:
+    if len({(c.height, c.width) for c in loaded.spec.cameras}) > 1:
         raise UserError("cameras of different sizes are not supported by the exporter")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = input_names(list(cfg.camera_names))
-    sampler = UnrolledSampler(model, num_steps).eval()
-    onnx_path = out / "policy.onnx"
-    tmp = out / "policy.onnx.tmp"
+    created = not os.path.lexists(out)  # (os.path, unlike Path, answers False for a name too long)
+    out = claim_output_dir(out, force=force, inputs=(ckpt,), what="export directory")
+    if (out / "config.json").is_file():
+        raise UserError(f"{out} holds a checkpoint (config.json); an export never replaces a checkpoint's files, "
+                        "choose another --out")
     try:
-        worst, ir_version = _export_and_verify(sampler, loaded, names, tmp)
+        with OutputLock(out):
+            staging = _staging_dir(out)
+            try:
+                manifest = _build(loaded, ckpt, staging, num_steps)
+                _publish(staging, out)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if created:  # leave no empty export directory behind either
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
         raise
-    if not worst <= PARITY_TOLERANCE:
-        tmp.unlink()
-        raise UserError(f"ONNX output differs from PyTorch by {worst:.2e} > {PARITY_TOLERANCE:.0e}; export refused")
-    os.replace(tmp, onnx_path)
-    # norm_stats.json travels byte for byte, so its sha256 can be recomputed by any client.
-    shutil.copyfile(Path(ckpt) / "norm_stats.json", out / "norm_stats.json")
-    norm = json.loads((out / "norm_stats.json").read_text())
-    manifest = _manifest(loaded, Path(ckpt), onnx_path, out, num_steps, worst, ir_version, norm)
-    (out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2))
-    os.replace(out / "manifest.json.tmp", out / "manifest.json")
     return ExportResult(out, manifest)
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh directory on out's file system (beside it, or inside it when out is a mount point)."""
+    parent = out.resolve().parent
+    where = parent if os.access(parent, os.W_OK) and os.stat(parent).st_dev == os.stat(out).st_dev else out
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.export-", dir=where))
+    except OSError as e:
+        raise UserError(f"cannot create a build directory in {where}: {e.strerror}") from None
+
+
+def _build(loaded: LoadedPolicy, ckpt: Path, staging: Path, num_steps: int) -> dict:
+    """Write policy.onnx, norm_stats.json and manifest.json into `staging`; returns the manifest."""
+    model = loaded.model.eval()
+    names = input_names(list(model.cfg.camera_names))
+    sampler = UnrolledSampler(model, num_steps).eval()
+    onnx_path = staging / "policy.onnx"
+    worst, ir_version = _export_and_verify(sampler, loaded, names, onnx_path)
+    if not worst <= PARITY_TOLERANCE:
+        raise UserError(f"ONNX output differs from PyTorch by {worst:.2e} > {PARITY_TOLERANCE:.0e}; export refused")
+    # norm_stats.json travels byte for byte, so its sha256 can be recomputed by any client.
+    shutil.copyfile(ckpt / "norm_stats.json", staging / "norm_stats.json")
+    norm = json.loads((staging / "norm_stats.json").read_text())
+    manifest = _manifest(loaded, ckpt, onnx_path, staging, num_steps, worst, ir_version, norm)
+    atomic_write_text(staging / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the built export into `out`. The old manifest goes first and the new one comes last, so `out`
+    never holds a manifest that describes other files (a reader sees the old export, none, or the new one)."""
+    (out / "manifest.json").unlink(missing_ok=True)
+    for name in EXPORT_FILES:
+        os.replace(staging / name, out / name)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _export_and_verify(sampler: UnrolledSampler, loaded: LoadedPolicy, names: list[str], tmp: Path,

@@ -54,35 +54,89 @@ def save_checkpoint(path: str | Path, model: FlowVLA, spec: PolicySpec, norm: No
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedPolicy:
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"checkpoint {path} does not exist or is not a directory")
+def describe_kind(path: Path) -> str:
+    """What is at `path`, for messages: a file where a directory belongs is not "missing".
+
+    os.path, unlike pathlib, answers False instead of raising for a name too long or an unreadable parent."""
+    if os.path.isdir(path):
+        return "a directory"
+    if os.path.isfile(path):
+        return "a file"
+    if os.path.islink(path):
+        return "a broken symbolic link"
+    return "not a regular file" if os.path.lexists(path) else "missing"
+
+
+def _check_layout(path: Path) -> None:
+    if not os.path.isdir(path):
+        kind = describe_kind(path)
+        raise UserError(f"checkpoint {path} does not exist" if kind == "missing"
+                        else f"checkpoint {path} is {kind}, not a checkpoint directory")
+    if (path / "manifest.json").is_file() and not (path / "config.json").exists():
+        raise UserError(f"{path} is an ONNX export (manifest.json), not a checkpoint directory")
     for name in ("config.json", "model.safetensors", "norm_stats.json"):
         if not (path / name).is_file():
-            raise UserError(f"checkpoint {path} is incomplete: {name} is missing")
+            kind = describe_kind(path / name)
+            detail = f"{name} is missing" if kind == "missing" else f"{name} is {kind}, not a file"
+            raise UserError(f"checkpoint {path} is incomplete: {detail}")
+
+
+def _read_config(path: Path) -> dict:
     try:
         config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"checkpoint {path}: config.json is not valid JSON ({e})") from None
-    if config.get("format") != CHECKPOINT_FORMAT:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {path}: config.json is not readable JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a {CHECKPOINT_FORMAT} directory")
-    if int(config.get("version", 0)) > CHECKPOINT_VERSION:
-        raise UserError(f"checkpoint {path} has version {config['version']}; this software reads up to "
-                        f"{CHECKPOINT_VERSION}")
-    cfg = ModelConfig.from_dict(config["model"])
-    spec = PolicySpec.from_dict(config["spec"])
+    version = config.get("version", 0)
+    if type(version) is not int:
+        raise UserError(f"checkpoint {path}: config.json version must be a whole number, got {version!r}")
+    if version > CHECKPOINT_VERSION:
+        raise UserError(f"checkpoint {path} has version {version}; this software reads up to {CHECKPOINT_VERSION}")
+    for key in ("model", "spec"):
+        if not isinstance(config.get(key), dict):
+            raise UserError(f"checkpoint {path}: config.json {key} must be a mapping, got {config.get(key)!r:.60}")
+    return config
+
+
+def _check_consistent(cfg: ModelConfig, spec: PolicySpec, where: str) -> None:
+    """The model's sizes and the spec it was trained for must agree, or the first forward pass would crash."""
+    pairs = [("state size", cfg.state_dim, spec.state_dim), ("action size", cfg.action_dim, spec.action_dim),
+             ("action bounds", cfg.action_dim, len(spec.action_low)),
+             ("action bounds", cfg.action_dim, len(spec.action_high)),
+             ("cameras", list(cfg.camera_names), [c.name for c in spec.cameras])]
+    pairs += [(f"camera {c.name} size", (cfg.image_size, cfg.image_size), (c.height, c.width)) for c in spec.cameras]
+    for what, model, contract in pairs:
+        if model != contract:
+            raise UserError(f"{where}: config.json disagrees with itself on the {what}: model {model}, spec {contract}")
+    if not 0 < spec.control_hz < 1e4:
+        raise UserError(f"{where}: config.json spec control_hz must be a positive rate, got {spec.control_hz}")
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedPolicy:
+    """Load a checkpoint; every way it can be wrong (layout, types, sizes, weights) is one UserError line."""
+    path = Path(path)
+    _check_layout(path)
+    config = _read_config(path)
+    where = f"checkpoint {path}"
+    try:
+        cfg = ModelConfig.from_dict(config["model"])
+        spec = PolicySpec.from_dict(config["spec"])
+    except UserError as e:
+        raise UserError(f"{where}: config.json {e}") from None
+    _check_consistent(cfg, spec, where)
     norm = NormStats.load(path / "norm_stats.json")
+    norm.check_dims(cfg.state_dim, cfg.action_dim, f"{where}: norm_stats.json")
     model = FlowVLA(cfg, norm)
     try:
         weights = load_file(str(path / "model.safetensors"), device=map_location)
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path}: model.safetensors is corrupt ({e})") from None
+        raise UserError(f"{where}: model.safetensors is corrupt ({e})") from None
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0][:200]
-        raise UserError(f"checkpoint {path}: weights do not match its config.json ({first})") from None
+        raise UserError(f"{where}: weights do not match its config.json ({first})") from None
     return LoadedPolicy(model.eval(), spec, config.get("info", {}))
 
 

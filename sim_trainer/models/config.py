@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from sim_trainer.errors import UserError
 
@@ -60,14 +60,42 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        """A config read from a checkpoint's config.json: every field's type and range is checked first."""
+        if not isinstance(d, dict):
+            raise UserError(f"model config must be a mapping, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise UserError(f"unknown model config keys: {sorted(unknown)}")
-        try:
-            d = dict(d)
-            d["cnn_channels"] = tuple(d["cnn_channels"])
-            d["camera_names"] = tuple(d["camera_names"])
-            return cls(**d).validate()
-        except (KeyError, TypeError) as e:
-            raise UserError(f"malformed model config: {e}") from None
+        missing = sorted(f.name for f in fields(cls) if f.name not in d and f.default is MISSING)
+        if missing:
+            raise UserError(f"model config is missing {', '.join(missing)}")
+        d = dict(d)
+        if not isinstance(d["size"], str):
+            raise UserError(f"model config size must be a string, got {d['size']!r}")
+        for name in INT_FIELDS:
+            if name in d:
+                _check_int(d[name], name)
+        for name in ("cnn_channels", "camera_names"):
+            if not isinstance(d[name], list):
+                raise UserError(f"model config {name} must be a list, got {d[name]!r}")
+            d[name] = tuple(d[name])
+        if not d["cnn_channels"]:
+            raise UserError("model config cnn_channels must not be empty")
+        for c in d["cnn_channels"]:
+            _check_int(c, "cnn_channels")
+        names = d["camera_names"]
+        if not all(isinstance(c, str) for c in names) or len(set(names)) != len(names):
+            raise UserError(f"model config camera_names must be distinct strings, got {list(names)!r}")
+        return cls(**d).validate()
+
+
+# Integer fields (and the largest value a model this code builds may have: a typo must not exhaust memory).
+INT_FIELDS = ("d_model", "n_heads", "prefix_layers", "expert_layers", "image_size", "state_dim", "action_dim",
+              "horizon", "exec_steps", "num_steps", "max_text_len", "text_patch", "image_grid", "mlp_ratio")
+MAX_INT_FIELD = 4096
+
+
+def _check_int(v: object, name: str) -> None:
+    if type(v) is not int or not 1 <= v <= MAX_INT_FIELD:
+        raise UserError(f"model config {name} must be a whole number in 1..{MAX_INT_FIELD}, got {v!r}")
