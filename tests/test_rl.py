@@ -263,3 +263,74 @@ def test_target_kl_stops_the_update_after_the_epoch_that_crossed_it():
         ran[target_kl] = metrics["epochs_run"]
         assert metrics["approx_kl"] >= 0 and math.isfinite(metrics["policy_loss"])
     assert ran == {None: 4.0, 1e-12: 1.0, 1e6: 4.0}  # the first epoch always runs; a loose target never stops
+
+
+class ScriptedEpisodes:
+    """Envs whose episodes end at scripted steps; reward 1 on every step, also after the end (must be ignored).
+
+    script[i] = (steps until the episode ends, how it ends: "success", "fail" or "timeout"), counted from a reset.
+    The state is (env, steps since the reset, resets so far): V(final observation) is recomputable from it.
+    """
+
+    def __init__(self, script: list[tuple[int, str]]):
+        self.script, self.num_envs = script, len(script)
+        self.t = torch.zeros(self.num_envs)
+        self.resets = torch.zeros(self.num_envs)
+
+    def _obs(self) -> dict:
+        return {"state": torch.stack([torch.arange(self.num_envs).float(), self.t, self.resets], 1), "images": {}}
+
+    def reset(self, seeds: list[int], mask=None) -> dict:
+        m = torch.ones(self.num_envs, dtype=torch.bool) if mask is None else torch.as_tensor(mask)
+        self.t[m] = 0
+        self.resets[m] += 1
+        return self._obs()
+
+    def step(self, actions: torch.Tensor) -> StepResult:
+        self.t += 1
+        end = torch.tensor([self.t[i] == n for i, (n, _) in enumerate(self.script)])
+        how = [h for _, h in self.script]
+        success = end & torch.tensor([h == "success" for h in how])
+        terminated = end & torch.tensor([h != "timeout" for h in how])
+        truncated = end & torch.tensor([h == "timeout" for h in how])
+        return StepResult(self._obs(), torch.ones(self.num_envs), terminated, truncated, success)
+
+
+SCRIPT = [(2, "success"), (5, "timeout"), (100, "timeout"), (4, "fail")]  # with C = 3 actions per chunk step
+
+
+def scripted_rollout(episodic: bool, gamma: float = 0.5):
+    policy = tiny_policy("flow_noise", horizon=4, exec_steps=3)
+    torch.nn.init.normal_(policy.value_head.net[-1].weight, std=1.0)  # a value head far from zero
+    torch.nn.init.constant_(policy.value_head.net[-1].bias, 1.0)
+    collector = Collector(ScriptedEpisodes(SCRIPT), policy, TEXT, exec_steps=3, gamma=gamma, episodic=episodic,
+                          group_size=2)
+    r = collector.collect(3, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    with torch.no_grad():  # V of env 1's observation at its time limit: (env 1, step 5, first episode)
+        v_final = policy.value(policy.encode({"state": torch.tensor([[1.0, 5.0, 1.0]]), "images": {}}, TEXT))
+    return r, float(v_final)
+
+
+def test_collector_continuing_mode_cuts_chunks_at_the_end_and_bootstraps_only_time_limits():
+    r, v_final = scripted_rollout(episodic=False)
+    assert abs(v_final) > 0.1  # the bootstrap below is visible
+    # env 0 succeeds at its 2nd step in every chunk (reset after each); env 1 times out at step 5 (chunk 1,
+    # 2nd action) and is then reset; env 3 fails at step 4 (chunk 1, 1st action)
+    expected = torch.tensor([[2.0, 3.0, 3.0, 3.0], [2.0, 2.0 + 0.5 * v_final, 3.0, 1.0], [2.0, 3.0, 3.0, 3.0]])
+    torch.testing.assert_close(r.rewards, expected)
+    assert r.dones.tolist() == [[True, False, False, False], [True, True, False, True], [True, False, False, False]]
+    assert r.valid.all()
+    eps = sorted(zip(r.episode_env, r.episodes, strict=True), key=lambda e: (e[0], e[1].length))
+    assert [(env, e.length, e.ret, e.success_once) for env, e in eps] == [
+        (0, 2, 2.0, True), (0, 2, 2.0, True), (0, 2, 2.0, True), (1, 5, 5.0, False), (3, 4, 4.0, False)]
+    assert r.env_steps == 4 * 9
+
+
+def test_collector_episodic_mode_never_bootstraps_and_masks_steps_after_the_end():
+    r, _ = scripted_rollout(episodic=True)
+    expected = torch.tensor([[2.0, 3.0, 3.0, 3.0], [0.0, 2.0, 3.0, 1.0], [0.0, 0.0, 3.0, 0.0]])
+    torch.testing.assert_close(r.rewards, expected)  # a time limit adds no gamma * V (GRPO has no critic)
+    assert r.dones.tolist() == [[True, False, False, False], [False, True, False, True], [False, False, False, False]]
+    assert r.valid.tolist() == [[True, True, True, True], [False, True, True, True], [False, False, True, False]]
+    assert [(env, e.length, e.ret) for env, e in zip(r.episode_env, r.episodes, strict=True)] == [
+        (0, 2, 2.0), (1, 5, 5.0), (3, 4, 4.0)]
