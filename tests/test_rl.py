@@ -129,7 +129,8 @@ def test_grpo_normalises_per_group_and_drops_uniform_groups():
     adv, keep = grpo_advantages(returns, success, group_size=4)
     assert keep.tolist() == [True] * 4 + [False] * 8  # all-success and all-fail groups carry no signal
     g = returns[:4]
-    torch.testing.assert_close(adv[:4], (g - g.mean()) / (g.std(unbiased=False) + 1e-6))
+    # the unbiased sample std (divisor G - 1), as the reference GRPO
+    torch.testing.assert_close(adv[:4], (g - g.mean()) / (math.sqrt(0.75 / 3) + 1e-6))
     assert adv[:4].sum().abs() < 1e-5
     _, keep_all = grpo_advantages(returns, success, group_size=4, filter_uniform=False)
     assert keep_all.all()
@@ -334,3 +335,23 @@ def test_collector_episodic_mode_never_bootstraps_and_masks_steps_after_the_end(
     assert r.valid.tolist() == [[True, True, True, True], [False, True, True, True], [False, False, True, False]]
     assert [(env, e.length, e.ret) for env, e in zip(r.episode_env, r.episodes, strict=True)] == [
         (0, 2, 2.0), (1, 5, 5.0), (3, 4, 4.0)]
+
+
+def test_grpo_gives_every_trajectory_the_same_weight():
+    """Episodes of 1, 2, 3 and 2 valid chunk steps, groups (0, 1) and (2, 3) with advantages +-1/sqrt(2).
+
+    With ratio 1 (the first minibatch) the surrogate is -mean(advantage): over trajectories that is 0 for
+    group-normalised advantages; a mean over chunk steps would let the longer episode of each group win.
+    """
+    r, _ = scripted_rollout(episodic=True)
+    policy = tiny_policy("flow_noise", horizon=4, exec_steps=3)
+    cfg = RLConfig(algorithm="grpo", group_size=2, grpo_filter=False, epochs=1, minibatch=12, lr=1e-3)
+    learner = Learner(policy, cfg, TEXT, exec_steps=3)
+    adv, _, valid, weight = learner.advantages(r)
+    torch.testing.assert_close(adv[0], torch.tensor([-1.0, 1.0, 1.0, -1.0]) / math.sqrt(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(weight.sum(0), torch.ones(4))
+    torch.testing.assert_close(weight[:, 2], torch.full((3,), 1 / 3))
+    assert (weight[~valid] == 0).all()
+    metrics = learner.learn(r, torch.Generator().manual_seed(0), 0)
+    assert metrics["first_ratio_max_dev"] == 0.0
+    assert abs(metrics["policy_loss"]) < 1e-6, metrics["policy_loss"]
