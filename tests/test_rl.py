@@ -420,3 +420,66 @@ def test_one_and_two_ranks_give_the_same_parameters_for_the_same_global_batch(tm
     # round-off only: attention key biases get pure round-off gradients (softmax ignores them), which Adam scales
     # up to ~5e-5 at lr 1e-3; stepping the actor with zeros during warm-up parts the runs by 5e-4 to 1e-2
     assert worst[0] < 2e-4, worst
+
+
+def _randomise_noise_head(policy: RLPolicy) -> None:
+    """The noise heads start at zero (a constant std): give them random weights so the std varies."""
+    g = torch.Generator().manual_seed(5)
+    for p in policy.noise_head.parameters():
+        p.data.normal_(0.0, 1.0, generator=g)
+
+
+@pytest.mark.parametrize("method", ["flow_noise", "reinflow"])
+def test_learned_std_depends_on_the_right_inputs_and_log_probs_still_match(method):
+    """Flow-Noise: std per token from the expert's features (observation, x_k, tau). ReinFlow: (observation, tau)."""
+    policy = tiny_policy(method)
+    _randomise_noise_head(policy)
+    g = torch.Generator().manual_seed(2)
+    x, x_other = torch.randn(8, 4, ACTION_DIM, generator=g), torch.randn(8, 4, ACTION_DIM, generator=g)
+    with torch.no_grad():
+        cache, cache_other = policy.encode(random_obs(8, seed=1), TEXT), policy.encode(random_obs(8, seed=2), TEXT)
+
+        def std(c, x_k, k):
+            return policy.transition(c, x_k, policy.grid[k].expand(8))[1]
+
+        s = std(cache, x, 0)
+    assert s.shape == (8, 4, ACTION_DIM) and s.min() >= 0.08 and s.max() <= 0.16
+    assert s.std() > 5e-3  # not a constant
+    assert (s - std(cache, x, 1)).abs().max() > 1e-3  # tau
+    assert (s - std(cache_other, x, 0)).abs().max() > 1e-3  # the observation
+    assert (s - s[:, :1]).abs().max() > 1e-3  # per action token
+    if method == "flow_noise":  # the noisy actions x_k, through the expert's per-token features
+        assert (s - std(cache, x_other, 0)).abs().max() > 1e-3
+    else:
+        assert torch.equal(s, std(cache, x_other, 0))
+    obs = random_obs(16)
+    sample = policy.sample(obs, TEXT, torch.Generator().manual_seed(0))
+    ev = policy.evaluate_chain(obs, TEXT, sample.chain, sample.stochastic)
+    torch.testing.assert_close(ev.log_prob, sample.log_prob, atol=1e-5, rtol=0)
+    assert ev.std.std() > 5e-3
+
+
+def test_flow_sde_keeps_the_ode_marginals_on_a_gaussian_velocity_field():
+    """Data x0 ~ N(mu, s^2): x_tau = (1 - tau) x0 + tau eps has marginal N((1 - tau) mu, (1 - tau)^2 s^2 + tau^2)
+    and the exact velocity E[eps - x0 | x_tau] is linear in x. The SDE sampler must follow the same marginals."""
+    mu, s, k_steps, n = 0.7, 0.3, 100, 100_000
+
+    def velocity(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        t = tau.view(-1, 1, 1)
+        return -mu + (t - (1 - t) * s**2) / ((1 - t) ** 2 * s**2 + t**2) * (x - (1 - t) * mu)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 1, generator=g, dtype=torch.float64)
+    x_ode = x.clone()
+    grid = time_grid(k_steps).double()
+    for k in range(k_steps):
+        tau = grid[k].expand(n)
+        mean, std = sde_transition(x, velocity(x, tau), tau, k_steps, noise_level=0.5)
+        x = mean + std * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        x_ode = x_ode - velocity(x_ode, tau) / k_steps
+        t_next = float(grid[k + 1]) if k + 1 < k_steps else 0.0
+        sd = math.sqrt((1 - t_next) ** 2 * s**2 + t_next**2)
+        assert abs(float(x.mean()) - (1 - t_next) * mu) < 0.01, (k, float(x.mean()))
+        assert abs(float(x.std()) / sd - 1) < 0.025, (k, float(x.std()), sd)
+        assert abs(float(x.std()) - float(x_ode.std())) < 0.025 * sd, k
+    assert abs(float(x.std()) - s) < 0.01 and abs(float(x.mean()) - mu) < 0.01  # the data distribution
