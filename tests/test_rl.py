@@ -129,7 +129,8 @@ def test_grpo_normalises_per_group_and_drops_uniform_groups():
     adv, keep = grpo_advantages(returns, success, group_size=4)
     assert keep.tolist() == [True] * 4 + [False] * 8  # all-success and all-fail groups carry no signal
     g = returns[:4]
-    torch.testing.assert_close(adv[:4], (g - g.mean()) / (g.std(unbiased=False) + 1e-6))
+    # the unbiased sample std (divisor G - 1), as the reference GRPO
+    torch.testing.assert_close(adv[:4], (g - g.mean()) / (math.sqrt(0.75 / 3) + 1e-6))
     assert adv[:4].sum().abs() < 1e-5
     _, keep_all = grpo_advantages(returns, success, group_size=4, filter_uniform=False)
     assert keep_all.all()
@@ -263,3 +264,222 @@ def test_target_kl_stops_the_update_after_the_epoch_that_crossed_it():
         ran[target_kl] = metrics["epochs_run"]
         assert metrics["approx_kl"] >= 0 and math.isfinite(metrics["policy_loss"])
     assert ran == {None: 4.0, 1e-12: 1.0, 1e6: 4.0}  # the first epoch always runs; a loose target never stops
+
+
+class ScriptedEpisodes:
+    """Envs whose episodes end at scripted steps; reward 1 on every step, also after the end (must be ignored).
+
+    script[i] = (steps until the episode ends, how it ends: "success", "fail" or "timeout"), counted from a reset.
+    The state is (env, steps since the reset, resets so far): V(final observation) is recomputable from it.
+    """
+
+    def __init__(self, script: list[tuple[int, str]]):
+        self.script, self.num_envs = script, len(script)
+        self.t = torch.zeros(self.num_envs)
+        self.resets = torch.zeros(self.num_envs)
+
+    def _obs(self) -> dict:
+        return {"state": torch.stack([torch.arange(self.num_envs).float(), self.t, self.resets], 1), "images": {}}
+
+    def reset(self, seeds: list[int], mask=None) -> dict:
+        m = torch.ones(self.num_envs, dtype=torch.bool) if mask is None else torch.as_tensor(mask)
+        self.t[m] = 0
+        self.resets[m] += 1
+        return self._obs()
+
+    def step(self, actions: torch.Tensor) -> StepResult:
+        self.t += 1
+        end = torch.tensor([self.t[i] == n for i, (n, _) in enumerate(self.script)])
+        how = [h for _, h in self.script]
+        success = end & torch.tensor([h == "success" for h in how])
+        terminated = end & torch.tensor([h != "timeout" for h in how])
+        truncated = end & torch.tensor([h == "timeout" for h in how])
+        return StepResult(self._obs(), torch.ones(self.num_envs), terminated, truncated, success)
+
+
+SCRIPT = [(2, "success"), (5, "timeout"), (100, "timeout"), (4, "fail")]  # with C = 3 actions per chunk step
+
+
+def scripted_rollout(episodic: bool, gamma: float = 0.5):
+    policy = tiny_policy("flow_noise", horizon=4, exec_steps=3)
+    torch.nn.init.normal_(policy.value_head.net[-1].weight, std=1.0)  # a value head far from zero
+    torch.nn.init.constant_(policy.value_head.net[-1].bias, 1.0)
+    collector = Collector(ScriptedEpisodes(SCRIPT), policy, TEXT, exec_steps=3, gamma=gamma, episodic=episodic,
+                          group_size=2)
+    r = collector.collect(3, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    with torch.no_grad():  # V of env 1's observation at its time limit: (env 1, step 5, first episode)
+        v_final = policy.value(policy.encode({"state": torch.tensor([[1.0, 5.0, 1.0]]), "images": {}}, TEXT))
+    return r, float(v_final)
+
+
+def test_collector_continuing_mode_cuts_chunks_at_the_end_and_bootstraps_only_time_limits():
+    r, v_final = scripted_rollout(episodic=False)
+    assert abs(v_final) > 0.1  # the bootstrap below is visible
+    # env 0 succeeds at its 2nd step in every chunk (reset after each); env 1 times out at step 5 (chunk 1,
+    # 2nd action) and is then reset; env 3 fails at step 4 (chunk 1, 1st action)
+    expected = torch.tensor([[2.0, 3.0, 3.0, 3.0], [2.0, 2.0 + 0.5 * v_final, 3.0, 1.0], [2.0, 3.0, 3.0, 3.0]])
+    torch.testing.assert_close(r.rewards, expected)
+    assert r.dones.tolist() == [[True, False, False, False], [True, True, False, True], [True, False, False, False]]
+    assert r.valid.all()
+    eps = sorted(zip(r.episode_env, r.episodes, strict=True), key=lambda e: (e[0], e[1].length))
+    assert [(env, e.length, e.ret, e.success_once) for env, e in eps] == [
+        (0, 2, 2.0, True), (0, 2, 2.0, True), (0, 2, 2.0, True), (1, 5, 5.0, False), (3, 4, 4.0, False)]
+    assert r.env_steps == 4 * 9
+
+
+def test_collector_episodic_mode_never_bootstraps_and_masks_steps_after_the_end():
+    r, _ = scripted_rollout(episodic=True)
+    expected = torch.tensor([[2.0, 3.0, 3.0, 3.0], [0.0, 2.0, 3.0, 1.0], [0.0, 0.0, 3.0, 0.0]])
+    torch.testing.assert_close(r.rewards, expected)  # a time limit adds no gamma * V (GRPO has no critic)
+    assert r.dones.tolist() == [[True, False, False, False], [False, True, False, True], [False, False, False, False]]
+    assert r.valid.tolist() == [[True, True, True, True], [False, True, True, True], [False, False, True, False]]
+    assert [(env, e.length, e.ret) for env, e in zip(r.episode_env, r.episodes, strict=True)] == [
+        (0, 2, 2.0), (1, 5, 5.0), (3, 4, 4.0)]
+
+
+def test_grpo_gives_every_trajectory_the_same_weight():
+    """Episodes of 1, 2, 3 and 2 valid chunk steps, groups (0, 1) and (2, 3) with advantages +-1/sqrt(2).
+
+    With ratio 1 (the first minibatch) the surrogate is -mean(advantage): over trajectories that is 0 for
+    group-normalised advantages; a mean over chunk steps would let the longer episode of each group win.
+    """
+    r, _ = scripted_rollout(episodic=True)
+    policy = tiny_policy("flow_noise", horizon=4, exec_steps=3)
+    cfg = RLConfig(algorithm="grpo", group_size=2, grpo_filter=False, epochs=1, minibatch=12, lr=1e-3)
+    learner = Learner(policy, cfg, TEXT, exec_steps=3)
+    adv, _, valid, weight = learner.advantages(r)
+    torch.testing.assert_close(adv[0], torch.tensor([-1.0, 1.0, 1.0, -1.0]) / math.sqrt(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(weight.sum(0), torch.ones(4))
+    torch.testing.assert_close(weight[:, 2], torch.full((3,), 1 / 3))
+    assert (weight[~valid] == 0).all()
+    metrics = learner.learn(r, torch.Generator().manual_seed(0), 0)
+    assert metrics["first_ratio_max_dev"] == 0.0
+    assert abs(metrics["policy_loss"]) < 1e-6, metrics["policy_loss"]
+
+
+def test_critic_warmup_is_ignored_visibly_with_grpo(tmp_path, capsys):
+    from sim_trainer.rl.config import load_rl_config
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("critic_warmup: 2\n")  # a PPO preset, run with --algorithm grpo
+    common = {"ckpt": str(tmp_path), "out": str(tmp_path / "o")}
+    cfg = load_rl_config(str(preset), {**common, "algorithm": "grpo"})
+    assert cfg.critic_warmup == 0  # every GRPO update trains the actor
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "critic_warmup=2 ignored" in err[0] and "GRPO" in err[0]
+    assert cfg.validate().critic_warmup == 0 and capsys.readouterr().err == ""  # said once
+    assert load_rl_config(str(preset), {**common, "algorithm": "ppo"}).critic_warmup == 2
+    assert capsys.readouterr().err == ""
+
+
+def _split_envs(r, rank: int, size: int):
+    """This rank's share of a rollout: a contiguous block of its envs (all [T, N] tensors, and last_value)."""
+    from dataclasses import replace
+
+    n = r.rewards.shape[1] // size
+    cols = slice(rank * n, (rank + 1) * n)
+    return replace(r, states=r.states[:, cols], images={k: v[:, cols] for k, v in r.images.items()},
+                   chains=r.chains[:, cols], stochastic=r.stochastic[:, cols], log_probs=r.log_probs[:, cols],
+                   values=r.values[:, cols], rewards=r.rewards[:, cols], dones=r.dones[:, cols],
+                   valid=r.valid[:, cols], last_value=r.last_value[cols], episodes=[], episode_env=[])
+
+
+def _learn_on_ranks(rank: int, size: int, init_file: str, rollout, cfg: RLConfig, updates: int, out: str) -> None:
+    """One rank of a data-parallel learner over gloo: `updates` updates on its share of the same global batch."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from sim_trainer.rl.distributed import World
+
+    torch.set_num_threads(1)
+    if size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    policy = tiny_policy("flow_noise", k=2, horizon=2, exec_steps=1)
+    learner = Learner(policy, cfg, TEXT, 1, World(rank, size))
+    for update in range(updates):
+        learner.learn(_split_envs(rollout, rank, size), torch.Generator().manual_seed(update), update)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, out)
+    if size > 1:
+        dist.destroy_process_group()
+
+
+def test_one_and_two_ranks_give_the_same_parameters_for_the_same_global_batch(tmp_path):
+    """Critic warm-up leaves the actor without gradients: 2 ranks must not step it either (AdamW's step count)."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    _, rollout = one_step_rollout()  # 32 envs x 2 chunk steps, PPO
+    cfg = RLConfig(lr=1e-3, value_lr=1e-2, critic_warmup=1, epochs=1, minibatch=64)  # one minibatch per update
+    params = {}
+    for size in (1, 2):
+        out = str(tmp_path / f"ranks{size}.safetensors")
+        mp.spawn(_learn_on_ranks, args=(size, str(tmp_path / f"init{size}"), rollout, cfg, 3, out), nprocs=size)
+        params[size] = load_file(out)
+    worst = max((float((params[2][name] - p).abs().max()), name) for name, p in params[1].items())
+    # round-off only: attention key biases get pure round-off gradients (softmax ignores them), which Adam scales
+    # up to ~5e-5 at lr 1e-3; stepping the actor with zeros during warm-up parts the runs by 5e-4 to 1e-2
+    assert worst[0] < 2e-4, worst
+
+
+def _randomise_noise_head(policy: RLPolicy) -> None:
+    """The noise heads start at zero (a constant std): give them random weights so the std varies."""
+    g = torch.Generator().manual_seed(5)
+    for p in policy.noise_head.parameters():
+        p.data.normal_(0.0, 1.0, generator=g)
+
+
+@pytest.mark.parametrize("method", ["flow_noise", "reinflow"])
+def test_learned_std_depends_on_the_right_inputs_and_log_probs_still_match(method):
+    """Flow-Noise: std per token from the expert's features (observation, x_k, tau). ReinFlow: (observation, tau)."""
+    policy = tiny_policy(method)
+    _randomise_noise_head(policy)
+    g = torch.Generator().manual_seed(2)
+    x, x_other = torch.randn(8, 4, ACTION_DIM, generator=g), torch.randn(8, 4, ACTION_DIM, generator=g)
+    with torch.no_grad():
+        cache, cache_other = policy.encode(random_obs(8, seed=1), TEXT), policy.encode(random_obs(8, seed=2), TEXT)
+
+        def std(c, x_k, k):
+            return policy.transition(c, x_k, policy.grid[k].expand(8))[1]
+
+        s = std(cache, x, 0)
+    assert s.shape == (8, 4, ACTION_DIM) and s.min() >= 0.08 and s.max() <= 0.16
+    assert s.std() > 5e-3  # not a constant
+    assert (s - std(cache, x, 1)).abs().max() > 1e-3  # tau
+    assert (s - std(cache_other, x, 0)).abs().max() > 1e-3  # the observation
+    assert (s - s[:, :1]).abs().max() > 1e-3  # per action token
+    if method == "flow_noise":  # the noisy actions x_k, through the expert's per-token features
+        assert (s - std(cache, x_other, 0)).abs().max() > 1e-3
+    else:
+        assert torch.equal(s, std(cache, x_other, 0))
+    obs = random_obs(16)
+    sample = policy.sample(obs, TEXT, torch.Generator().manual_seed(0))
+    ev = policy.evaluate_chain(obs, TEXT, sample.chain, sample.stochastic)
+    torch.testing.assert_close(ev.log_prob, sample.log_prob, atol=1e-5, rtol=0)
+    assert ev.std.std() > 5e-3
+
+
+def test_flow_sde_keeps_the_ode_marginals_on_a_gaussian_velocity_field():
+    """Data x0 ~ N(mu, s^2): x_tau = (1 - tau) x0 + tau eps has marginal N((1 - tau) mu, (1 - tau)^2 s^2 + tau^2)
+    and the exact velocity E[eps - x0 | x_tau] is linear in x. The SDE sampler must follow the same marginals."""
+    mu, s, k_steps, n = 0.7, 0.3, 100, 100_000
+
+    def velocity(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        t = tau.view(-1, 1, 1)
+        return -mu + (t - (1 - t) * s**2) / ((1 - t) ** 2 * s**2 + t**2) * (x - (1 - t) * mu)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 1, generator=g, dtype=torch.float64)
+    x_ode = x.clone()
+    grid = time_grid(k_steps).double()
+    for k in range(k_steps):
+        tau = grid[k].expand(n)
+        mean, std = sde_transition(x, velocity(x, tau), tau, k_steps, noise_level=0.5)
+        x = mean + std * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        x_ode = x_ode - velocity(x_ode, tau) / k_steps
+        t_next = float(grid[k + 1]) if k + 1 < k_steps else 0.0
+        sd = math.sqrt((1 - t_next) ** 2 * s**2 + t_next**2)
+        assert abs(float(x.mean()) - (1 - t_next) * mu) < 0.01, (k, float(x.mean()))
+        assert abs(float(x.std()) / sd - 1) < 0.025, (k, float(x.std()), sd)
+        assert abs(float(x.std()) - float(x_ode.std())) < 0.025 * sd, k
+    assert abs(float(x.std()) - s) < 0.01 and abs(float(x.mean()) - mu) < 0.01  # the data distribution

@@ -97,3 +97,76 @@ def test_two_cpu_ranks_stay_identical(tiny_state_checkpoint, tmp_path):
     assert len(updates) == 4  # 2 ranks x 1 env x 3 chunks x 4 actions = 24 env steps per update
     assert all(u["env_steps"] == 24 * u["update"] for u in updates)
     assert all(u["rank_param_spread"] == 0.0 for u in updates)
+
+
+def test_same_seed_leaders_maps_each_repeated_seed_to_its_first_env():
+    from sim_trainer.envs.vec_env import same_seed_leaders
+
+    assert same_seed_leaders([7, 7, 9, 9, 7], range(5)) == ([1, 3, 4], [0, 2, 0])
+    assert same_seed_leaders([7, 7, 9, 9], [1, 2, 3]) == ([3], [2])  # a partial reset: only the envs reset
+    assert same_seed_leaders([1, 2, 3], range(3)) == ([], [])
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("backend", [
+    "physx_cpu",  # one process per env
+    pytest.param("physx_cuda", marks=pytest.mark.skipif(not _cuda_available(), reason="physx_cuda needs a GPU")),
+])
+def test_envs_reset_with_one_seed_start_from_the_same_state(backend):
+    """GRPO groups (seeds a, a, b, b) must compare episodes from one start; ManiSkill's batched reset alone
+    seeds one RNG with the first seed, so the batched env copies the first env's state to the others."""
+    import numpy as np
+    import torch
+
+    from sim_trainer.envs.spec import EnvConfig
+    from sim_trainer.envs.vec_env import make_vec_env
+
+    venv = make_vec_env(EnvConfig(task="PushCube-v1", obs_mode="state", sim_backend=backend), 4)
+    try:
+        def assert_groups(state: torch.Tensor, atol: float = 0.0) -> None:
+            torch.testing.assert_close(state[1], state[0], atol=atol, rtol=0)
+            torch.testing.assert_close(state[3], state[2], atol=atol, rtol=0)
+            assert (state[0] - state[2]).abs().max() > 1e-3
+
+        assert_groups(venv.reset([1_000_001, 1_000_001, 1_000_002, 1_000_002])["state"].cpu())
+        obs = venv.step(torch.full((4, venv.spec.action_dim), 0.3, device=venv.device)).obs
+        assert_groups(obs["state"].cpu(), atol=1e-5)  # the same start and action: the same next state, to round-off
+        assert_groups(venv.reset([1_000_003, 1_000_003, 1_000_004, 1_000_004])["state"].cpu())
+        venv.reset([1_000_005, 1_000_005, 1_000_006, 1_000_006], mask=np.array([False, False, True, True]))
+        state = venv.reset([1_000_005, 1_000_005, 1_000_006, 1_000_006], mask=np.array([True, True, False, False]))
+        assert_groups(state["state"].cpu())  # partial resets (PPO's) share starts too
+    finally:
+        venv.close()
+
+
+def test_reset_to_states_restores_a_seeded_start_exactly():
+    """The mechanism the batched env uses to share a start, run on a single CPU env (the CPU backend refuses
+    several envs in one process): restoring seed a's state after a reset to seed b gives seed a's observation
+    exactly, and the same action then leads to the same next observation up to float round-off (~1e-7)."""
+    import torch
+
+    from sim_trainer.envs.adapter import adapt
+    from sim_trainer.envs.make import make_maniskill_env
+    from sim_trainer.envs.spec import EnvConfig
+    from sim_trainer.envs.vec_env import reset_to_states, take_states
+
+    env = make_maniskill_env(EnvConfig(task="PushCube-v1", obs_mode="state"))
+    try:
+        def state(raw) -> torch.Tensor:
+            return adapt(raw, 64, False)["state"]
+
+        action = torch.linspace(-0.5, 0.5, env.unwrapped.single_action_space.shape[0])[None]
+        start_a = state(env.reset(seed=11)[0])
+        saved = take_states(env.unwrapped.get_state_dict(), torch.tensor([0]))
+        next_a = state(env.step(action)[0])
+        start_b = state(env.reset(seed=12)[0])
+        assert not torch.equal(start_a, start_b)
+        assert torch.equal(state(reset_to_states(env, saved, torch.tensor([0]))), start_a)
+        torch.testing.assert_close(state(env.step(action)[0]), next_a, atol=1e-5, rtol=0)
+    finally:
+        env.close()

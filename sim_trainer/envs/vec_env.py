@@ -4,11 +4,13 @@
 - physx_cuda: many envs in one process, batched on the GPU by ManiSkill itself.
 
 No auto-reset: the caller resets whichever envs it wants with the seeds it wants, so evaluation seeds
-are explicit and reproducible. Everything is returned as torch tensors on `self.device`.
+are explicit and reproducible. Envs reset with the same seed in one call start from the same state on both
+backends (GRPO groups rely on it). Everything is returned as torch tensors on `self.device`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -98,8 +100,39 @@ class CpuVecEnv:
             self.venv.close()
 
 
+def same_seed_leaders(seeds: list[int], env_idx: Iterable[int]) -> tuple[list[int], list[int]]:
+    """(members, leaders): each env of env_idx whose seed an earlier env of env_idx has, and that earlier env."""
+    first: dict[int, int] = {}
+    members, leaders = [], []
+    for i in env_idx:
+        seed = int(seeds[i])
+        if seed in first:
+            members.append(i)
+            leaders.append(first[seed])
+        else:
+            first[seed] = i
+    return members, leaders
+
+
+def take_states(state: dict, rows: torch.Tensor) -> dict:
+    """The given env rows of a ManiSkill state dict (nested dicts of [N, D] tensors)."""
+    return {k: take_states(v, rows) if isinstance(v, dict) else v[rows] for k, v in state.items()}
+
+
+def reset_to_states(env, states: dict, env_idx: torch.Tensor) -> dict:
+    """Reset envs env_idx of a ManiSkill env to the given simulator states (one row each) and return the raw
+    observation of all envs. ManiSkill resets their controllers and step counters as on a seeded reset."""
+    raw, _ = env.reset(options={"env_idx": env_idx, "reset_to_env_states": {"env_states": states}})
+    return raw
+
+
 class GpuVecEnv:
-    """ManiSkill's own batched GPU simulation (physx_cuda); needs an NVIDIA GPU."""
+    """ManiSkill's own batched GPU simulation (physx_cuda); needs an NVIDIA GPU.
+
+    Its batched reset seeds one torch RNG with the first seed of the list, so envs given the same seed would
+    still start apart: each such env is reset again to the exact simulator state (actors and articulations) of
+    the first env with its seed. Episode data a task keeps outside the simulator is not copied.
+    """
 
     def __init__(self, cfg: EnvConfig, num_envs: int):
         self.cfg, self.num_envs = cfg, num_envs
@@ -111,10 +144,16 @@ class GpuVecEnv:
 
     def reset(self, seeds: list[int], mask: np.ndarray | None = None) -> dict:
         if mask is None:
+            env_idx = list(range(self.num_envs))
             raw, _ = self.env.reset(seed=[int(s) for s in seeds])
         else:
-            idx = torch.as_tensor(np.flatnonzero(mask), device=self.device)
-            raw, _ = self.env.reset(seed=[int(seeds[i]) for i in idx.tolist()], options={"env_idx": idx})
+            env_idx = np.flatnonzero(mask).tolist()
+            raw, _ = self.env.reset(seed=[int(seeds[i]) for i in env_idx],
+                                    options={"env_idx": torch.as_tensor(env_idx, device=self.device)})
+        members, leaders = same_seed_leaders(seeds, env_idx)
+        if members:
+            states = take_states(self.env.unwrapped.get_state_dict(), torch.as_tensor(leaders, device=self.device))
+            raw = reset_to_states(self.env, states, torch.as_tensor(members, device=self.device))
         return adapt(raw, self.cfg.image_size, self.with_images)
 
     def step(self, actions: torch.Tensor) -> StepResult:

@@ -28,17 +28,28 @@ def grpo_advantages(returns: torch.Tensor, successes: torch.Tensor, group_size: 
                     filter_uniform: bool = True, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-episode advantages (R_i - mean_G) / (std_G + eps) for envs in consecutive groups of group_size.
 
-    Groups where every episode succeeded or every one failed carry no signal about what works; with
-    filter_uniform they are dropped (keep mask False). Returns (advantages [N], keep [N] bool).
+    std_G is the unbiased sample std (divisor G - 1), as in the reference GRPO: with G = 2 the two advantages
+    are +-1/sqrt(2) rather than +-1. Groups where every episode succeeded or every one failed carry no signal
+    about what works; with filter_uniform they are dropped (keep mask False). Returns (advantages [N], keep [N] bool).
     """
     n = returns.shape[0]
     if n % group_size:
         raise ValueError(f"{n} episodes do not split into groups of {group_size}")
     r = returns.float().view(-1, group_size)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=True, keepdim=True) + eps)
     keep = torch.ones_like(r, dtype=torch.bool)
     if filter_uniform:
         s = successes.view(-1, group_size)
         uniform = s.all(1) | ~s.any(1)
         keep &= ~uniform.unsqueeze(1)
     return adv.view(n), keep.view(n)
+
+
+def trajectory_weights(valid: torch.Tensor) -> torch.Tensor:
+    """[T, N] loss weights that give every trajectory (env column) the same total weight 1.
+
+    A plain mean over valid chunk steps would let long (often failed, full-length) episodes dominate; this is
+    the mean over each trajectory's own steps, then over trajectories. Columns with no valid step get 0.
+    """
+    v = valid.float()
+    return v / v.sum(0, keepdim=True).clamp_min(1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class RLConfig:
     lr: float = 1e-4
     value_lr: float = 1e-3
     weight_decay: float = 0.0
-    critic_warmup: int = 0  # updates that train only the value head
+    critic_warmup: int = 0  # updates that train only the value head (PPO; ignored with a warning for GRPO)
     epochs: int = 4
     minibatch: int = 64
     target_kl: float | None = None  # stop an update's remaining epochs once an epoch's mean approx KL exceeds it
@@ -96,6 +97,10 @@ class RLConfig:
                 raise UserError(f"{name} must be at least 1")
         if self.algorithm == "grpo" and (self.group_size < 2 or self.num_envs % self.group_size):
             raise UserError(f"GRPO needs group_size >= 2 dividing num_envs ({self.num_envs}), got {self.group_size}")
+        if self.algorithm == "grpo" and self.critic_warmup:  # a preset's PPO setting must not waste GRPO rollouts
+            print(f"warning: critic_warmup={self.critic_warmup} ignored: GRPO has no critic to warm up",
+                  file=sys.stderr)
+            self.critic_warmup = 0
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
             raise UserError("need 0 < gamma <= 1 and 0 <= gae_lambda <= 1")
         if self.cotrain_weight < 0 or self.cotrain_batch < 1:

@@ -46,11 +46,21 @@ class World:
                 dist.broadcast(t, src=0)
 
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Average the gradients over ranks, for the parameters that have one on every rank.
+
+        The others get none on every rank, so the optimizer skips them as a single process would: a zero
+        gradient would still advance AdamW's step count and moments (e.g. the actor during critic warm-up),
+        and the runs would part after it.
+        """
         if self.size == 1:
             return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        params = list(params)
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.comm_device)
+        dist.all_reduce(has_grad, op=dist.ReduceOp.MIN)
+        for p, everywhere in zip(params, has_grad.tolist(), strict=True):
+            if not everywhere:
+                p.grad = None
+                continue
             dist.all_reduce(p.grad)
             p.grad /= self.size
 

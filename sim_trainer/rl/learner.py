@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from sim_trainer.rl.advantages import gae, grpo_advantages
+from sim_trainer.rl.advantages import gae, grpo_advantages, trajectory_weights
 from sim_trainer.rl.config import RLConfig
 from sim_trainer.rl.distributed import World
 from sim_trainer.rl.losses import explained_variance, masked_mean, policy_loss, reduce_log_prob, value_loss
@@ -53,8 +53,11 @@ class Learner:
                                       {"params": self.value_params, "lr": cfg.value_lr}],
                                      betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
 
-    def advantages(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(advantages [T, N], returns [T, N], valid [T, N])."""
+    def advantages(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(advantages [T, N], returns [T, N], valid [T, N], loss weights [T, N]).
+
+        PPO weighs every valid chunk step alike; GRPO every kept trajectory alike (see trajectory_weights).
+        """
         cfg = self.cfg
         if cfg.algorithm == "ppo":
             adv, ret = gae(r.rewards, r.values, r.dones, r.last_value, cfg.gamma, cfg.gae_lambda)
@@ -62,14 +65,15 @@ class Learner:
             n = self.world.sum(valid.sum().float().view(1))
             mean = self.world.sum(adv[valid].sum().view(1)) / n
             var = self.world.sum(((adv[valid] - mean) ** 2).sum().view(1)) / n
-            return (adv - mean) / (var.sqrt() + 1e-8), ret, valid
+            return (adv - mean) / (var.sqrt() + 1e-8), ret, valid, valid.float()
         returns = r.rewards.sum(0)  # one episode per env; rewards after its end are zero
         success = torch.zeros(returns.shape[0], dtype=torch.bool, device=returns.device)
         for env, ep in zip(r.episode_env, r.episodes, strict=True):
             success[env] = ep.success_once
         adv, keep = grpo_advantages(returns, success, cfg.group_size, cfg.grpo_filter)
         adv = adv.expand_as(r.rewards)
-        return adv, adv, r.valid & keep
+        valid = r.valid & keep
+        return adv, adv, valid, trajectory_weights(valid)
 
     def cotrain_loss(self) -> torch.Tensor:
         """Flow-matching loss of the policy on one batch of co-training (real) demonstrations."""
@@ -81,9 +85,9 @@ class Learner:
 
     def learn(self, r: Rollout, gen: torch.Generator, update: int) -> dict[str, float]:
         cfg, policy = self.cfg, self.policy
-        adv, ret, valid = self.advantages(r)
+        adv, ret, valid, weight = self.advantages(r)
         batch = flatten(r)
-        adv, ret, valid = adv.reshape(-1), ret.reshape(-1), valid.reshape(-1)
+        adv, ret, valid, weight = adv.reshape(-1), ret.reshape(-1), valid.reshape(-1), weight.reshape(-1)
         n = adv.shape[0]
         perms = [torch.randperm(n, generator=gen) for _ in range(cfg.epochs)]
         mbs = [p[i:i + cfg.minibatch] for p in perms for i in range(0, n, cfg.minibatch)]
@@ -111,10 +115,10 @@ class Learner:
         for j, idx in enumerate(mbs):
             ev = evaluate(idx)
             new_lp = reduce_log_prob(ev.log_prob, self.chunk, cfg.logprob)
-            pg, ratio, clip_frac, kl = policy_loss(new_lp, old_lp[idx], adv[idx], valid[idx], cfg.clip)
+            pg, ratio, clip_frac, kl = policy_loss(new_lp, old_lp[idx], adv[idx], weight[idx], cfg.clip)
             if j == 0:
                 first_dev = float((ratio - 1).abs().max())
-            entropy = masked_mean(ev.entropy[:, :self.chunk].mean((1, 2)), valid[idx])
+            entropy = masked_mean(ev.entropy[:, :self.chunk].mean((1, 2)), weight[idx])
             loss = (pg - cfg.ent_coef * entropy) if train_actor else torch.zeros((), device=adv.device)
             if cfg.algorithm == "ppo":
                 vl = value_loss(ev.value, old_v[idx], ret[idx], valid[idx], cfg.value_clip, cfg.huber_delta)
@@ -133,7 +137,7 @@ class Learner:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.actor_params, cfg.max_grad_norm)
             torch.nn.utils.clip_grad_norm_(self.value_params, cfg.max_grad_norm)
             self.opt.step()
-            mean_std = masked_mean(ev.std[:, :self.chunk].mean((1, 2)), valid[idx])
+            mean_std = masked_mean(ev.std[:, :self.chunk].mean((1, 2)), weight[idx])
             for k, v in (("policy_loss", pg), ("entropy", entropy), ("clip_frac", clip_frac), ("approx_kl", kl),
                          ("grad_norm", grad_norm), ("mean_std", mean_std)):
                 sums[k] = sums.get(k, 0.0) + v.item()

@@ -20,15 +20,17 @@ def reduce_log_prob(log_prob: torch.Tensor, exec_steps: int, level: str) -> torc
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x weighted by mask (bool or float weights, broadcast over x's trailing dims)."""
     m = mask.float().expand_as(x)
     return (x * m).sum() / m.sum().clamp_min(1.0)
 
 
-def policy_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor,
+def policy_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, weight: torch.Tensor,
                 clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate; adv and valid are [B] and broadcast over the ratio's unit. Ratio in float32."""
+    """Clipped surrogate, weighted mean; adv and weight (or a validity mask) are [B] and broadcast over the
+    ratio's unit. Ratio in float32."""
     shape = (-1,) + (1,) * (new_lp.ndim - 1)
-    a, m = adv.float().view(shape), valid.view(shape)
+    a, m = adv.float().view(shape), weight.view(shape)
     log_ratio = new_lp.float() - old_lp.float()
     ratio = log_ratio.exp()
     surrogate = torch.max(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip))

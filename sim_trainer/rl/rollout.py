@@ -2,12 +2,15 @@
 
 One chunk step: the policy samples a chain for every env, C actions of the chunk are executed, the
 chunk's reward is the sum of the C step rewards and it is done if any step ended the episode (rewards
-after that step are ignored). A truncated episode's last reward gets gamma * V(final observation).
+after that step are ignored). In continuing mode a truncated episode's last reward gets
+gamma * V(final observation); episodic mode never bootstraps (GRPO has no critic: the value head is untrained
+and its noise would be amplified by the group normalisation).
 
 Two modes:
 - continuing (PPO): ended envs are reset at once with fresh seeds, experience flows across rollouts;
 - episodic (GRPO): every env starts a new episode at the start of the rollout, groups of envs share a
-  seed, and chunk steps after an env's episode ended are marked invalid.
+  seed (the vectorised env makes envs reset with the same seed start from the same state), and chunk steps
+  after an env's episode ended are marked invalid.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class Collector:
                 episodes.append(Episode(bool(self.ep_success[i]), bool(ended_success[i]), float(self.ep_ret[i]),
                                         int(self.ep_len[i])))
                 episode_env.append(i)
-            if truncated.any():  # bootstrap the cut-off future of time-limited episodes
+            if not self.episodic and truncated.any():  # bootstrap the cut-off future of time-limited episodes
                 reward = reward + self.gamma * _value_of(self.policy, final_obs, self.text) * truncated
             buf["rewards"].append(reward)
             buf["dones"].append(done)
