@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 from policy_runtime.errors import UserError
@@ -25,7 +25,9 @@ LOCK_NAME = ".lock"
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` so that a reader (or a crash) sees the old file or the new one, never half."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    # os.open with 0o666 lets the umask decide the mode, as for any new file (mkstemp would force 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -45,11 +47,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def check_writable_dir(path: str | Path, what: str = "output directory") -> Path:
     """Fail before any work if `path` cannot become a writable directory (a file, a read-only parent, too long)."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path} is a file, not a directory")
     try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{what} {path} is a file, not a directory")
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except OSError as e:  # also from exists(): a name too long for the file system is not "missing"
         reason = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
         raise UserError(f"cannot create {what} {path}: {reason}") from None
     if not os.access(path, os.W_OK | os.X_OK):
@@ -69,9 +71,10 @@ def claim_output_dir(path: str | Path, *, force: bool = False, resume: bool = Fa
     for src in inputs:
         if src and Path(src).resolve() == path.resolve():
             raise UserError(f"{what} {path} is also this run's input; choose another --out")
-    if path.is_dir() and not (force or resume) and any(p.name != LOCK_NAME for p in path.iterdir()):
+    path = check_writable_dir(path, what)
+    if not (force or resume) and any(p.name != LOCK_NAME for p in path.iterdir()):
         raise UserError(f"{what} {path} is not empty; pass --force to replace its contents or choose a new --out")
-    return check_writable_dir(path, what)
+    return path
 
 
 class OutputLock:
