@@ -40,16 +40,16 @@ class RunDir:
         path, state = self.path, self.state_file
         claim_output_dir(path, force=True, inputs=self.inputs)  # the path itself: an input, a file, unwritable
         if state and (path / state).is_file() and not (self.force or self.resume):
-            raise UserError(f"{path} holds a {self.what} already; pass --resume to continue it, --force to "
+            raise UserError(f"{path} holds {self.what} already; pass --resume to continue it, --force to "
                             "replace it, or choose a new --out")
         claim_output_dir(path, force=self.force, resume=self.resume, inputs=self.inputs)
         existing = [p.name for p in path.iterdir() if p.name != LOCK_NAME]
         if self.resume and state and existing and not (path / state).is_file():
-            raise UserError(f"--resume: {path} holds no {self.what} to resume ({state} is missing); "
+            raise UserError(f"cannot --resume in {path}: it holds no {state}, so it is not {self.what}; "
                             "choose a new --out")
         foreign = sorted(n for n in existing if n not in self.replaceable and not n.endswith(".tmp"))
         if self.force and foreign:
-            raise UserError(f"--force replaces an earlier {self.what} only, but {path} also holds "
+            raise UserError(f"--force only replaces what sim-trainer writes, but {path} also holds "
                             f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}; remove those or "
                             "choose another --out")
 

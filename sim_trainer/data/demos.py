@@ -173,10 +173,17 @@ def generate_demos(cfg: EnvConfig, num: int, out: str | Path, seed_start: int = 
     max_attempts = max_attempts or 3 * min(num, MAX_DEMOS) + 10
     _check_counts(cfg, num, seed_start, workers, max_attempts)
     out = Path(out)
-    if not force and (out / "episodes").is_dir() and any((out / "episodes").glob("episode_*.h5")):
+    if not force and _holds_episodes(out):
         raise UserError(f"{out} already holds episodes; pass --force to replace them or choose a new --out")
     with RunDir(out, what="an episode dataset", force=force, replaceable=DATASET_ENTRIES):
         return _generate(cfg, num, out, seed_start, workers, max_attempts)
+
+
+def _holds_episodes(out: Path) -> bool:
+    try:
+        return any((out / "episodes").glob("episode_*.h5"))
+    except OSError:  # not a directory, a name too long: RunDir says which
+        return False
 
 
 def _generate(cfg: EnvConfig, num: int, out: Path, seed_start: int, workers: int, max_attempts: int) -> dict:
