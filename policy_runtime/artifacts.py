@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from policy_runtime.errors import UserError
@@ -25,9 +26,10 @@ LOCK_NAME = ".lock"
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` so that a reader (or a crash) sees the old file or the new one, never half."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600; the file gets the mode a plain write would give
+        os.fchmod(fd, _file_mode(path))  # the mode a plain write would give: the replaced file's, or the umask's
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -60,7 +62,7 @@ def check_writable_dir(path: str | Path, what: str = "output directory") -> Path
         if path.exists() and not path.is_dir():
             raise UserError(f"{what} {path} is a file, not a directory")
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except OSError as e:  # also from exists(): a name too long for the file system is not "missing"
         reason = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
         raise UserError(f"cannot create {what} {path}: {reason}") from None
     probe_writable(path, what)
@@ -88,7 +90,7 @@ def claim_output_dir(path: str | Path, *, force: bool = False, resume: bool = Fa
     for src in inputs:
         if src and Path(src).resolve() == path.resolve():
             raise UserError(f"{what} {path} is also this run's input; choose another --out")
-    check_writable_dir(path, what)
+    path = check_writable_dir(path, what)
     if not (force or resume) and any(p.name != LOCK_NAME for p in path.iterdir()):
         raise UserError(f"{what} {path} is not empty; pass --force to replace its contents or choose a new --out")
     return path
