@@ -12,8 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from policy_runtime.contract import graph_input_names as input_names
 from sim_trainer.errors import UserError
-from sim_trainer.export.onnx_export import export_onnx, input_names
+from sim_trainer.export.onnx_export import export_onnx
 from sim_trainer.models.checkpoint import file_sha256, load_checkpoint
 from sim_trainer.models.tokenizer import tokenize
 

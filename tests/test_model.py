@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from policy_runtime.contract import CameraSpec, PolicySpec
 from sim_trainer.data.normalize import NormStats, Stats
-from sim_trainer.envs.spec import CameraSpec, PolicySpec
 from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from sim_trainer.models.config import ModelConfig

@@ -103,7 +103,7 @@ def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
 
 
 def test_sim_trials_through_the_whole_stack(server, tmp_path):
-    from sim_trainer.data.episodes import list_episodes, read_episode
+    from policy_runtime.episodes import list_episodes, read_episode
 
     plan = tmp_path / "plan.yaml"
     plan.write_text("instruction: push the cube to the red and white target\ncount: 2\nseed_start: 100000\n")

@@ -35,8 +35,8 @@ def tiny_export(tmp_path_factory) -> tuple[Path, Path]:
     """(checkpoint dir, export dir) of a real, untrained tiny flow VLA; a few seconds to build."""
     import torch
 
+    from policy_runtime.contract import CameraSpec, PolicySpec
     from sim_trainer.data.normalize import NormStats, Stats
-    from sim_trainer.envs.spec import CameraSpec, PolicySpec
     from sim_trainer.export.onnx_export import export_onnx
     from sim_trainer.models.checkpoint import save_checkpoint
     from sim_trainer.models.config import ModelConfig

@@ -16,6 +16,7 @@ import torch
 
 from policy_runtime.backends import ChunkResult
 from policy_runtime.backends.common import NoiseSource, batch_inputs, finish, normalisation_sha256
+from policy_runtime.contract import RUNTIME_CLIPS_ACTIONS, ControllerSemantics, graph_input_names, zero_feeds
 from policy_runtime.errors import UserError
 from policy_runtime.export_dir import file_sha256
 from policy_runtime.protocol import CameraContract, Contract, InferRequest
@@ -28,7 +29,7 @@ class TorchOptions:
     num_steps: int | None = None  # default: the checkpoint's configured K
     warmup_runs: int = 2
     seed: int = 0
-    clip_actions: bool = True
+    clip_actions: bool = RUNTIME_CLIPS_ACTIONS
     rtc_max_weight: float = 5.0  # beta of guided real-time chunking (requests with prev_chunk + delay_steps)
 
 
@@ -61,7 +62,8 @@ class TorchBackend:
             cameras=tuple(CameraContract(c.name, c.height, c.width) for c in spec.cameras),
             state_dim=spec.state_dim, state_layout=tuple(spec.state_layout),
             normalisation_sha256=normalisation_sha256(Path(ckpt_dir) / "norm_stats.json"), control_hz=spec.control_hz,
-            text_max_len=cfg.max_text_len, default_instruction=spec.instruction, task=spec.task, rtc=True)
+            text_max_len=cfg.max_text_len, default_instruction=spec.instruction, task=spec.task, rtc=True,
+            obs_mode=spec.obs_mode, action_joints=ControllerSemantics.of(spec).action_joints)
         self.noise = NoiseSource(options.seed, (cfg.horizon, spec.action_dim))
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.warmup_ms = self._warmup()
@@ -94,7 +96,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        names = [f"image.{c.name}" for c in self._contract.cameras] + ["state", "text", "noise"]
+        names = graph_input_names([c.name for c in self._contract.cameras])
         tensors = [torch.from_numpy(np.ascontiguousarray(feeds[k])).to(self.device) for k in names]
         if not self.options.cuda_graph:
             return self._forward(tensors).float().cpu().numpy()
@@ -105,12 +107,7 @@ class TorchBackend:
         return out.float().cpu().numpy()
 
     def _warmup(self) -> float:
-        c = self._contract
-        feeds = {f"image.{cam.name}": np.zeros((1, cam.height, cam.width, 3), np.uint8) for cam in c.cameras}
-        feeds.update(state=np.zeros((1, c.state_dim), np.float32),
-                     text=np.zeros((1, c.text_max_len), np.int64),
-                     noise=np.zeros((1, c.horizon, c.action_dim), np.float32))
-        feeds["text"][:, 0] = 1
+        feeds = zero_feeds(self._contract, 1)
         t0 = time.perf_counter()
         for _ in range(self.options.warmup_runs):
             self.run(feeds)
@@ -138,7 +135,7 @@ class TorchBackend:
 
         c = self._contract
         feeds = batch_inputs([r], c, self.noise)
-        names = [f"image.{cam.name}" for cam in c.cameras] + ["state", "text", "noise"]
+        names = graph_input_names([cam.name for cam in c.cameras])
         t = [torch.from_numpy(np.ascontiguousarray(feeds[k])).to(self.device) for k in names]
         n = len(c.cameras)
         assert r.prev_chunk is not None and r.delay_steps is not None

@@ -23,8 +23,8 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
-from sim_trainer.data.episodes import EpisodeWriter
-from sim_trainer.envs.spec import PolicySpec
+from policy_runtime.contract import PolicySpec
+from policy_runtime.episodes import EpisodeWriter
 from vla_ros import console, topics
 from vla_ros.params import ParamError, declare, require, run_node_main
 from vla_ros.recorder import TrialRecorder
