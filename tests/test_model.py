@@ -60,6 +60,18 @@ def test_tokenizer_is_byte_level_and_padded():
     assert tokenize("x" * 100, 8).shape == (8,)
 
 
+@pytest.mark.parametrize("text", ["", "push the cube", "grüß dich, 机器人 🤖", "x" * 100, "a\u00e9" * 30])
+def test_one_tokenizer_gives_the_same_tokens_to_the_trainer_and_the_runtime(text):
+    """The trainer's tensors and the runtime's arrays are the contract's tokens: BOS, byte + 2, PAD, truncated."""
+    from policy_runtime.contract import tokenize as tokenize_np
+
+    for max_len in (2, 16, 48):
+        rule = ([1] + [b + 2 for b in text.encode("utf-8")])[:max_len]
+        rule += [0] * (max_len - len(rule))
+        assert tokenize_np(text, max_len).tolist() == rule and tokenize_np(text, max_len).dtype == np.int64
+        assert tokenize(text, max_len).tolist() == rule and tokenize(text, max_len).dtype == torch.long
+
+
 def test_forward_backward_shapes_and_hooks():
     model = make_model()
     images, state, text = make_inputs()
