@@ -32,6 +32,7 @@ from std_msgs.msg import Float64MultiArray, MultiArrayDimension, String
 
 from policy_runtime.chunking import ChunkRequest, make_executor
 from policy_runtime.client import ClientError, Expectation, PolicyClient
+from policy_runtime.contract import PANDA_ARM_JOINTS, PANDA_FINGER_JOINTS
 from policy_runtime.protocol import Contract
 from vla_ros import topics
 from vla_ros.actions import GRIPPER_ACTION
@@ -49,7 +50,7 @@ DEFAULTS = {
     "inference_wait_s": 0.0,
     "camera_names": ["base_camera"],
     "camera_topics": ["/camera/camera/color/image_raw"],
-    "state_joints": [f"panda_joint{i}" for i in range(1, 8)] + ["panda_finger_joint1", "panda_finger_joint2"],
+    "state_joints": [*PANDA_ARM_JOINTS, *PANDA_FINGER_JOINTS],   # the robot's names for the state's qpos entries
     "action_names": "str[]",   # empty: the contract's action joints; set: checked against them
     "urdf": "",
     "base_link": "panda_link0",

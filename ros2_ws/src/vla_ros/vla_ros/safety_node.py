@@ -35,6 +35,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
+from policy_runtime.contract import PANDA_ARM_JOINTS, PANDA_FINGER_JOINTS
 from policy_runtime.protocol import Contract, ProtocolError
 from vla_ros import topics
 from vla_ros.actions import ActionSemantics
@@ -51,8 +52,8 @@ DEFAULTS = {
     "controller_joints": "str[]",            # default: arm + gripper joints
     "gripper_topic": "",
     "gripper_joint": "",
-    "arm_joints": [f"panda_joint{i}" for i in range(1, 8)],
-    "gripper_joints": ["panda_finger_joint1", "panda_finger_joint2"],
+    "arm_joints": list(PANDA_ARM_JOINTS),       # the robot's joint names, in the policy's action order
+    "gripper_joints": list(PANDA_FINGER_JOINTS),
     "urdf": "",
     "base_link": "panda_link0",
     "tcp_link": "panda_hand_tcp",

@@ -18,6 +18,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import JointState, Joy
 from std_msgs.msg import String
 
+from policy_runtime.contract import PANDA_ARM_JOINTS, PANDA_FINGER_JOINTS
 from policy_runtime.protocol import Contract, ProtocolError
 from vla_ros import console, topics
 from vla_ros.jog import cartesian_jog, joint_jog
@@ -26,8 +27,8 @@ from vla_ros.robot import RobotModel
 from vla_ros.ros_util import JointStateCache
 
 DEFAULTS = {
-    "arm_joints": [f"panda_joint{i}" for i in range(1, 8)],
-    "gripper_joints": ["panda_finger_joint1", "panda_finger_joint2"],
+    "arm_joints": list(PANDA_ARM_JOINTS),
+    "gripper_joints": list(PANDA_FINGER_JOINTS),
     "gripper_open": 0.04,
     "gripper_closed": 0.0,
     "joint_step": 0.03,
