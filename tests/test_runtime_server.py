@@ -680,6 +680,7 @@ def test_torch_backend_matches_onnx_and_supports_rtc(tiny_export, backend):
     assert tc.normalisation_sha256 == oc.normalisation_sha256 and tc.rtc and not oc.rtc
     fields = ("horizon", "action_dim", "cameras", "state_dim", "exec_steps", "default_instruction")
     assert [getattr(tc, f) for f in fields] == [getattr(oc, f) for f in fields]
+    assert tc.controller == oc.controller and tc.policy_spec() == oc.policy_spec()  # one manifest reader for both
     reqs = [P.InferRequest(i, 0.0, *observation(i), noise_seed=i) for i in range(3)]
     for t, o in zip(tb.infer_batch(reqs), backend.infer_batch(reqs), strict=True):
         np.testing.assert_allclose(t.actions, o.actions, atol=1e-4)

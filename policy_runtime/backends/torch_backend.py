@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +16,18 @@ import torch
 
 from policy_runtime.backends import ChunkResult
 from policy_runtime.backends.common import NoiseSource, batch_inputs, finish, normalisation_sha256
-from policy_runtime.contract import RUNTIME_CLIPS_ACTIONS, ControllerSemantics, graph_input_names, zero_feeds
+from policy_runtime.contract import (
+    NORM_STATS_FILE,
+    RUNTIME_CLIPS_ACTIONS,
+    ControllerSemantics,
+    build_manifest,
+    contract_from_manifest,
+    graph_input_names,
+    zero_feeds,
+)
 from policy_runtime.errors import UserError
 from policy_runtime.export_dir import file_sha256
-from policy_runtime.protocol import CameraContract, Contract, InferRequest
+from policy_runtime.protocol import Contract, InferRequest
 
 
 @dataclass(frozen=True)
@@ -53,17 +61,16 @@ class TorchBackend:
         self.model = loaded.model.to(self.device).eval()
         cfg, spec = self.model.cfg, loaded.spec
         self.num_steps = options.num_steps or cfg.num_steps
-        self._contract = Contract(
-            model_sha256=file_sha256(Path(ckpt_dir) / "model.safetensors"), backend=self.name,
-            provider=str(self.device) + (" (cuda graph)" if options.cuda_graph else ""),
-            horizon=cfg.horizon, exec_steps=cfg.exec_steps, action_dim=spec.action_dim, num_steps=self.num_steps,
-            control_mode=spec.control_mode, action_low=tuple(spec.action_low), action_high=tuple(spec.action_high),
-            clip_actions=options.clip_actions,
-            cameras=tuple(CameraContract(c.name, c.height, c.width) for c in spec.cameras),
-            state_dim=spec.state_dim, state_layout=tuple(spec.state_layout),
-            normalisation_sha256=normalisation_sha256(Path(ckpt_dir) / "norm_stats.json"), control_hz=spec.control_hz,
-            text_max_len=cfg.max_text_len, default_instruction=spec.instruction, task=spec.task, rtc=True,
-            obs_mode=spec.obs_mode, action_joints=ControllerSemantics.of(spec).action_joints)
+        # The contract an export of this checkpoint would have: the same manifest, read the same way.
+        norm_file = Path(ckpt_dir) / NORM_STATS_FILE
+        manifest = build_manifest(
+            spec, ControllerSemantics.of(spec), model_file="model.safetensors",
+            model_sha256=file_sha256(Path(ckpt_dir) / "model.safetensors"), horizon=cfg.horizon,
+            exec_steps=cfg.exec_steps, num_steps=self.num_steps, max_text_len=cfg.max_text_len, norm_stats={},
+            norm_sha256=normalisation_sha256(norm_file), extra={})
+        provider = str(self.device) + (" (cuda graph)" if options.cuda_graph else "")
+        self._contract = replace(contract_from_manifest(manifest, self.name, provider, where=str(ckpt_dir),
+                                                        clip_actions=options.clip_actions), rtc=True)
         self.noise = NoiseSource(options.seed, (cfg.horizon, spec.action_dim))
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.warmup_ms = self._warmup()
