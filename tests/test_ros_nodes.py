@@ -680,3 +680,28 @@ def test_safety_filter_executes_the_contracts_bounds_and_scaling(ros):
     step = next(m.points[0].positions[0] for m in list(cmds) if abs(m.points[0].positions[0] - REST[0]) > 1e-6)
     assert step - REST[0] == pytest.approx(-0.05 + 0.5 * 0.1 * (0.5 + 1.0))  # 1.0 clipped to 0.5, then scaled
     assert int(safety().get("count/action_clipped", 0)) >= 1
+
+
+def test_eval_manager_starts_no_trial_under_a_contract_at_another_control_rate(ros, tmp_path):
+    from vla_ros.eval_manager_node import EvalManagerNode
+
+    add, probe = ros
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push\ncount: 1\nseed_start: 3\n")
+    states = probe.collect(String, topics.EVAL_STATE, topics.LATCHED_QOS)
+    publish_spec(probe, control_hz=10.0)
+    manager = add(EvalManagerNode("eval_manager", parameter_overrides=params(
+        plan=str(plan), results_dir=str(tmp_path / "out"), console=False, ready_s=0.1, control_hz=20.0)))
+
+    def state() -> str:
+        return json.loads(states[-1].data)["state"] if states else ""
+
+    wait_for(lambda: manager.contract_problem, 20, "the contract at 10 Hz seen")
+    assert "control_hz 10" in manager.contract_problem and "control_hz 20" in manager.contract_problem
+    wait_for(lambda: state() == "RESET", 20, "RESET")
+    assert probe.call(Trigger, "/eval_manager/start").success
+    wait_for(lambda: state() == "READY", 20, "READY")
+    time.sleep(1.0)  # ten times ready_s: with an agreed contract it would be RUNNING by now
+    assert state() == "READY"
+    publish_spec(probe)
+    wait_for(lambda: state() == "RUNNING", 20, "RUNNING once the contract agrees")
