@@ -705,3 +705,24 @@ def test_eval_manager_starts_no_trial_under_a_contract_at_another_control_rate(r
     assert state() == "READY"
     publish_spec(probe)
     wait_for(lambda: state() == "RUNNING", 20, "RUNNING once the contract agrees")
+
+
+def test_teleop_joystick_jogs_at_the_contracts_control_rate(ros):
+    from sensor_msgs.msg import Joy
+    from vla_ros.teleop_node import TeleopNode
+
+    add, probe = ros
+    node = add(TeleopNode("teleop", parameter_overrides=params(console=False, joy_scale=0.5)))
+    cmds = probe.collect(JointState, topics.TELEOP_COMMAND, topics.COMMAND_QOS)
+    start_joint_states(probe)
+    probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="teleop"))
+    joy = probe.node.create_publisher(Joy, "/joy", 10)
+    probe.node.create_timer(0.05, lambda: joy.publish(Joy(axes=[1.0] + [0.0] * 6, buttons=[0])))
+    wait_for(lambda: node.active and node.joy_axes, 20, "teleop in control with a deflected stick")
+    time.sleep(0.5)
+    assert cmds == [] and node.control_hz is None  # no contract, no rate: the stick waits
+    publish_spec(probe, control_hz=10.0)
+    wait_for(lambda: len(cmds) >= 2, 20, "joystick jogs")
+    first, second = (dict(zip(m.name, m.position, strict=True)) for m in cmds[:2])
+    assert node.control_hz == 10.0
+    assert second["panda_joint1"] - first["panda_joint1"] == pytest.approx(0.5 / 10.0)  # joy_scale rad/s per tick

@@ -48,6 +48,10 @@ class ActionSemantics:
     def __post_init__(self) -> None:
         if self.delta_reference not in CONTROL_MODES:
             raise ValueError(f"delta_reference must be 'measured' or 'target', got {self.delta_reference!r}")
+        for name, lo, hi in (("arm_delta", self.arm_low, self.arm_high),
+                             ("gripper_range", self.gripper_low, self.gripper_high)):
+            if not (np.isfinite([lo, hi]).all() and lo < hi):
+                raise ValueError(f"policy {name} {[lo, hi]} must be finite with low < high")
 
     @classmethod
     def from_controller(cls, c: ControllerSemantics, gripper_joints: tuple[str, ...]) -> ActionSemantics:
