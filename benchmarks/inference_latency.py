@@ -50,8 +50,8 @@ INSTRUCTION = "pick up the red cube and move it to the goal"
 
 def random_checkpoint(out: Path, size: str, seed: int = 0, image_size: int = 64, num_steps: int = 10) -> Path:
     """A randomly initialised checkpoint with the shipped checkpoint's shapes (one camera, state 29, H=16, K=10)."""
+    from policy_runtime.contract import CameraSpec, PolicySpec
     from sim_trainer.data.normalize import NormStats, Stats
-    from sim_trainer.envs.spec import CameraSpec, PolicySpec
     from sim_trainer.models.checkpoint import save_checkpoint
     from sim_trainer.models.config import ModelConfig
     from sim_trainer.models.flow_vla import FlowVLA

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from policy_runtime.backends.common import tokenize
 from policy_runtime.backends.onnx_backend import OnnxBackend, OnnxOptions
+from policy_runtime.contract import graph_feeds, tokenize
 
 DETERMINISM_TOL = 1e-6
 BATCH_TOL = 1e-4  # same order as the exporter's parity tolerance
@@ -33,17 +33,15 @@ class CheckReport:
 def _inputs(backend: OnnxBackend, batch: int, seed: int) -> dict[str, np.ndarray]:
     c, m = backend.contract(), backend.export.manifest
     rng = np.random.default_rng(seed)
-    feeds = {f"image.{cam.name}": rng.integers(0, 256, (batch, cam.height, cam.width, 3), dtype=np.uint8)
-             for cam in c.cameras}
+    images = {cam.name: rng.integers(0, 256, (batch, cam.height, cam.width, 3), dtype=np.uint8) for cam in c.cameras}
     stats = m.get("normalisation", {}).get("stats", {}).get("state", {})
     mean = np.asarray(stats.get("mean", np.zeros(c.state_dim)), np.float32)
     std = np.asarray(stats.get("std", np.ones(c.state_dim)), np.float32)
     if mean.shape != (c.state_dim,) or std.shape != (c.state_dim,):
         mean, std = np.zeros(c.state_dim, np.float32), np.ones(c.state_dim, np.float32)
-    feeds["state"] = (mean + std * rng.standard_normal((batch, c.state_dim))).astype(np.float32)
-    feeds["text"] = np.tile(tokenize(c.default_instruction, c.text_max_len), (batch, 1))
-    feeds["noise"] = rng.standard_normal((batch, c.horizon, c.action_dim), dtype=np.float32)
-    return feeds
+    return graph_feeds(images, (mean + std * rng.standard_normal((batch, c.state_dim))).astype(np.float32),
+                       np.tile(tokenize(c.default_instruction, c.text_max_len), (batch, 1)),
+                       rng.standard_normal((batch, c.horizon, c.action_dim), dtype=np.float32))
 
 
 def check_export(path: str | Path, options: OnnxOptions | None = None, runs: int = 10) -> CheckReport:

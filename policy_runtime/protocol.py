@@ -21,6 +21,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from policy_runtime.contract import ARM_DELTA, GRIPPER_RANGE, TOKENIZER, CameraSpec, ControllerSemantics, PolicySpec
+
 PROTOCOL_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)  # a v1 message is a v2 message without attached frames, so the server speaks both
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback: exposing the server is an explicit choice
@@ -349,10 +351,28 @@ class Contract:
     instance: str = ""
     protocol: int = PROTOCOL_VERSION
     action_joints: tuple[str, ...] = ()  # the joint each action dimension drives, in order; () = not stated
+    arm_delta: tuple[float, float] = ARM_DELTA          # controller scaling (see contract.ControllerSemantics)
+    gripper_range: tuple[float, float] = GRIPPER_RANGE
+    obs_mode: str = ""  # the PolicySpec's obs_mode; "" from a server that does not state it
 
     @functools.cached_property
     def camera_names(self) -> frozenset[str]:
         return frozenset(cam.name for cam in self.cameras)
+
+    @property
+    def controller(self) -> ControllerSemantics:
+        """What the actions mean to the controller: the robot side takes rate, bounds, scaling and joints from here."""
+        return ControllerSemantics(self.control_mode, self.action_joints, self.action_low, self.action_high,
+                                   self.control_hz, self.arm_delta, self.gripper_range)
+
+    def policy_spec(self) -> PolicySpec:
+        """The PolicySpec of the served model (what the robot side records episodes with)."""
+        if not self.obs_mode:
+            raise ValueError("the server's contract does not state obs_mode (a server older than contract 2)")
+        return PolicySpec(self.task, self.control_mode, self.obs_mode,
+                          tuple(CameraSpec(c.name, c.height, c.width) for c in self.cameras), self.state_layout,
+                          self.action_dim, self.action_low, self.action_high, self.control_hz,
+                          self.default_instruction)
 
     @property
     def instruction_max_bytes(self) -> int:
@@ -367,13 +387,15 @@ class Contract:
             "num_steps": self.num_steps, "control_hz": self.control_hz,
             "action": {"control_mode": self.control_mode, "low": list(self.action_low),
                        "high": list(self.action_high), "clipped": self.clip_actions,
-                       "joints": list(self.action_joints)},
+                       "joints": list(self.action_joints), "arm_delta": list(self.arm_delta),
+                       "gripper_range": list(self.gripper_range)},
+            "obs_mode": self.obs_mode,
             "cameras": [{"name": c.name, "height": c.height, "width": c.width, "dtype": "uint8", "layout": "HWC RGB"}
                         for c in self.cameras],
             "state": {"dim": self.state_dim, "layout": [[n, k] for n, k in self.state_layout], "dtype": "float32"},
             "normalisation_sha256": self.normalisation_sha256,
             "instruction": {"max_bytes": self.instruction_max_bytes, "max_tokens": self.text_max_len,
-                            "default": self.default_instruction, "tokenizer": "utf8-bytes-v1"},
+                            "default": self.default_instruction, "tokenizer": TOKENIZER},
             "max_batch": self.max_batch, "max_array_bytes": self.max_array_bytes, "rtc": self.rtc,
         }
 
@@ -389,6 +411,9 @@ class Contract:
                 control_mode=str(a["control_mode"]), action_low=tuple(float(x) for x in a["low"]),
                 action_high=tuple(float(x) for x in a["high"]), clip_actions=bool(a["clipped"]),
                 action_joints=tuple(str(x) for x in a.get("joints", ())),
+                arm_delta=_pair(a.get("arm_delta", ARM_DELTA)),
+                gripper_range=_pair(a.get("gripper_range", GRIPPER_RANGE)),
+                obs_mode=str(d.get("obs_mode", "")),
                 cameras=tuple(CameraContract(str(c["name"]), int(c["height"]), int(c["width"])) for c in d["cameras"]),
                 state_dim=int(s["dim"]), state_layout=tuple((str(n), int(k)) for n, k in s["layout"]),
                 normalisation_sha256=str(d["normalisation_sha256"]), text_max_len=int(ins["max_tokens"]),
@@ -396,6 +421,11 @@ class Contract:
                 max_array_bytes=int(d["max_array_bytes"]), rtc=bool(d["rtc"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(BAD_MESSAGE, f"malformed contract in hello reply ({e!r})") from None
+
+
+def _pair(v: Any) -> tuple[float, float]:
+    lo, hi = (float(x) for x in v)
+    return lo, hi
 
 
 # ----- requests -------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sim_trainer.envs.spec import PolicySpec
+from policy_runtime.contract import PolicySpec
 from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.models.tokenizer import tokenize
 

@@ -180,7 +180,7 @@ def test_every_number_of_the_trainer_configs_has_a_range():
 
 def test_a_foreign_episode_in_a_dataset_is_refused(world):
     """An episode of another task copied into a dataset is named, not trained on (it crashed in batching before)."""
-    from sim_trainer.data.episodes import EpisodeWriter, read_episode
+    from policy_runtime.episodes import EpisodeWriter, read_episode
 
     ep = read_episode(next((world.data / "episodes").glob("*.h5")))
     ep.task, ep.provenance = "PushCube-v1", {"copied": "from another dataset"}

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from policy_runtime.episodes import load_dataset
 from sim_trainer.cli import main
 from sim_trainer.data.demos import generate_demos, plan_and_convert
-from sim_trainer.data.episodes import load_dataset
 from sim_trainer.envs.adapter import adapt
 from sim_trainer.envs.domain import DomainShift, load_domain
 from sim_trainer.envs.make import PolicyObsEnv, make_maniskill_env

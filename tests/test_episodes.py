@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim_trainer.data.episodes import Episode, EpisodeWriter, dataset_spec, list_episodes, load_dataset, read_episode
+from policy_runtime.episodes import Episode, EpisodeWriter, dataset_spec, list_episodes, load_dataset, read_episode
 from sim_trainer.data.normalize import NormStats
 from sim_trainer.errors import UserError
 

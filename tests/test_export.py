@@ -12,8 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from policy_runtime.contract import graph_input_names as input_names
 from sim_trainer.errors import UserError
-from sim_trainer.export.onnx_export import export_onnx, input_names
+from sim_trainer.export.onnx_export import export_onnx
 from sim_trainer.models.checkpoint import file_sha256, load_checkpoint
 from sim_trainer.models.tokenizer import tokenize
 
@@ -79,3 +80,52 @@ def test_exported_policy_runs_closed_loop_in_sim_through_onnx_runtime(exported, 
     both = subprocess.run([sys.executable, "-m", "sim_trainer.cli", "eval", "--export", str(exported.out),
                            "--ckpt", str(exported.out)], capture_output=True, text=True, timeout=120)
     assert both.returncode == 2 and "exactly one of" in both.stderr
+
+
+def _manifest_as(export, tmp_path, edit) -> object:
+    """A copy of `export` whose manifest `edit` changed."""
+    import shutil
+
+    out = shutil.copytree(export, tmp_path / "edited")
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def test_the_manifest_carries_the_controller_the_robot_side_reads(exported, tiny_rgb_checkpoint):
+    from policy_runtime.contract import ControllerSemantics, contract_from_manifest
+
+    m = json.loads((exported.out / "manifest.json").read_text())
+    spec = load_checkpoint(tiny_rgb_checkpoint).spec
+    c = contract_from_manifest(m, "onnx", "cpu")
+    assert c.controller == ControllerSemantics.of(spec)
+    assert c.controller.action_joints == tuple(f"panda_joint{i}" for i in range(1, 8)) + ("gripper",)
+    assert (c.controller.arm_delta, c.controller.gripper_range) == ((-0.1, 0.1), (-0.01, 0.04))
+    assert c.policy_spec() == spec  # what the robot's recorder writes episodes with
+    assert m["output"]["clipped"] is False and c.clip_actions  # the graph never clips; the server does
+
+
+def test_an_old_version_1_manifest_still_loads(exported, tmp_path):
+    """A v1 export (no scaling, no joint list, no contract_version) serves with the Panda controller it meant."""
+    from policy_runtime.backends.onnx_backend import OnnxBackend, OnnxOptions
+    from policy_runtime.contract import contract_from_manifest
+    from policy_runtime.protocol import Contract
+
+    def to_v1(m: dict) -> None:
+        m["version"] = 1
+        del m["contract_version"], m["action"]["arm_delta"], m["action"]["gripper_range"], m["action"]["joints"]
+
+    old = _manifest_as(exported.out, tmp_path, to_v1)
+    c = OnnxBackend(old, OnnxOptions(providers=("CPUExecutionProvider",), warmup_runs=0)).contract()
+    new = json.loads((exported.out / "manifest.json").read_text())
+    assert c.controller == contract_from_manifest(new, "onnx", "cpu").controller
+    assert Contract.from_wire(c.to_wire()) == c  # and it reaches the robot side unchanged
+
+
+def test_a_newer_manifest_version_is_one_line_naming_it(exported, tmp_path):
+    from tests.bad_input import assert_user_error, run_cli
+
+    newer = _manifest_as(exported.out, tmp_path, lambda m: m.update(version=99))
+    line = assert_user_error(run_cli("policy-runtime", ["check", str(newer)]), "manifest version 99")
+    assert "1..2" in line

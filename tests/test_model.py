@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from policy_runtime.contract import CameraSpec, PolicySpec
 from sim_trainer.data.normalize import NormStats, Stats
-from sim_trainer.envs.spec import CameraSpec, PolicySpec
 from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from sim_trainer.models.config import ModelConfig
@@ -58,6 +58,18 @@ def test_tokenizer_is_byte_level_and_padded():
     t = tokenize("hé", 8)
     assert t.tolist()[:4] == [1, ord("h") + 2, 0xC3 + 2, 0xA9 + 2] and (t[4:] == PAD).all()
     assert tokenize("x" * 100, 8).shape == (8,)
+
+
+@pytest.mark.parametrize("text", ["", "push the cube", "grüß dich, 机器人 🤖", "x" * 100, "a\u00e9" * 30])
+def test_one_tokenizer_gives_the_same_tokens_to_the_trainer_and_the_runtime(text):
+    """The trainer's tensors and the runtime's arrays are the contract's tokens: BOS, byte + 2, PAD, truncated."""
+    from policy_runtime.contract import tokenize as tokenize_np
+
+    for max_len in (2, 16, 48):
+        rule = ([1] + [b + 2 for b in text.encode("utf-8")])[:max_len]
+        rule += [0] * (max_len - len(rule))
+        assert tokenize_np(text, max_len).tolist() == rule and tokenize_np(text, max_len).dtype == np.int64
+        assert tokenize(text, max_len).tolist() == rule and tokenize(text, max_len).dtype == torch.long
 
 
 def test_forward_backward_shapes_and_hooks():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from sim_trainer.data.episodes import dataset_spec, load_dataset
+from policy_runtime.episodes import dataset_spec, load_dataset
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.errors import UserError
 from sim_trainer.evaluate.report import write_report

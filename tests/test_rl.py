@@ -191,7 +191,7 @@ def test_rl_moves_the_policy_to_the_known_optimum(algorithm, method):
 
 
 def real_episodes(n: int = 3, length: int = 10) -> list:
-    from sim_trainer.data.episodes import Episode
+    from policy_runtime.episodes import Episode
 
     g = np.random.default_rng(0)
     return [Episode(state=g.normal(size=(length, STATE_DIM)).astype(np.float32),

@@ -22,6 +22,7 @@ from std_msgs.msg import Float64MultiArray, String
 from vla_ros import topics
 from vla_ros.actions import PANDA_ARM, PANDA_FINGERS
 
+from policy_runtime.protocol import Contract
 from tests.ros_fixtures import CONFIG, Probe, ServerProcess, free_port, make_export, rclpy, stack_process, wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -88,8 +89,9 @@ def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
         image_age["s"] = 0.0
         wait_for(lambda: len(actions) >= 3 and steps, 60, "actions from fresh observations")
         assert list(actions[-1].name) == list(PANDA_ARM) + ["gripper"] and np.isfinite(actions[-1].position).all()
-        layout = json.loads(spec[-1].data)["state_layout"]
-        assert layout == [["agent/qpos", 9], ["agent/qvel", 9], ["extra/tcp_pose", 7]]
+        announced = Contract.from_wire(json.loads(spec[-1].data))  # the hello contract, as the server sent it
+        assert announced.state_layout == (("agent/qpos", 9), ("agent/qvel", 9), ("extra/tcp_pose", 7))
+        assert announced.controller.action_joints == (*PANDA_ARM, "gripper") and announced.obs_mode == "rgb"
         state = np.asarray(steps[-1].data[2:27])
         np.testing.assert_allclose(state[:9], REST, atol=1e-6)  # in the model's order, whatever the driver's
         tcp = RobotModel(base_pose=[-0.615, 0, 0, 1, 0, 0, 0]).tcp_pose_world(dict(zip(NAMES, REST, strict=True)))
@@ -103,7 +105,7 @@ def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
 
 
 def test_sim_trials_through_the_whole_stack(server, tmp_path):
-    from sim_trainer.data.episodes import list_episodes, read_episode
+    from policy_runtime.episodes import list_episodes, read_episode
 
     plan = tmp_path / "plan.yaml"
     plan.write_text("instruction: push the cube to the red and white target\ncount: 2\nseed_start: 100000\n")

@@ -6,6 +6,7 @@ import itertools
 import json
 import threading
 import time
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -20,14 +21,19 @@ from vla_ros import topics
 from vla_ros.actions import PANDA_ARM, PANDA_FINGERS
 from vla_ros.ros_util import rgb_to_image
 
+from policy_runtime.protocol import Contract
 from tests.ros_fixtures import CONFIG, Probe, rclpy, wait_for
 
 REST = [0.0, 0.39, 0.0, -1.96, 0.0, 2.36, 0.79, 0.04, 0.04]
 NAMES = list(PANDA_ARM + PANDA_FINGERS)
 PROBE = "/test_probe"  # the probe plays the eval manager (the control authority) where a test says so
-SPEC = {"task": "PushCube-v1", "control_mode": "pd_joint_delta_pos", "obs_mode": "state", "cameras": [],
-        "state_layout": [["agent/qpos", 9]], "action_dim": 8, "action_low": [-1.0] * 8, "action_high": [1.0] * 8,
-        "control_hz": 20.0, "instruction": "push", "action_joints": list(PANDA_ARM) + ["gripper"]}
+# The hello contract a policy node announces on /vla/policy/spec (a state-only PushCube policy).
+CONTRACT = Contract(
+    model_sha256="0" * 64, backend="test", provider="none", horizon=8, exec_steps=4, action_dim=8, num_steps=2,
+    control_mode="pd_joint_delta_pos", action_low=(-1.0,) * 8, action_high=(1.0,) * 8, clip_actions=True, cameras=(),
+    state_dim=9, state_layout=(("agent/qpos", 9),), normalisation_sha256="0" * 64, control_hz=20.0,
+    text_max_len=16, default_instruction="push", task="PushCube-v1", action_joints=(*PANDA_ARM, "gripper"),
+    obs_mode="state")
 
 
 @pytest.fixture
@@ -74,7 +80,7 @@ def start_joint_states(probe: Probe, positions=REST):
 def publish_spec(probe: Probe, **changes) -> None:
     """The policy node's contract announcement (latched), as the safety filter receives it."""
     pub = probe.node.create_publisher(String, topics.POLICY_SPEC, topics.LATCHED_QOS)
-    pub.publish(String(data=json.dumps({**SPEC, **changes})))
+    pub.publish(String(data=json.dumps(replace(CONTRACT, **changes).to_wire())))
 
 
 def diag_values(probe: Probe, name: str) -> dict:
@@ -646,3 +652,77 @@ def test_safety_filter_refuses_a_policy_contract_it_does_not_execute(ros):
     publish_spec(probe)
     wait_for(lambda: safety().get("contract") == "ok", 20, "the matching contract accepted")
     wait_for(lambda: (act(), moved())[1], 20, "a policy command under the agreed contract", poll=0.1)
+
+
+def test_safety_filter_refuses_a_policy_contract_at_another_control_rate(ros):
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    probe, cmds, act, moved, safety = _filter_rig(ros, control_authority=PROBE)  # the filter: control_hz 20
+    probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="policy"))
+    publish_spec(probe, control_hz=10.0)  # a policy trained at 10 Hz: each action would be half as long
+    wait_for(lambda: "control_hz 10 does not match the robot's control_hz 20" in safety().get("message", ""), 20,
+             "the rate mismatch refused, naming both rates")
+    assert safety()["level"] == DiagnosticStatus.ERROR
+    _keep_acting(act, 0.5)
+    assert not moved() and int(safety().get("count/policy_contract", 0)) >= 1
+    publish_spec(probe)
+    wait_for(lambda: safety().get("contract") == "ok", 20, "the contract at the robot's rate accepted")
+    wait_for(lambda: (act(), moved())[1], 20, "a policy command under the agreed contract", poll=0.1)
+
+
+def test_safety_filter_executes_the_contracts_bounds_and_scaling(ros):
+    """Not +-1 and +-0.1 rad of the filter's own: the contract's action bounds clip, its arm_delta scales."""
+    probe, cmds, act, moved, safety = _filter_rig(ros, control_authority=PROBE)
+    probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="policy"))
+    publish_spec(probe, action_low=(-0.5,) * 8, action_high=(0.5,) * 8, arm_delta=(-0.05, 0.05))
+    wait_for(lambda: safety().get("contract") == "ok", 20, "the contract accepted")
+    wait_for(lambda: (act(1.0), moved())[1], 20, "a policy command", poll=0.1)
+    step = next(m.points[0].positions[0] for m in list(cmds) if abs(m.points[0].positions[0] - REST[0]) > 1e-6)
+    assert step - REST[0] == pytest.approx(-0.05 + 0.5 * 0.1 * (0.5 + 1.0))  # 1.0 clipped to 0.5, then scaled
+    assert int(safety().get("count/action_clipped", 0)) >= 1
+
+
+def test_eval_manager_starts_no_trial_under_a_contract_at_another_control_rate(ros, tmp_path):
+    from vla_ros.eval_manager_node import EvalManagerNode
+
+    add, probe = ros
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push\ncount: 1\nseed_start: 3\n")
+    states = probe.collect(String, topics.EVAL_STATE, topics.LATCHED_QOS)
+    publish_spec(probe, control_hz=10.0)
+    manager = add(EvalManagerNode("eval_manager", parameter_overrides=params(
+        plan=str(plan), results_dir=str(tmp_path / "out"), console=False, ready_s=0.1, control_hz=20.0)))
+
+    def state() -> str:
+        return json.loads(states[-1].data)["state"] if states else ""
+
+    wait_for(lambda: manager.contract_problem, 20, "the contract at 10 Hz seen")
+    assert "control_hz 10" in manager.contract_problem and "control_hz 20" in manager.contract_problem
+    wait_for(lambda: state() == "RESET", 20, "RESET")
+    assert probe.call(Trigger, "/eval_manager/start").success
+    wait_for(lambda: state() == "READY", 20, "READY")
+    time.sleep(1.0)  # ten times ready_s: with an agreed contract it would be RUNNING by now
+    assert state() == "READY"
+    publish_spec(probe)
+    wait_for(lambda: state() == "RUNNING", 20, "RUNNING once the contract agrees")
+
+
+def test_teleop_joystick_jogs_at_the_contracts_control_rate(ros):
+    from sensor_msgs.msg import Joy
+    from vla_ros.teleop_node import TeleopNode
+
+    add, probe = ros
+    node = add(TeleopNode("teleop", parameter_overrides=params(console=False, joy_scale=0.5)))
+    cmds = probe.collect(JointState, topics.TELEOP_COMMAND, topics.COMMAND_QOS)
+    start_joint_states(probe)
+    probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS).publish(String(data="teleop"))
+    joy = probe.node.create_publisher(Joy, "/joy", 10)
+    probe.node.create_timer(0.05, lambda: joy.publish(Joy(axes=[1.0] + [0.0] * 6, buttons=[0])))
+    wait_for(lambda: node.active and node.joy_axes, 20, "teleop in control with a deflected stick")
+    time.sleep(0.5)
+    assert cmds == [] and node.control_hz is None  # no contract, no rate: the stick waits
+    publish_spec(probe, control_hz=10.0)
+    wait_for(lambda: len(cmds) >= 2, 20, "joystick jogs")
+    first, second = (dict(zip(m.name, m.position, strict=True)) for m in cmds[:2])
+    assert node.control_hz == 10.0
+    assert second["panda_joint1"] - first["panda_joint1"] == pytest.approx(0.5 / 10.0)  # joy_scale rad/s per tick

@@ -97,8 +97,8 @@ def test_cartesian_jog_moves_the_tcp_along_the_axis():
 def test_recorder_pairs_steps_and_images_into_a_valid_episode(tmp_path):
     from vla_ros.recorder import TrialRecorder
 
-    from sim_trainer.data.episodes import EpisodeWriter, read_episode
-    from sim_trainer.envs.spec import CameraSpec, PolicySpec
+    from policy_runtime.contract import CameraSpec, PolicySpec
+    from policy_runtime.episodes import EpisodeWriter, read_episode
 
     spec = PolicySpec("PushCube-v1", "pd_joint_delta_pos", "rgb", (CameraSpec("base_camera", 4, 4),),
                       (("agent/qpos", 2),), 3, (-1.0,) * 3, (1.0,) * 3, 20.0, "push")

@@ -35,8 +35,8 @@ def tiny_export(tmp_path_factory) -> tuple[Path, Path]:
     """(checkpoint dir, export dir) of a real, untrained tiny flow VLA; a few seconds to build."""
     import torch
 
+    from policy_runtime.contract import CameraSpec, PolicySpec
     from sim_trainer.data.normalize import NormStats, Stats
-    from sim_trainer.envs.spec import CameraSpec, PolicySpec
     from sim_trainer.export.onnx_export import export_onnx
     from sim_trainer.models.checkpoint import save_checkpoint
     from sim_trainer.models.config import ModelConfig
@@ -680,6 +680,7 @@ def test_torch_backend_matches_onnx_and_supports_rtc(tiny_export, backend):
     assert tc.normalisation_sha256 == oc.normalisation_sha256 and tc.rtc and not oc.rtc
     fields = ("horizon", "action_dim", "cameras", "state_dim", "exec_steps", "default_instruction")
     assert [getattr(tc, f) for f in fields] == [getattr(oc, f) for f in fields]
+    assert tc.controller == oc.controller and tc.policy_spec() == oc.policy_spec()  # one manifest reader for both
     reqs = [P.InferRequest(i, 0.0, *observation(i), noise_seed=i) for i in range(3)]
     for t, o in zip(tb.infer_batch(reqs), backend.infer_batch(reqs), strict=True):
         np.testing.assert_allclose(t.actions, o.actions, atol=1e-4)

@@ -1,6 +1,6 @@
 """Input assembly and output post-processing shared by every backend, so ONNX and torch see identical inputs.
 
-Numpy only: the tokenizer reproduces the export manifest's rule (utf8-bytes-v1) and the noise comes from
+Numpy only: the tokenizer is the contract's (policy_runtime.contract) and the noise comes from
 numpy Generators, so a request with a given noise_seed gets the same chunk from either backend.
 """
 
@@ -13,15 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from policy_runtime.backends import ChunkResult
+from policy_runtime.contract import graph_feeds, tokenize
 from policy_runtime.protocol import NON_FINITE_OUTPUT, Contract, InferRequest
-
-PAD, BOS = 0, 1
-
-
-def tokenize(text: str, max_len: int) -> np.ndarray:
-    """[max_len] int64: BOS, UTF-8 bytes offset by 2, PAD; truncated to max_len (the manifest's rule)."""
-    ids = [BOS] + [b + 2 for b in text.encode("utf-8", "surrogatepass")][: max_len - 1]
-    return np.asarray(ids + [PAD] * (max_len - len(ids)), dtype=np.int64)
 
 
 def normalisation_sha256(norm_stats_file: Path) -> str:
@@ -44,12 +37,11 @@ class NoiseSource:
 def batch_inputs(requests: Sequence[InferRequest], contract: Contract, noise: NoiseSource) -> dict[str, np.ndarray]:
     """Graph inputs keyed by their ONNX names (image.<camera>, state, text, noise), batch on axis 0."""
     default = tokenize(contract.default_instruction, contract.text_max_len)
-    feeds = {f"image.{c.name}": np.stack([r.images[c.name] for r in requests]) for c in contract.cameras}
-    feeds["state"] = np.stack([r.state for r in requests]).astype(np.float32, copy=False)
-    feeds["text"] = np.stack([default if r.instruction is None else tokenize(r.instruction, contract.text_max_len)
-                              for r in requests])
-    feeds["noise"] = np.stack([noise.draw(r.noise_seed) for r in requests])
-    return feeds
+    return graph_feeds({c.name: np.stack([r.images[c.name] for r in requests]) for c in contract.cameras},
+                       np.stack([r.state for r in requests]).astype(np.float32, copy=False),
+                       np.stack([default if r.instruction is None else tokenize(r.instruction, contract.text_max_len)
+                                 for r in requests]),
+                       np.stack([noise.draw(r.noise_seed) for r in requests]))
 
 
 def finish(raw: np.ndarray, contract: Contract) -> list[ChunkResult]:

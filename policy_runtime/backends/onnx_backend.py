@@ -9,16 +9,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from policy_runtime.backends import ChunkResult
-from policy_runtime.backends.common import NoiseSource, batch_inputs, finish, tokenize
+from policy_runtime.backends.common import NoiseSource, batch_inputs, finish
+from policy_runtime.contract import (
+    ACTIONS_OUTPUT,
+    RUNTIME_CLIPS_ACTIONS,
+    TOKENIZER,
+    contract_from_manifest,
+    graph_shapes,
+    tokenize,
+    zero_feeds,
+)
 from policy_runtime.errors import UserError
-from policy_runtime.export_dir import ExportDir, contract_from_manifest, load_export
+from policy_runtime.export_dir import ExportDir, load_export
 from policy_runtime.protocol import Contract, InferRequest
 
 log = logging.getLogger("policy_runtime.onnx")
@@ -38,7 +47,7 @@ class OnnxOptions:
     warmup_batch_sizes: tuple[int, ...] = (1,)
     iobinding: bool = True                          # only takes effect on a GPU provider
     seed: int = 0                                   # the server's noise stream for requests without noise_seed
-    clip_actions: bool = True
+    clip_actions: bool = RUNTIME_CLIPS_ACTIONS
     trt_cache_dir: str | None = None                # default: <export>/trt_cache
 
 
@@ -103,8 +112,8 @@ class OnnxBackend:
                             f"(asked for {providers}); check the CUDA/cuDNN install")
         if self.provider != providers[0]:
             log.warning("asked for %s first but the session runs on %s", providers[0], self.provider)
-        self._contract = contract_from_manifest(m, self.name, self.provider, where=str(self.export.path))
-        self._contract = replace(self._contract, clip_actions=options.clip_actions)
+        self._contract = contract_from_manifest(m, self.name, self.provider, where=str(self.export.path),
+                                                clip_actions=options.clip_actions)
         self._check_graph(m)
         self.use_iobinding = options.iobinding and self.provider in GPU_PROVIDERS
         self.noise = NoiseSource(options.seed, (self._contract.horizon, self._contract.action_dim))
@@ -112,22 +121,20 @@ class OnnxBackend:
 
     def _check_graph(self, m: dict) -> None:
         c = self._contract
-        want = {f"image.{cam.name}" for cam in c.cameras} | {"state", "text", "noise"}
+        shapes = graph_shapes(c)
+        want = set(shapes) - {ACTIONS_OUTPUT}
         have = {i.name for i in self.session.get_inputs()}
         if want != have:
             raise UserError(f"export {self.export.path}: graph inputs {sorted(have)} do not match the manifest's "
                             f"{sorted(want)}")
-        if [o.name for o in self.session.get_outputs()] != ["actions"]:
-            raise UserError(f"export {self.export.path}: graph output is not 'actions'")
-        shapes = {f"image.{cam.name}": (cam.height, cam.width, 3) for cam in c.cameras}
-        shapes.update(state=(c.state_dim,), text=(c.text_max_len,), noise=(c.horizon, c.action_dim),
-                      actions=(c.horizon, c.action_dim))
+        if [o.name for o in self.session.get_outputs()] != [ACTIONS_OUTPUT]:
+            raise UserError(f"export {self.export.path}: graph output is not {ACTIONS_OUTPUT!r}")
         for node in (*self.session.get_inputs(), *self.session.get_outputs()):
             self._check_dims(node.name, node.shape, shapes[node.name])
         tokens = m["text"].get("tokens")
         if tokens is not None and tokenize(c.default_instruction, c.text_max_len).tolist() != list(tokens):
             raise UserError(f"export {self.export.path}: the manifest's instruction tokens do not follow the "
-                            "utf8-bytes-v1 rule this runtime implements")
+                            f"{TOKENIZER} rule this runtime implements")
 
     def _check_dims(self, name: str, graph: list, manifest: tuple[int, ...]) -> None:
         """Fixed graph dimensions (after the batch axis) must equal the manifest's; symbolic ones are free."""
@@ -142,10 +149,7 @@ class OnnxBackend:
         c = self._contract
         t0 = time.perf_counter()
         for b in self.options.warmup_batch_sizes:
-            feeds = {f"image.{cam.name}": np.zeros((b, cam.height, cam.width, 3), np.uint8) for cam in c.cameras}
-            feeds["state"] = np.zeros((b, c.state_dim), np.float32)
-            feeds["text"] = np.tile(tokenize(c.default_instruction, c.text_max_len), (b, 1))
-            feeds["noise"] = np.zeros((b, c.horizon, c.action_dim), np.float32)
+            feeds = zero_feeds(c, b)
             for _ in range(self.options.warmup_runs):
                 self.run(feeds)
         return (time.perf_counter() - t0) * 1e3
@@ -156,11 +160,11 @@ class OnnxBackend:
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Raw graph output [B, H, A] (unclipped)."""
         if not self.use_iobinding:
-            return self.session.run(["actions"], feeds)[0]
+            return self.session.run([ACTIONS_OUTPUT], feeds)[0]
         binding = self.session.io_binding()  # inputs copied once to the device, output allocated there
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_output("actions", "cuda", 0)
+        binding.bind_output(ACTIONS_OUTPUT, "cuda", 0)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,18 @@ import torch
 
 from policy_runtime.backends import ChunkResult
 from policy_runtime.backends.common import NoiseSource, batch_inputs, finish, normalisation_sha256
+from policy_runtime.contract import (
+    NORM_STATS_FILE,
+    RUNTIME_CLIPS_ACTIONS,
+    ControllerSemantics,
+    build_manifest,
+    contract_from_manifest,
+    graph_input_names,
+    zero_feeds,
+)
 from policy_runtime.errors import UserError
 from policy_runtime.export_dir import file_sha256
-from policy_runtime.protocol import CameraContract, Contract, InferRequest
+from policy_runtime.protocol import Contract, InferRequest
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ class TorchOptions:
     num_steps: int | None = None  # default: the checkpoint's configured K
     warmup_runs: int = 2
     seed: int = 0
-    clip_actions: bool = True
+    clip_actions: bool = RUNTIME_CLIPS_ACTIONS
     rtc_max_weight: float = 5.0  # beta of guided real-time chunking (requests with prev_chunk + delay_steps)
 
 
@@ -52,16 +61,16 @@ class TorchBackend:
         self.model = loaded.model.to(self.device).eval()
         cfg, spec = self.model.cfg, loaded.spec
         self.num_steps = options.num_steps or cfg.num_steps
-        self._contract = Contract(
-            model_sha256=file_sha256(Path(ckpt_dir) / "model.safetensors"), backend=self.name,
-            provider=str(self.device) + (" (cuda graph)" if options.cuda_graph else ""),
-            horizon=cfg.horizon, exec_steps=cfg.exec_steps, action_dim=spec.action_dim, num_steps=self.num_steps,
-            control_mode=spec.control_mode, action_low=tuple(spec.action_low), action_high=tuple(spec.action_high),
-            clip_actions=options.clip_actions,
-            cameras=tuple(CameraContract(c.name, c.height, c.width) for c in spec.cameras),
-            state_dim=spec.state_dim, state_layout=tuple(spec.state_layout),
-            normalisation_sha256=normalisation_sha256(Path(ckpt_dir) / "norm_stats.json"), control_hz=spec.control_hz,
-            text_max_len=cfg.max_text_len, default_instruction=spec.instruction, task=spec.task, rtc=True)
+        # The contract an export of this checkpoint would have: the same manifest, read the same way.
+        norm_file = Path(ckpt_dir) / NORM_STATS_FILE
+        manifest = build_manifest(
+            spec, ControllerSemantics.of(spec), model_file="model.safetensors",
+            model_sha256=file_sha256(Path(ckpt_dir) / "model.safetensors"), horizon=cfg.horizon,
+            exec_steps=cfg.exec_steps, num_steps=self.num_steps, max_text_len=cfg.max_text_len, norm_stats={},
+            norm_sha256=normalisation_sha256(norm_file), extra={})
+        provider = str(self.device) + (" (cuda graph)" if options.cuda_graph else "")
+        self._contract = replace(contract_from_manifest(manifest, self.name, provider, where=str(ckpt_dir),
+                                                        clip_actions=options.clip_actions), rtc=True)
         self.noise = NoiseSource(options.seed, (cfg.horizon, spec.action_dim))
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.warmup_ms = self._warmup()
@@ -94,7 +103,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        names = [f"image.{c.name}" for c in self._contract.cameras] + ["state", "text", "noise"]
+        names = graph_input_names([c.name for c in self._contract.cameras])
         tensors = [torch.from_numpy(np.ascontiguousarray(feeds[k])).to(self.device) for k in names]
         if not self.options.cuda_graph:
             return self._forward(tensors).float().cpu().numpy()
@@ -105,12 +114,7 @@ class TorchBackend:
         return out.float().cpu().numpy()
 
     def _warmup(self) -> float:
-        c = self._contract
-        feeds = {f"image.{cam.name}": np.zeros((1, cam.height, cam.width, 3), np.uint8) for cam in c.cameras}
-        feeds.update(state=np.zeros((1, c.state_dim), np.float32),
-                     text=np.zeros((1, c.text_max_len), np.int64),
-                     noise=np.zeros((1, c.horizon, c.action_dim), np.float32))
-        feeds["text"][:, 0] = 1
+        feeds = zero_feeds(self._contract, 1)
         t0 = time.perf_counter()
         for _ in range(self.options.warmup_runs):
             self.run(feeds)
@@ -138,7 +142,7 @@ class TorchBackend:
 
         c = self._contract
         feeds = batch_inputs([r], c, self.noise)
-        names = [f"image.{cam.name}" for cam in c.cameras] + ["state", "text", "noise"]
+        names = graph_input_names([cam.name for cam in c.cameras])
         t = [torch.from_numpy(np.ascontiguousarray(feeds[k])).to(self.device) for k in names]
         n = len(c.cameras)
         assert r.prev_chunk is not None and r.delay_steps is not None

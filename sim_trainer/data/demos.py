@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from policy_runtime.contract import PolicySpec
+from policy_runtime.episodes import Episode, EpisodeWriter
 from sim_trainer.config_check import SEED_MAX
-from sim_trainer.data.episodes import Episode, EpisodeWriter
 from sim_trainer.envs.adapter import adapt
 from sim_trainer.envs.domain import load_domain
 from sim_trainer.envs.make import make_maniskill_env, spec_from_env
-from sim_trainer.envs.spec import EnvConfig, PolicySpec
+from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.tasks import get_task
 from sim_trainer.errors import UserError
 from sim_trainer.run_dir import DATASET_ENTRIES, RunDir

@@ -5,9 +5,10 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
+from policy_runtime.contract import CameraSpec, PolicySpec
 from sim_trainer.envs.adapter import adapt, state_layout
 from sim_trainer.envs.domain import load_domain, make_shifted_env
-from sim_trainer.envs.spec import CameraSpec, EnvConfig, PolicySpec
+from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.tasks import get_task
 
 

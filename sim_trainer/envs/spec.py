@@ -1,82 +1,16 @@
-"""What a policy is trained for (PolicySpec) and how an environment is built (EnvConfig).
+"""How an environment is built (EnvConfig); what a policy is trained for (PolicySpec) is the contract's.
 
-The PolicySpec is stored in every checkpoint and export: loading a policy against a task compares the
-two specs and names every difference, so a mismatch is an error message, not a silent failure.
+PolicySpec and CameraSpec are defined in policy_runtime.contract (the robot side reads them without torch)
+and re-exported here for the trainer.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from policy_runtime.contract import short as _short
 from sim_trainer.envs.tasks import CONTROL_MODES, OBS_MODES, get_task
 from sim_trainer.errors import UserError
-
-
-@dataclass(frozen=True)
-class CameraSpec:
-    name: str
-    height: int
-    width: int
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """Observation and action contract between an environment (sim or real) and a policy."""
-
-    task: str
-    control_mode: str
-    obs_mode: str
-    cameras: tuple[CameraSpec, ...]
-    state_layout: tuple[tuple[str, int], ...]  # (name, size) of each block of the flat state vector
-    action_dim: int
-    action_low: tuple[float, ...]
-    action_high: tuple[float, ...]
-    control_hz: float
-    instruction: str
-
-    @property
-    def state_dim(self) -> int:
-        return sum(n for _, n in self.state_layout)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["state_layout"] = [list(x) for x in self.state_layout]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PolicySpec:
-        try:
-            return cls(
-                task=d["task"],
-                control_mode=d["control_mode"],
-                obs_mode=d["obs_mode"],
-                cameras=tuple(CameraSpec(**c) for c in d["cameras"]),
-                state_layout=tuple((str(n), int(k)) for n, k in d["state_layout"]),
-                action_dim=int(d["action_dim"]),
-                action_low=tuple(float(x) for x in d["action_low"]),
-                action_high=tuple(float(x) for x in d["action_high"]),
-                control_hz=float(d["control_hz"]),
-                instruction=str(d["instruction"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"malformed policy spec: {e!r}") from None
-
-    def differences(self, other: PolicySpec, ignore: tuple[str, ...] = ("task", "instruction")) -> list[str]:
-        """Human-readable list of fields that differ (task and instruction may differ across tasks)."""
-        out = []
-        for f in fields(self):
-            if f.name in ignore:
-                continue
-            a, b = getattr(self, f.name), getattr(other, f.name)
-            if a != b:
-                out.append(f"{f.name}: policy has {_short(a)}, environment has {_short(b)}")
-        return out
-
-
-def _short(v: object) -> str:
-    s = repr(v)
-    return s if len(s) < 120 else s[:117] + "..."
-
 
 MAX_CAMERA_SIDE = 4096  # pixels: a larger camera is a typo that would exhaust memory in every env worker
 

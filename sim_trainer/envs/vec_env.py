@@ -17,9 +17,10 @@ from functools import partial
 import numpy as np
 import torch
 
+from policy_runtime.contract import PolicySpec
 from sim_trainer.envs.adapter import adapt
 from sim_trainer.envs.make import PolicyObsEnv, make_maniskill_env, spec_from_env
-from sim_trainer.envs.spec import EnvConfig, PolicySpec
+from sim_trainer.envs.spec import EnvConfig
 
 
 @dataclass

@@ -24,20 +24,25 @@ import numpy as np
 import torch
 
 from policy_runtime.artifacts import LOCK_NAME, OutputLock, atomic_write_text, claim_output_dir
-from policy_runtime.export_dir import default_action_joints
+from policy_runtime.contract import (
+    ACTIONS_OUTPUT,
+    MANIFEST_FILE,
+    NORM_STATS_FILE,
+    ControllerSemantics,
+    build_manifest,
+    graph_input_names,
+)
 from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import LoadedPolicy, file_sha256, load_checkpoint
 from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.models.tokenizer import tokenize
 
-MANIFEST_FORMAT = "flow-vla-export"
-MANIFEST_VERSION = 1
 OPSET = 17
 PARITY_TOLERANCE = 1e-4  # max |onnx - torch| in raw action units, fp32 on CPU
 # K is unrolled: graph size and export time grow with it (1-4 are the fast ones); beyond this it is a typo
 # (--steps 1000000000 once took 3.3 GB in 5 s).
 MAX_EXPORT_STEPS = 64
-EXPORT_FILES = ("policy.onnx", "norm_stats.json", "manifest.json")  # the manifest last: see _publish
+EXPORT_FILES = ("policy.onnx", NORM_STATS_FILE, MANIFEST_FILE)  # the manifest last: see _publish
 
 
 class UnrolledSampler(torch.nn.Module):
@@ -53,10 +58,6 @@ class UnrolledSampler(torch.nn.Module):
         images = dict(zip(self.cameras, inputs[:n], strict=True))
         state, text, noise = inputs[n:]
         return self.model.sample_actions(images, state, text, noise, self.num_steps)
-
-
-def input_names(cameras: list[str]) -> list[str]:
-    return [f"image.{c}" for c in cameras] + ["state", "text", "noise"]
 
 
 def example_inputs(loaded: LoadedPolicy, batch: int, seed: int) -> list[torch.Tensor]:
@@ -126,24 +127,24 @@ def _staging_dir(out: Path) -> Path:
 def _build(loaded: LoadedPolicy, ckpt: Path, staging: Path, num_steps: int) -> dict:
     """Write policy.onnx, norm_stats.json and manifest.json into `staging`; returns the manifest."""
     model = loaded.model.eval()
-    names = input_names(list(model.cfg.camera_names))
+    names = graph_input_names(list(model.cfg.camera_names))
     sampler = UnrolledSampler(model, num_steps).eval()
     onnx_path = staging / "policy.onnx"
     worst, ir_version = _export_and_verify(sampler, loaded, names, onnx_path)
     if not worst <= PARITY_TOLERANCE:
         raise UserError(f"ONNX output differs from PyTorch by {worst:.2e} > {PARITY_TOLERANCE:.0e}; export refused")
     # norm_stats.json travels byte for byte, so its sha256 can be recomputed by any client.
-    shutil.copyfile(ckpt / "norm_stats.json", staging / "norm_stats.json")
-    norm = json.loads((staging / "norm_stats.json").read_text())
+    shutil.copyfile(ckpt / NORM_STATS_FILE, staging / NORM_STATS_FILE)
+    norm = json.loads((staging / NORM_STATS_FILE).read_text())
     manifest = _manifest(loaded, ckpt, onnx_path, staging, num_steps, worst, ir_version, norm)
-    atomic_write_text(staging / "manifest.json", json.dumps(manifest, indent=2))
+    atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2))
     return manifest
 
 
 def _publish(staging: Path, out: Path) -> None:
     """Move the built export into `out`. The old manifest goes first and the new one comes last, so `out`
     never holds a manifest that describes other files (a reader sees the old export, none, or the new one)."""
-    (out / "manifest.json").unlink(missing_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
     for name in EXPORT_FILES:
         os.replace(staging / name, out / name)
     fd = os.open(out, os.O_RDONLY)
@@ -163,8 +164,8 @@ def _export_and_verify(sampler: UnrolledSampler, loaded: LoadedPolicy, names: li
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(sampler, tuple(example_inputs(loaded, 1, 0)), str(tmp), input_names=names,
-                          output_names=["actions"], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={n: {0: "batch"} for n in [*names, "actions"]})
+                          output_names=[ACTIONS_OUTPUT], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={n: {0: "batch"} for n in [*names, ACTIONS_OUTPUT]})
     graph = onnx.load(str(tmp))
     onnx.checker.check_model(graph)
     control_flow = sorted({n.op_type for n in graph.graph.node} & {"Loop", "If", "Scan"})
@@ -178,7 +179,7 @@ def _export_and_verify(sampler: UnrolledSampler, loaded: LoadedPolicy, names: li
         inputs = example_inputs(loaded, 1 if i % 2 == 0 else 3, seed=1000 + i)
         with torch.no_grad():
             ref = sampler(*inputs).numpy()
-        got = session.run(["actions"], {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0]
+        got = session.run([ACTIONS_OUTPUT], {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0]
         worst = max(worst, float(np.abs(got - ref).max()))
     return worst, int(graph.ir_version)
 
@@ -188,38 +189,14 @@ def _manifest(loaded: LoadedPolicy, ckpt: Path, onnx_path: Path, out: Path, num_
     import onnx
 
     cfg, spec = loaded.model.cfg, loaded.spec
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "model_file": onnx_path.name,
-        "model_sha256": file_sha256(onnx_path),
+    provenance = {
         "checkpoint": {"name": ckpt.name, "weights_sha256": file_sha256(ckpt / "model.safetensors")},
         "onnx": {"opset": OPSET, "ir_version": ir_version, "exporter": "torch.onnx (TorchScript)",
                  "torch": torch.__version__, "onnx": onnx.__version__},
-        "num_steps": num_steps,
-        "horizon": cfg.horizon,
-        "exec_steps": cfg.exec_steps,
-        "action_dim": spec.action_dim,
-        "action": {"control_mode": spec.control_mode, "low": list(spec.action_low), "high": list(spec.action_high),
-                   "joints": list(default_action_joints(spec.control_mode, spec.action_dim)),
-                   "units": "normalised controller action in [low, high] (ManiSkill convention)"},
-        "cameras": [{"name": c.name, "input": f"image.{c.name}", "height": c.height, "width": c.width,
-                     "dtype": "uint8", "layout": "HWC RGB"} for c in spec.cameras],
-        "state": {"input": "state", "dim": spec.state_dim, "layout": [list(x) for x in spec.state_layout],
-                  "dtype": "float32", "normalised_in_graph": True},
-        "text": {"input": "text", "tokenizer": "utf8-bytes-v1 (BOS=1, PAD=0, byte b -> b+2)",
-                 "max_len": cfg.max_text_len, "instruction": spec.instruction,
-                 "tokens": tokenize(spec.instruction, cfg.max_text_len).tolist()},
-        "noise": {"input": "noise", "shape": [cfg.horizon, spec.action_dim], "dtype": "float32",
-                  "distribution": "standard normal, flow time tau = 1"},
-        "output": {"name": "actions", "shape": [cfg.horizon, spec.action_dim], "dtype": "float32",
-                   "unnormalised": True, "clipped": False},
-        "batch": "dynamic (dimension 0 of every input and of the output)",
-        "normalisation": {"kind": "zscore", "in_graph": True, "file": "norm_stats.json", "stats": norm,
-                          "sha256": file_sha256(out / "norm_stats.json")},
-        "control_hz": spec.control_hz,
-        "task": spec.task,
-        "spec": spec.to_dict(),
         "parity": {"max_abs_err": worst, "tolerance": PARITY_TOLERANCE, "precision": "fp32",
                    "provider": "CPUExecutionProvider", "machine": platform.platform()},
     }
+    return build_manifest(spec, ControllerSemantics.of(spec), model_file=onnx_path.name,
+                          model_sha256=file_sha256(onnx_path), horizon=cfg.horizon, exec_steps=cfg.exec_steps,
+                          num_steps=num_steps, max_text_len=cfg.max_text_len, norm_stats=norm,
+                          norm_sha256=file_sha256(out / NORM_STATS_FILE), extra=provenance)

@@ -14,9 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from policy_runtime.contract import PolicySpec
 from policy_runtime.export_dir import file_sha256
 from sim_trainer.data.normalize import NormStats
-from sim_trainer.envs.spec import PolicySpec
 from sim_trainer.errors import UserError
 from sim_trainer.models.config import ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA

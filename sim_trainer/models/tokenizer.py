@@ -1,17 +1,18 @@
-"""Byte-level instruction tokenizer: no vocabulary file to ship, any UTF-8 text is representable."""
+"""The contract's byte-level instruction tokenizer (policy_runtime.contract), as torch tensors for the trainer."""
 
 from __future__ import annotations
 
 import torch
 
-PAD, BOS = 0, 1
-VOCAB_SIZE = 256 + 2
+from policy_runtime.contract import BOS, PAD, VOCAB_SIZE
+from policy_runtime.contract import tokenize as tokenize_np
+
+__all__ = ["BOS", "PAD", "VOCAB_SIZE", "tokenize", "tokenize_batch"]
 
 
 def tokenize(text: str, max_len: int) -> torch.Tensor:
     """[max_len] int64: BOS, the UTF-8 bytes (offset by 2), then PAD; too-long text is truncated."""
-    ids = [BOS] + [b + 2 for b in text.encode("utf-8")][: max_len - 1]
-    return torch.tensor(ids + [PAD] * (max_len - len(ids)), dtype=torch.long)
+    return torch.from_numpy(tokenize_np(text, max_len))
 
 
 def tokenize_batch(texts: list[str], max_len: int) -> torch.Tensor:

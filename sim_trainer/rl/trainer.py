@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sim_trainer.data.episodes import dataset_spec, load_dataset
+from policy_runtime.episodes import dataset_spec, load_dataset
 from sim_trainer.data.normalize import NormStats
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.vec_env import make_vec_env

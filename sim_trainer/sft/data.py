@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sim_trainer.data.episodes import Episode
+from policy_runtime.episodes import Episode
 from sim_trainer.models.tokenizer import tokenize
 
 

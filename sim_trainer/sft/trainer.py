@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from policy_runtime.episodes import dataset_spec, list_episodes, load_dataset
 from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
-from sim_trainer.data.episodes import dataset_spec, list_episodes, load_dataset
 from sim_trainer.data.normalize import NormStats
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.errors import UserError

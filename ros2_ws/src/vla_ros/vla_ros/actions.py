@@ -1,10 +1,11 @@
 """Normalised policy actions -> joint targets, with the semantics of the sim controller the policy learnt.
 
-ManiSkill's Panda `pd_joint_delta_pos`: each arm entry in [-1, 1] maps linearly onto [-0.1, 0.1] rad and is
+The semantics are the contract's (policy_runtime.contract.ControllerSemantics, received in the handshake):
+for ManiSkill's Panda `pd_joint_delta_pos` each arm entry in [-1, 1] maps linearly onto `arm_delta` rad and is
 added to the joint position *measured* when the action is applied (`use_target=False`); the gripper entry
-maps onto an absolute finger position in [-0.01, 0.04] m shared by both fingers (mimic joint). Any other
+maps onto an absolute finger position in `gripper_range` m shared by both fingers (mimic joint). Any other
 mapping would move the policy out of its training distribution, so the real stack uses exactly this one.
-`delta_reference="target"` gives `pd_joint_target_delta_pos` (delta added to the previous target).
+`pd_joint_target_delta_pos` adds the delta to the previous target instead.
 """
 
 from __future__ import annotations
@@ -13,9 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-GRIPPER_ACTION = "gripper"
+from policy_runtime.contract import (
+    ARM_DELTA,
+    DELTA_REFERENCE,
+    GRIPPER_ACTION,
+    GRIPPER_RANGE,
+    PANDA_ARM_JOINTS,
+    PANDA_FINGER_JOINTS,
+    ControllerSemantics,
+)
+
 # The ManiSkill controller each delta reference reproduces; a policy trained for any other mode is refused.
-CONTROL_MODES = {"measured": "pd_joint_delta_pos", "target": "pd_joint_target_delta_pos"}
+CONTROL_MODES = {ref: mode for mode, ref in DELTA_REFERENCE.items()}
 
 
 def scale(a: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -25,17 +35,32 @@ def scale(a: np.ndarray, low: float, high: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ActionSemantics:
+    """The contract's controller semantics bound to this robot's joint names (arm and the gripper's fingers)."""
+
     arm_joints: tuple[str, ...]
     gripper_joints: tuple[str, ...] = ()
-    arm_low: float = -0.1
-    arm_high: float = 0.1
-    gripper_low: float = -0.01
-    gripper_high: float = 0.04
+    arm_low: float = ARM_DELTA[0]
+    arm_high: float = ARM_DELTA[1]
+    gripper_low: float = GRIPPER_RANGE[0]
+    gripper_high: float = GRIPPER_RANGE[1]
     delta_reference: str = "measured"  # "measured" (pd_joint_delta_pos) | "target" (pd_joint_target_delta_pos)
 
     def __post_init__(self) -> None:
-        if self.delta_reference not in ("measured", "target"):
+        if self.delta_reference not in CONTROL_MODES:
             raise ValueError(f"delta_reference must be 'measured' or 'target', got {self.delta_reference!r}")
+        for name, lo, hi in (("arm_delta", self.arm_low, self.arm_high),
+                             ("gripper_range", self.gripper_low, self.gripper_high)):
+            if not (np.isfinite([lo, hi]).all() and lo < hi):
+                raise ValueError(f"policy {name} {[lo, hi]} must be finite with low < high")
+
+    @classmethod
+    def from_controller(cls, c: ControllerSemantics, gripper_joints: tuple[str, ...]) -> ActionSemantics:
+        """Execute the contract's controller on this robot; a control mode it cannot execute is a ValueError."""
+        if c.delta_reference is None:
+            raise ValueError(f"policy control_mode {c.control_mode!r} is not one the safety filter executes "
+                             f"({', '.join(repr(m) for m in DELTA_REFERENCE)})")
+        return cls(c.arm_joints, gripper_joints if GRIPPER_ACTION in c.action_joints else (), *c.arm_delta,
+                   *c.gripper_range, delta_reference=c.delta_reference)
 
     @property
     def control_mode(self) -> str:
@@ -67,5 +92,4 @@ class ActionSemantics:
         return out
 
 
-PANDA_ARM = tuple(f"panda_joint{i}" for i in range(1, 8))
-PANDA_FINGERS = ("panda_finger_joint1", "panda_finger_joint2")
+PANDA_ARM, PANDA_FINGERS = PANDA_ARM_JOINTS, PANDA_FINGER_JOINTS

@@ -19,6 +19,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_srvs.srv import Trigger
 
+from policy_runtime.contract import PANDA_ARM_JOINTS
 from vla_ros import console, topics
 from vla_ros.params import ParamError, declare, require, run_node_main
 from vla_ros.ros_util import JointStateCache, image_to_rgb, stamp_s
@@ -26,7 +27,7 @@ from vla_ros.ros_util import JointStateCache, image_to_rgb, stamp_s
 DEFAULTS = {
     "out_dir": "handeye_capture",
     "image_topic": "/camera/camera/color/image_raw",
-    "joints": [f"panda_joint{i}" for i in range(1, 8)],
+    "joints": list(PANDA_ARM_JOINTS),
     "board": "",                  # YAML/JSON file describing the calibration board (copied into samples.json)
     "intrinsics": "camera.yaml",  # camera_info YAML, relative to out_dir
     "max_skew_s": 0.05,

@@ -55,7 +55,7 @@ def make_video(results: Path, out: Path) -> Path | None:
     import imageio.v2 as imageio
     import numpy as np
 
-    from sim_trainer.data.episodes import list_episodes, read_episode
+    from policy_runtime.episodes import list_episodes, read_episode
 
     frames = []
     for path in list_episodes(results, require_episodes=False):

@@ -5,8 +5,10 @@ scene; `start` makes the arm hold (READY) and then, once the policy reports heal
 (RUNNING) with the trial's instruction. A trial ends on the success signal (`auto_judge`), the timeout, an
 operator key, or a fault (policy server lost, e-stop, a control-source change this node did not make, as the
 safety filter reports it): faults abort it. A trial starts only while the safety filter is armed and reports no
-error. A plan entry aborted `max_aborts` times is given up (journaled, and listed in the summary) instead of
-being retried forever. Outcomes go to the append-only journal, the summary and an episode per trial.
+error, and not while the policy's contract (latched on /vla/policy/spec) states another `control_hz` than this
+robot's; episodes are recorded with the contract's PolicySpec. A plan entry aborted `max_aborts` times is
+given up (journaled, and listed in the summary) instead of being retried forever. Outcomes go to the
+append-only journal, the summary and an episode per trial.
 Driven by std_srvs/Trigger services (~/start, ~/success, ~/failure, ~/abort, ~/redo, ~/quit) and, when
 run in a terminal, by single keys: s start, y success, n failure, a abort, r redo, q quit.
 """
@@ -23,8 +25,9 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
-from sim_trainer.data.episodes import EpisodeWriter
-from sim_trainer.envs.spec import PolicySpec
+from policy_runtime.contract import PolicySpec
+from policy_runtime.episodes import EpisodeWriter
+from policy_runtime.protocol import Contract, ProtocolError
 from vla_ros import console, topics
 from vla_ros.params import ParamError, declare, require, run_node_main
 from vla_ros.recorder import TrialRecorder
@@ -49,7 +52,7 @@ DEFAULTS = {
     "home_joints": "str[]",
     "home_tolerance": 0.02,
     "home_timeout_s": 15.0,
-    "control_hz": 20.0,
+    "control_hz": 20.0,          # the robot's control rate (the tick of homing): the policy's contract must agree
     "source_heartbeat_hz": 5.0,  # the control source is re-sent this often: the safety filter's lease
     "max_aborts": 3,             # aborted trials of one plan entry before it is given up
 }
@@ -77,6 +80,7 @@ class EvalManagerNode(Node):
         self.trial: dict | None = None          # the running trial's start event
         self.outcome: tuple[str, str] | None = None
         self.spec: PolicySpec | None = None
+        self.contract_problem: str | None = None  # a policy contract this robot disagrees with: no trial starts
         self.writer: EpisodeWriter | None = None
         self.recorder = TrialRecorder()
         self.interventions = 0
@@ -208,11 +212,12 @@ class EvalManagerNode(Node):
             if self.state == "RESET" and self.homing:
                 self._send_home(elapsed)
             elif self.state == "READY" and elapsed >= self.p["ready_s"]:
-                if self.policy_error is None and self.filter_block is None:
+                if self.policy_error is None and self.filter_block is None and self.contract_problem is None:
                     self._start_running()
                 else:
                     waiting = (f"the policy: {self.policy_error}" if self.policy_error else
-                               f"the safety filter: {self.filter_block}")
+                               f"the safety filter: {self.filter_block}" if self.filter_block else
+                               f"the policy contract: {self.contract_problem}")
                     self.get_logger().warning(f"waiting for {waiting}", throttle_duration_sec=5.0)
             elif self.state == "RUNNING" and elapsed >= self.p["trial_timeout_s"]:
                 if self.p["auto_judge"]:
@@ -314,10 +319,19 @@ class EvalManagerNode(Node):
 
     # ----- inputs --------------------------------------------------------------------------------------------
     def _on_spec(self, msg: String) -> None:
+        """The contract the policy node received: its rate must be this robot's, its spec is what episodes record."""
         try:
-            self.spec = PolicySpec.from_dict(json.loads(msg.data))
-        except Exception as e:
-            self.get_logger().error(f"unreadable policy spec: {e}")
+            contract = Contract.from_wire(json.loads(msg.data))
+            spec = contract.policy_spec()
+        except (ValueError, ProtocolError) as e:
+            problem = f"unreadable policy contract ({e})"
+        else:
+            mismatch = contract.controller.mismatches(control_hz=self.p["control_hz"])
+            problem = mismatch[0] if mismatch else None
+            self.spec = spec
+        if problem and problem != self.contract_problem:
+            self.get_logger().error(f"{problem}: no trial starts")
+        self.contract_problem = problem
 
     def _on_step(self, msg: Float64MultiArray) -> None:
         dims = {d.label: d.size for d in msg.layout.dim}

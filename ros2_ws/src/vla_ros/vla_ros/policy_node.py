@@ -8,8 +8,10 @@ is no action (stale observation, chunk pending or late, server lost) nothing is 
 holds; the safety filter's watchdog logs the hold. Actions go to the safety filter, never to a controller.
 A chunk whose observation is older than `max_chunk_age_s` when it arrives is never executed (the arm already
 moved on, and the filter may have held it as late): it is dropped and a fresh observation is sent instead.
-A server whose contract names other action joints than `action_names` (or whose arm joints are not the
-first `state_joints`) is refused at connect, with one line naming both lists.
+The control rate, horizon and action joints are the contract's (received in the handshake); the node publishes
+that contract, in its own serialisation, on `/vla/policy/spec` for the safety filter and the eval manager.
+A server whose contract names no action joints, other ones than `action_names` (when set), or arm joints that
+are not the first `state_joints` is refused at connect, with one line naming both lists.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from std_msgs.msg import Float64MultiArray, MultiArrayDimension, String
 
 from policy_runtime.chunking import ChunkRequest, make_executor
 from policy_runtime.client import ClientError, Expectation, PolicyClient
+from policy_runtime.contract import PANDA_ARM_JOINTS, PANDA_FINGER_JOINTS
+from policy_runtime.protocol import Contract
 from vla_ros import topics
 from vla_ros.actions import GRIPPER_ACTION
 from vla_ros.observation import ObservationError, StateBuilder, check_timing, fit_image
@@ -46,8 +50,8 @@ DEFAULTS = {
     "inference_wait_s": 0.0,
     "camera_names": ["base_camera"],
     "camera_topics": ["/camera/camera/color/image_raw"],
-    "state_joints": [f"panda_joint{i}" for i in range(1, 8)] + ["panda_finger_joint1", "panda_finger_joint2"],
-    "action_names": [f"panda_joint{i}" for i in range(1, 8)] + [GRIPPER_ACTION],
+    "state_joints": [*PANDA_ARM_JOINTS, *PANDA_FINGER_JOINTS],   # the robot's names for the state's qpos entries
+    "action_names": "str[]",   # empty: the contract's action joints; set: checked against them
     "urdf": "",
     "base_link": "panda_link0",
     "tcp_link": "panda_hand_tcp",
@@ -81,7 +85,7 @@ class PolicyNode(Node):
         self.robot = RobotModel(p["urdf"], p["base_link"], p["tcp_link"], list(p["base_pose"]))
         self.client = PolicyClient(p["runtime_endpoint"], timeout_ms=p["timeout_ms"],
                                    handshake_timeout_ms=p["handshake_timeout_ms"], handshake_retries=1,
-                                   expect=Expectation(action_dim=len(p["action_names"])), name=name)
+                                   expect=Expectation(action_dim=len(p["action_names"]) or None), name=name)
         self.joints = JointStateCache()
         self.frames: dict[str, Image] = {}
         self.frames_lock = threading.Lock()
@@ -182,7 +186,8 @@ class PolicyNode(Node):
     def _handshake(self) -> None:
         try:
             contract = self.client.connect()
-            check_joint_names(contract.action_joints, tuple(self.p["action_names"]), tuple(self.p["state_joints"]))
+            check_joint_names(contract.action_joints, tuple(self.p["action_names"]) or contract.action_joints,
+                              tuple(self.p["state_joints"]))
             builder = StateBuilder(contract.state_layout, tuple(self.p["state_joints"]), self.robot.tcp_pose_world)
         except ClientError as e:
             self._set_fault(f"policy server: {str(e).splitlines()[0]}")
@@ -213,13 +218,9 @@ class PolicyNode(Node):
             self.fault = fault
             self._publish_diag()
 
-    def _publish_spec(self, c) -> None:
-        spec = {"task": c.task, "control_mode": c.control_mode, "obs_mode": "rgb" if c.cameras else "state",
-                "cameras": [{"name": cam.name, "height": cam.height, "width": cam.width} for cam in c.cameras],
-                "state_layout": [list(b) for b in c.state_layout], "action_dim": c.action_dim,
-                "action_low": list(c.action_low), "action_high": list(c.action_high), "control_hz": c.control_hz,
-                "instruction": c.default_instruction, "action_joints": list(c.action_joints)}
-        self.spec_pub.publish(String(data=json.dumps(spec)))
+    def _publish_spec(self, c: Contract) -> None:
+        """The contract as the server sent it: the filter and the eval manager read it, nobody restates it."""
+        self.spec_pub.publish(String(data=json.dumps(c.to_wire())))
 
     # ----- control tick -----------------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -307,7 +308,7 @@ class PolicyNode(Node):
         now = self.get_clock().now()
         msg = JointState()
         msg.header.stamp = now.to_msg()
-        msg.name = list(self.p["action_names"])
+        msg.name = list(self.contract.action_joints)
         msg.position = [float(x) for x in action]
         self.action_pub.publish(msg)
         self.latencies.append(now.nanoseconds * 1e-9 - t_capture)
@@ -348,7 +349,7 @@ class PolicyNode(Node):
 def check_joint_names(model: tuple[str, ...], action_names: tuple[str, ...], state_joints: tuple[str, ...]) -> None:
     """The model's action joints (from its contract) must be the ones this node names, in the same order."""
     if not model:
-        return  # a contract that does not state them: nothing to compare
+        raise ValueError("the model's contract names no action joints: nothing says which joint each action drives")
     if model != action_names:
         raise ValueError(f"the model's action joints {list(model)} differ from action_names {list(action_names)}")
     arm = tuple(j for j in model if j != GRIPPER_ACTION)

@@ -11,8 +11,8 @@ import threading
 
 import numpy as np
 
-from sim_trainer.data.episodes import Episode
-from sim_trainer.envs.spec import PolicySpec
+from policy_runtime.contract import PolicySpec
+from policy_runtime.episodes import Episode
 
 
 class TrialRecorder:

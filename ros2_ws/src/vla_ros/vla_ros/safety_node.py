@@ -13,15 +13,18 @@ unauthorised source change: the arm holds, the diagnostics report it at error le
 with that reason) and the policy is refused until the authority sends `hold` or `teleop`.
 Re-arming: after `~/reset_estop` the arm holds whatever the source, until `~/rearm` (the operator) or the
 authority's next `teleop` -> `hold` sequence (the eval manager's RESET -> READY step).
-Contracts: policy actions are refused until the policy node's spec (`/vla/policy/spec`) has this filter's
-control mode and action joints; with a forward_command controller nothing is published until the controller's
-`joints` parameter equals `controller_joints` (a wrong order would drive the wrong joints, even when holding).
+Contracts: policy actions are refused until the policy's contract (`/vla/policy/spec`, the hello contract the
+policy node received) has a control mode this filter executes, this robot's action joints in order and this
+controller's `control_hz`; the action bounds and the scaling of each action onto the joints are then the
+contract's. With a forward_command controller nothing is published until the controller's `joints` parameter
+equals `controller_joints` (a wrong order would drive the wrong joints, even when holding).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
@@ -32,6 +35,8 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
+from policy_runtime.contract import PANDA_ARM_JOINTS, PANDA_FINGER_JOINTS
+from policy_runtime.protocol import Contract, ProtocolError
 from vla_ros import topics
 from vla_ros.actions import ActionSemantics
 from vla_ros.controller_io import ControllerSpec, arm_message, gripper_message
@@ -41,17 +46,14 @@ from vla_ros.ros_util import JointStateCache, diagnostic
 from vla_ros.safety import Decision, SafetyConfig, SafetyFilter
 
 DEFAULTS = {
-    "control_hz": 20.0,
+    "control_hz": 20.0,                       # the controller's rate: the policy's contract must state the same
     "controller_type": "joint_trajectory",
     "controller_topic": "/joint_trajectory_controller/joint_trajectory",
     "controller_joints": "str[]",            # default: arm + gripper joints
     "gripper_topic": "",
     "gripper_joint": "",
-    "arm_joints": [f"panda_joint{i}" for i in range(1, 8)],
-    "gripper_joints": ["panda_finger_joint1", "panda_finger_joint2"],
-    "delta_reference": "measured",
-    "action_low": "float[]",                  # default: -1 for every action dimension
-    "action_high": "float[]",
+    "arm_joints": list(PANDA_ARM_JOINTS),       # the robot's joint names, in the policy's action order
+    "gripper_joints": list(PANDA_FINGER_JOINTS),
     "urdf": "",
     "base_link": "panda_link0",
     "tcp_link": "panda_hand_tcp",
@@ -77,12 +79,11 @@ class SafetyFilterNode(Node):
     def __init__(self, name: str = "safety_filter", **node_kwargs):
         super().__init__(name, **node_kwargs)
         p = declare(self, DEFAULTS)
-        sem = ActionSemantics(tuple(p["arm_joints"]), tuple(p["gripper_joints"]),
-                              delta_reference=p["delta_reference"])
-        n = len(sem.action_names)
-        low = np.asarray(p["action_low"] or [-1.0] * n, float)
-        high = np.asarray(p["action_high"] or [1.0] * n, float)
-        require(low.shape == high.shape == (n,), f"action_low/action_high need {n} values ({sem.action_names})")
+        require(p["control_hz"] > 0, "control_hz must be > 0")
+        # The robot's joints; the mode, scaling and bounds come with the policy's contract (none until then).
+        sem = ActionSemantics(tuple(p["arm_joints"]), tuple(p["gripper_joints"]))
+        self.robot_actions = sem.action_names
+        low = high = np.zeros(0)
         robot = RobotModel(p["urdf"], p["base_link"], p["tcp_link"])
         ws_lo, ws_hi = p["workspace_low"], p["workspace_high"]
         require(len(ws_lo) in (0, 3) and len(ws_hi) == len(ws_lo), "workspace_low/high need 3 values each, or none")
@@ -97,6 +98,7 @@ class SafetyFilterNode(Node):
         joints = tuple(p["controller_joints"]) or (sem.joints if not p["gripper_topic"] else sem.arm_joints)
         self.ctrl = ControllerSpec(p["controller_type"], p["controller_topic"], joints, p["gripper_topic"],
                                    p["gripper_joint"])
+        self.control_hz = p["control_hz"]
         self.dt, self.late_s, self.dry_run = 1.0 / p["control_hz"], p["late_action_s"], p["dry_run"]
         require(p["source_lease_s"] >= 0, "source_lease_s must be >= 0 (0 turns the lease off)")
         self.lease_s = p["source_lease_s"]
@@ -286,30 +288,38 @@ class SafetyFilterNode(Node):
     # ----- contracts ---------------------------------------------------------------------------------------------
     def _on_spec(self, msg: String) -> None:
         """The policy's contract: its actions mean what this filter executes, or they are never executed."""
-        sem = self.filter.cfg.semantics
         try:
-            spec = json.loads(msg.data)
-            mode, dim = str(spec["control_mode"]), int(spec["action_dim"])
-            joints = [str(j) for j in spec.get("action_joints") or []]
-        except (ValueError, TypeError, KeyError) as e:
-            problem = f"unreadable policy spec ({type(e).__name__}: {e})"
+            ctrl = Contract.from_wire(json.loads(msg.data)).controller
+        except (ValueError, ProtocolError) as e:
+            problem = f"unreadable policy contract ({type(e).__name__}: {e})"
         else:
-            problem = None
-            if mode != sem.control_mode:
-                problem = (f"policy control_mode {mode!r} does not match the filter's {sem.control_mode!r} "
-                           f"(delta_reference {sem.delta_reference!r})")
-            elif dim != len(sem.action_names):
-                problem = f"policy action_dim {dim} does not match the filter's {len(sem.action_names)} actions"
-            elif joints and joints != list(sem.action_names):
-                problem = f"policy action joints {joints} do not match the filter's {list(sem.action_names)}"
+            problem = self._contract_problem(ctrl)
         if problem:
             self.get_logger().error(f"{problem}: policy actions refused")
-        elif not self.contract_ok:
-            self.get_logger().info(f"policy contract accepted: {sem.control_mode}, actions {list(sem.action_names)}")
+        else:
+            cfg = self.filter.cfg
+            sem = ActionSemantics.from_controller(ctrl, cfg.semantics.gripper_joints)
+            self.filter.cfg = replace(cfg, semantics=sem, action_low=np.asarray(ctrl.action_low, float),
+                                      action_high=np.asarray(ctrl.action_high, float))
+            if not self.contract_ok:
+                self.get_logger().info(f"policy contract accepted: {ctrl.control_mode} at {ctrl.control_hz:g} Hz, "
+                                       f"actions {list(ctrl.action_joints)} in [{list(ctrl.action_low)}, "
+                                       f"{list(ctrl.action_high)}]")
         self.contract_ok, self.contract_problem = problem is None, problem
         if problem and self.source == "policy":
             self._emit(self.filter.hold(self._measured()[0], "policy_contract"))
         self._publish_diag()
+
+    def _contract_problem(self, ctrl) -> str | None:
+        """The first way the policy's controller differs from what this robot executes, naming both values."""
+        try:
+            ActionSemantics.from_controller(ctrl, ())
+        except ValueError as e:
+            return str(e)
+        if not ctrl.action_joints:
+            return f"the policy's contract names no action joints (the robot's: {list(self.robot_actions)})"
+        problems = ctrl.mismatches(action_joints=self.robot_actions, control_hz=self.control_hz)
+        return problems[0] if problems else None
 
     def _start_controller_check(self, p: dict) -> str | None:
         """forward_command messages are bare vectors: verify their order against the controller's `joints`."""

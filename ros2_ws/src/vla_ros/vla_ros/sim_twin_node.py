@@ -28,6 +28,7 @@ from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
+from policy_runtime.contract import GRIPPER_RANGE
 from vla_ros import topics
 from vla_ros.controller_io import ControllerSpec, parse_arm_message
 from vla_ros.params import declare, require, run_node_main
@@ -38,15 +39,14 @@ DEFAULTS = {
     "image_size": 64,
     "camera_sensors": "str[]",          # ManiSkill sensor names; default: all of the task's cameras
     "camera_topics": ["/camera/camera/color/image_raw"],
-    "control_hz": 20.0,
     "real_time_factor": 1.0,
     "publish_clock": True,
     "controller_type": "joint_trajectory",
     "controller_topic": "/joint_trajectory_controller/joint_trajectory",
     "gripper_topic": "",
     "gripper_joint": "",
-    "gripper_low": -0.01,
-    "gripper_high": 0.04,
+    "gripper_low": GRIPPER_RANGE[0],    # the sim gripper controller's finger range (ManiSkill's Panda)
+    "gripper_high": GRIPPER_RANGE[1],
     "initial_seed": 0,
     "lockstep_timeout_s": 0.0,
 }
@@ -72,8 +72,9 @@ class SimTwinNode(Node):
         self.arm = [j for j in self.joint_names if "finger" not in j]
         self.fingers = [j for j in self.joint_names if "finger" in j]
         self.g_low, self.g_high = p["gripper_low"], p["gripper_high"]
-        self.period_ns = int(round(1e9 / p["control_hz"]))
-        self.wall_period = 1.0 / (p["control_hz"] * p["real_time_factor"])
+        self.control_hz = float(self.env.unwrapped.control_freq)  # the simulated controller's own rate
+        self.period_ns = int(round(1e9 / self.control_hz))
+        self.wall_period = 1.0 / (self.control_hz * p["real_time_factor"])
         self.publish_clock = p["publish_clock"]
         self.sim_ns = 0
         self.lock = threading.Lock()
@@ -116,7 +117,7 @@ class SimTwinNode(Node):
         self.last_raw, self.last_success = raw, False
         self.thread = threading.Thread(target=self._loop, name="sim_twin_physics", daemon=True)
         self.thread.start()
-        self.get_logger().info(f"sim twin {p['task']}: {len(self.cameras)} camera(s), {p['control_hz']} Hz x "
+        self.get_logger().info(f"sim twin {p['task']}: {len(self.cameras)} camera(s), {self.control_hz:g} Hz x "
                                f"{p['real_time_factor']} real time, joints {self.joint_names}")
 
     # ----- commands ------------------------------------------------------------------------------------------------

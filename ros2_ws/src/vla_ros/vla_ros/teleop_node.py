@@ -4,11 +4,13 @@ Commands are absolute joint targets on /vla/teleop/command, which only the safet
 while the eval manager has given control to teleop (RESET). Keys: 1-7 select a joint, +/- jog it; c toggles
 Cartesian mode, where x/X y/Y z/Z move the TCP; g opens/closes the gripper. Joy: each axis in `joy_axes`
 drives one joint (joint mode) or x, y, z (the first three, Cartesian mode); button `joy_mode_button`
-toggles the mode.
+toggles the mode. Joystick jogs run at the policy contract's control rate (latched on /vla/policy/spec), so
+they wait for the policy node's handshake; key presses act at once.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -16,6 +18,8 @@ from rclpy.node import Node
 from sensor_msgs.msg import JointState, Joy
 from std_msgs.msg import String
 
+from policy_runtime.contract import PANDA_ARM_JOINTS, PANDA_FINGER_JOINTS
+from policy_runtime.protocol import Contract, ProtocolError
 from vla_ros import console, topics
 from vla_ros.jog import cartesian_jog, joint_jog
 from vla_ros.params import declare, run_node_main
@@ -23,8 +27,8 @@ from vla_ros.robot import RobotModel
 from vla_ros.ros_util import JointStateCache
 
 DEFAULTS = {
-    "arm_joints": [f"panda_joint{i}" for i in range(1, 8)],
-    "gripper_joints": ["panda_finger_joint1", "panda_finger_joint2"],
+    "arm_joints": list(PANDA_ARM_JOINTS),
+    "gripper_joints": list(PANDA_FINGER_JOINTS),
     "gripper_open": 0.04,
     "gripper_closed": 0.0,
     "joint_step": 0.03,
@@ -34,7 +38,6 @@ DEFAULTS = {
     "joy_scale": 0.5,
     "joy_deadzone": 0.1,
     "joy_mode_button": 0,
-    "control_hz": 20.0,
     "urdf": "",
     "base_link": "panda_link0",
     "tcp_link": "panda_hand_tcp",
@@ -61,7 +64,9 @@ class TeleopNode(Node):
         self.create_subscription(JointState, topics.JOINT_STATES, self.joints.update, topics.SENSOR_QOS)
         self.create_subscription(String, topics.CONTROL_SOURCE, self._on_source, topics.LATCHED_QOS)
         self.create_subscription(Joy, p["joy_topic"], self._on_joy, 10)
-        self.create_timer(1.0 / p["control_hz"], self._tick)
+        self.control_hz: float | None = None  # the contract's; the joystick timer starts with it
+        self.joy_timer = None
+        self.create_subscription(String, topics.POLICY_SPEC, self._on_contract, topics.LATCHED_QOS)
         if p["console"]:
             console.register("1234567+-=cgxXyYzZ", self.key)
 
@@ -71,6 +76,20 @@ class TeleopNode(Node):
             if active != self.active:  # the source is re-sent as a heartbeat; only a change restarts the jog
                 self.target = None  # start from where the arm is, never from an old target
             self.active = active
+
+    def _on_contract(self, msg: String) -> None:
+        try:
+            hz = Contract.from_wire(json.loads(msg.data)).control_hz
+        except (ValueError, ProtocolError) as e:
+            self.get_logger().error(f"unreadable policy contract ({e}): joystick jogs keep their rate")
+            return
+        if hz == self.control_hz or not hz > 0:
+            return
+        if self.joy_timer is not None:
+            self.destroy_timer(self.joy_timer)
+        with self.lock:
+            self.control_hz = hz
+        self.joy_timer = self.create_timer(1.0 / hz, self._tick)
 
     def _on_joy(self, msg: Joy) -> None:
         b = self.p["joy_mode_button"]
@@ -119,7 +138,7 @@ class TeleopNode(Node):
             axes = [a if abs(a) > self.p["joy_deadzone"] else 0.0 for a in self.joy_axes]
             if not self.active or not any(axes) or self._current() is None:
                 return
-            scale = self.p["joy_scale"] / self.p["control_hz"]
+            scale = self.p["joy_scale"] / self.control_hz
             mapping = [i for i in self.p["joy_axes"] if 0 <= i < len(axes)]
             if self.cartesian:
                 d = np.array([axes[i] for i in mapping[:3]] + [0.0] * (3 - len(mapping[:3]))) * scale * 0.2

@@ -1,7 +1,8 @@
 """The project's episode format: one directory per dataset, one HDF5 file per episode.
 
-Spec in docs/datasets.md. Each episode is written to a temporary file and renamed into place, so a
-crash never leaves a half-written episode that looks complete.
+Spec in docs/datasets.md; the names and version are the contract's (policy_runtime.contract). Torch-free, so
+the robot's recorder writes the same files the trainer reads. Each episode is written to a temporary file and
+renamed into place, so a crash never leaves a half-written episode that looks complete.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import h5py
 import numpy as np
 
 from policy_runtime.artifacts import atomic_write_text
-from sim_trainer.envs.spec import PolicySpec
-from sim_trainer.errors import UserError
-
-FORMAT_NAME = "vla-episodes"
-FORMAT_VERSION = 1
-SOURCES = ("sim", "real-proxy", "real")
+from policy_runtime.contract import (
+    DATASET_META_FILE,
+    EPISODE_ATTRS,
+    EPISODE_FORMAT,
+    EPISODE_SOURCES,
+    EPISODE_VERSION,
+    PolicySpec,
+)
+from policy_runtime.errors import UserError
 
 
 @dataclass
@@ -51,8 +55,8 @@ class Episode:
         for cam, frames in self.images.items():
             if frames.shape[0] != t or frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
                 raise UserError(f"camera {cam!r}: frames must be uint8 [T={t}, H, W, 3], got {frames.shape}")
-        if self.source not in SOURCES:
-            raise UserError(f"episode source must be one of {SOURCES}, got {self.source!r}")
+        if self.source not in EPISODE_SOURCES:
+            raise UserError(f"episode source must be one of {EPISODE_SOURCES}, got {self.source!r}")
         if sum(n for _, n in self.state_layout) != self.state.shape[1]:
             raise UserError("state layout does not add up to the state dimension")
         return self
@@ -64,9 +68,9 @@ class EpisodeWriter:
     def __init__(self, root: str | Path, spec: PolicySpec | None = None, meta: dict | None = None):
         self.root = Path(root)
         (self.root / "episodes").mkdir(parents=True, exist_ok=True)
-        meta_path = self.root / "dataset.json"
+        meta_path = self.root / DATASET_META_FILE
         if not meta_path.exists():
-            info = {**(meta or {}), "format": FORMAT_NAME, "version": FORMAT_VERSION}
+            info = {**(meta or {}), "format": EPISODE_FORMAT, "version": EPISODE_VERSION}
             if spec is not None:
                 info["spec"] = spec.to_dict()
             atomic_write_text(meta_path, json.dumps(info, indent=2))
@@ -88,16 +92,7 @@ class EpisodeWriter:
             raise UserError(f"{path} exists already; episodes are never overwritten")
         tmp = path.with_suffix(f".h5.{os.getpid()}.tmp")
         with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT_NAME
-            f.attrs["version"] = FORMAT_VERSION
-            f.attrs["instruction"] = ep.instruction
-            f.attrs["success"] = bool(ep.success)
-            f.attrs["control_hz"] = float(ep.control_hz)
-            f.attrs["source"] = ep.source
-            f.attrs["task"] = ep.task
-            f.attrs["control_mode"] = ep.control_mode
-            f.attrs["state_layout"] = json.dumps([list(x) for x in ep.state_layout])
-            f.attrs["provenance"] = json.dumps(ep.provenance)
+            f.attrs.update(_attrs(ep))
             f.create_dataset("actions", data=ep.actions.astype(np.float32))
             f.create_dataset("state", data=ep.state.astype(np.float32))
             if ep.reward is not None:
@@ -119,15 +114,28 @@ class EpisodeWriter:
         return path
 
 
+def _attrs(ep: Episode) -> dict:
+    """The episode file's attributes: exactly the contract's EPISODE_ATTRS."""
+    attrs = {"format": EPISODE_FORMAT, "version": EPISODE_VERSION, "instruction": ep.instruction,
+             "success": bool(ep.success), "control_hz": float(ep.control_hz), "source": ep.source, "task": ep.task,
+             "control_mode": ep.control_mode, "state_layout": json.dumps([list(x) for x in ep.state_layout]),
+             "provenance": json.dumps(ep.provenance)}
+    assert tuple(attrs) == EPISODE_ATTRS
+    return attrs
+
+
 def read_episode(path: str | Path, with_images: bool = True) -> Episode:
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT_NAME:
-                raise UserError(f"{path} is not a {FORMAT_NAME} episode file")
+            if f.attrs.get("format") != EPISODE_FORMAT:
+                raise UserError(f"{path} is not a {EPISODE_FORMAT} episode file")
             version = int(f.attrs["version"])
-            if version > FORMAT_VERSION:
-                raise UserError(f"{path} has format version {version}; this software reads up to {FORMAT_VERSION}")
+            if version > EPISODE_VERSION:
+                raise UserError(f"{path} has format version {version}; this software reads up to {EPISODE_VERSION}")
+            missing = [k for k in EPISODE_ATTRS if k not in f.attrs]
+            if missing:
+                raise UserError(f"corrupt episode file {path}: no attribute(s) {', '.join(missing)}")
             images = {k: f["images"][k][()] for k in f["images"]} if with_images else {}
             ep = Episode(
                 state=f["state"][()],
@@ -158,20 +166,20 @@ def _dataset_info(root: Path) -> dict:
         raise UserError(f"dataset {root} does not exist")
     if not root.is_dir():
         raise UserError(f"dataset {root} is a file, not an episode dataset directory")
-    meta = root / "dataset.json"
+    meta = root / DATASET_META_FILE
     if not meta.is_file():
         raise UserError(f"{root} is not an episode dataset (no dataset.json)")
     try:
         info = json.loads(meta.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"corrupt {meta}: {e}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
-        raise UserError(f"{meta} does not describe a {FORMAT_NAME} dataset")
+    if not isinstance(info, dict) or info.get("format") != EPISODE_FORMAT:
+        raise UserError(f"{meta} does not describe a {EPISODE_FORMAT} dataset")
     version = info.get("version", 0)
     if not isinstance(version, int):
         raise UserError(f"{meta}: version must be an integer, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise UserError(f"dataset {root} has format version {version}; this software reads up to {FORMAT_VERSION}")
+    if version > EPISODE_VERSION:
+        raise UserError(f"dataset {root} has format version {version}; this software reads up to {EPISODE_VERSION}")
     return info
 
 
