@@ -31,13 +31,14 @@ def cmd_demos(a: argparse.Namespace) -> int:
 
     cfg = EnvConfig(task=a.task, obs_mode=a.obs_mode, control_mode=a.control_mode, image_size=a.image_size,
                     cameras=_camera_overrides(a.camera_config), domain=a.domain).validate()
-    counts = generate_demos(cfg, a.num, a.out, seed_start=a.seed_start, workers=a.workers)
+    counts = generate_demos(cfg, a.num, a.out, seed_start=a.seed_start, workers=a.workers, force=a.force)
     print(f"wrote {counts['kept']} demos to {a.out} ({counts['plan_failed']} failed plans, "
           f"{counts['conversion_failed']} failed conversions, {counts['attempts']} seeds tried)")
     return 0
 
 
 def cmd_sft(a: argparse.Namespace) -> int:
+    from sim_trainer.config_check import check_threads
     from sim_trainer.sft.trainer import SFTConfig, train_sft
 
     values = load_yaml_mapping(a.config) if a.config else {}
@@ -49,27 +50,28 @@ def cmd_sft(a: argparse.Namespace) -> int:
         v = getattr(a, name, None)
         if v is not None and v is not False:
             values[name] = v
-    values["data"] = list(values.get("data") or [])
-    if "out" not in values:
-        raise UserError("give an output directory with --out")
-    _set_threads(a.threads)
-    out = train_sft(SFTConfig(**values))
+    values.setdefault("data", [])
+    values.setdefault("out", "")
+    cfg = SFTConfig(**values).validate()  # types and ranges of every option, from the YAML or a flag
+    _set_threads(check_threads(a.threads))
+    out = train_sft(cfg, force=a.force)
     print(f"checkpoint written to {out}")
     return 0
 
 
 def cmd_rl(a: argparse.Namespace) -> int:
+    from sim_trainer.config_check import check_threads
     from sim_trainer.rl.config import load_rl_config
     from sim_trainer.rl.trainer import train_rl
 
-    overrides = {k: v for k, v in vars(a).items() if k not in ("func", "command", "config", "threads")}
+    overrides = {k: v for k, v in vars(a).items() if k not in ("func", "command", "config", "threads", "force")}
     for flag in ("resume", "freeze_vision", "expert_only"):
         if not overrides.get(flag):
             overrides[flag] = None  # a flag left off does not override the preset
     cfg = load_rl_config(a.config, overrides)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    _set_threads(a.threads or max(1, (os.cpu_count() or 1) // world_size))
-    out = train_rl(cfg)
+    _set_threads(check_threads(a.threads) or max(1, (os.cpu_count() or 1) // world_size))
+    out = train_rl(cfg, force=a.force)
     print(f"RL checkpoint written to {out}")
     return 0
 
@@ -231,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "policy's control mode and observations, keep the successful ones.")
     d.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     d.add_argument("-n", "--num", type=int, default=100, help="number of successful demos to write")
-    d.add_argument("--out", required=True, help="new dataset directory")
+    d.add_argument("--out", required=True, help="new dataset directory (an existing one is never changed)")
+    d.add_argument("--force", action="store_true", help="replace the episode dataset already in --out")
     d.add_argument("--obs-mode", default="rgb", choices=OBS_MODES)
     d.add_argument("--control-mode", default="pd_joint_delta_pos", choices=CONTROL_MODES)
     d.add_argument("--image-size", type=int, default=64, help="policy image resolution (square)")
@@ -263,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-every", dest="save_every", type=int)
     s.add_argument("--seed", type=int)
     s.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    s.add_argument("--force", action="store_true", help="replace the checkpoint or run already in --out")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     s.set_defaults(func=cmd_sft)
 
@@ -316,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-episode-steps", dest="max_episode_steps", type=int, help="default: the task's horizon")
     r.add_argument("--seed", type=int)
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--force", action="store_true", help="replace the checkpoint or run already in --out")
     r.add_argument("--threads", type=int, help="torch CPU threads per process")
     r.set_defaults(func=cmd_rl)
 

@@ -67,7 +67,7 @@ def test_rl_runs_on_maniskill_writes_a_checkpoint_and_resumes(tiny_state_checkpo
 
 @pytest.mark.parametrize("flags,fragment", [
     (["--algorithm", "a2c"], "unknown algorithm"),
-    (["--num-steps", "0"], "K=0"),
+    (["--num-steps", "0"], "num_steps"),
     (["--exec-steps", "9"], "cannot exceed the chunk horizon"),
     (["--noise", "langevin"], "unknown noise method"),
     (["--eval-domain", "nowhere.yaml"], "nowhere.yaml"),

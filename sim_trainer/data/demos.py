@@ -14,6 +14,7 @@ Such episodes are labelled source "real-proxy".
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sim_trainer.config_check import SEED_MAX
 from sim_trainer.data.episodes import Episode, EpisodeWriter
 from sim_trainer.envs.adapter import adapt
 from sim_trainer.envs.domain import load_domain
@@ -29,6 +31,7 @@ from sim_trainer.envs.make import make_maniskill_env, spec_from_env
 from sim_trainer.envs.spec import EnvConfig, PolicySpec
 from sim_trainer.envs.tasks import get_task
 from sim_trainer.errors import UserError
+from sim_trainer.run_dir import DATASET_ENTRIES, RunDir
 
 CONVERSION_STEP_LIMIT = 10_000  # the converter may take several env steps per planner step
 
@@ -142,21 +145,48 @@ def _worker(args: tuple[dict, int]) -> DemoResult:
     return plan_and_convert(EnvConfig.from_dict(cfg_dict), seed)
 
 
+MAX_DEMOS = 100_000
+MAX_IMAGE_SIZE = 512
+
+
+def _check_counts(cfg: EnvConfig, num: int, seed_start: int, workers: int, max_attempts: int) -> None:
+    """Every count within a sane range before any planning: one typo must not exhaust the machine."""
+    cores = os.cpu_count() or 1
+    checks = [("number of demos (-n)", num, 1, MAX_DEMOS), ("--workers", workers, 1, cores),
+              ("--image-size", cfg.image_size, 16, MAX_IMAGE_SIZE),
+              ("--seed-start", seed_start, 0, SEED_MAX + 1 - max_attempts)]
+    for name, value, lo, hi in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise UserError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
 def generate_demos(cfg: EnvConfig, num: int, out: str | Path, seed_start: int = 0, workers: int = 1,
-                   max_attempts: int | None = None) -> dict:
-    """Write `num` successful demos to `out`; returns counts of what was kept and what was skipped."""
+                   max_attempts: int | None = None, force: bool = False) -> dict:
+    """Write `num` successful demos to a new dataset `out` (--force: replace the dataset there); returns counts
+    of what was kept and what was skipped."""
     from mani_skill.examples.motionplanning.panda.run import MP_SOLUTIONS
 
     cfg.validate()
     get_task(cfg.task)
     if cfg.task not in MP_SOLUTIONS:
         raise UserError(f"ManiSkill has no motion-planning solution for {cfg.task}")
-    if num < 1:
-        raise UserError("number of demos must be at least 1")
+    max_attempts = max_attempts or 3 * min(num, MAX_DEMOS) + 10
+    _check_counts(cfg, num, seed_start, workers, max_attempts)
     out = Path(out)
-    if (out / "episodes").exists() and any((out / "episodes").glob("episode_*.h5")):
-        raise UserError(f"{out} already holds episodes; choose a new --out directory")
-    max_attempts = max_attempts or 3 * num + 10
+    if not force and _holds_episodes(out):
+        raise UserError(f"{out} already holds episodes; pass --force to replace them or choose a new --out")
+    with RunDir(out, what="an episode dataset", force=force, replaceable=DATASET_ENTRIES):
+        return _generate(cfg, num, out, seed_start, workers, max_attempts)
+
+
+def _holds_episodes(out: Path) -> bool:
+    try:
+        return any((out / "episodes").glob("episode_*.h5"))
+    except OSError:  # not a directory, a name too long: RunDir says which
+        return False
+
+
+def _generate(cfg: EnvConfig, num: int, out: Path, seed_start: int, workers: int, max_attempts: int) -> dict:
     seeds = range(seed_start, seed_start + max_attempts)
     writer = None
     counts = {"kept": 0, "plan_failed": 0, "conversion_failed": 0, "attempts": 0}

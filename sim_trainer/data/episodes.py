@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from policy_runtime.artifacts import atomic_write_text
 from sim_trainer.envs.spec import PolicySpec
 from sim_trainer.errors import UserError
 
@@ -68,7 +69,7 @@ class EpisodeWriter:
             info = {**(meta or {}), "format": FORMAT_NAME, "version": FORMAT_VERSION}
             if spec is not None:
                 info["spec"] = spec.to_dict()
-            _atomic_write_text(meta_path, json.dumps(info, indent=2))
+            atomic_write_text(meta_path, json.dumps(info, indent=2))
         elif spec is not None:
             # Appending to an existing dataset (e.g. a new session of real trials): same contract only.
             diffs = dataset_spec(self.root, require_episodes=False).differences(spec, ignore=("instruction",))
@@ -118,12 +119,6 @@ class EpisodeWriter:
         return path
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_episode(path: str | Path, with_images: bool = True) -> Episode:
     path = Path(path)
     try:
@@ -151,27 +146,38 @@ def read_episode(path: str | Path, with_images: bool = True) -> Episode:
             )
     except UserError:
         raise
-    except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"corrupt episode file {path}: {e}") from None
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"corrupt episode file {path}: {reason}") from None
     return ep.validate()
 
 
-def list_episodes(root: str | Path, require_episodes: bool = True) -> list[Path]:
-    root = Path(root)
+def _dataset_info(root: Path) -> dict:
+    """dataset.json of an episode dataset, checked: a wrong path or a foreign file is one clear line."""
     if not root.exists():
         raise UserError(f"dataset {root} does not exist")
+    if not root.is_dir():
+        raise UserError(f"dataset {root} is a file, not an episode dataset directory")
     meta = root / "dataset.json"
     if not meta.is_file():
         raise UserError(f"{root} is not an episode dataset (no dataset.json)")
     try:
         info = json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"corrupt {meta}: {e}") from None
-    if info.get("format") != FORMAT_NAME:
+    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
         raise UserError(f"{meta} does not describe a {FORMAT_NAME} dataset")
-    if int(info.get("version", 0)) > FORMAT_VERSION:
-        raise UserError(f"dataset {root} has format version {info['version']}; this software reads up to "
-                        f"{FORMAT_VERSION}")
+    version = info.get("version", 0)
+    if not isinstance(version, int):
+        raise UserError(f"{meta}: version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise UserError(f"dataset {root} has format version {version}; this software reads up to {FORMAT_VERSION}")
+    return info
+
+
+def list_episodes(root: str | Path, require_episodes: bool = True) -> list[Path]:
+    root = Path(root)
+    _dataset_info(root)
     paths = sorted((root / "episodes").glob("episode_*.h5"))
     if not paths and require_episodes:
         raise UserError(f"dataset {root} has no episodes")
@@ -179,7 +185,13 @@ def list_episodes(root: str | Path, require_episodes: bool = True) -> list[Path]
 
 
 def load_dataset(root: str | Path, successful_only: bool = True) -> list[Episode]:
-    eps = [read_episode(p) for p in list_episodes(root)]
+    """The dataset's episodes; one recorded with another task, control mode, state or cameras is refused."""
+    spec = dataset_spec(root) if "spec" in _dataset_info(Path(root)) else None
+    eps = []
+    for path in list_episodes(root):
+        ep = read_episode(path)
+        _check_belongs(ep, path, spec, eps[0] if eps else None)
+        eps.append(ep)
     if successful_only:
         eps = [e for e in eps if e.success]
     if not eps:
@@ -187,10 +199,30 @@ def load_dataset(root: str | Path, successful_only: bool = True) -> list[Episode
     return eps
 
 
+def _check_belongs(ep: Episode, path: Path, spec: PolicySpec | None, first: Episode | None) -> None:
+    """An episode must match its dataset's spec (or, in a dataset without one, the dataset's first episode)."""
+    if spec is not None:
+        want = {"task": spec.task, "control_mode": spec.control_mode, "state_layout": spec.state_layout,
+                "action_dim": spec.action_dim, "cameras": {c.name: (c.height, c.width) for c in spec.cameras}}
+    elif first is not None:
+        want = _contract(first)
+    else:
+        return
+    for key, value in _contract(ep).items():
+        if value != want[key]:
+            raise UserError(f"episode {path} does not belong to its dataset: {key} is {value!r}, the dataset's "
+                            f"is {want[key]!r}")
+
+
+def _contract(ep: Episode) -> dict:
+    return {"task": ep.task, "control_mode": ep.control_mode, "state_layout": ep.state_layout,
+            "action_dim": int(ep.actions.shape[1]), "cameras": {k: v.shape[1:3] for k, v in ep.images.items()}}
+
+
 def dataset_spec(root: str | Path, require_episodes: bool = True) -> PolicySpec:
     """The PolicySpec a dataset was recorded with (stored in dataset.json)."""
     list_episodes(root, require_episodes)
-    info = json.loads((Path(root) / "dataset.json").read_text())
-    if "spec" not in info:
+    info = _dataset_info(Path(root))
+    if not isinstance(info.get("spec"), dict):
         raise UserError(f"dataset {root} has no policy spec in dataset.json")
     return PolicySpec.from_dict(info["spec"])

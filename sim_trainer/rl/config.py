@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
 from sim_trainer.errors import UserError
 from sim_trainer.rl.policy import VALUE_INPUTS
 from sim_trainer.rl.samplers import NOISE_METHODS, SDE_MODES
@@ -14,6 +15,21 @@ from sim_trainer.yaml_config import load_yaml_mapping
 ALGORITHMS = ("ppo", "grpo")
 LOGPROB_LEVELS = ("token", "action", "chunk")
 REWARDS = ("sparse", "normalized_dense")
+SIM_BACKENDS = ("physx_cpu", "physx_cuda")
+# Every number's allowed range: a typo (a negative or NaN rate, a million envs) is refused before work.
+RL_LIMITS = {
+    "num_steps": Range(1, 100), "exec_steps": Range(1, 256), "noise_level": Range(0, 10, lo_open=True),
+    "std_min": Range(0, 10, lo_open=True), "std_max": Range(0, 10, lo_open=True), "num_envs": Range(1, 16384),
+    "rollout_chunks": Range(1, 4096), "group_size": Range(1, 16384), "total_env_steps": Range(1, 10**11),
+    "gamma": Range(0, 1, lo_open=True), "gae_lambda": Range(0, 1), "clip": Range(0, 10, lo_open=True),
+    "value_clip": Range(0, 1e6, lo_open=True), "huber_delta": Range(0, 1e6, lo_open=True), "ent_coef": Range(0, 10),
+    "lr": Range(0, 1, lo_open=True), "value_lr": Range(0, 1, lo_open=True), "weight_decay": Range(0, 10),
+    "critic_warmup": Range(0, 10**6), "epochs": Range(1, 100), "minibatch": Range(1, 65536),
+    "target_kl": Range(0, 100, lo_open=True), "max_grad_norm": Range(0, 1e6, lo_open=True),
+    "cotrain_weight": Range(0, 1000), "cotrain_batch": Range(1, 4096), "eval_every": Range(0, 10**6),
+    "eval_episodes": Range(1, 10_000), "eval_envs": Range(1, 4096), "save_every": Range(1, 10**6),
+    "seed": Range(0, SEED_MAX), "max_episode_steps": Range(1, 100_000),
+}
 
 
 @dataclass
@@ -67,6 +83,9 @@ class RLConfig:
     resume: bool = False
 
     def validate(self) -> RLConfig:
+        """Types and ranges of every field, whether it came from the YAML preset or from a flag."""
+        check_fields(self, RL_LIMITS)
+
         def one_of(name: str, value: str, options: tuple[str, ...]) -> None:
             if value not in options:
                 raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(options)}")
@@ -77,41 +96,41 @@ class RLConfig:
         one_of("logprob granularity", self.logprob, LOGPROB_LEVELS)
         one_of("value_input", self.value_input, VALUE_INPUTS)
         one_of("reward", self.reward, REWARDS)
+        one_of("sim_backend", self.sim_backend, SIM_BACKENDS)
         if not self.ckpt:
             raise UserError("give the SFT checkpoint to start from with --ckpt")
-        if not Path(self.ckpt).is_dir():
-            raise UserError(f"checkpoint {self.ckpt} does not exist or is not a directory")
+        _check_dir("checkpoint", self.ckpt)
         if not self.out:
             raise UserError("give a run directory with --out")
-        if self.num_steps < 1:
-            raise UserError(f"number of denoising steps must be >= 1, got K={self.num_steps}")
-        if self.exec_steps is not None and self.exec_steps < 1:
-            raise UserError(f"exec_steps must be >= 1, got C={self.exec_steps}")
-        if not 0 < self.std_min <= self.std_max:
-            raise UserError(f"need 0 < std_min <= std_max, got [{self.std_min}, {self.std_max}]")
-        if self.noise_level <= 0:
-            raise UserError("noise_level must be positive")
-        for name in ("num_envs", "rollout_chunks", "epochs", "minibatch", "total_env_steps", "save_every",
-                     "eval_episodes", "eval_envs"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1")
+        if self.cotrain_data is not None:
+            _check_dir("co-training dataset", self.cotrain_data)
+        if self.sim_backend == "physx_cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("sim_backend physx_cuda needs a CUDA GPU and this host has none; use physx_cpu")
+        else:
+            for name in ("num_envs", "eval_envs"):
+                if getattr(self, name) > cpu_process_limit():
+                    raise UserError(f"{name} {getattr(self, name)} exceeds {cpu_process_limit()}, the most CPU "
+                                    "simulator processes for this machine (physx_cuda runs more in one process)")
+        if not self.std_min <= self.std_max:
+            raise UserError(f"need std_min <= std_max, got [{self.std_min}, {self.std_max}]")
         if self.algorithm == "grpo" and (self.group_size < 2 or self.num_envs % self.group_size):
             raise UserError(f"GRPO needs group_size >= 2 dividing num_envs ({self.num_envs}), got {self.group_size}")
         if self.algorithm == "grpo" and self.critic_warmup:  # a preset's PPO setting must not waste GRPO rollouts
             print(f"warning: critic_warmup={self.critic_warmup} ignored: GRPO has no critic to warm up",
                   file=sys.stderr)
             self.critic_warmup = 0
-        if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
-            raise UserError("need 0 < gamma <= 1 and 0 <= gae_lambda <= 1")
-        if self.cotrain_weight < 0 or self.cotrain_batch < 1:
-            raise UserError("cotrain_weight must be >= 0 and cotrain_batch >= 1")
-        if self.cotrain_data is not None and not Path(self.cotrain_data).is_dir():
-            raise UserError(f"co-training dataset {self.cotrain_data} does not exist or is not a directory")
-        if self.clip <= 0:
-            raise UserError("clip must be positive")
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise UserError("target_kl must be positive (leave it out for no early stop)")
         return self
+
+
+def _check_dir(what: str, path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} {path} does not exist")
+    if not p.is_dir():
+        raise UserError(f"{what} {path} is a file, not a directory")
 
 
 def load_rl_config(path: str | None, overrides: dict) -> RLConfig:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sim_trainer.data.episodes import dataset_spec, load_dataset
@@ -32,10 +31,25 @@ from sim_trainer.rl.distributed import World
 from sim_trainer.rl.learner import Learner
 from sim_trainer.rl.policy import RLPolicy, SamplerSettings
 from sim_trainer.rl.rollout import Collector
+from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler
+from sim_trainer.trainer_state import (
+    applying,
+    check_same_run,
+    load_optimizer,
+    load_state,
+    optimizer_tensors,
+    read_meta,
+    save_state,
+)
 
 VISION_PREFIXES = ("cameras.",)
 EXPERT_PREFIXES = ("action_in.", "time_mlp.", "action_pos", "expert.", "expert_ln.", "action_out.")
+STATE = "rl_state"
+# What makes a resumed run the same run: where it started, what it learns on, how it samples and explores.
+RESUME_KEYS = ("ckpt", "task", "algorithm", "noise", "sde_mode", "num_steps", "exec_steps", "num_envs",
+               "rollout_chunks", "group_size", "logprob", "value_input", "reward", "max_episode_steps",
+               "cotrain_data", "freeze_vision", "expert_only", "seed")
 
 
 def _set_trainable(policy: RLPolicy, cfg: RLConfig) -> None:
@@ -52,8 +66,14 @@ def _seed_for(cfg: RLConfig, rank: int, update: int) -> tuple[np.random.Generato
 
 
 class RLTrainer:
-    def __init__(self, cfg: RLConfig, world: World | None = None):
+    def __init__(self, cfg: RLConfig, world: World | None = None, force: bool = False):
         self.cfg, self.world = cfg.validate(), world or World()
+        # every rank checks --out (nothing is written before the first barrier, so all see the same); rank 0 locks
+        self.run_dir = RunDir(cfg.out, what="an RL run", force=force, resume=cfg.resume,
+                              inputs=(cfg.ckpt, cfg.cotrain_data), state_file=f"{STATE}.json")
+        self.out = self.run_dir.path
+        if cfg.resume and (self.out / f"{STATE}.json").exists():
+            self._check_resumable()
         loaded = load_checkpoint(cfg.ckpt)
         self.spec, model = loaded.spec, loaded.model
         if cfg.exec_steps is not None:
@@ -85,7 +105,6 @@ class RLTrainer:
         self.text = tokenize(self.spec.instruction, model.cfg.max_text_len).to(self.device)
         self.learner = Learner(self.policy, cfg, self.text, self.chunk, self.world, self._cotrain_sampler(model))
         self.opt = self.learner.opt
-        self.out = Path(cfg.out)
         self.update, self.env_steps = 0, 0
         horizon = self.env_cfg.horizon
         self.episodic = cfg.algorithm == "grpo"
@@ -112,35 +131,27 @@ class RLTrainer:
                 "env_steps": self.env_steps, "start_checkpoint": self.cfg.ckpt}
         save_checkpoint(self.out, self.policy.model, self.spec, self.norm, info)
         tensors = {f"policy/{k}": v.detach().contiguous() for k, v in self.policy.state_dict().items()}
-        opt_sd = self.opt.state_dict()
-        for i, st in opt_sd["state"].items():
-            for name, v in st.items():
-                tensors[f"opt/{i}/{name}"] = torch.as_tensor(v).contiguous()
-        save_file(tensors, str(self.out / "rl_state.safetensors.tmp"))
-        os.replace(self.out / "rl_state.safetensors.tmp", self.out / "rl_state.safetensors")
-        meta = {"update": self.update, "env_steps": self.env_steps, "param_groups": opt_sd["param_groups"],
-                "config": asdict(self.cfg)}
-        (self.out / "rl_state.json.tmp").write_text(json.dumps(meta))
-        os.replace(self.out / "rl_state.json.tmp", self.out / "rl_state.json")
+        opt_tensors, param_groups = optimizer_tensors(self.opt)
+        meta = {"update": self.update, "env_steps": self.env_steps, "param_groups": param_groups,
+                "config": asdict(self.cfg), "world_size": self.world.size}
+        save_state(self.out, STATE, meta, tensors | opt_tensors)
+
+    def _check_resumable(self) -> None:
+        """Before any work: the run in --out must be this run (same start, task, method, envs and seed)."""
+        saved = read_meta(self.out, STATE)
+        if not isinstance(saved.get("config"), dict):
+            raise UserError(f"cannot resume {self.out}: {STATE}.json does not record the run's configuration")
+        check_same_run(self.out, saved["config"], asdict(self.cfg), RESUME_KEYS, path_keys=("ckpt", "cotrain_data"))
+        if "world_size" in saved:  # older states did not record it
+            check_same_run(self.out, saved, {"world_size": self.world.size}, ("world_size",))
 
     def load(self) -> None:
-        try:
-            meta = json.loads((self.out / "rl_state.json").read_text())
-            tensors = load_file(str(self.out / "rl_state.safetensors"))
-        except (OSError, json.JSONDecodeError, ValueError) as e:
-            raise UserError(f"cannot resume from {self.out}: trainer state unreadable ({e})") from None
-        for key in ("algorithm", "noise", "sde_mode", "num_steps", "num_envs", "value_input"):
-            if meta["config"].get(key) != getattr(self.cfg, key):
-                raise UserError(f"cannot resume {self.out}: it was run with {key}={meta['config'].get(key)!r}, "
-                                f"now {getattr(self.cfg, key)!r}")
-        self.policy.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("policy/")})
-        state: dict[int, dict] = {}
-        for k, v in tensors.items():
-            if k.startswith("opt/"):
-                _, i, name = k.split("/", 2)
-                state.setdefault(int(i), {})[name] = v
-        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        self.update, self.env_steps = int(meta["update"]), int(meta["env_steps"])
+        self._check_resumable()  # again under the lock: the run may have moved on since
+        meta, tensors = load_state(self.out, STATE)
+        with applying(self.out):
+            self.policy.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("policy/")})
+            load_optimizer(self.opt, tensors, meta["param_groups"])
+            self.update, self.env_steps = int(meta["update"]), int(meta["env_steps"])
 
     # ----- the loop ---------------------------------------------------------------------------------------
     def evaluate(self, episodes: int, env_cfg: EnvConfig | None = None) -> dict:
@@ -156,22 +167,18 @@ class RLTrainer:
 
     def run(self) -> Path:
         cfg, world = self.cfg, self.world
-        if world.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        world.barrier()
-        if (self.out / "rl_state.json").exists():
-            if not cfg.resume:
-                raise UserError(f"{self.out} holds an RL run already; pass --resume to continue it or pick a "
-                                "new --out")
-            self.load()
-        venv = make_vec_env(self.env_cfg, cfg.num_envs)
-        try:
-            check_compatible(self.spec, venv.spec, cfg.ckpt)
-            collector = Collector(venv, self.policy, self.text, self.chunk, cfg.gamma, self.episodic,
-                                  cfg.group_size)
-            return self._loop(collector)
-        finally:
-            venv.close()
+        with self.run_dir if world.is_main else nullcontext():  # locked (and emptied with --force) by rank 0
+            world.barrier()
+            if cfg.resume and (self.out / f"{STATE}.json").exists():
+                self.load()
+            venv = make_vec_env(self.env_cfg, cfg.num_envs)
+            try:
+                check_compatible(self.spec, venv.spec, cfg.ckpt)
+                collector = Collector(venv, self.policy, self.text, self.chunk, cfg.gamma, self.episodic,
+                                      cfg.group_size)
+                return self._loop(collector)
+            finally:
+                venv.close()
 
     def _loop(self, collector: Collector) -> Path:
         cfg, world = self.cfg, self.world
@@ -250,9 +257,9 @@ class RLTrainer:
             f.write(json.dumps(row) + "\n")
 
 
-def train_rl(cfg: RLConfig) -> Path:
+def train_rl(cfg: RLConfig, force: bool = False) -> Path:
     world = World.init()
     try:
-        return RLTrainer(cfg, world).run()
+        return RLTrainer(cfg, world, force=force).run()
     finally:
         world.close()

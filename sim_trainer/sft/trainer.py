@@ -7,25 +7,46 @@ trainer_state.{json,safetensors} (raw weights, EMA, AdamW moments, RNG states: n
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sim_trainer.data.episodes import dataset_spec, load_dataset
+from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
+from sim_trainer.data.episodes import dataset_spec, list_episodes, load_dataset
 from sim_trainer.data.normalize import NormStats
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import save_checkpoint
-from sim_trainer.models.config import ModelConfig
+from sim_trainer.models.config import SIZES, ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
+from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler, random_shift
+from sim_trainer.trainer_state import (
+    applying,
+    check_same_run,
+    load_optimizer,
+    load_state,
+    optimizer_tensors,
+    read_meta,
+    save_state,
+)
+
+# Every number's allowed range: a typo (a negative or NaN rate, a batch of a million) is refused before work.
+SFT_LIMITS = {
+    "horizon": Range(1, 256), "exec_steps": Range(1, 256), "num_steps": Range(1, 100), "steps": Range(1, 10**8),
+    "batch_size": Range(1, 1024), "lr": Range(0, 1, lo_open=True), "weight_decay": Range(0, 10),
+    "warmup": Range(0, 10**8), "grad_clip": Range(0, 1e6, lo_open=True), "ema": Range(0, 1, hi_open=True),
+    "augment_pad": Range(0, 32), "seed": Range(0, SEED_MAX), "log_every": Range(1, 10**8),
+    "save_every": Range(1, 10**8), "eval_every": Range(0, 10**8), "eval_episodes": Range(1, 10_000),
+    "eval_envs": Range(1, cpu_process_limit()), "image_grid": Range(1, 16), "mix": Range(0, 1e6, lo_open=True),
+}
+# What makes a resumed run the same run: the model, the data and how they are sampled.
+RESUME_KEYS = ("data", "mix", "size", "image_grid", "horizon", "exec_steps", "num_steps", "batch_size", "seed")
+STATE = "trainer_state"
 
 
 @dataclass
@@ -54,6 +75,21 @@ class SFTConfig:
     eval_envs: int = 1
     resume: bool = False
 
+    def validate(self) -> SFTConfig:
+        """Types and ranges of every field, whether it came from YAML or from a flag."""
+        check_fields(self, SFT_LIMITS)
+        if self.size not in SIZES:
+            raise UserError(f"unknown model size {self.size!r}; choose one of {', '.join(SIZES)}")
+        if not self.data:
+            raise UserError("give at least one dataset with --data")
+        if not self.out:
+            raise UserError("give an output directory with --out")
+        if self.mix and len(self.mix) != len(self.data):
+            raise UserError(f"--mix needs one ratio per dataset ({len(self.data)}), got {len(self.mix)}")
+        if self.exec_steps > self.horizon:
+            raise UserError(f"exec_steps C={self.exec_steps} cannot exceed the chunk horizon H={self.horizon}")
+        return self
+
 
 def lr_at(cfg: SFTConfig, step: int) -> float:
     if step < cfg.warmup:
@@ -79,49 +115,50 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
-def _save_trainer_state(out: Path, step: int, model, ema: EMA, opt, sampler: MixedSampler, gen) -> None:
+def _save_trainer_state(out: Path, step: int, model, ema: EMA, opt, sampler: MixedSampler, gen,
+                        run: dict) -> None:
     tensors = {f"weights/{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors |= {f"ema/{k}": v.contiguous() for k, v in ema.shadow.items()}
-    opt_sd = opt.state_dict()
-    for i, st in opt_sd["state"].items():
-        for name, v in st.items():
-            tensors[f"opt/{i}/{name}"] = torch.as_tensor(v).contiguous()
-    tensors["rng/torch"] = torch.get_rng_state()
-    tensors["rng/gen"] = gen.get_state()
-    save_file(tensors, str(out / "trainer_state.safetensors.tmp"))
-    os.replace(out / "trainer_state.safetensors.tmp", out / "trainer_state.safetensors")
-    meta = {"step": step, "param_groups": opt_sd["param_groups"], "sampler_rng": sampler.rng.bit_generator.state}
-    (out / "trainer_state.json.tmp").write_text(json.dumps(meta))
-    os.replace(out / "trainer_state.json.tmp", out / "trainer_state.json")
+    opt_tensors, param_groups = optimizer_tensors(opt)
+    tensors |= opt_tensors | {"rng/torch": torch.get_rng_state(), "rng/gen": gen.get_state()}
+    meta = {"step": step, "param_groups": param_groups, "sampler_rng": sampler.rng.bit_generator.state, **run}
+    save_state(out, STATE, meta, tensors)
 
 
 def _load_trainer_state(out: Path, model, ema: EMA, opt, sampler: MixedSampler, gen) -> int:
-    try:
-        meta = json.loads((out / "trainer_state.json").read_text())
-        tensors = load_file(str(out / "trainer_state.safetensors"))
-    except (OSError, json.JSONDecodeError, ValueError) as e:
-        raise UserError(f"cannot resume from {out}: trainer state unreadable ({e})") from None
-    model.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("weights/")})
-    ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt/"):
-            _, i, name = k.split("/", 2)
-            state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng/torch"])
-    gen.set_state(tensors["rng/gen"])
-    sampler.rng.bit_generator.state = meta["sampler_rng"]
-    return int(meta["step"])
+    meta, tensors = load_state(out, STATE)
+    with applying(out):
+        model.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("weights/")})
+        ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}
+        if ema.shadow.keys() != model.state_dict().keys():
+            raise KeyError("EMA weights are incomplete")
+        load_optimizer(opt, tensors, meta["param_groups"])
+        torch.set_rng_state(tensors["rng/torch"])
+        gen.set_state(tensors["rng/gen"])
+        sampler.rng.bit_generator.state = meta["sampler_rng"]
+        return int(meta["step"])
 
 
-def train_sft(cfg: SFTConfig) -> Path:
-    if not cfg.data:
-        raise UserError("give at least one dataset with --data")
-    if cfg.mix and len(cfg.mix) != len(cfg.data):
-        raise UserError(f"--mix needs one ratio per dataset ({len(cfg.data)}), got {len(cfg.mix)}")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise UserError("steps and batch size must be positive")
+def _run_identity(cfg: SFTConfig) -> dict:
+    """What a resumed run must share with the saved one: its config and the episode count of each dataset."""
+    return {"config": asdict(cfg), "episodes": [len(list_episodes(d)) for d in cfg.data]}
+
+
+def _check_resumable(out: Path, cfg: SFTConfig) -> None:
+    """Before any work: the run in `out` must be this run (same model, data and sampling), not another one."""
+    saved = read_meta(out, STATE)
+    if not isinstance(saved.get("config"), dict):
+        raise UserError(f"cannot resume {out}: {STATE}.json does not record the run's configuration")
+    check_same_run(out, saved["config"], asdict(cfg), RESUME_KEYS, path_keys=("data",))
+    for d, was, now in zip(cfg.data, saved.get("episodes") or [], _run_identity(cfg)["episodes"], strict=False):
+        if was != now:
+            raise UserError(f"cannot resume {out}: dataset {d} had {was} episodes when the run started, now {now}; "
+                            "choose a new --out")
+
+
+def train_sft(cfg: SFTConfig, force: bool = False) -> Path:
+    """Train into cfg.out; everything a user can get wrong is checked before the first step."""
+    cfg.validate()
     specs = [dataset_spec(d) for d in cfg.data]
     spec = specs[0]
     for d, s in zip(cfg.data[1:], specs[1:], strict=True):
@@ -131,6 +168,13 @@ def train_sft(cfg: SFTConfig) -> Path:
     sizes = {(c.height, c.width) for c in spec.cameras}
     if len(sizes) > 1 or any(h != w for h, w in sizes):
         raise UserError(f"all cameras must share one square resolution, got {sorted(sizes)}")
+    if cfg.image_grid and spec.cameras and cfg.image_grid > spec.cameras[0].height:
+        raise UserError(f"image_grid {cfg.image_grid} exceeds the {spec.cameras[0].height}-pixel camera images")
+    run_dir = RunDir(cfg.out, what="an SFT run", force=force, resume=cfg.resume, inputs=tuple(cfg.data),
+                     state_file=f"{STATE}.json")
+    out = run_dir.path
+    if cfg.resume and (out / f"{STATE}.json").exists():
+        _check_resumable(out, cfg)
     datasets = [load_dataset(d) for d in cfg.data]
     ratios = cfg.mix or [float(sum(len(e) for e in eps)) for eps in datasets]
     model_cfg = ModelConfig.from_size(
@@ -151,15 +195,20 @@ def train_sft(cfg: SFTConfig) -> Path:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     ema = EMA(model, cfg.ema)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = 0
-    if cfg.resume and (out / "trainer_state.json").exists():
-        start = _load_trainer_state(out, model, ema, opt, sampler, gen)
-    elif (out / "trainer_state.json").exists():
-        raise UserError(f"{out} holds a training run already; pass --resume to continue it or pick a new --out")
+    with run_dir:
+        start = 0
+        if cfg.resume and (out / f"{STATE}.json").exists():
+            _check_resumable(out, cfg)  # again under the lock: the run may have moved on since
+            start = _load_trainer_state(out, model, ema, opt, sampler, gen)
+        _train(cfg, out, start, model, model_cfg, spec, norm, datasets, sampler, opt, ema, gen)
+    return out
+
+
+def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, datasets, sampler, opt, ema,
+           gen) -> None:
     info = {"trained_by": "sim-trainer sft", "sft_config": asdict(cfg),
             "datasets": {d: len(eps) for d, eps in zip(cfg.data, datasets, strict=True)}}
+    run = _run_identity(cfg)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -191,11 +240,10 @@ def train_sft(cfg: SFTConfig) -> Path:
         last = step + 1 == cfg.steps
         if last or (step + 1) % cfg.save_every == 0:
             save_checkpoint(out, model, spec, norm, {**info, "step": step + 1}, state_dict=ema.shadow)
-            _save_trainer_state(out, step + 1, model, ema, opt, sampler, gen)
+            _save_trainer_state(out, step + 1, model, ema, opt, sampler, gen, run)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
             _periodic_eval(cfg, model_cfg, norm, spec, ema, tb, step + 1)
     tb.close()
-    return out
 
 
 def _periodic_eval(cfg: SFTConfig, model_cfg, norm, spec, ema: EMA, tb, step: int) -> None:
