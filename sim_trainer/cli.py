@@ -13,8 +13,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from policy_runtime.yaml_io import load_yaml_mapping
 from sim_trainer.errors import UserError
-from sim_trainer.yaml_config import load_yaml_mapping
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "pushcube_rgb_small"
 
