@@ -179,10 +179,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         policy = BackendPolicy.from_export(a.export, threads=a.threads or 0)
     spec = policy.spec
     task = a.task or spec.task
-    env_cfg = EnvConfig(task=task, obs_mode=spec.obs_mode, control_mode=spec.control_mode,
-                        image_size=spec.cameras[0].height if spec.cameras else 64,
-                        sim_backend=a.sim_backend, max_episode_steps=a.max_steps,
-                        cameras=_camera_overrides(a.camera_config), domain=a.domain).validate()
+    env_cfg = EnvConfig.for_policy(spec, task, sim_backend=a.sim_backend, max_episode_steps=a.max_steps,
+                                   cameras=_camera_overrides(a.camera_config), domain=a.domain)
     # The output is checked and claimed before the (long) evaluation, so its results cannot be lost at the end.
     out = _new_run_dir(a.out) if a.new_run_dir else claim_output_dir(a.out, force=a.force,
                                                                      inputs=(a.ckpt, a.export))

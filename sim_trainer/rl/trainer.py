@@ -83,11 +83,8 @@ class RLTrainer:
             model.cfg.exec_steps = cfg.exec_steps
         model.cfg.num_steps = cfg.num_steps  # the saved checkpoint evaluates and exports at the trained K
         self.norm = NormStats.load(Path(cfg.ckpt) / "norm_stats.json")
-        self.env_cfg = EnvConfig(task=cfg.task or self.spec.task, obs_mode=self.spec.obs_mode,
-                                 control_mode=self.spec.control_mode,
-                                 image_size=self.spec.cameras[0].height if self.spec.cameras else 64,
-                                 reward_mode=cfg.reward, sim_backend=cfg.sim_backend,
-                                 max_episode_steps=cfg.max_episode_steps).validate()
+        self.env_cfg = EnvConfig.for_policy(self.spec, cfg.task, reward_mode=cfg.reward, sim_backend=cfg.sim_backend,
+                                            max_episode_steps=cfg.max_episode_steps)
         self.eval_domain_cfg = (replace(self.env_cfg, domain=cfg.eval_domain).validate()
                                 if cfg.eval_domain else None)
         self.chunk = model.cfg.exec_steps

@@ -252,9 +252,7 @@ def _periodic_eval(cfg: SFTConfig, model_cfg, norm, spec, ema: EMA, tb, step: in
 
     ema_model = FlowVLA(model_cfg, norm)
     ema_model.load_state_dict(ema.shadow)
-    env_cfg = EnvConfig(task=spec.task, obs_mode=spec.obs_mode, control_mode=spec.control_mode,
-                        image_size=model_cfg.image_size or 64)
-    res = evaluate(ChunkPolicy(ema_model, spec), env_cfg, cfg.eval_episodes, cfg.eval_envs,
+    res = evaluate(ChunkPolicy(ema_model, spec), EnvConfig.for_policy(spec), cfg.eval_episodes, cfg.eval_envs,
                    record_video=False, progress=False)
     s = res.summary()
     tb.add_scalar("eval/success_once", s["success_once"], step)
