@@ -164,6 +164,20 @@ def test_bad_input_is_refused_and_changes_nothing(world, name, args, yaml_text, 
     assert_refused_unchanged("sim-trainer", world.args(args), watched=[world.tmp, SHIPPED], contains=fragment)
 
 
+def test_every_number_of_the_trainer_configs_has_a_range():
+    """A new numeric option cannot slip in unchecked: each one needs its entry in the limits table."""
+    import typing
+
+    from sim_trainer.rl.config import RL_LIMITS, RLConfig
+    from sim_trainer.sft.trainer import SFT_LIMITS, SFTConfig
+
+    for cls, limits in ((SFTConfig, SFT_LIMITS), (RLConfig, RL_LIMITS)):
+        hints = typing.get_type_hints(cls)
+        numeric = {name for name, tp in hints.items()
+                   if {int, float, list[float]} & {tp, *typing.get_args(tp)}}
+        assert numeric == set(limits), (cls.__name__, numeric ^ set(limits))
+
+
 def test_a_foreign_episode_in_a_dataset_is_refused(world):
     """An episode of another task copied into a dataset is named, not trained on (it crashed in batching before)."""
     from sim_trainer.data.episodes import EpisodeWriter, read_episode
@@ -176,7 +190,7 @@ def test_a_foreign_episode_in_a_dataset_is_refused(world):
 
 
 def _sft(out: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli("sim-trainer", ["sft", "--data", data, "--out", out, *TINY_SFT, "--warmup", "1", *extra])
+    return run_cli("sim-trainer", ["sft", "--data", data, "--out", out, *TINY_SFT, *extra])
 
 
 def test_force_really_replaces_a_checkpoint(world):
@@ -271,7 +285,7 @@ def test_resume_continues_the_same_run(world, sft_run):
 
 
 def _sft_args(out: Path, data: Path) -> list[str]:
-    return ["sft", "--data", str(data), "--out", str(out), *TINY_SFT, "--warmup", "1", "--steps", "3"]
+    return ["sft", "--data", str(data), "--out", str(out), *TINY_SFT, "--steps", "3"]
 
 
 def test_rl_resume_refuses_another_run_and_a_damaged_state(world):
