@@ -13,6 +13,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from policy_runtime.errors import run_command
 from policy_runtime.yaml_io import load_yaml_mapping
 from sim_trainer.errors import UserError
 
@@ -367,14 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "data2", None):
         args.data = (args.data or []) + [args.data2]
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"sim-trainer: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sim-trainer: interrupted", file=sys.stderr)
-        return 130
+    return run_command("sim-trainer", lambda: args.func(args))
 
 
 if __name__ == "__main__":
