@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_checkpoint(args.ckpt)
     spec = loaded.spec
     policy = ChunkPolicy(loaded.model, spec)
-    cfg = EnvConfig(task=spec.task, obs_mode=spec.obs_mode, control_mode=spec.control_mode,
-                    image_size=spec.cameras[0].height if spec.cameras else 64)
+    cfg = EnvConfig.for_policy(spec)
     rows = []
     for latency in args.latencies_ms:
         for strategy in args.strategies:

@@ -105,9 +105,9 @@ def main() -> None:
     p.add_argument("--out", default="outputs/bench_rl")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `sim-trainer rl` flags for all runs")
     a = p.parse_args()
-    import yaml
+    from policy_runtime.yaml_io import load_yaml_mapping
 
-    preset = yaml.safe_load(Path(a.preset).read_text())
+    preset = load_yaml_mapping(a.preset, "preset")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     k = int(preset.get("num_steps", 4))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from calibration.checks import arg_integer, arg_number
-from policy_runtime.errors import UserError
+from policy_runtime.errors import UserError, run_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -301,20 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import cv2
-
     args = build_parser().parse_args(argv)
+    return run_command("calibrate", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    import cv2  # not at import time: `calibrate --help` stays quick
+
     try:
         return args.func(args)
-    except UserError as e:
-        print(f"calibrate: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        return 2
     except cv2.error as e:
-        print(f"calibrate: error: OpenCV refused the input: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("calibrate: interrupted", file=sys.stderr)
-        return 130
+        raise UserError(f"OpenCV refused the input: {str(e).strip().splitlines()[-1]}") from None
 
 
 if __name__ == "__main__":

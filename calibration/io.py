@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from calibration.checks import integer, number
 from calibration.transforms import from_pos_quat_xyzw, make_T, quat_xyzw
 from policy_runtime.artifacts import atomic_write_text
 from policy_runtime.errors import UserError
+from policy_runtime.yaml_io import dump_yaml, load_yaml_mapping
 
 MOUNTS = ("eye-in-hand", "eye-to-hand")
 MAX_CAMERA_DISTANCE_M = 5.0  # farther than this from the robot, a pose is in mm or the calibration is broken
@@ -28,11 +28,24 @@ DISTORTION_LENGTHS = (4, 5, 8, 12, 14)
 
 @dataclass
 class CameraIntrinsics:
+    """One camera's calibration as ROS camera_info holds it; R and P default to a monocular camera's."""
+
     width: int
     height: int
     K: np.ndarray
     dist: np.ndarray
     name: str = "camera"
+    R: np.ndarray | None = None  # 3x3 rectification; None: identity
+    P: np.ndarray | None = None  # 3x4 projection; None: [K | 0] (rectified images keep K)
+    distortion_model: str = ""  # "": plumb_bob for up to 5 coefficients, rational_polynomial beyond
+
+    def __post_init__(self) -> None:
+        if self.R is None:
+            self.R = np.eye(3)
+        if self.P is None:
+            self.P = np.hstack([np.asarray(self.K, dtype=np.float64), np.zeros((3, 1))])
+        if not self.distortion_model:
+            self.distortion_model = "plumb_bob" if len(self.dist) <= 5 else "rational_polynomial"
 
 
 @dataclass
@@ -49,25 +62,11 @@ def _matrix(rows: int, cols: int, values) -> dict:
     return {"rows": rows, "cols": cols, "data": [float(v) for v in np.asarray(values).reshape(-1)]}
 
 
-def load_yaml(path: str | Path, what: str) -> dict:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not a text (YAML) file") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} must be a YAML mapping, not {type(data).__name__}")
-    return data
-
-
 def write_yaml(path: str | Path, data: dict) -> Path:
     """Write a YAML file atomically (the commands themselves go through calibration.outputs)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(p, yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=160))
+    return atomic_write_text(p, dump_yaml(data))
 
 
 def _key(d: dict, key: str, where: str):
@@ -105,9 +104,12 @@ def _ros_matrix(d: dict, key: str, rows: int | None, cols: int | None, where: st
 
 
 def read_camera_yaml(path: str | Path) -> CameraIntrinsics:
-    """The camera YAML from `calibrate intrinsics`, with every number checked (finite, positive, in the image)."""
+    """A camera_info YAML (as `calibrate intrinsics` writes it), every number checked (finite, positive, in the image).
+
+    The camera node publishes what it reads here; rectification and projection matrices are optional.
+    """
     where = f"camera file {path}"
-    d = load_yaml(path, "camera file")
+    d = load_yaml_mapping(path, "camera file")
     if "camera_matrix" not in d:
         raise UserError(f"{where} is not a camera_info YAML (from `calibrate intrinsics`): it lacks 'camera_matrix'")
     w = integer(_key(d, "image_width", where), f"{where}: image_width", low=1, high=MAX_IMAGE_SIDE)
@@ -124,26 +126,34 @@ def read_camera_yaml(path: str | Path) -> CameraIntrinsics:
         raise UserError(f"{where}: principal point ({K[0, 2]:g}, {K[1, 2]:g}) lies outside the {w}x{h} image")
     if not np.allclose(K[1:, 0], 0) or not np.allclose(K[2], [0, 0, 1]):
         raise UserError(f"{where}: camera_matrix must be [fx, s, cx, 0, fy, cy, 0, 0, 1]")
-    name = d.get("camera_name", "")
-    if not isinstance(name, str):
-        raise UserError(f"{where}: camera_name must be a string")
-    return CameraIntrinsics(w, h, K, dist, name)
+    name = d.get("camera_name", "camera")
+    model = d.get("distortion_model", "")
+    if not isinstance(name, str) or not isinstance(model, str):
+        raise UserError(f"{where}: camera_name and distortion_model must be strings")
+    R = _ros_matrix(d, "rectification_matrix", 3, 3, where) if "rectification_matrix" in d else None
+    P = _ros_matrix(d, "projection_matrix", 3, 4, where) if "projection_matrix" in d else None
+    return CameraIntrinsics(w, h, K, dist, name, R, P, model)
 
 
-def camera_yaml(cam: CameraIntrinsics, report: dict) -> dict:
-    """ROS camera_info YAML. P = [K | 0]: rectified images keep K (undistort with newCameraMatrix=K)."""
-    return {
+def camera_yaml(cam: CameraIntrinsics, report: dict | None = None) -> dict:
+    """ROS camera_info YAML, with what the calibration measured under `calibration` when there is a report.
+
+    A fresh calibration has P = [K | 0]: rectified images keep K (undistort with newCameraMatrix=K).
+    """
+    data = {
         "image_width": int(cam.width),
         "image_height": int(cam.height),
         "camera_name": cam.name,
         "camera_matrix": _matrix(3, 3, cam.K),
-        "distortion_model": "plumb_bob" if len(cam.dist) <= 5 else "rational_polynomial",
+        "distortion_model": cam.distortion_model,
         "distortion_coefficients": _matrix(1, len(cam.dist), cam.dist),
-        "rectification_matrix": _matrix(3, 3, np.eye(3)),
-        "projection_matrix": _matrix(3, 4, np.hstack([cam.K, np.zeros((3, 1))])),
-        "calibration": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        **report},
+        "rectification_matrix": _matrix(3, 3, cam.R),
+        "projection_matrix": _matrix(3, 4, cam.P),
     }
+    if report is not None:
+        data["calibration"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                               **report}
+    return data
 
 
 def extrinsics_yaml(ext: Extrinsics, report: dict) -> dict:
@@ -165,7 +175,7 @@ def extrinsics_yaml(ext: Extrinsics, report: dict) -> dict:
 def read_extrinsics_yaml(path: str | Path) -> Extrinsics:
     """The extrinsics YAML from `calibrate handeye`, with every field checked (types, finite, a plausible place)."""
     where = f"extrinsics file {path}"
-    d = load_yaml(path, "extrinsics file")
+    d = load_yaml_mapping(path, "extrinsics file")
     if "quaternion_xyzw" not in d or "translation" not in d:
         raise UserError(f"{where} is not an extrinsics YAML (from `calibrate handeye`): it lacks 'translation' or "
                         "'quaternion_xyzw'")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
 from policy_runtime.artifacts import atomic_write_bytes, probe_writable
 from policy_runtime.errors import UserError
+from policy_runtime.yaml_io import dump_yaml
 
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 TEMP_NAME_EXTRA = 32  # bytes the temp files' names add to an output's name (".NAME.PID.new" and mkstemp's own)
@@ -112,7 +112,7 @@ def _link_no_replace(tmp: Path, path: Path) -> None:
 
 
 def yaml_bytes(data: dict) -> bytes:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=160).encode()
+    return dump_yaml(data).encode()
 
 
 def image_bytes(path: Path, image: np.ndarray) -> bytes:

@@ -62,7 +62,7 @@ def check_writable_dir(path: str | Path, what: str = "output directory") -> Path
         if path.exists() and not path.is_dir():
             raise UserError(f"{what} {path} is a file, not a directory")
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # also from exists(): a name too long for the file system is not "missing"
+    except OSError as e:
         reason = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
         raise UserError(f"cannot create {what} {path}: {reason}") from None
     probe_writable(path, what)

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from policy_runtime.errors import UserError
+from policy_runtime.errors import UserError, run_command
 from policy_runtime.protocol import DEFAULT_ENDPOINT, Limits
 
 log = logging.getLogger("policy_runtime")
@@ -186,14 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return {"serve": _serve, "check": _check, "keys": _keys}[args.cmd](args)
-    except UserError as e:
-        print(f"policy-runtime: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("policy-runtime: interrupted", file=sys.stderr)
-        return 130
+    return run_command("policy-runtime", lambda: {"serve": _serve, "check": _check, "keys": _keys}[args.cmd](args))
 
 
 if __name__ == "__main__":

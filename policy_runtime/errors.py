@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """A mistake in what the user gave us (directory, key file, option, port): one line on stderr, exit 2."""
+
+
+def run_command(tool: str, command: Callable[[], int]) -> int:
+    """How every command line tool ends: a UserError is one line on stderr and exit 2, Ctrl-C one line and 130."""
+    try:
+        return command()
+    except UserError as e:
+        print(f"{tool}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{tool}: interrupted", file=sys.stderr)
+        return 130

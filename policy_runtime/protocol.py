@@ -1,4 +1,4 @@
-"""The wire format (contract 4): the single definition used by the server, the client and docs/protocol.md.
+"""The policy server's wire format: the single definition used by the server, the client and docs/protocol.md.
 
 Every ZeroMQ message is one msgpack map with a `kind` (the header frame), optionally followed by
 attached frames. numpy arrays travel either inline as msgpack ExtType code 1 (a fixed binary header:

@@ -13,8 +13,9 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from policy_runtime.errors import run_command
+from policy_runtime.yaml_io import load_yaml_mapping
 from sim_trainer.errors import UserError
-from sim_trainer.yaml_config import load_yaml_mapping
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "pushcube_rgb_small"
 
@@ -179,10 +180,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         policy = BackendPolicy.from_export(a.export, threads=a.threads or 0)
     spec = policy.spec
     task = a.task or spec.task
-    env_cfg = EnvConfig(task=task, obs_mode=spec.obs_mode, control_mode=spec.control_mode,
-                        image_size=spec.cameras[0].height if spec.cameras else 64,
-                        sim_backend=a.sim_backend, max_episode_steps=a.max_steps,
-                        cameras=_camera_overrides(a.camera_config), domain=a.domain).validate()
+    env_cfg = EnvConfig.for_policy(spec, task, sim_backend=a.sim_backend, max_episode_steps=a.max_steps,
+                                   cameras=_camera_overrides(a.camera_config), domain=a.domain)
     # The output is checked and claimed before the (long) evaluation, so its results cannot be lost at the end.
     out = _new_run_dir(a.out) if a.new_run_dir else claim_output_dir(a.out, force=a.force,
                                                                      inputs=(a.ckpt, a.export))
@@ -369,14 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "data2", None):
         args.data = (args.data or []) + [args.data2]
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"sim-trainer: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sim-trainer: interrupted", file=sys.stderr)
-        return 130
+    return run_command("sim-trainer", lambda: args.func(args))
 
 
 if __name__ == "__main__":

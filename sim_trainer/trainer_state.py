@@ -74,21 +74,33 @@ def check_same_run(out: Path, saved: dict, now: dict, keys: tuple[str, ...], pat
                             f"{key}={now.get(key)!r}; resume with the same {key} or choose a new --out")
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    """The optimiser's per-parameter moments as flat tensors, and its param groups (JSON)."""
+def save_training(out: Path, stem: str, meta: dict, opt: torch.optim.Optimizer,
+                  **parts: dict[str, torch.Tensor]) -> None:
+    """One resumable save: `meta` (JSON), the optimiser's moments and named tensor parts (weights, ema, rng ...).
+
+    Each part is stored as `<part>/<key>`, the optimiser as `opt/<param>/<moment>` with its param groups in meta.
+    """
+    tensors = {f"{part}/{k}": v.detach().contiguous() for part, sd in parts.items() for k, v in sd.items()}
     sd = opt.state_dict()
-    tensors = {f"opt/{i}/{name}": torch.as_tensor(v).contiguous()
-               for i, st in sd["state"].items() for name, v in st.items()}
-    return tensors, sd["param_groups"]
+    tensors |= {f"opt/{i}/{name}": torch.as_tensor(v).contiguous()
+                for i, st in sd["state"].items() for name, v in st.items()}
+    save_state(out, stem, {**meta, "param_groups": sd["param_groups"]}, tensors)
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_groups: list) -> None:
+def load_training(out: Path, stem: str, opt: torch.optim.Optimizer) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """What save_training wrote: its meta and parts ({part: {key: tensor}}); the optimiser is restored here."""
+    meta, tensors = load_state(out, stem)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        part, _, name = key.partition("/")
+        parts.setdefault(part, {})[name] = v
     state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt/"):
-            _, i, name = k.split("/", 2)
+    with applying(out):
+        for key, v in parts.pop("opt", {}).items():
+            i, name = key.split("/", 1)
             state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": param_groups})
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta, parts
 
 
 def _resolved(v: object) -> object:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from policy_runtime.contract import CameraSpec, PolicySpec
 from sim_trainer.envs.spec import CameraOverride, EnvConfig
 from sim_trainer.envs.tasks import TASKS, get_task
 from sim_trainer.envs.vec_env import make_vec_env
@@ -20,6 +21,20 @@ def test_required_tasks_have_instructions():
 def test_unknown_task_is_a_user_error():
     with pytest.raises(UserError, match="unknown task"):
         EnvConfig(task="FlyToMars-v1").validate()
+
+
+def test_env_config_for_a_policy_takes_its_modes_and_image_size():
+    spec = PolicySpec(task="PickCube-v1", control_mode="pd_ee_delta_pose", obs_mode="rgb",
+                      cameras=(CameraSpec("base_camera", 48, 48),), state_layout=(("qpos", 9),), action_dim=7,
+                      action_low=(-1.0,) * 7, action_high=(1.0,) * 7, control_hz=20.0, instruction="pick")
+    cfg = EnvConfig.for_policy(spec, sim_backend="physx_cpu", max_episode_steps=5)
+    assert (cfg.task, cfg.obs_mode, cfg.control_mode, cfg.image_size, cfg.horizon) == (
+        "PickCube-v1", "rgb", "pd_ee_delta_pose", 48, 5)
+    assert EnvConfig.for_policy(spec, "PushCube-v1").task == "PushCube-v1"
+    state_only = PolicySpec(**{**spec.__dict__, "obs_mode": "state", "cameras": ()})
+    assert EnvConfig.for_policy(state_only).image_size == EnvConfig().image_size
+    with pytest.raises(UserError, match="unknown task"):
+        EnvConfig.for_policy(spec, "FlyToMars-v1")
 
 
 @pytest.mark.parametrize("task", ["PickCube-v1", "PushCube-v1", "StackCube-v1", "PullCube-v1"])

@@ -85,6 +85,8 @@ def test_trial_plans_and_bad_yaml(tmp_path):
     bad.write_text("policy_nod:\n  ros__parameters: {}\n")
     with pytest.raises(StackError, match="unknown node"):
         load_params(bad)
+    with pytest.raises(StackError, match=r"--set 'policy_node.x=\[1,' is not valid YAML at line 1"):
+        load_params(LAUNCH / "config" / CASES[0][1], ["policy_node.x=[1,"])
     r = subprocess.run([sys.executable, "-m", "vla_ros.stack", str(bad)], capture_output=True, text=True,
                        env=subprocess_env(), cwd=ROOT, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:")

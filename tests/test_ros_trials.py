@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from vla_ros.camera_info import CameraInfoError, dump_camera_info, load_camera_info
 from vla_ros.trials import Journal, PlanError, load_plan, next_plan_index, summarize, write_summary
 
+from calibration.io import camera_yaml, read_camera_yaml, write_yaml
+from policy_runtime.errors import UserError
 from tests.ros_fixtures import ROOT  # noqa: F401  (puts vla_ros on the path)
 
 
@@ -19,7 +20,7 @@ def test_plan_forms_and_errors(tmp_path):
     p.write_text("instruction: a\ntrials:\n  - {seed: 5}\n  - {seed: 6, instruction: b}\n")
     assert [(t.seed, t.instruction) for t in load_plan(p)] == [(5, "a"), (6, "b")]
     for bad, msg in (("count: 0\n", "count"), ("trials: []\n", "non-empty"), ("trials:\n  - {seed: x}\n", "seed"),
-                     ("- 1\n", "mapping"), ("count: [\n", "cannot read")):
+                     ("- 1\n", "mapping"), ("count: [\n", "not valid YAML at line 2")):
         p.write_text(bad)
         with pytest.raises(PlanError, match=msg):
             load_plan(p)
@@ -64,21 +65,23 @@ def test_judgements_redo_and_summary(tmp_path):
 
 
 def test_camera_info_yaml_round_trip_and_errors(tmp_path):
+    """The camera node reads camera_info files with calibration's reader: R, P and the model survive a round trip."""
     p = tmp_path / "cam.yaml"
     p.write_text("image_width: 640\nimage_height: 480\ncamera_name: wrist\n"
                  "camera_matrix: {rows: 3, cols: 3, data: [600, 0, 320, 0, 600, 240, 0, 0, 1]}\n"
                  "distortion_model: plumb_bob\ndistortion_coefficients: {rows: 1, cols: 5, data: [0.1, 0, 0, 0, 0]}\n"
                  "rectification_matrix: {rows: 3, cols: 3, data: [1, 0, 0, 0, 1, 0, 0, 0, 1]}\n"
                  "projection_matrix: {rows: 3, cols: 4, data: [600, 0, 320, 0, 0, 600, 240, 0, 0, 0, 1, 0]}\n")
-    cal = load_camera_info(p)
-    assert (cal.width, cal.height, cal.name, cal.K[0, 2], cal.D[0]) == (640, 480, "wrist", 320.0, 0.1)
-    p2 = tmp_path / "again.yaml"
-    p2.write_text(dump_camera_info(cal))
-    again = load_camera_info(p2)
+    cal = read_camera_yaml(p)
+    assert (cal.width, cal.height, cal.name, cal.K[0, 2], cal.dist[0]) == (640, 480, "wrist", 320.0, 0.1)
+    cal.P[0, 3] = -36.0  # a stereo right camera's projection: kept as given, not rebuilt from K
+    again = read_camera_yaml(write_yaml(tmp_path / "again.yaml", camera_yaml(cal)))
     np.testing.assert_array_equal(again.P, cal.P)
+    np.testing.assert_array_equal(again.R, np.eye(3))
+    assert again.distortion_model == "plumb_bob"
     p.write_text("image_width: 640\nimage_height: 480\ncamera_matrix: {rows: 3, cols: 3, data: [1, 2]}\n")
-    with pytest.raises(CameraInfoError, match="camera_matrix"):
-        load_camera_info(p)
+    with pytest.raises(UserError, match="camera_matrix"):
+        read_camera_yaml(p)
 
 
 def test_cartesian_jog_moves_the_tcp_along_the_axis():

@@ -1,4 +1,4 @@
-"""Wire format (contract 4): ndarray encoding, request validation with specific error codes, fuzzed decoding."""
+"""Wire format (docs/protocol.md): ndarray encoding, request validation with specific error codes, fuzzed decoding."""
 
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from policy_runtime.yaml_io import load_yaml_mapping
 from sim_trainer.errors import UserError
-from sim_trainer.yaml_config import load_yaml_mapping
 
 REAL_PROXY = "real_proxy"  # name of the built-in preset (configs/domain_real_proxy.yaml spells it out)
 _NOISE_SALT = 0x5EA1  # decorrelates the observation noise from the task's own use of the episode seed

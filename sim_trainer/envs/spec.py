@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from policy_runtime.contract import PolicySpec
 from policy_runtime.contract import short as _short
 from sim_trainer.envs.tasks import CONTROL_MODES, OBS_MODES, get_task
 from sim_trainer.errors import UserError
@@ -160,3 +161,12 @@ class EnvConfig:
         d = dict(d)
         cams = {k: CameraOverride(**v) for k, v in (d.pop("cameras", None) or {}).items()}
         return cls(**d, cameras=cams).validate()
+
+    @classmethod
+    def for_policy(cls, spec: PolicySpec, task: str | None = None, **settings) -> EnvConfig:
+        """The environment a policy was trained for (its task unless `task`; its modes and image size), checked.
+
+        `settings` are the run's own choices (sim backend, reward, episode length, camera overrides, domain).
+        """
+        return cls(task=task or spec.task, obs_mode=spec.obs_mode, control_mode=spec.control_mode,
+                   image_size=spec.cameras[0].height if spec.cameras else cls.image_size, **settings).validate()

@@ -1,1 +1,1 @@
-"""Export of the K-step denoiser to ONNX with a manifest (contract 3)."""
+"""Export of the K-step denoiser to ONNX with a manifest: the export directory that policy-runtime serves."""

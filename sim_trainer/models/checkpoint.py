@@ -1,4 +1,6 @@
-"""Checkpoint directory (contract 1): config.json, model.safetensors, norm_stats.json. No pickle.
+"""The checkpoint directory training writes and eval/export read: config.json, model.safetensors, norm_stats.json.
+
+No pickle.
 
 Optional trainer state for resuming (trainer_state.json + trainer_state.safetensors) lives beside them.
 """

@@ -74,8 +74,8 @@ class ModelConfig:
         if not isinstance(d["size"], str):
             raise UserError(f"model config size must be a string, got {d['size']!r}")
         for name in INT_FIELDS:
-            if name in d:
-                _check_int(d[name], name)
+            if name in d and not (name == "image_size" and d[name] == 0 and not d.get("camera_names")):
+                _check_int(d[name], name)  # (a state-only model has no cameras and image_size 0)
         for name in ("cnn_channels", "camera_names"):
             if not isinstance(d[name], list):
                 raise UserError(f"model config {name} must be a list, got {d[name]!r}")

@@ -6,11 +6,11 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from policy_runtime.yaml_io import load_yaml_mapping
 from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
 from sim_trainer.errors import UserError
 from sim_trainer.rl.policy import VALUE_INPUTS
 from sim_trainer.rl.samplers import NOISE_METHODS, SDE_MODES
-from sim_trainer.yaml_config import load_yaml_mapping
 
 ALGORITHMS = ("ppo", "grpo")
 LOGPROB_LEVELS = ("token", "action", "chunk")

@@ -33,15 +33,7 @@ from sim_trainer.rl.policy import RLPolicy, SamplerSettings
 from sim_trainer.rl.rollout import Collector
 from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler
-from sim_trainer.trainer_state import (
-    applying,
-    check_same_run,
-    load_optimizer,
-    load_state,
-    optimizer_tensors,
-    read_meta,
-    save_state,
-)
+from sim_trainer.trainer_state import applying, check_same_run, load_training, read_meta, save_training
 
 VISION_PREFIXES = ("cameras.",)
 EXPERT_PREFIXES = ("action_in.", "time_mlp.", "action_pos", "expert.", "expert_ln.", "action_out.")
@@ -83,11 +75,8 @@ class RLTrainer:
             model.cfg.exec_steps = cfg.exec_steps
         model.cfg.num_steps = cfg.num_steps  # the saved checkpoint evaluates and exports at the trained K
         self.norm = NormStats.load(Path(cfg.ckpt) / "norm_stats.json")
-        self.env_cfg = EnvConfig(task=cfg.task or self.spec.task, obs_mode=self.spec.obs_mode,
-                                 control_mode=self.spec.control_mode,
-                                 image_size=self.spec.cameras[0].height if self.spec.cameras else 64,
-                                 reward_mode=cfg.reward, sim_backend=cfg.sim_backend,
-                                 max_episode_steps=cfg.max_episode_steps).validate()
+        self.env_cfg = EnvConfig.for_policy(self.spec, cfg.task, reward_mode=cfg.reward, sim_backend=cfg.sim_backend,
+                                            max_episode_steps=cfg.max_episode_steps)
         self.eval_domain_cfg = (replace(self.env_cfg, domain=cfg.eval_domain).validate()
                                 if cfg.eval_domain else None)
         self.chunk = model.cfg.exec_steps
@@ -130,11 +119,9 @@ class RLTrainer:
         info = {"trained_by": "sim-trainer rl", "rl_config": asdict(self.cfg), "update": self.update,
                 "env_steps": self.env_steps, "start_checkpoint": self.cfg.ckpt}
         save_checkpoint(self.out, self.policy.model, self.spec, self.norm, info)
-        tensors = {f"policy/{k}": v.detach().contiguous() for k, v in self.policy.state_dict().items()}
-        opt_tensors, param_groups = optimizer_tensors(self.opt)
-        meta = {"update": self.update, "env_steps": self.env_steps, "param_groups": param_groups,
-                "config": asdict(self.cfg), "world_size": self.world.size}
-        save_state(self.out, STATE, meta, tensors | opt_tensors)
+        meta = {"update": self.update, "env_steps": self.env_steps, "config": asdict(self.cfg),
+                "world_size": self.world.size}
+        save_training(self.out, STATE, meta, self.opt, policy=self.policy.state_dict())
 
     def _check_resumable(self) -> None:
         """Before any work: the run in --out must be this run (same start, task, method, envs and seed)."""
@@ -147,10 +134,9 @@ class RLTrainer:
 
     def load(self) -> None:
         self._check_resumable()  # again under the lock: the run may have moved on since
-        meta, tensors = load_state(self.out, STATE)
+        meta, parts = load_training(self.out, STATE, self.opt)
         with applying(self.out):
-            self.policy.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("policy/")})
-            load_optimizer(self.opt, tensors, meta["param_groups"])
+            self.policy.load_state_dict(parts["policy"])
             self.update, self.env_steps = int(meta["update"]), int(meta["env_steps"])
 
     # ----- the loop ---------------------------------------------------------------------------------------

@@ -25,15 +25,7 @@ from sim_trainer.models.config import SIZES, ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler, random_shift
-from sim_trainer.trainer_state import (
-    applying,
-    check_same_run,
-    load_optimizer,
-    load_state,
-    optimizer_tensors,
-    read_meta,
-    save_state,
-)
+from sim_trainer.trainer_state import applying, check_same_run, load_training, read_meta, save_training
 
 # Every number's allowed range: a typo (a negative or NaN rate, a batch of a million) is refused before work.
 SFT_LIMITS = {
@@ -117,24 +109,20 @@ class EMA:
 
 def _save_trainer_state(out: Path, step: int, model, ema: EMA, opt, sampler: MixedSampler, gen,
                         run: dict) -> None:
-    tensors = {f"weights/{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors |= {f"ema/{k}": v.contiguous() for k, v in ema.shadow.items()}
-    opt_tensors, param_groups = optimizer_tensors(opt)
-    tensors |= opt_tensors | {"rng/torch": torch.get_rng_state(), "rng/gen": gen.get_state()}
-    meta = {"step": step, "param_groups": param_groups, "sampler_rng": sampler.rng.bit_generator.state, **run}
-    save_state(out, STATE, meta, tensors)
+    meta = {"step": step, "sampler_rng": sampler.rng.bit_generator.state, **run}
+    save_training(out, STATE, meta, opt, weights=model.state_dict(), ema=ema.shadow,
+                  rng={"torch": torch.get_rng_state(), "gen": gen.get_state()})
 
 
 def _load_trainer_state(out: Path, model, ema: EMA, opt, sampler: MixedSampler, gen) -> int:
-    meta, tensors = load_state(out, STATE)
+    meta, parts = load_training(out, STATE, opt)
     with applying(out):
-        model.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("weights/")})
-        ema.shadow = {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}
+        model.load_state_dict(parts["weights"])
+        ema.shadow = parts["ema"]
         if ema.shadow.keys() != model.state_dict().keys():
             raise KeyError("EMA weights are incomplete")
-        load_optimizer(opt, tensors, meta["param_groups"])
-        torch.set_rng_state(tensors["rng/torch"])
-        gen.set_state(tensors["rng/gen"])
+        torch.set_rng_state(parts["rng"]["torch"])
+        gen.set_state(parts["rng"]["gen"])
         sampler.rng.bit_generator.state = meta["sampler_rng"]
         return int(meta["step"])
 
@@ -252,9 +240,7 @@ def _periodic_eval(cfg: SFTConfig, model_cfg, norm, spec, ema: EMA, tb, step: in
 
     ema_model = FlowVLA(model_cfg, norm)
     ema_model.load_state_dict(ema.shadow)
-    env_cfg = EnvConfig(task=spec.task, obs_mode=spec.obs_mode, control_mode=spec.control_mode,
-                        image_size=model_cfg.image_size or 64)
-    res = evaluate(ChunkPolicy(ema_model, spec), env_cfg, cfg.eval_episodes, cfg.eval_envs,
+    res = evaluate(ChunkPolicy(ema_model, spec), EnvConfig.for_policy(spec), cfg.eval_episodes, cfg.eval_envs,
                    record_video=False, progress=False)
     s = res.summary()
     tb.add_scalar("eval/success_once", s["success_once"], step)

@@ -13,8 +13,8 @@ import cv2
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
 
+from calibration.io import read_camera_yaml
 from vla_ros import topics
-from vla_ros.camera_info import CameraInfoError, load_camera_info
 from vla_ros.params import ParamError, declare, require, run_node_main
 from vla_ros.ros_util import rgb_to_image
 
@@ -38,10 +38,7 @@ class CameraNode(Node):
         self.p = p
         self.cal = None
         if p["calibration"]:
-            try:
-                self.cal = load_camera_info(p["calibration"])
-            except CameraInfoError as e:
-                raise ParamError(str(e)) from None
+            self.cal = read_camera_yaml(p["calibration"])  # a bad file is one UserError line (CONFIG_ERRORS)
         dev = p["device"]
         self.cap = cv2.VideoCapture(int(dev) if dev.isdigit() else dev)
         if not self.cap.isOpened():
@@ -66,7 +63,7 @@ class CameraNode(Node):
                 self.get_logger().error(f"calibration is for {self.cal.width}x{self.cal.height}, frames are {w}x{h}",
                                         throttle_duration_sec=10.0)
             info.k = self.cal.K.reshape(-1).tolist()
-            info.d = self.cal.D.tolist()
+            info.d = self.cal.dist.tolist()
             info.r = self.cal.R.reshape(-1).tolist()
             info.p = self.cal.P.reshape(-1).tolist()
             info.distortion_model = self.cal.distortion_model

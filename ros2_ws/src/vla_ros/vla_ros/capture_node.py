@@ -14,14 +14,14 @@ import threading
 from pathlib import Path
 
 import cv2
-import yaml
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_srvs.srv import Trigger
 
 from policy_runtime.contract import PANDA_ARM_JOINTS
+from policy_runtime.yaml_io import load_yaml_mapping
 from vla_ros import console, topics
-from vla_ros.params import ParamError, declare, require, run_node_main
+from vla_ros.params import declare, run_node_main
 from vla_ros.ros_util import JointStateCache, image_to_rgb, stamp_s
 
 DEFAULTS = {
@@ -44,11 +44,7 @@ class CaptureNode(Node):
         self.out.mkdir(parents=True, exist_ok=True)
         board = {}
         if p["board"]:
-            try:
-                board = yaml.safe_load(Path(p["board"]).read_text())
-            except (OSError, yaml.YAMLError) as e:
-                raise ParamError(f"cannot read board description {p['board']}: {str(e).splitlines()[0]}") from None
-            require(isinstance(board, dict), f"board description {p['board']} must be a mapping")
+            board = load_yaml_mapping(p["board"], "board description")
         path = self.out / "samples.json"
         self.doc = json.loads(path.read_text()) if path.exists() else {"board": board, "intrinsics": p["intrinsics"],
                                                                         "samples": []}

@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
+from policy_runtime.errors import UserError
+from policy_runtime.yaml_io import dump_yaml, load_yaml_mapping, parse_yaml
 
 # node name in the YAML -> (module, class); the launch files start the same names (tests/test_ros_launch.py).
 NODES = {
@@ -31,17 +32,14 @@ NODES = {
 }
 
 
-class StackError(ValueError):
+class StackError(UserError):
     """Bad stack configuration (YAML, node names, overrides)."""
 
 
 def load_params(path: str | Path, overrides: list[str] = ()) -> dict:
     """The ROS parameter YAML ({node: {ros__parameters: {...}}}) with `node.param=value` overrides applied."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise StackError(f"cannot read parameters {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) and isinstance(v.get("ros__parameters"), dict)
+    data = load_yaml_mapping(path, "parameters", error=StackError)
+    if not all(isinstance(v, dict) and isinstance(v.get("ros__parameters"), dict)
                                              for v in data.values()):
         raise StackError(f"{path}: every top-level key must be a node name with a `ros__parameters` mapping")
     unknown = sorted(set(data) - set(NODES))
@@ -52,7 +50,8 @@ def load_params(path: str | Path, overrides: list[str] = ()) -> dict:
         node, dot, param = key.partition(".")
         if not sep or not dot or node not in NODES:
             raise StackError(f"--set {item!r}: expected node.param=value with a known node")
-        data.setdefault(node, {"ros__parameters": {}})["ros__parameters"][param] = yaml.safe_load(value)
+        node_params = data.setdefault(node, {"ros__parameters": {}})["ros__parameters"]
+        node_params[param] = parse_yaml(value, f"--set {item!r}", StackError)
     return data
 
 
@@ -74,7 +73,7 @@ def run(params: dict, names: list[str], threads: int = 8, on_ready=None) -> int:
     from vla_ros.params import CONFIG_ERRORS, spin_until_shutdown
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(params, f)
+        f.write(dump_yaml(params))
     rclpy.init(args=["--ros-args", "--params-file", f.name])
     nodes = []
     try:

@@ -17,14 +17,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from policy_runtime.errors import UserError
+from policy_runtime.yaml_io import load_yaml_mapping
 from sim_trainer.evaluate.stats import wilson_interval
 
 OUTCOMES = ("success", "failure", "aborted")
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A trial plan that cannot be run; the message says what is wrong."""
 
 
@@ -37,12 +37,7 @@ class PlannedTrial:
 
 def load_plan(path: str | Path, default_instruction: str = "") -> list[PlannedTrial]:
     """Trial plan YAML: `trials: [{seed, instruction?}, ...]` or `count: N` + `seed_start` (+ `instruction`)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise PlanError(f"cannot read trial plan {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise PlanError(f"trial plan {path} must be a mapping with `trials` or `count`")
+    data = load_yaml_mapping(path, "trial plan", error=PlanError)
     instruction = str(data.get("instruction", default_instruction) or "")
     if "trials" in data:
         items = data["trials"]
