@@ -20,7 +20,6 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sim_trainer.data.episodes import Episode, EpisodeWriter
 from sim_trainer.envs.adapter import adapt
@@ -29,6 +28,7 @@ from sim_trainer.envs.make import make_maniskill_env, spec_from_env
 from sim_trainer.envs.spec import EnvConfig, PolicySpec
 from sim_trainer.envs.tasks import get_task
 from sim_trainer.errors import UserError
+from sim_trainer.progress import progress_bar
 
 CONVERSION_STEP_LIMIT = 10_000  # the converter may take several env steps per planner step
 
@@ -160,7 +160,7 @@ def generate_demos(cfg: EnvConfig, num: int, out: str | Path, seed_start: int = 
     seeds = range(seed_start, seed_start + max_attempts)
     writer = None
     counts = {"kept": 0, "plan_failed": 0, "conversion_failed": 0, "attempts": 0}
-    bar = tqdm(total=num, desc=f"demos {cfg.task}", unit="demo")
+    bar = progress_bar(total=num, desc=f"demos {cfg.task}", unit="demo")
     ctx = mp.get_context("spawn")
     pool = ctx.Pool(workers) if workers > 1 else None
     try:

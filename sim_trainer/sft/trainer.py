@@ -25,6 +25,7 @@ from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import save_checkpoint
 from sim_trainer.models.config import ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
+from sim_trainer.progress import progress_bar
 from sim_trainer.sft.data import ChunkSource, MixedSampler, random_shift
 
 
@@ -164,7 +165,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     tb = SummaryWriter(str(out / "tb"))
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", unit="step")
+    bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", unit="step")
     t_log, n_log = time.perf_counter(), 0
     model.train()
     for step in bar:
