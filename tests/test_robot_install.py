@@ -1,16 +1,17 @@
 """The robot side installs and runs without the training stack: `pip install .` into a fresh venv, no extras but
 [ros], then a server on an export, a client round trip, `policy-runtime check`, the ROS 2 nodes' imports.
 
-The venv lives in .venv-robot/ (ignored by git): it is rebuilt from scratch when pyproject.toml changes and
-otherwise only the project is reinstalled into it (non-editable, from a copy of the tree), which keeps a warm
-run to seconds. Every command runs from a directory outside the repository, so nothing is imported from the
-checkout by accident.
+The venv lives in .venv-robot/ (ignored by git): it is built from scratch when the base or [ros] requirements
+change, and otherwise only the project is reinstalled into it (non-editable, from a copy of the tree), which
+keeps a warm run to seconds. Every command runs from a directory outside the repository, so nothing is
+imported from the checkout by accident.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -62,7 +63,13 @@ def _source_copy(dest: Path) -> Path:
 
 
 def _deps_key() -> str:
-    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + sys.version.encode()).hexdigest()
+    """What the venv's third-party packages depend on: the base and [ros] requirements, and this Python."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        pyproject = tomllib.load(f)
+    project = pyproject["project"]
+    key = [project["dependencies"], project["optional-dependencies"]["ros"], project["requires-python"],
+           pyproject["build-system"], sys.version]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")
