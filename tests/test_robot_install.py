@@ -189,3 +189,23 @@ def test_two_onnxruntime_builds_side_by_side_are_named_in_one_warning(robot_pyth
     assert len(warnings) == 1, r.stderr
     assert "onnxruntime and onnxruntime-gpu are installed together" in warnings[0]
     assert "scripts/install_gpu_runtime.sh" in warnings[0]
+
+
+def test_the_robot_model_takes_the_robots_own_urdf(robot_python, tmp_path):
+    """Without ManiSkill there is no default Panda model: the nodes say which parameter to set, and take a URDF."""
+    from calibration.kinematics import maniskill_panda_urdf
+
+    urdf = maniskill_panda_urdf()  # this (training) venv has ManiSkill: a real Panda URDF, as a robot would give
+    r = _python(robot_python, f"""
+        from policy_runtime.errors import UserError
+        from vla_ros.robot import RobotModel
+
+        try:
+            RobotModel()
+        except UserError as e:
+            print(e)
+        print(len(RobotModel({str(urdf)!r}).limits))
+        """, tmp_path, PYTHONPATH=str(VLA_ROS))
+    refusal, joints = r.stdout.splitlines()
+    assert "give the robot's URDF as the urdf parameter" in refusal and "[train]" in refusal
+    assert int(joints) >= 7
