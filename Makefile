@@ -5,11 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: setup demo demo-sim test lint clean-venv
+.PHONY: setup demo demo-sim test lint gpu-runtime clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh scripts/install_vulkan.sh
+$(STAMP): pyproject.toml scripts/setup.sh scripts/install_vulkan.sh scripts/install_gpu_runtime.sh
 	bash scripts/setup.sh $(VENV)
 	touch $(STAMP)
 
@@ -28,5 +28,9 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# GPU serving: onnxruntime-gpu in place of onnxruntime (the two must never be installed side by side).
+gpu-runtime: setup
+	bash scripts/install_gpu_runtime.sh $(VENV)
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-robot

@@ -21,10 +21,12 @@ PANDA_BASE_LINK = "panda_link0"
 PANDA_TCP_LINK = "panda_hand_tcp"
 
 
-def maniskill_panda_urdf() -> Path:
+def maniskill_panda_urdf(give: str = "in samples.json (robot.urdf)") -> Path:
+    """ManiSkill's Panda model, the default robot; a robot install has no ManiSkill and names its own URDF."""
     spec = importlib.util.find_spec("mani_skill")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("mani_skill is not installed; give the robot's URDF in samples.json (robot.urdf)")
+        raise UserError(f"mani_skill is not installed (the [train] extra), so there is no default Panda URDF: "
+                        f"give the robot's URDF {give}")
     return Path(list(spec.submodule_search_locations)[0]) / "assets" / "robots" / "panda" / "panda_v2.urdf"
 
 

@@ -132,7 +132,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model_dir} does not exist or is not a directory")
     probe_bind(args.bind)  # nothing is logged before the checks, so a user mistake stays one line on stderr
     if args.backend == "torch":
-        from policy_runtime.backends.torch_backend import TorchBackend, TorchOptions
+        try:
+            from policy_runtime.backends.torch_backend import TorchBackend, TorchOptions
+        except ModuleNotFoundError as e:  # a robot install: the base has no torch
+            if e.name != "torch":
+                raise
+            raise UserError("--backend torch needs the [train] extra (torch is not installed): "
+                            "pip install 'vla-rl-stack[train]'") from None
         backend = TorchBackend(args.model_dir, TorchOptions(device=args.device, cuda_graph=args.cuda_graph,
                                                             warmup_runs=args.warmup, seed=args.seed))
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,6 +183,29 @@ class PolicyClient:
         if self._contract is not None and reply.instance != self._contract.instance:
             self._server_restarted()
         return reply.health
+
+    def wait_until_up(self, timeout_s: float, alive: Callable[[], bool] | None = None) -> dict:
+        """Ping until a starting server answers (no handshake, nothing logged per try); returns its health.
+
+        For a launcher that has just started the server: it may still be loading the model, which is not a
+        fault worth a warning. Raises Timeout after `timeout_s`, ClientError when `alive()` turns false.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rid = self._new_id()
+            try:
+                reply = self._exchange(ping_request(rid), rid, self.timeout_ms)
+            except Timeout:
+                if alive is not None and not alive():
+                    raise ClientError(f"policy server at {self.endpoint} stopped before it answered") from None
+                if time.monotonic() >= deadline:
+                    raise Timeout(f"policy server at {self.endpoint} did not answer within {timeout_s:.0f} s") from None
+                continue
+            if isinstance(reply, ErrorReply):
+                raise ServerError(reply.code, reply.message, reply.request_id)
+            if not isinstance(reply, PongReply):
+                raise BadReply(f"expected a pong reply, got {type(reply).__name__}")
+            return reply.health
 
     def close(self) -> None:
         self._reset()

@@ -6,10 +6,12 @@ in use is read back from the session, reported in the contract, and checked when
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,21 @@ class OnnxOptions:
     trt_cache_dir: str | None = None                # default: <export>/trt_cache
 
 
+def onnxruntime_distributions() -> list[str]:
+    """The installed distributions that provide the `onnxruntime` package (onnxruntime, onnxruntime-gpu, ...)."""
+    return sorted(set(metadata.packages_distributions().get("onnxruntime", [])))
+
+
+@functools.cache
+def warn_if_onnxruntime_mixed() -> None:
+    """Two builds in one environment overwrite each other's files: what runs is whichever wrote last, in part."""
+    dists = onnxruntime_distributions()
+    if len(dists) > 1:
+        log.warning("%s are installed together and overwrite each other's files; keep one: for the GPU build "
+                    "run scripts/install_gpu_runtime.sh, for the CPU build pip uninstall -y %s && pip install "
+                    "onnxruntime", " and ".join(dists), " ".join(dists))
+
+
 def choose_providers(requested: Sequence[str], available: Sequence[str], require_gpu: bool) -> list[str]:
     """Requested providers in order, keeping those this onnxruntime build offers; GPU-only when required."""
     known = set(ort.get_all_providers())
@@ -88,6 +105,7 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, export_dir: str | Path, options: OnnxOptions = OnnxOptions()):
+        warn_if_onnxruntime_mixed()
         self.options = options
         self.export = load_export(export_dir)
         m = self.export.manifest

@@ -21,7 +21,6 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from policy_runtime.contract import PolicySpec
 from policy_runtime.episodes import Episode, EpisodeWriter
@@ -32,6 +31,7 @@ from sim_trainer.envs.make import make_maniskill_env, spec_from_env
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.tasks import get_task
 from sim_trainer.errors import UserError
+from sim_trainer.progress import progress_bar
 from sim_trainer.run_dir import DATASET_ENTRIES, RunDir
 
 CONVERSION_STEP_LIMIT = 10_000  # the converter may take several env steps per planner step
@@ -191,7 +191,7 @@ def _generate(cfg: EnvConfig, num: int, out: Path, seed_start: int, workers: int
     seeds = range(seed_start, seed_start + max_attempts)
     writer = None
     counts = {"kept": 0, "plan_failed": 0, "conversion_failed": 0, "attempts": 0}
-    bar = tqdm(total=num, desc=f"demos {cfg.task}", unit="demo")
+    bar = progress_bar(total=num, desc=f"demos {cfg.task}", unit="demo")
     ctx = mp.get_context("spawn")
     pool = ctx.Pool(workers) if workers > 1 else None
     try:

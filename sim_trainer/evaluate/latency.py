@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from policy_runtime.chunking import ChunkRequest, make_executor
 from sim_trainer.envs.spec import EnvConfig
@@ -24,6 +23,7 @@ from sim_trainer.envs.vec_env import make_vec_env
 from sim_trainer.evaluate.stats import wilson_interval
 from sim_trainer.models.rtc import guided_denoise, prefix_weights
 from sim_trainer.policy import ChunkPolicy
+from sim_trainer.progress import progress_bar
 
 DELTA_BOUND = 0.1  # ManiSkill delta controllers: a normalised action of 1 moves the target by 0.1 rad / 0.1 m
 
@@ -56,7 +56,7 @@ def run_strategy(infer: InferFn, horizon: int, exec_steps: int, cfg: EnvConfig, 
     delay = int(math.ceil(latency_s * hz - 1e-9))
     steps = cfg.horizon
     successes, jerks, holds = [], [], 0
-    bar = tqdm(total=episodes, desc=f"{strategy} @ {int(latency_s * 1000)} ms", disable=not progress)
+    bar = progress_bar(total=episodes, desc=f"{strategy} @ {int(latency_s * 1000)} ms", show=progress)
     try:
         for start in range(0, episodes, num_envs):
             n = min(num_envs, episodes - start)

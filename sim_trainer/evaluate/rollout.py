@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.vec_env import make_vec_env
 from sim_trainer.evaluate.stats import wilson_interval
 from sim_trainer.models.checkpoint import check_compatible
 from sim_trainer.policy import ChunkPolicy
+from sim_trainer.progress import progress_bar
 
 EVAL_SEED_START = 100_000  # demos use seeds from 0; evaluation seeds are held out by default
 
@@ -78,7 +78,7 @@ def evaluate(policy: ChunkPolicy, cfg: EnvConfig, episodes: int, num_envs: int =
     outcomes: list[EpisodeOutcome] = []
     frames: list[np.ndarray] = []
     policy_time, policy_calls, env_time, env_steps = 0.0, 0, 0.0, 0
-    bar = tqdm(total=episodes, desc=f"eval {cfg.task}", unit="ep", disable=not progress)
+    bar = progress_bar(total=episodes, desc=f"eval {cfg.task}", unit="ep", show=progress)
     try:
         for start in range(0, episodes, num_envs):
             seeds = [seed_start + start + i for i in range(num_envs)]

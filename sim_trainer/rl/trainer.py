@@ -26,6 +26,7 @@ from sim_trainer.envs.vec_env import make_vec_env
 from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from sim_trainer.models.tokenizer import tokenize
+from sim_trainer.progress import progress_bar
 from sim_trainer.rl.config import RLConfig
 from sim_trainer.rl.distributed import World
 from sim_trainer.rl.learner import Learner
@@ -174,8 +175,8 @@ class RLTrainer:
 
             tb = SummaryWriter(str(self.out / "tb"))
         log_path = self.out / "metrics.jsonl"
-        bar = tqdm(total=self.num_updates * self.steps_per_update, initial=self.update * self.steps_per_update,
-                   desc=f"rl {cfg.algorithm}/{cfg.noise}", unit="step", unit_scale=True, disable=not world.is_main)
+        bar = progress_bar(total=self.num_updates * self.steps_per_update, initial=self.update * self.steps_per_update,
+                           desc=f"rl {cfg.algorithm}/{cfg.noise}", unit="step", unit_scale=True, show=world.is_main)
         if self.update == 0 and world.is_main:
             self._log_eval(tb, log_path, cfg.eval_episodes)
         while self.update < self.num_updates:

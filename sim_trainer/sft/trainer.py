@@ -23,6 +23,7 @@ from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import save_checkpoint
 from sim_trainer.models.config import SIZES, ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
+from sim_trainer.progress import progress_bar
 from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler, random_shift
 from sim_trainer.trainer_state import applying, check_same_run, load_training, read_meta, save_training
@@ -201,7 +202,7 @@ def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, 
     from torch.utils.tensorboard import SummaryWriter
 
     tb = SummaryWriter(str(out / "tb"))
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", unit="step")
+    bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", unit="step")
     t_log, n_log = time.perf_counter(), 0
     model.train()
     for step in bar:

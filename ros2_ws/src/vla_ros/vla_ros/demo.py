@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[4]
 CONFIG = ROOT / "launch" / "config"
+SERVER_START_S = 180.0  # loading and warming up the export on a busy CPU host
 
 
 def ensure_export(checkpoint: Path, out: Path) -> Path:
@@ -30,25 +31,21 @@ def ensure_export(checkpoint: Path, out: Path) -> Path:
 
 
 def start_server(export: Path, endpoint: str, log: Path) -> subprocess.Popen:
-    from policy_runtime.client import PolicyClient
+    """`policy-runtime serve`, returned once it answers: the nodes start against a server that is up."""
+    from policy_runtime.client import ClientError, PolicyClient
 
     proc = subprocess.Popen([sys.executable, "-m", "policy_runtime.cli", "serve", str(export), "--bind", endpoint],
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    client = PolicyClient(endpoint, timeout_ms=500, handshake_timeout_ms=500, handshake_retries=1)
-    deadline = time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline:
+    with PolicyClient(endpoint, timeout_ms=300) as client:
+        try:
+            client.wait_until_up(SERVER_START_S, alive=lambda: proc.poll() is None)
+        except ClientError:
             if proc.poll() is not None:
-                raise SystemExit(f"policy server exited with {proc.returncode}; see {log}")
-            try:
-                client.ping()
-                return proc
-            except Exception:
-                time.sleep(0.3)
-    finally:
-        client.close()
-    proc.kill()
-    raise SystemExit(f"policy server did not come up in 180 s; see {log}")
+                raise SystemExit(f"policy server exited with {proc.returncode}; see {log}") from None
+            proc.kill()
+            proc.wait()
+            raise SystemExit(f"policy server did not answer in {SERVER_START_S:.0f} s; see {log}") from None
+    return proc
 
 
 def make_video(results: Path, out: Path) -> Path | None:

@@ -29,7 +29,7 @@ from policy_runtime.contract import PolicySpec
 from policy_runtime.episodes import EpisodeWriter
 from policy_runtime.protocol import Contract, ProtocolError
 from vla_ros import console, topics
-from vla_ros.params import ParamError, declare, require, run_node_main
+from vla_ros.params import ParamError, declare, end_spin, require, run_node_main
 from vla_ros.recorder import TrialRecorder
 from vla_ros.ros_util import image_to_rgb
 from vla_ros.trials import Journal, PlanError, given_up, load_plan, next_plan_index, summarize, write_summary
@@ -300,9 +300,7 @@ class EvalManagerNode(Node):
             threading.Timer(0.5, self._shutdown).start()
 
     def _shutdown(self) -> None:
-        import rclpy
-
-        rclpy.try_shutdown()
+        end_spin(self)
 
     def _write_summary(self) -> dict:
         summary = summarize(self.journal, self.plan, self.p["max_aborts"])

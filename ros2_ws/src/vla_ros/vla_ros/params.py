@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 from rclpy.exceptions import ParameterUninitializedException
@@ -49,20 +50,56 @@ def require(cond: bool, message: str) -> None:
         raise ParamError(message)
 
 
+# Set by end_spin: the process's spin loop stops at its next turn (a process spins one executor).
+_END_SPIN = threading.Event()
+
+
 def spin_until_shutdown(executor) -> None:
-    """Spin until Ctrl-C or an rclpy shutdown, including one a node requests from a callback."""
+    """Spin until Ctrl-C, an rclpy shutdown or `end_spin`; returns once no callback runs any more.
+
+    The caller destroys the nodes next. A callback still running on a worker thread would then fail on a
+    destroyed entity, and rclpy prints that at exit as "The following exception was never retrieved".
+    """
     import rclpy
     from rclpy.executors import ExternalShutdownException
 
+    _END_SPIN.clear()
     try:
-        executor.spin()
+        while rclpy.ok() and not _END_SPIN.is_set():
+            executor.spin_once(timeout_sec=1.0)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception:
-        # A shutdown that lands while the executor builds its wait set (the eval manager ends the session from a
-        # callback) raises RCLError "context is not valid" instead of ExternalShutdownException: a normal end.
+        # A shutdown that lands while the executor builds its wait set (Ctrl-C) raises RCLError "context is not
+        # valid" instead of ExternalShutdownException: a normal end.
         if rclpy.ok():
             raise
+    finally:
+        stop_executor(executor)
+
+
+def stop_executor(executor) -> None:
+    """executor.shutdown(), once the callbacks already handed to its worker threads have returned.
+
+    MultiThreadedExecutor.shutdown destroys the executor's guard condition before it joins its thread pool, and
+    a callback that ends in between fails on the destroyed guard. Joining the pool first (rclpy has no public
+    call for it) closes that window; nothing submits to the pool once the spin loop has returned.
+    """
+    pool = getattr(executor, "_executor", None)
+    if pool is not None:
+        pool.shutdown(wait=True)
+    executor.shutdown()
+
+
+def end_spin(node: Node) -> None:
+    """End the spin this process runs (the eval manager's exit_when_done), from any thread.
+
+    Not rclpy.shutdown(): that destroys every node at once, under callbacks still running on worker threads.
+    The spin loop stops instead, and spin_until_shutdown waits for those callbacks before anything is destroyed.
+    """
+    _END_SPIN.set()
+    if node.executor is not None:
+        node.executor.wake()
 
 
 def run_node_main(factory, args: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ def _pose_matrix(pose: list[float]) -> np.ndarray:
 class RobotModel:
     def __init__(self, urdf: str = "", base_link: str = PANDA_BASE_LINK, tcp_link: str = PANDA_TCP_LINK,
                  base_pose: list[float] | None = None):
-        self.urdf = Path(urdf) if urdf else maniskill_panda_urdf()
+        self.urdf = Path(urdf) if urdf else maniskill_panda_urdf("as the urdf parameter")
         self.chain = Chain(self.urdf, base_link, tcp_link)
         self.limits: dict[str, JointLimit] = urdf_joint_limits(self.urdf)
         self.world_T_base = _pose_matrix(base_pose if base_pose is not None else [0, 0, 0, 1, 0, 0, 0])
