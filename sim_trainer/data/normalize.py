@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from policy_runtime.artifacts import atomic_write_text
 from sim_trainer.errors import UserError
 
 STD_FLOOR = 1e-2  # constant dims (e.g. a task extra that never changes) must not blow up
@@ -82,7 +83,7 @@ class NormStats:
                                 f"{name} have {dim}")
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> NormStats:

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from policy_runtime.artifacts import atomic_write_text
 from policy_runtime.contract import PolicySpec
 from policy_runtime.export_dir import file_sha256
 from sim_trainer.data.normalize import NormStats
@@ -52,7 +53,7 @@ def save_checkpoint(path: str | Path, model: FlowVLA, spec: PolicySpec, norm: No
         "info": info or {},
         "weights_sha256": file_sha256(path / "model.safetensors"),
     }
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    atomic_write_text(path / "config.json", json.dumps(config, indent=2))  # written last: it names the weights
     return path
 
 
