@@ -128,8 +128,10 @@ def _serve(args: argparse.Namespace) -> int:
         from policy_runtime.curve import check_clients_dir, load_keypair
         load_keypair(curve.secret_file, need_secret=True)
         check_clients_dir(curve.clients_dir)
+    if not Path(args.model_dir).exists():
+        raise UserError(f"{args.model_dir} does not exist")
     if not Path(args.model_dir).is_dir():
-        raise UserError(f"{args.model_dir} does not exist or is not a directory")
+        raise UserError(f"{args.model_dir} is a file, not an export or checkpoint directory")
     probe_bind(args.bind)  # nothing is logged before the checks, so a user mistake stays one line on stderr
     if args.backend == "torch":
         try:

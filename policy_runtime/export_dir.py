@@ -33,8 +33,10 @@ def file_sha256(path: Path) -> str:
 def load_export(path: str | Path, verify_hash: bool = True) -> ExportDir:
     """Load and verify an export directory; every problem is a one-line UserError."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"export {path} does not exist")
     if not path.is_dir():
-        raise UserError(f"export {path} does not exist or is not a directory")
+        raise UserError(f"export {path} is a file, not an export directory")
     mpath = path / MANIFEST_FILE
     if not mpath.is_file():
         raise UserError(f"export {path} has no manifest.json")
