@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from sim_trainer.rl.config import RLConfig
 from sim_trainer.sft.trainer import SFTConfig
 
 COMMANDS = [("sft", SFTConfig), ("rl", RLConfig)]
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
@@ -56,3 +58,20 @@ def test_list_flags_repeat_or_take_several_values(tmp_path):
     b = parse(["sft", "--data", "a", "b", "--mix", "0.5", "--mix", "0.5", "--out", "o"])
     assert config_from_args(SFTConfig, a) == config_from_args(SFTConfig, b)
     assert config_from_args(SFTConfig, a).data == ["a", "b"]
+
+
+@pytest.mark.parametrize("preset", sorted(str(p) for p in CONFIGS.glob("[sr][fl]*_*.yaml")))
+def test_shipped_presets_load_with_flags_over_them(preset, tmp_path):
+    """Every shipped sft_*/rl_* preset still loads; the flags given replace only their own keys."""
+    from policy_runtime.yaml_io import load_yaml_mapping
+
+    command, cls = ("sft", SFTConfig) if Path(preset).name.startswith("sft_") else ("rl", RLConfig)
+    flags = ["--out", str(tmp_path / "run")]
+    if command == "rl":  # the preset's checkpoint, GPU backend and GPU-sized env counts need not fit this host
+        flags += ["--ckpt", str(tmp_path), "--sim-backend", "physx_cpu", "--num-envs", "2", "--eval-envs", "2"]
+    cfg = config_from_args(cls, build_parser().parse_args([command, "--config", preset, *flags]))
+    overridden = {"out", "ckpt", "sim_backend", "num_envs", "eval_envs"}
+    for key, value in load_yaml_mapping(preset).items():
+        if key not in overridden:
+            assert getattr(cfg, key) == value, key
+    assert cfg.out == str(tmp_path / "run") and (command == "sft" or cfg.num_envs == 2)
