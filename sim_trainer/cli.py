@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from policy_runtime.errors import run_command
@@ -40,20 +39,10 @@ def cmd_demos(a: argparse.Namespace) -> int:
 
 def cmd_sft(a: argparse.Namespace) -> int:
     from sim_trainer.config_check import check_threads
+    from sim_trainer.config_flags import config_from_args
     from sim_trainer.sft.trainer import SFTConfig, train_sft
 
-    values = load_yaml_mapping(a.config) if a.config else {}
-    known = {f.name for f in fields(SFTConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise UserError(f"unknown SFT options in {a.config}: {', '.join(sorted(unknown))}")
-    for name in known:
-        v = getattr(a, name, None)
-        if v is not None and v is not False:
-            values[name] = v
-    values.setdefault("data", [])
-    values.setdefault("out", "")
-    cfg = SFTConfig(**values).validate()  # types and ranges of every option, from the YAML or a flag
+    cfg = config_from_args(SFTConfig, a)
     _set_threads(check_threads(a.threads))
     out = train_sft(cfg, force=a.force)
     print(f"checkpoint written to {out}")
@@ -62,14 +51,11 @@ def cmd_sft(a: argparse.Namespace) -> int:
 
 def cmd_rl(a: argparse.Namespace) -> int:
     from sim_trainer.config_check import check_threads
-    from sim_trainer.rl.config import load_rl_config
+    from sim_trainer.config_flags import config_from_args
+    from sim_trainer.rl.config import RLConfig
     from sim_trainer.rl.trainer import train_rl
 
-    overrides = {k: v for k, v in vars(a).items() if k not in ("func", "command", "config", "threads", "force")}
-    for flag in ("resume", "freeze_vision", "expert_only"):
-        if not overrides.get(flag):
-            overrides[flag] = None  # a flag left off does not override the preset
-    cfg = load_rl_config(a.config, overrides)
+    cfg = config_from_args(RLConfig, a)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     _set_threads(check_threads(a.threads) or max(1, (os.cpu_count() or 1) // world_size))
     out = train_rl(cfg, force=a.force)
@@ -219,8 +205,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sim_trainer.config_flags import add_config_flags
     from sim_trainer.envs.tasks import CONTROL_MODES, OBS_MODES, TASKS
     from sim_trainer.evaluate.rollout import EVAL_SEED_START
+    from sim_trainer.rl.config import RLConfig
+    from sim_trainer.sft.trainer import SFTConfig
 
     p = argparse.ArgumentParser(prog="sim-trainer", description=(
         "Train and evaluate flow-matching VLA policies in ManiSkill3. Typical flow: `demos` (motion-planned "
@@ -245,82 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demos)
 
     s = sub.add_parser("sft", help="flow-matching supervised fine-tuning",
-                       description="Train the flow VLA on one or more episode datasets. Options may come from a "
-                                   "YAML file (--config); flags override it. The output directory is a checkpoint.")
-    s.add_argument("--config", help="YAML file with SFT options (keys as the long flags, with underscores)")
-    s.add_argument("--data", action="append", help="episode dataset directory (repeat to mix datasets)")
-    s.add_argument("--data2", dest="data2", help="a second dataset (same as a second --data)")
-    s.add_argument("--mix", type=float, nargs="+", help="sampling ratio per dataset, e.g. --mix 0.5 0.5")
-    s.add_argument("--out", help="output checkpoint directory")
-    s.add_argument("--size", choices=("tiny", "small", "base"))
-    s.add_argument("--image-grid", dest="image_grid", type=int, help="camera tokens per side (finer localisation)")
-    s.add_argument("--steps", type=int)
-    s.add_argument("--batch-size", dest="batch_size", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--horizon", type=int, help="chunk length H")
-    s.add_argument("--exec-steps", dest="exec_steps", type=int, help="actions executed per chunk C")
-    s.add_argument("--num-steps", dest="num_steps", type=int, help="denoising steps K at inference")
-    s.add_argument("--eval-every", dest="eval_every", type=int, help="closed-loop eval period in steps (0: off)")
-    s.add_argument("--eval-episodes", dest="eval_episodes", type=int)
-    s.add_argument("--save-every", dest="save_every", type=int)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    s.add_argument("--force", action="store_true", help="replace the checkpoint or run already in --out")
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+                       description="Train the flow VLA on one or more episode datasets. Options come from a YAML "
+                                   "preset (--config); flags override it. The output directory is a checkpoint.")
+    add_config_flags(s, SFTConfig, "configs/sft_pushcube_rgb_small.yaml")
     s.set_defaults(func=cmd_sft)
 
     r = sub.add_parser("rl", help="RL fine-tuning (PPO or GRPO with Flow-Noise, Flow-SDE or ReinFlow noise)",
                        description="Fine-tune an SFT checkpoint with on-policy RL in ManiSkill. The chunk is the "
                                    "outer MDP step, the K denoising steps the inner one. Options come from a YAML "
-                                   "preset (--config, keys as the long flags with underscores); flags override it. "
+                                   "preset (--config); flags override it. "
                                    "Multi-process: torchrun --nproc-per-node N -m sim_trainer.cli rl ...")
-    r.add_argument("--config", help="YAML preset, e.g. configs/rl_pushcube_state_cpu.yaml")
-    r.add_argument("--ckpt", help="SFT checkpoint to start from")
-    r.add_argument("--out", help="run directory (becomes a checkpoint; TensorBoard in OUT/tb)")
-    r.add_argument("--task", help="task (default: the checkpoint's)")
-    r.add_argument("--algorithm", help="ppo (value head + GAE) or grpo (group-normalised returns, no critic)")
-    r.add_argument("--noise", help="flow_noise (learned std per token), flow_sde (ODE->SDE) or reinflow "
-                                   "(learned std from observation and time)")
-    r.add_argument("--sde-mode", dest="sde_mode", help="flow_sde: mixed (one stochastic step) or full (all)")
-    r.add_argument("--num-steps", dest="num_steps", type=int, help="denoising steps K (training = evaluation)")
-    r.add_argument("--exec-steps", dest="exec_steps", type=int, help="actions executed per chunk C (<= H)")
-    r.add_argument("--noise-level", dest="noise_level", type=float, help="flow_sde noise level a")
-    r.add_argument("--logprob", help="ratio granularity: token, action or chunk")
-    r.add_argument("--value-input", dest="value_input", help="prefix (pooled prefix) or expert (action-expert "
-                                                             "tokens); both detached")
-    r.add_argument("--reward", help="sparse (success) or normalized_dense (ManiSkill's shaped reward)")
-    r.add_argument("--num-envs", dest="num_envs", type=int, help="parallel envs per process")
-    r.add_argument("--rollout-chunks", dest="rollout_chunks", type=int, help="PPO: chunk steps per env per rollout")
-    r.add_argument("--group-size", dest="group_size", type=int, help="GRPO: envs sharing a reset seed")
-    r.add_argument("--total-env-steps", dest="total_env_steps", type=int, help="budget over all processes")
-    r.add_argument("--lr", type=float, help="actor (action expert, noise head) learning rate")
-    r.add_argument("--value-lr", dest="value_lr", type=float)
-    r.add_argument("--epochs", type=int, help="passes over each rollout")
-    r.add_argument("--minibatch", type=int, help="chunk samples per gradient step")
-    r.add_argument("--target-kl", dest="target_kl", type=float,
-                   help="stop an update's remaining epochs once an epoch's mean approx KL exceeds this")
-    r.add_argument("--critic-warmup", dest="critic_warmup", type=int, help="updates training only the critic")
-    r.add_argument("--ent-coef", dest="ent_coef", type=float)
-    r.add_argument("--cotrain-data", dest="cotrain_data", help="RL-Co: real(-proxy) episode dataset; its "
-                   "flow-matching loss anchors the policy")
-    r.add_argument("--cotrain-weight", dest="cotrain_weight", type=float, help="RL-Co beta (default 0.2)")
-    r.add_argument("--cotrain-batch", dest="cotrain_batch", type=int, help="real samples per RL minibatch")
-    r.add_argument("--freeze-vision", dest="freeze_vision", action="store_true")
-    r.add_argument("--expert-only", dest="expert_only", action="store_true",
-                   help="train the action expert and heads only")
-    r.add_argument("--eval-every", dest="eval_every", type=int, help="updates between evaluations (0: at the end)")
-    r.add_argument("--eval-episodes", dest="eval_episodes", type=int)
-    r.add_argument("--eval-envs", dest="eval_envs", type=int, help="parallel envs for evaluation")
-    r.add_argument("--eval-domain", dest="eval_domain",
-                   help="also evaluate in this shifted domain at every evaluation ('real_proxy' or a domain YAML); "
-                        "rollouts stay in the plain sim")
-    r.add_argument("--save-every", dest="save_every", type=int, help="updates between checkpoints")
-    r.add_argument("--sim-backend", dest="sim_backend", choices=("physx_cpu", "physx_cuda"))
-    r.add_argument("--max-episode-steps", dest="max_episode_steps", type=int, help="default: the task's horizon")
-    r.add_argument("--seed", type=int)
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    r.add_argument("--force", action="store_true", help="replace the checkpoint or run already in --out")
-    r.add_argument("--threads", type=int, help="torch CPU threads per process")
+    add_config_flags(r, RLConfig, "configs/rl_pushcube_state_cpu.yaml")
     r.set_defaults(func=cmd_rl)
 
     e = sub.add_parser("eval", help="closed-loop evaluation with a Wilson interval, JSON report and video")
@@ -366,8 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "data2", None):
-        args.data = (args.data or []) + [args.data2]
     return run_command("sim-trainer", lambda: args.func(args))
 
 

@@ -358,17 +358,18 @@ def test_grpo_gives_every_trajectory_the_same_weight():
 
 
 def test_critic_warmup_is_ignored_visibly_with_grpo(tmp_path, capsys):
-    from sim_trainer.rl.config import load_rl_config
+    from sim_trainer.config_flags import load_config
+    from sim_trainer.rl.config import RLConfig
 
     preset = tmp_path / "preset.yaml"
     preset.write_text("critic_warmup: 2\n")  # a PPO preset, run with --algorithm grpo
     common = {"ckpt": str(tmp_path), "out": str(tmp_path / "o")}
-    cfg = load_rl_config(str(preset), {**common, "algorithm": "grpo"})
+    cfg = load_config(RLConfig, str(preset), {**common, "algorithm": "grpo"})
     assert cfg.critic_warmup == 0  # every GRPO update trains the actor
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "critic_warmup=2 ignored" in err[0] and "GRPO" in err[0]
     assert cfg.validate().critic_warmup == 0 and capsys.readouterr().err == ""  # said once
-    assert load_rl_config(str(preset), {**common, "algorithm": "ppo"}).critic_warmup == 2
+    assert load_config(RLConfig, str(preset), {**common, "algorithm": "ppo"}).critic_warmup == 2
     assert capsys.readouterr().err == ""
 
 

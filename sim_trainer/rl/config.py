@@ -1,13 +1,13 @@
-"""RL run configuration: one dataclass, loaded from a YAML preset and overridden by flags, checked up front."""
+"""RL run configuration: one dataclass (preset keys and flags, see sim_trainer/config_flags.py), checked up front."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from policy_runtime.yaml_io import load_yaml_mapping
 from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
+from sim_trainer.config_flags import option
 from sim_trainer.errors import UserError
 from sim_trainer.rl.policy import VALUE_INPUTS
 from sim_trainer.rl.samplers import NOISE_METHODS, SDE_MODES
@@ -34,53 +34,60 @@ RL_LIMITS = {
 
 @dataclass
 class RLConfig:
-    ckpt: str = ""  # the SFT checkpoint to start from
-    out: str = ""  # run directory (checkpoint + trainer state + TensorBoard + metrics)
-    task: str | None = None  # None: the checkpoint's task
-    algorithm: str = "ppo"
-    noise: str = "flow_noise"  # flow_noise | flow_sde | reinflow
-    sde_mode: str = "mixed"
-    num_steps: int = 4  # K, for training and evaluation alike
-    exec_steps: int | None = None  # C executed actions per chunk; None: the checkpoint's
-    noise_level: float = 0.5  # flow_sde a
-    std_min: float = 0.08
-    std_max: float = 0.16
-    logprob: str = "chunk"  # ratio granularity
-    value_input: str = "prefix"
-    reward: str = "sparse"
-    num_envs: int = 8
-    rollout_chunks: int = 16  # PPO: chunk steps per env per rollout (GRPO: one whole episode per env)
-    group_size: int = 4  # GRPO: envs sharing a reset seed
-    grpo_filter: bool = True
-    total_env_steps: int = 100_000
-    gamma: float = 0.99  # per chunk step
-    gae_lambda: float = 0.95
-    clip: float = 0.2
-    value_clip: float = 0.2
-    huber_delta: float = 10.0
-    ent_coef: float = 0.005
-    lr: float = 1e-4
-    value_lr: float = 1e-3
-    weight_decay: float = 0.0
-    critic_warmup: int = 0  # updates that train only the value head (PPO; ignored with a warning for GRPO)
-    epochs: int = 4
-    minibatch: int = 64
-    target_kl: float | None = None  # stop an update's remaining epochs once an epoch's mean approx KL exceeds it
-    max_grad_norm: float = 1.0
-    cotrain_data: str | None = None  # RL-Co: real(-proxy) episodes anchoring the policy with a flow-matching loss
-    cotrain_weight: float = 0.2  # beta in L = L_RL + beta * L_SFT(real)
-    cotrain_batch: int = 32  # real samples per RL minibatch
-    freeze_vision: bool = False
-    expert_only: bool = False  # train the action expert and heads only (prefix encoder frozen)
-    eval_every: int = 0  # updates between evaluations (0: only at the end)
-    eval_episodes: int = 20
-    eval_envs: int = 2
-    eval_domain: str | None = None  # also evaluate in this shifted domain (e.g. real_proxy); never used for rollouts
-    save_every: int = 10  # updates
-    seed: int = 0
-    sim_backend: str = "physx_cpu"
-    max_episode_steps: int | None = None  # None: the task's horizon
-    resume: bool = False
+    """Every RL option: a preset key and a flag (`num_envs` -> `--num-envs`), help text as written here."""
+
+    ckpt: str = option("", "SFT checkpoint to start from")
+    out: str = option("", "run directory (becomes a checkpoint; trainer state, metrics and TensorBoard in it)")
+    task: str | None = option(None, "task (default: the checkpoint's)")
+    algorithm: str = option("ppo", "ppo (value head + GAE) or grpo (group-normalised returns, no critic)")
+    noise: str = option("flow_noise", "flow_noise (learned std per token), flow_sde (ODE->SDE) or reinflow "
+                                      "(learned std from observation and time)")
+    sde_mode: str = option("mixed", "flow_sde: mixed (one stochastic step) or full (all)")
+    num_steps: int = option(4, "denoising steps K, for training and evaluation alike")
+    exec_steps: int | None = option(None, "actions executed per chunk C, <= H (default: the checkpoint's)")
+    noise_level: float = option(0.5, "flow_sde noise level a")
+    std_min: float = option(0.08, "flow_noise/reinflow: smallest learned noise std")
+    std_max: float = option(0.16, "flow_noise/reinflow: largest learned noise std")
+    logprob: str = option("chunk", "ratio granularity: token, action or chunk")
+    value_input: str = option("prefix", "critic input: prefix (pooled prefix) or expert (action-expert tokens); "
+                                        "both detached")
+    reward: str = option("sparse", "sparse (success) or normalized_dense (ManiSkill's shaped reward)")
+    num_envs: int = option(8, "parallel envs per process")
+    rollout_chunks: int = option(16, "PPO: chunk steps per env per rollout (GRPO: one whole episode per env)")
+    group_size: int = option(4, "GRPO: envs sharing a reset seed")
+    grpo_filter: bool = option(True, "GRPO: drop groups where every episode succeeded or every one failed (no signal)")
+    total_env_steps: int = option(100_000, "env step budget over all processes")
+    gamma: float = option(0.99, "discount per chunk step")
+    gae_lambda: float = option(0.95, "GAE lambda")
+    clip: float = option(0.2, "PPO ratio clip")
+    value_clip: float = option(0.2, "value-loss clip")
+    huber_delta: float = option(10.0, "Huber delta of the value loss")
+    ent_coef: float = option(0.005, "entropy bonus coefficient")
+    lr: float = option(1e-4, "actor (action expert, noise head) learning rate")
+    value_lr: float = option(1e-3, "value head learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    critic_warmup: int = option(0, "updates that train only the value head (PPO; ignored with a warning for GRPO)")
+    epochs: int = option(4, "passes over each rollout")
+    minibatch: int = option(64, "chunk samples per gradient step")
+    target_kl: float | None = option(None, "stop an update's remaining epochs once an epoch's mean approx KL "
+                                           "exceeds this (default: never)")
+    max_grad_norm: float = option(1.0, "gradient norm clip")
+    cotrain_data: str | None = option(None, "RL-Co: real(-proxy) episode dataset; its flow-matching loss anchors "
+                                            "the policy")
+    cotrain_weight: float = option(0.2, "RL-Co beta in L = L_RL + beta * L_SFT(real)")
+    cotrain_batch: int = option(32, "RL-Co: real samples per RL minibatch")
+    freeze_vision: bool = option(False, "freeze the vision encoder")
+    expert_only: bool = option(False, "train the action expert and heads only (prefix encoder frozen)")
+    eval_every: int = option(0, "updates between evaluations (0: only at the end)")
+    eval_episodes: int = option(20, "episodes per evaluation")
+    eval_envs: int = option(2, "parallel envs for evaluation")
+    eval_domain: str | None = option(None, "also evaluate in this shifted domain at every evaluation ('real_proxy' "
+                                           "or a domain YAML); rollouts stay in the plain sim")
+    save_every: int = option(10, "updates between checkpoints")
+    seed: int = option(0, "seed of envs, sampling and updates")
+    sim_backend: str = option("physx_cpu", "physx_cpu (one process per env) or physx_cuda (GPU, one process)")
+    max_episode_steps: int | None = option(None, "episode horizon (default: the task's)")
+    resume: bool = option(False, "continue the run in --out from its last checkpoint")
 
     def validate(self) -> RLConfig:
         """Types and ranges of every field, whether it came from the YAML preset or from a flag."""
@@ -131,17 +138,3 @@ def _check_dir(what: str, path: str) -> None:
         raise UserError(f"{what} {path} does not exist")
     if not p.is_dir():
         raise UserError(f"{what} {path} is a file, not a directory")
-
-
-def load_rl_config(path: str | None, overrides: dict) -> RLConfig:
-    """YAML preset (keys = RLConfig fields) with command-line overrides (None means: not given)."""
-    values = load_yaml_mapping(path) if path else {}
-    known = {f.name: f for f in fields(RLConfig)}
-    unknown = set(values) - set(known)
-    if unknown:
-        raise UserError(f"unknown RL options in {path}: {', '.join(sorted(unknown))}")
-    values |= {k: v for k, v in overrides.items() if v is not None and k in known}
-    try:
-        return RLConfig(**values).validate()
-    except TypeError as e:
-        raise UserError(f"bad RL config: {e}") from None

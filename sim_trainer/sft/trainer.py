@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from policy_runtime.episodes import dataset_spec, list_episodes, load_dataset
 from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
+from sim_trainer.config_flags import option
 from sim_trainer.data.normalize import NormStats
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.errors import UserError
@@ -44,29 +45,32 @@ STATE = "trainer_state"
 
 @dataclass
 class SFTConfig:
-    data: list[str]
-    out: str
-    mix: list[float] = field(default_factory=list)  # one ratio per dataset; empty = proportional to size
-    size: str = "small"
-    image_grid: int | None = None  # camera tokens per side; None: the size's default (4 for small)
-    horizon: int = 16
-    exec_steps: int = 8
-    num_steps: int = 10
-    steps: int = 20_000
-    batch_size: int = 64
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    warmup: int = 500
-    grad_clip: float = 1.0
-    ema: float = 0.999
-    augment_pad: int = 4
-    seed: int = 0
-    log_every: int = 50
-    save_every: int = 1000
-    eval_every: int = 0  # 0 disables periodic closed-loop evaluation
-    eval_episodes: int = 10
-    eval_envs: int = 1
-    resume: bool = False
+    """Every SFT option: a preset key and a flag (`batch_size` -> `--batch-size`), help text as written here."""
+
+    data: list[str] = option([], "episode dataset directories (repeat --data, or give several, to mix datasets)")
+    out: str = option("", "output checkpoint directory (new or empty; see --resume and --force)")
+    mix: list[float] = option([], "sampling ratio per dataset, e.g. --mix 0.5 0.5 (default: proportional to size)")
+    size: str = option("small", f"model size: {', '.join(SIZES)}")
+    image_grid: int | None = option(None, "camera tokens per side, finer localisation (default: the size's, 4 "
+                                          "for small)")
+    horizon: int = option(16, "chunk length H")
+    exec_steps: int = option(8, "actions executed per chunk C (<= H)")
+    num_steps: int = option(10, "denoising steps K at inference")
+    steps: int = option(20_000, "optimizer steps")
+    batch_size: int = option(64, "chunks per optimizer step")
+    lr: float = option(3e-4, "peak AdamW learning rate (linear warmup, then cosine decay)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    warmup: int = option(500, "learning-rate warmup steps")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    ema: float = option(0.999, "EMA decay of the weights the checkpoint holds")
+    augment_pad: int = option(4, "random-shift image augmentation, in pixels (0: off)")
+    seed: int = option(0, "seed of the model init, sampling and augmentation")
+    log_every: int = option(50, "steps between TensorBoard logs")
+    save_every: int = option(1000, "steps between checkpoints")
+    eval_every: int = option(0, "steps between closed-loop evaluations (0: off)")
+    eval_episodes: int = option(10, "episodes per closed-loop evaluation")
+    eval_envs: int = option(1, "parallel envs per closed-loop evaluation (one process each)")
+    resume: bool = option(False, "continue the run in --out where it stopped")
 
     def validate(self) -> SFTConfig:
         """Types and ranges of every field, whether it came from YAML or from a flag."""
