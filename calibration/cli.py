@@ -11,17 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from calibration.checks import arg_integer, arg_number
-from policy_runtime.errors import UserError, run_command
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse's own errors in one line (its default prints the usage first), exit code 2 as before."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+from policy_runtime.errors import OneLineParser, UserError, run_command
 
 
 def _board_args(p: argparse.ArgumentParser) -> None:
@@ -222,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     from calibration.handeye import METHODS, MOUNTS, Gate
     from calibration.sim_camera import MAX_DR_DEG, MAX_DR_MM
 
-    p = _Parser(prog="calibrate", description=(
+    p = OneLineParser(prog="calibrate", description=(
         "Calibrate the real camera and put it into simulation. Typical flow: `intrinsics` (ChArUco images -> "
         "camera.yaml) -> `handeye` (robot poses + board images -> extrinsics.yaml) -> `sim-camera` (a ManiSkill "
         "camera config for `sim-trainer --camera-config`, a sim/real overlay and a randomisation range). "

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from policy_runtime.errors import UserError, run_command
+from policy_runtime.errors import OneLineParser, UserError, run_command
 from policy_runtime.protocol import DEFAULT_ENDPOINT, Limits
 
 log = logging.getLogger("policy_runtime")
@@ -28,16 +28,9 @@ MAX_ARRAY_MB = 1024.0
 MAX_WARMUP = 100
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line on stderr (no usage block), like every other user mistake."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="policy-runtime",
-                                description="Serve an exported flow VLA (ONNX Runtime) as action chunks over ZeroMQ.")
+    p = OneLineParser(prog="policy-runtime",
+                      description="Serve an exported flow VLA (ONNX Runtime) as action chunks over ZeroMQ.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="serve an export directory (or a checkpoint with --backend torch)")

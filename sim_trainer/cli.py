@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from policy_runtime.errors import run_command
+from policy_runtime.errors import OneLineParser, run_command
 from policy_runtime.yaml_io import load_yaml_mapping
 from sim_trainer.errors import UserError
 
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sim_trainer.rl.config import RLConfig
     from sim_trainer.sft.trainer import SFTConfig
 
-    p = argparse.ArgumentParser(prog="sim-trainer", description=(
+    p = OneLineParser(prog="sim-trainer", description=(
         "Train and evaluate flow-matching VLA policies in ManiSkill3. Typical flow: `demos` (motion-planned "
         "demonstrations) -> `sft` (flow-matching fine-tuning) -> `eval` (closed-loop success with intervals)."))
     sub = p.add_subparsers(dest="command", required=True)

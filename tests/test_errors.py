@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from policy_runtime.errors import UserError, run_command
+from tests.bad_input import assert_user_error, run_cli
 
 
 def _raise(exc: BaseException):
@@ -20,3 +23,16 @@ def test_ctrl_c_is_one_line_and_exit_130_and_a_normal_end_passes_through(capsys)
     assert run_command("calibrate", _raise(KeyboardInterrupt())) == 130
     assert capsys.readouterr().err == "calibrate: interrupted\n"
     assert run_command("policy-runtime", lambda: 0) == 0
+
+
+@pytest.mark.parametrize("tool, args, contains", [
+    ("sim-trainer", ["sft", "--steps", "ten"], "--steps"),
+    ("sim-trainer", ["bogus"], "invalid choice"),
+    ("sim-trainer", ["eval", "--episodes"], "--episodes"),
+    ("policy-runtime", ["serve"], "model_dir"),
+    ("policy-runtime", ["check", "--nope"], "export_dir"),
+    ("calibrate", ["intrinsics", "--bogus"], "required"),
+])
+def test_argparse_mistakes_are_one_line_in_every_tool(tool, args, contains):
+    """argparse's own refusals (bad value, unknown command, missing argument) follow the one-line rule too."""
+    assert_user_error(run_cli(tool, args), contains)
