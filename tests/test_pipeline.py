@@ -10,11 +10,11 @@ import pytest
 from safetensors.torch import load_file
 
 from policy_runtime.episodes import dataset_spec, load_dataset
+from policy_runtime.stats import wilson_interval
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.errors import UserError
 from sim_trainer.evaluate.report import write_report
 from sim_trainer.evaluate.rollout import evaluate
-from sim_trainer.evaluate.stats import wilson_interval
 from sim_trainer.models.checkpoint import load_checkpoint
 from sim_trainer.policy import ChunkPolicy
 from sim_trainer.sft.trainer import SFTConfig, train_sft

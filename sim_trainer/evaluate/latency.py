@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from policy_runtime.chunking import ChunkRequest, make_executor
+from policy_runtime.stats import wilson_interval
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.vec_env import make_vec_env
-from sim_trainer.evaluate.stats import wilson_interval
 from sim_trainer.models.rtc import guided_denoise, prefix_weights
 from sim_trainer.policy import ChunkPolicy
 from sim_trainer.progress import progress_bar

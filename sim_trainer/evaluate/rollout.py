@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from policy_runtime.stats import wilson_interval
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.vec_env import make_vec_env
-from sim_trainer.evaluate.stats import wilson_interval
 from sim_trainer.models.checkpoint import check_compatible
 from sim_trainer.policy import ChunkPolicy
 from sim_trainer.progress import progress_bar

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policy_runtime.errors import UserError
+from policy_runtime.stats import wilson_interval
 from policy_runtime.yaml_io import load_yaml_mapping
-from sim_trainer.evaluate.stats import wilson_interval
 
 OUTCOMES = ("success", "failure", "aborted")
 

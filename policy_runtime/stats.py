@@ -1,4 +1,4 @@
-"""Binomial confidence intervals for success rates."""
+"""Binomial confidence intervals for success rates (sim evaluation and real trials report the same interval)."""
 
 from __future__ import annotations
 
