@@ -34,7 +34,6 @@ TRAINING_ONLY = ("torch", "mani_skill", "sapien", "mplib", "gymnasium", "tensorb
 RUNTIME_MODULES = ("policy_runtime.server", "policy_runtime.client", "policy_runtime.cli", "policy_runtime.check",
                    "policy_runtime.backends.onnx_backend", "calibration.cli")
 # The ROS 2 nodes a robot runs (sim_twin_node is the simulator, and the demo drives it: both need [train]).
-# eval_manager_node and recorder read PolicySpec and the episode writer, which move into policy_runtime.
 ROS_NODE_MODULES = ("vla_ros.camera_node", "vla_ros.policy_node", "vla_ros.safety_node", "vla_ros.teleop_node",
                     "vla_ros.operator_node", "vla_ros.capture_node", "vla_ros.eval_manager_node",
                     "vla_ros.recorder", "vla_ros.trials", "vla_ros.stack")
@@ -118,7 +117,8 @@ def test_runtime_calibration_and_ros_node_modules_import_without_it(robot_python
             importlib.import_module(name)
         import policy_runtime
         print(policy_runtime.__file__)
-        print(sorted(m for m in {TRAINING_ONLY!r} if m in sys.modules))
+        # the robot side reads the contract in policy_runtime: not even the trainer's torch-free modules load
+        print(sorted(m for m in {TRAINING_ONLY + ("sim_trainer",)!r} if m in sys.modules))
         """, tmp_path, PYTHONPATH=str(VLA_ROS))
     installed_at, training = r.stdout.splitlines()
     assert str(ROBOT_VENV) in installed_at  # the installed copy, not the checkout
