@@ -53,7 +53,7 @@ from policy_runtime.backends import ChunkResult
 from policy_runtime.protocol import (
     UNKNOWN_KIND,
     ActionsReply,
-    CameraContract,
+    CameraSpec,
     Contract,
     InferRequest,
     Limits,
@@ -93,7 +93,7 @@ def echo_contract() -> Contract:
     return Contract(model_sha256="0" * 64, backend="echo", provider="none", horizon=HORIZON, exec_steps=8,
                     action_dim=ACTION_DIM, num_steps=0, control_mode="pd_joint_delta_pos",
                     action_low=(-1.0,) * ACTION_DIM, action_high=(1.0,) * ACTION_DIM, clip_actions=True,
-                    cameras=tuple(CameraContract(c, IMAGE_SIZE, IMAGE_SIZE) for c in CAMERAS), state_dim=STATE_DIM,
+                    cameras=tuple(CameraSpec(c, IMAGE_SIZE, IMAGE_SIZE) for c in CAMERAS), state_dim=STATE_DIM,
                     state_layout=(("agent/qpos", STATE_DIM),), normalisation_sha256="0" * 64, control_hz=20.0,
                     text_max_len=64, default_instruction=INSTRUCTION, task="echo")
 

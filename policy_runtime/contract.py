@@ -298,7 +298,7 @@ def contract_from_manifest(m: dict, backend: str, provider: str, where: str = "e
 
     A version-1 manifest has no scaling fields: it gets the ManiSkill Panda controller's (what v1 exports meant).
     """
-    from policy_runtime.protocol import CameraContract, Contract
+    from policy_runtime.protocol import Contract
 
     try:
         a = m["action"]
@@ -309,7 +309,7 @@ def contract_from_manifest(m: dict, backend: str, provider: str, where: str = "e
             num_steps=int(m["num_steps"]), control_mode=control_mode,
             action_low=tuple(float(x) for x in a["low"]),
             action_high=tuple(float(x) for x in a["high"]), clip_actions=clip_actions,
-            cameras=tuple(CameraContract(str(c["name"]), int(c["height"]), int(c["width"])) for c in m["cameras"]),
+            cameras=tuple(CameraSpec(str(c["name"]), int(c["height"]), int(c["width"])) for c in m["cameras"]),
             state_dim=int(m["state"]["dim"]), state_layout=tuple((str(n), int(k)) for n, k in m["state"]["layout"]),
             normalisation_sha256=str(m["normalisation"]["sha256"]), control_hz=float(m["control_hz"]),
             text_max_len=int(m["text"]["max_len"]), default_instruction=str(m["text"]["instruction"]),

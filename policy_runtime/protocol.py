@@ -316,13 +316,6 @@ def _array(v: Any, name: str, dtype: np.dtype, shape: tuple[int, ...], rid: int,
 
 # ----- contract (the hello reply) -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CameraContract:
-    name: str
-    height: int
-    width: int
-
-
-@dataclass(frozen=True)
 class Contract:
     """What a client must agree with before sending observations; built from the export manifest."""
 
@@ -337,7 +330,7 @@ class Contract:
     action_low: tuple[float, ...]
     action_high: tuple[float, ...]
     clip_actions: bool
-    cameras: tuple[CameraContract, ...]
+    cameras: tuple[CameraSpec, ...]
     state_dim: int
     state_layout: tuple[tuple[str, int], ...]
     normalisation_sha256: str
@@ -414,7 +407,7 @@ class Contract:
                 arm_delta=_pair(a.get("arm_delta", ARM_DELTA)),
                 gripper_range=_pair(a.get("gripper_range", GRIPPER_RANGE)),
                 obs_mode=str(d.get("obs_mode", "")),
-                cameras=tuple(CameraContract(str(c["name"]), int(c["height"]), int(c["width"])) for c in d["cameras"]),
+                cameras=tuple(CameraSpec(str(c["name"]), int(c["height"]), int(c["width"])) for c in d["cameras"]),
                 state_dim=int(s["dim"]), state_layout=tuple((str(n), int(k)) for n, k in s["layout"]),
                 normalisation_sha256=str(d["normalisation_sha256"]), text_max_len=int(ins["max_tokens"]),
                 default_instruction=str(ins["default"]), max_batch=int(d["max_batch"]),

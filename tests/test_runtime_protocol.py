@@ -12,12 +12,13 @@ from hypothesis import strategies as st
 
 from policy_runtime import protocol as P
 from policy_runtime.client import Expectation
-from policy_runtime.protocol import CameraContract, Contract, Limits, ProtocolError
+from policy_runtime.contract import CameraSpec
+from policy_runtime.protocol import Contract, Limits, ProtocolError
 
 CONTRACT = Contract(
     model_sha256="ab" * 32, backend="onnxruntime", provider="CPUExecutionProvider", horizon=4, exec_steps=2,
     action_dim=3, num_steps=2, control_mode="pd_joint_delta_pos", action_low=(-1.0,) * 3, action_high=(1.0,) * 3,
-    clip_actions=True, cameras=(CameraContract("base", 6, 5), CameraContract("wrist", 4, 4)), state_dim=2,
+    clip_actions=True, cameras=(CameraSpec("base", 6, 5), CameraSpec("wrist", 4, 4)), state_dim=2,
     state_layout=(("qpos", 1), ("qvel", 1)), normalisation_sha256="cd" * 32, control_hz=20.0, text_max_len=8,
     default_instruction="pick", task="PickCube-v1", max_batch=4, instance="0123456789abcdef")
 

@@ -149,7 +149,7 @@ def test_handshake_returns_the_manifests_contract(backend, serve, clients, tiny_
     c = clients(server.endpoint).connect()
     assert (c.horizon, c.exec_steps, c.action_dim, c.num_steps, c.state_dim) == (16, 8, 8, 4, 18)
     assert c.model_sha256 == m["model_sha256"] and c.normalisation_sha256 == m["normalisation"]["sha256"]
-    assert c.cameras == (P.CameraContract("base_camera", 32, 32),) and c.control_hz == 20.0
+    assert c.cameras == (P.CameraSpec("base_camera", 32, 32),) and c.control_hz == 20.0
     assert c.provider == "CPUExecutionProvider" and c.backend == "onnxruntime" and c.instruction_max_bytes == 47
     assert c.action_low == (-1.0,) * 8 and c.clip_actions and c.instance == server.instance
 
@@ -523,7 +523,7 @@ def test_client_drops_replies_to_stale_request_ids():
     contract = P.Contract(
         model_sha256="a" * 64, backend="fake", provider="none", horizon=2, exec_steps=1, action_dim=1, num_steps=1,
         control_mode="x", action_low=(-1.0,), action_high=(1.0,), clip_actions=True,
-        cameras=(P.CameraContract("c", 2, 2),), state_dim=1, state_layout=(("s", 1),), normalisation_sha256="b" * 64,
+        cameras=(P.CameraSpec("c", 2, 2),), state_dim=1, state_layout=(("s", 1),), normalisation_sha256="b" * 64,
         control_hz=10.0, text_max_len=4, default_instruction="", instance="i1")
 
     def fake_server():
