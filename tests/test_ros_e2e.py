@@ -102,6 +102,27 @@ def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
         rclpy.try_shutdown()
 
 
+def test_policy_node_ticks_on_its_own_thread_while_a_callback_blocks_the_executor(server):
+    """A callback that holds the node's executor (a slow driver, a big image) never delays the control tick."""
+    from rclpy.executors import SingleThreadedExecutor
+    from vla_ros.policy_node import PolicyNode
+
+    rclpy.init()
+    node = PolicyNode("policy_node", parameter_overrides=[Parameter("runtime_endpoint", value=server.endpoint)])
+    node.create_timer(0.05, lambda: time.sleep(0.5))  # holds the executor's only thread 10 periods at a time
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    try:
+        wait_for(lambda: len(node.tick_periods) >= 20, 120, "20 control ticks")
+        assert np.median(node.tick_periods) < 0.25, list(node.tick_periods)  # 0.05 s nominal; >= 0.5 s on a timer
+    finally:
+        executor.shutdown()
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
 def test_sim_trials_through_the_whole_stack(server, tmp_path):
     from sim_trainer.data.episodes import list_episodes, read_episode
 
