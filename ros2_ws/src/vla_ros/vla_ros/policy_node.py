@@ -1,7 +1,7 @@
 """Policy node: cameras + joint states -> policy_runtime server -> one normalised action per control tick.
 
 The control tick runs the chunk executor (policy_runtime.chunking) on a thread of its own with a deadline
-scheduler (vla_ros.ticker: ticks at t0 + k / control_hz, overruns skipped and counted), so camera, joint-state
+scheduler (vla_ros.ticker: ticks at t0 + k / control_hz, overruns counted and logged), so camera, joint-state
 and diagnostics callbacks on the rclpy executor never delay it, and it never delays them; the state they share
 is under one lock, held only to copy or update it. Inference runs on a worker thread that owns the
 PolicyClient, so a slow or dead server never blocks the tick. With
@@ -108,7 +108,7 @@ class PolicyNode(Node):
         self.fault: str | None = None          # server / contract problem (error level)
         self.obs_problem: str | None = None    # last observation refusal (warn level)
         self.counts = {"actions": 0, "chunks": 0, "late_chunks": 0, "server_errors": 0, "stale_obs": 0, "holds": 0,
-                       "overruns": 0}
+                       "overruns": 0, "skipped_ticks": 0}
         self.tick_periods: deque[float] = deque(maxlen=2000)   # wall seconds between ticks
         self.latencies: deque[float] = deque(maxlen=2000)      # capture stamp -> command, node clock seconds
         self.infer_s: deque[float] = deque(maxlen=2000)
@@ -244,11 +244,12 @@ class PolicyNode(Node):
                                      name="policy_control_tick", on_overrun=self._on_overrun,
                                      on_error=self._on_tick_error).start()
 
-    def _on_overrun(self, missed: int, late_s: float) -> None:
+    def _on_overrun(self, skipped: int, late_s: float) -> None:
         with self.lock:
-            self.counts["overruns"] += missed
-        self.get_logger().warning(f"control tick overrun: {missed} deadline(s) skipped, {1e3 * late_s:.1f} ms late",
-                                  throttle_duration_sec=2.0)
+            self.counts["overruns"] += 1
+            self.counts["skipped_ticks"] += skipped
+        self.get_logger().warning(f"control tick overrun: the next tick starts {1e3 * late_s:.1f} ms late"
+                                  f"{f', {skipped} skipped' if skipped else ''}", throttle_duration_sec=2.0)
 
     def _on_tick_error(self, e: Exception) -> None:
         if not self.context.ok():

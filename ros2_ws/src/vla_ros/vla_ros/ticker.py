@@ -3,8 +3,9 @@
 An rclpy timer runs on the executor, behind whatever camera, joint-state or diagnostics callback holds the
 thread or the node's callback group, and the next tick is scheduled from when the previous one ran. Here the
 tick owns a thread: it sleeps until the next absolute deadline of the grid t0 + k * period. A tick that ends
-after the next deadline is an overrun: the missed deadlines are skipped (never run late in a burst, which
-would send stale commands back to back) and counted, and the grid does not move.
+after the next deadline is an overrun (counted): the next tick runs at once, late, and a deadline whose whole
+period has passed meanwhile is skipped (counted too), never run in a burst of stale commands; the grid does
+not move.
 
 On the wall clock the deadlines are on the monotonic clock (a system-time step never stretches a period).
 With a ROS clock in sim time (`/clock`) they are on that clock, and the thread wakes on each clock jump;
@@ -21,7 +22,7 @@ _SIM_POLL_S = 0.05  # wall-time bound on one wait for a /clock jump (stop reques
 
 
 class DeadlineTicker:
-    """Calls `tick()` at t0 + k * period on a thread of its own; `on_overrun(missed, late_s)` after an overrun.
+    """Calls `tick()` at t0 + k * period on a thread of its own; `on_overrun(skipped, late_s)` after an overrun.
 
     `clock`: an rclpy Clock with sim time active, to tick on the ROS clock; None: the monotonic wall clock.
     `on_error(exc)` is called when a tick raises (the loop carries on); without it the exception ends the loop.
@@ -34,7 +35,8 @@ class DeadlineTicker:
             raise ValueError(f"period must be > 0, got {period_s}")
         self.period, self.tick, self.clock = float(period_s), tick, clock
         self.on_overrun, self.on_error = on_overrun, on_error
-        self.overruns = 0  # deadlines skipped because a tick (or the wake-up before it) ran past them
+        self.overruns = 0  # ticks that ended after the next deadline (the next tick started late)
+        self.skipped = 0  # deadlines dropped because their whole period passed before a tick could start
         self.ticks = 0
         self.deadline: float | None = None  # of the tick running now (or the last one)
         self._stop = threading.Event()
@@ -88,12 +90,13 @@ class DeadlineTicker:
             self.ticks += 1
             k += 1
             late = self.now() - (t0 + k * self.period)
-            if late >= 0:  # the next deadline has passed already: skip it and any others, keep the grid
-                missed = int(late // self.period) + 1
-                k += missed
-                self.overruns += missed
+            if late > 0:  # the next deadline has passed: run it now unless its period is over too, keep the grid
+                skipped = int(late // self.period)
+                k += skipped
+                self.overruns += 1
+                self.skipped += skipped
                 if self.on_overrun is not None:
-                    self.on_overrun(missed, late)
+                    self.on_overrun(skipped, late)
 
     def _sleep_until(self, deadline: float) -> bool:
         """True at the deadline; False when stopped or when the clock went back past the previous deadline."""
