@@ -85,7 +85,6 @@ def main() -> int:
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "pushcube_rgb_small")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_ros_stack")
     ap.add_argument("--timing-only", action="store_true", help="only the wall-clock timing run")
-    ap.add_argument("--tick-priority", type=int, default=0, help="policy_node.tick_priority in the timing run")
     a = ap.parse_args()
     os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -111,7 +110,7 @@ def main() -> int:
                              "wilson95": summary["wilson95"], "aborted": summary["aborted"],
                              "safety_interventions": dict(nodes["safety_filter"].filter.counts),
                              "wall_s": round(time.monotonic() - t0)}
-        report["timing"] = timing_run(endpoint, a.timing_trials, a.seed_start, out, a.tick_priority)
+        report["timing"] = timing_run(endpoint, a.timing_trials, a.seed_start, out)
     finally:
         server.terminate()
         server.wait(20)
@@ -128,10 +127,9 @@ def main() -> int:
     return 0
 
 
-def timing_run(endpoint: str, trials: int, seed_start: int, out: Path, tick_priority: int = 0) -> dict:
+def timing_run(endpoint: str, trials: int, seed_start: int, out: Path) -> dict:
     wall = ["policy_node", "safety_filter", "eval_manager", "scripted_operator"]
-    overrides = [f"{n}.use_sim_time=false" for n in wall] + ["policy_node.inference_wait_s=0.0",
-                                                            f"policy_node.tick_priority={tick_priority}"]
+    overrides = [f"{n}.use_sim_time=false" for n in wall] + ["policy_node.inference_wait_s=0.0"]
     twin_overrides = ["sim_twin.publish_clock=false", "sim_twin.lockstep_timeout_s=0.0",
                       "sim_twin.real_time_factor=1.0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "ros2_ws/src/vla_ros"), str(ROOT)])}

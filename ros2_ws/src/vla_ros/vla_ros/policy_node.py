@@ -60,7 +60,6 @@ DEFAULTS = {
     "max_skew_s": 0.1,
     "max_chunk_age_s": 0.3,   # observation -> chunk arrival; older chunks are dropped (<= the filter's late_action_s)
     "diagnostics_hz": 2.0,
-    "tick_priority": 0,       # SCHED_FIFO priority (1-99) of the control tick thread where the OS allows it; 0: normal
 }
 
 
@@ -243,11 +242,7 @@ class PolicyNode(Node):
         sim = self.get_parameter("use_sim_time").value
         self.ticker = DeadlineTicker(1.0 / control_hz, self._tick, clock=self.get_clock() if sim else None,
                                      name="policy_control_tick", on_overrun=self._on_overrun,
-                                     on_error=self._on_tick_error, priority=self.p["tick_priority"]).start()
-        self.ticker.started.wait(5.0)
-        if self.ticker.priority_error:
-            self.get_logger().warning(f"tick_priority {self.p['tick_priority']} refused ({self.ticker.priority_error})"
-                                      "; the control tick runs at normal priority")
+                                     on_error=self._on_tick_error).start()
 
     def _on_overrun(self, skipped: int, late_s: float) -> None:
         with self.lock:

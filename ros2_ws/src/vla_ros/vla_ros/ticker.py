@@ -10,15 +10,10 @@ not move.
 On the wall clock the deadlines are on the monotonic clock (a system-time step never stretches a period).
 With a ROS clock in sim time (`/clock`) they are on that clock, and the thread wakes on each clock jump;
 a clock that jumps back (the simulator restarted) starts a new grid.
-
-`priority` > 0 puts the tick thread under SCHED_FIFO at that priority where the OS allows it (root or
-CAP_SYS_NICE, as on a robot's real-time kernel): on a busy host it then wakes on time. It cannot help while
-another thread of the process holds the GIL, so on a robot the policy node is best its own process.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,18 +26,15 @@ class DeadlineTicker:
 
     `clock`: an rclpy Clock with sim time active, to tick on the ROS clock; None: the monotonic wall clock.
     `on_error(exc)` is called when a tick raises (the loop carries on); without it the exception ends the loop.
-    `priority_error` says why a requested `priority` could not be set (the loop then runs at normal priority).
     """
 
     def __init__(self, period_s: float, tick: Callable[[], None], *, clock=None, name: str = "control_tick",
                  on_overrun: Callable[[int, float], None] | None = None,
-                 on_error: Callable[[Exception], None] | None = None, priority: int = 0):
+                 on_error: Callable[[Exception], None] | None = None):
         if not period_s > 0:
             raise ValueError(f"period must be > 0, got {period_s}")
         self.period, self.tick, self.clock = float(period_s), tick, clock
-        self.on_overrun, self.on_error, self.priority = on_overrun, on_error, int(priority)
-        self.priority_error: str | None = None
-        self.started = threading.Event()  # set once the thread runs (and has its priority, if any)
+        self.on_overrun, self.on_error = on_overrun, on_error
         self.overruns = 0  # ticks that ended after the next deadline (the next tick started late)
         self.skipped = 0  # deadlines dropped because their whole period passed before a tick could start
         self.ticks = 0
@@ -79,16 +71,7 @@ class DeadlineTicker:
     def now(self) -> float:
         return self.clock.now().nanoseconds * 1e-9 if self.clock is not None else time.monotonic()
 
-    def _set_priority(self) -> None:
-        if self.priority > 0:
-            try:  # pid 0 is the calling thread on Linux
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))
-            except (AttributeError, OSError) as e:
-                self.priority_error = f"{type(e).__name__}: {e}"
-        self.started.set()
-
     def _run(self) -> None:
-        self._set_priority()
         t0, k = self.now(), 0
         while not self._stop.is_set():
             deadline = t0 + k * self.period
