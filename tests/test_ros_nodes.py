@@ -27,7 +27,8 @@ NAMES = list(PANDA_ARM + PANDA_FINGERS)
 PROBE = "/test_probe"  # the probe plays the eval manager (the control authority) where a test says so
 # Watchdog limits for tests that are not about those watchdogs: a busy host delays joint states and heartbeats by
 # far more than a control period, and a stale-state hold would then stand in for the behaviour under test.
-RELAXED = {"stale_state_s": 5.0}
+# The same for the control authority: a new publisher may take seconds to appear in the ROS graph.
+RELAXED = {"stale_state_s": 5.0, "authority_grace_s": 30.0}
 SPEC = {"task": "PushCube-v1", "control_mode": "pd_joint_delta_pos", "obs_mode": "state", "cameras": [],
         "state_layout": [["agent/qpos", 9]], "action_dim": 8, "action_low": [-1.0] * 8, "action_high": [1.0] * 8,
         "control_hz": 20.0, "instruction": "push", "action_joints": list(PANDA_ARM) + ["gripper"]}
@@ -412,13 +413,13 @@ def test_teleop_jogs_only_while_it_has_control(ros):
     src.publish(String(data="teleop"))
     wait_for(lambda: node.active, 10, "teleop in control")
     assert cmds == []  # the key pressed while the policy had control did nothing
-    node.key("2")
+    node.key("2")  # selects joint 2 and sends the target unchanged
     node.key("+")
-    wait_for(lambda: cmds, 10, "a teleop command")
-    got = dict(zip(cmds[-1].name, cmds[-1].position, strict=True))
+    wait_for(lambda: len(cmds) >= 2, 30, "the jog command")  # both keys' commands, in order
+    got = dict(zip(cmds[1].name, cmds[1].position, strict=True))
     assert got["panda_joint2"] == pytest.approx(0.39 + 0.03) and got["panda_joint1"] == pytest.approx(0.0)
     node.key("z")
-    wait_for(lambda: len(cmds) >= 2, 10, "a Cartesian jog")
+    wait_for(lambda: len(cmds) >= 3, 30, "a Cartesian jog")
 
 
 def test_eval_manager_services_journal_and_redo(ros, tmp_path):
@@ -505,7 +506,7 @@ def test_only_the_control_authority_may_change_the_control_source(ros):
     intruder.publish(String(data="policy"))
     _keep_acting(act, 1.5)
     assert not moved()
-    wait_for(lambda: "/intruder" in safety().get("unauthorised", ""), 20, "the unauthorised source reported")
+    wait_for(lambda: "/intruder" in safety().get("unauthorised", ""), 60, "the unauthorised source reported")
     assert safety()["level"] == DiagnosticStatus.ERROR and safety()["source"] == "hold"
     assert "'policy' from /intruder" in safety()["message"] and int(safety()["count/unauthorised_source"]) >= 1
 
@@ -558,7 +559,7 @@ def test_eval_manager_aborts_a_trial_hijacked_by_another_node(ros, tmp_path):
     def ends() -> list[dict]:
         return [e for e in map(json.loads, journal.read_text().splitlines()) if e["event"] == "end"]
 
-    wait_for(ends, 30, "the trial to end")  # long before its 120 s timeout
+    wait_for(ends, 90, "the trial to end")  # before its 120 s timeout
     (end,) = ends()
     assert end["outcome"] == "aborted" and "unauthorised control source 'teleop' from /intruder" in end["reason"]
 
