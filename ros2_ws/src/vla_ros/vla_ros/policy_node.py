@@ -123,7 +123,7 @@ class PolicyNode(Node):
         self.lock = threading.RLock()
         self.create_timer(1.0 / p["diagnostics_hz"], self._publish_diag)
         self.running = True
-        # Started last: the worker reads everything above (it raced `self.timer` once, and the node never acted).
+        # Started last: the worker reads everything above (it once raced the tick's start, and the node never acted).
         self.worker = threading.Thread(target=self._work, name="policy_inference", daemon=True)
         self.worker.start()
 
