@@ -522,6 +522,8 @@ def test_only_the_control_authority_may_change_the_control_source(ros):
     intruder.publish(String(data="teleop"))
     wait_for(lambda: safety().get("source") == "hold" and "'teleop' from /intruder" in safety().get("unauthorised", ""),
              20, "the hijack refused")
+    # The hold command travels on its own topic: it may arrive after the diagnostics that report it.
+    wait_for(lambda: cmds and not any(cmds[-1].points[0].velocities), 20, "the hold command")
     n = len(cmds)
     manager.publish(String(data="policy"))
     _keep_acting(act)
