@@ -73,7 +73,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self, timeout: float = 120.0) -> ServerProcess:
+    def start(self, timeout: float = 300.0) -> ServerProcess:  # a bound: a busy host imports slowly
         from policy_runtime.client import PolicyClient
 
         self.starts += 1

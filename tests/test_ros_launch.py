@@ -88,7 +88,7 @@ def test_trial_plans_and_bad_yaml(tmp_path):
     with pytest.raises(StackError, match=r"--set 'policy_node.x=\[1,' is not valid YAML at line 1"):
         load_params(LAUNCH / "config" / CASES[0][1], ["policy_node.x=[1,"])
     r = subprocess.run([sys.executable, "-m", "vla_ros.stack", str(bad)], capture_output=True, text=True,
-                       env=subprocess_env(), cwd=ROOT, timeout=60)
+                       env=subprocess_env(), cwd=ROOT, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:")
 
 
@@ -97,7 +97,7 @@ def test_colcon_build_installs_launch_files_configs_and_executables(tmp_path):
     env = {**subprocess_env(), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     r = subprocess.run([colcon, "--log-base", str(tmp_path / "log"), "build", "--base-paths", "ros2_ws/src",
                         "--build-base", str(tmp_path / "build"), "--install-base", str(tmp_path / "install")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     share = tmp_path / "install/vla_bringup/share/vla_bringup"
     assert sorted(p.name for p in (share / "launch").iterdir()) == ["eval.launch.py", "sim_eval.launch.py"]
@@ -113,5 +113,5 @@ def test_colcon_build_installs_launch_files_configs_and_executables(tmp_path):
     site = next((tmp_path / "install/vla_ros/lib").glob("python*/site-packages"))
     run_env = {**env, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
     r = subprocess.run([sys.executable, str(lib / "safety_filter"), "--ros-args", "-p", "controller_type:=bogus"],
-                       env=run_env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                       env=run_env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 2 and "controller type must be one of" in r.stderr and r.stderr.count("\n") == 1

@@ -1,7 +1,10 @@
 """Policy node: cameras + joint states -> policy_runtime server -> one normalised action per control tick.
 
-A timer at the control rate runs the chunk executor (policy_runtime.chunking); inference runs on a worker
-thread that owns the PolicyClient, so a slow or dead server never blocks the executor. With
+The control tick runs the chunk executor (policy_runtime.chunking) on a thread of its own with a deadline
+scheduler (vla_ros.ticker: ticks at t0 + k / control_hz, overruns counted and logged), so camera, joint-state
+and diagnostics callbacks on the rclpy executor never delay it, and it never delays them; the state they share
+is under one lock, held only to copy or update it. Inference runs on a worker thread that owns the
+PolicyClient, so a slow or dead server never blocks the tick. With
 `inference_wait_s` > 0 a tick that just asked for a chunk waits that long for it, which makes synchronous
 execution match the simulator's (the chunk starts at the step whose observation produced it). When there
 is no action (stale observation, chunk pending or late, server lost) nothing is published and the arm
@@ -40,6 +43,7 @@ from vla_ros.observation import ObservationError, StateBuilder, check_timing, fi
 from vla_ros.params import declare, require, run_node_main
 from vla_ros.robot import RobotModel
 from vla_ros.ros_util import JointStateCache, diagnostic, image_to_rgb, rgb_to_image, stamp_s
+from vla_ros.ticker import DeadlineTicker
 
 DEFAULTS = {
     "runtime_endpoint": "tcp://127.0.0.1:5555",
@@ -107,7 +111,8 @@ class PolicyNode(Node):
         self.instruction: str | None = None
         self.fault: str | None = None          # server / contract problem (error level)
         self.obs_problem: str | None = None    # last observation refusal (warn level)
-        self.counts = {"actions": 0, "chunks": 0, "late_chunks": 0, "server_errors": 0, "stale_obs": 0, "holds": 0}
+        self.counts = {"actions": 0, "chunks": 0, "late_chunks": 0, "server_errors": 0, "stale_obs": 0, "holds": 0,
+                       "overruns": 0, "skipped_ticks": 0}
         self.tick_periods: deque[float] = deque(maxlen=2000)   # wall seconds between ticks
         self.latencies: deque[float] = deque(maxlen=2000)      # capture stamp -> command, node clock seconds
         self.infer_s: deque[float] = deque(maxlen=2000)
@@ -116,10 +121,13 @@ class PolicyNode(Node):
         self.results: queue.Queue[tuple] = queue.Queue()
         self.result_ready = threading.Event()
         self.control_hz = 0.0
-        self.timer = None
+        self.ticker: DeadlineTicker | None = None
+        # The tick thread, the executor's callbacks and the inference worker share the executor state, the
+        # counters and the trial epoch: each takes this lock only to read or update them (never while waiting).
+        self.lock = threading.RLock()
         self.create_timer(1.0 / p["diagnostics_hz"], self._publish_diag)
         self.running = True
-        # Started last: the worker reads everything above (it raced `self.timer` once, and the node never acted).
+        # Started last: the worker reads everything above (it once raced the tick's start, and the node never acted).
         self.worker = threading.Thread(target=self._work, name="policy_inference", daemon=True)
         self.worker.start()
 
@@ -130,12 +138,15 @@ class PolicyNode(Node):
 
     def _on_source(self, msg: String) -> None:
         active = msg.data == "policy"
-        if active and not self.active:
-            self.epoch += 1  # replies to requests of an earlier trial are dropped
-            if self.chunker is not None:
-                self.chunker.reset()  # never carry a chunk from one trial into the next
+        with self.lock:
+            started = active and not self.active
+            if started:
+                self.epoch += 1  # replies to requests of an earlier trial are dropped
+                if self.chunker is not None:
+                    self.chunker.reset()  # never carry a chunk from one trial into the next
+            self.active = active
+        if started:
             self.get_logger().info("policy in control: executor reset")
-        self.active = active
 
     def _on_instruction(self, msg: String) -> None:
         self.instruction = msg.data or None
@@ -197,14 +208,15 @@ class PolicyNode(Node):
             self._set_fault(f"contract: {e}")
             time.sleep(2.0)
             return
-        self.state_builder, self.control_hz = builder, float(contract.control_hz)
-        self.chunker = make_executor(self.p["executor"], contract.horizon, contract.exec_steps, contract.control_hz,
-                                      self.p["expected_latency_s"])
-        self.contract = contract
+        with self.lock:
+            self.state_builder, self.control_hz = builder, float(contract.control_hz)
+            self.chunker = make_executor(self.p["executor"], contract.horizon, contract.exec_steps,
+                                          contract.control_hz, self.p["expected_latency_s"])
+            self.contract = contract
         self._publish_spec(contract)
         self._set_fault(None)
-        if self.timer is None:
-            self.timer = self.create_timer(1.0 / contract.control_hz, self._tick)
+        if self.ticker is None:
+            self._start_ticker(contract.control_hz)
         self.get_logger().info(f"policy server {self.p['runtime_endpoint']}: H={contract.horizon} "
                                f"C={contract.exec_steps} at {contract.control_hz} Hz ({contract.backend}, "
                                f"{contract.provider}); executor {self.p['executor']}")
@@ -226,16 +238,38 @@ class PolicyNode(Node):
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
+    def _start_ticker(self, control_hz: float) -> None:
+        """The control tick on its own thread; on the ROS clock when the node runs on sim time (/clock)."""
+        sim = self.get_parameter("use_sim_time").value
+        self.ticker = DeadlineTicker(1.0 / control_hz, self._tick, clock=self.get_clock() if sim else None,
+                                     name="policy_control_tick", on_overrun=self._on_overrun,
+                                     on_error=self._on_tick_error).start()
+
+    def _on_overrun(self, skipped: int, late_s: float) -> None:
+        with self.lock:
+            self.counts["overruns"] += 1
+            self.counts["skipped_ticks"] += skipped
+        self.get_logger().warning(f"control tick overrun: the next tick starts {1e3 * late_s:.1f} ms late"
+                                  f"{f', {skipped} skipped' if skipped else ''}", throttle_duration_sec=2.0)
+
+    def _on_tick_error(self, e: Exception) -> None:
+        if not self.context.ok():
+            self.ticker.stop()  # shutting down: publishers are gone
+            return
+        self.get_logger().error(f"control tick: {type(e).__name__}: {e}; holding\n{traceback.format_exc()}",
+                                throttle_duration_sec=2.0)
+
     def _tick(self) -> None:
         wall = time.monotonic()
-        if self._last_tick is not None:
-            self.tick_periods.append(wall - self._last_tick)
-        self._last_tick = wall
-        self.step += 1
-        if not self.active or self.chunker is None:
+        with self.lock:
+            if self._last_tick is not None:
+                self.tick_periods.append(wall - self._last_tick)
+            self._last_tick = wall
+            self.step += 1
+            step = self.step
             self._drain()
-            return
-        self._drain()
+            if not self.active or self.chunker is None:
+                return
         try:
             obs = self._observation()
             self.obs_problem = None
@@ -243,23 +277,28 @@ class PolicyNode(Node):
             if self.obs_problem != str(e):
                 self.get_logger().warning(f"observation refused: {e}; holding")
             self.obs_problem = str(e)
-            self.counts["stale_obs"] += 1
-            self.counts["holds"] += 1
+            with self.lock:
+                self.counts["stale_obs"] += 1
+                self.counts["holds"] += 1
             return
-        req = self.chunker.request(self.step)
-        if req is not None:
-            self.result_ready.clear()
-            self.jobs.put(_Job(self.epoch, req, obs[0], obs[1], obs[2], self.instruction))
-            if self.p["inference_wait_s"] > 0:
-                self.result_ready.wait(self.p["inference_wait_s"])
-            self._drain()
-        action = self.chunker.action(self.step)
-        if action is None:
-            self.counts["holds"] += 1
-            return
-        self._publish_action(action, obs)
+        with self.lock:
+            req = self.chunker.request(step)
+            if req is not None:
+                self.result_ready.clear()
+                self.jobs.put(_Job(self.epoch, req, obs[0], obs[1], obs[2], self.instruction))
+        if req is not None and self.p["inference_wait_s"] > 0:
+            self.result_ready.wait(self.p["inference_wait_s"])
+        with self.lock:
+            if req is not None:
+                self._drain()
+            action = self.chunker.action(step)
+            if action is None:
+                self.counts["holds"] += 1
+                return
+        self._publish_action(action, obs, step)
 
     def _drain(self) -> None:
+        """Apply the worker's replies to the executor (the caller holds the lock)."""
         while True:
             try:
                 status, job, payload, latency = self.results.get_nowait()
@@ -303,7 +342,7 @@ class PolicyNode(Node):
             raise ObservationError(str(e)) from None
         return images, self.state_builder.build(snap), min(stamps.values(), default=snap.stamp)
 
-    def _publish_action(self, action: np.ndarray, obs) -> None:
+    def _publish_action(self, action: np.ndarray, obs, step: int) -> None:
         images, state, t_capture = obs
         now = self.get_clock().now()
         msg = JointState()
@@ -311,11 +350,12 @@ class PolicyNode(Node):
         msg.name = list(self.contract.action_joints)
         msg.position = [float(x) for x in action]
         self.action_pub.publish(msg)
-        self.latencies.append(now.nanoseconds * 1e-9 - t_capture)
-        self.counts["actions"] += 1
+        with self.lock:
+            self.latencies.append(now.nanoseconds * 1e-9 - t_capture)
+            self.counts["actions"] += 1
         for cam, rgb in images.items():
-            self.obs_pub.publish(rgb_to_image(rgb, msg.header.stamp, f"{cam}#{self.step}"))
-        rec = Float64MultiArray(data=[float(self.step), t_capture, *map(float, state), *map(float, action)])
+            self.obs_pub.publish(rgb_to_image(rgb, msg.header.stamp, f"{cam}#{step}"))
+        rec = Float64MultiArray(data=[float(step), t_capture, *map(float, state), *map(float, action)])
         rec.layout.dim = [MultiArrayDimension(label=lbl, size=n, stride=n) for lbl, n in
                           (("step", 1), ("stamp", 1), ("state", len(state)), ("action", len(action)))]
         self.step_pub.publish(rec)
@@ -323,12 +363,15 @@ class PolicyNode(Node):
     # ----- diagnostics ------------------------------------------------------------------------------------------
     def stats(self) -> dict:
         def pct(xs, q):
-            return round(1e3 * float(np.percentile(list(xs), q)), 2) if xs else None
+            return round(1e3 * float(np.percentile(xs, q)), 2) if xs else None
 
-        return {**self.counts, "tick_period_ms_p50": pct(self.tick_periods, 50),
-                "tick_period_ms_p99": pct(self.tick_periods, 99), "capture_to_command_ms_p50": pct(self.latencies, 50),
-                "capture_to_command_ms_p99": pct(self.latencies, 99), "infer_ms_p50": pct(self.infer_s, 50),
-                "infer_ms_p99": pct(self.infer_s, 99)}
+        with self.lock:
+            counts = dict(self.counts)
+            periods, latencies, infer = list(self.tick_periods), list(self.latencies), list(self.infer_s)
+        return {**counts, "tick_period_ms_p50": pct(periods, 50),
+                "tick_period_ms_p99": pct(periods, 99), "capture_to_command_ms_p50": pct(latencies, 50),
+                "capture_to_command_ms_p99": pct(latencies, 99), "infer_ms_p50": pct(infer, 50),
+                "infer_ms_p99": pct(infer, 99)}
 
     def _publish_diag(self) -> None:
         if self.fault:
@@ -342,6 +385,8 @@ class PolicyNode(Node):
 
     def close(self) -> None:
         self.running = False
+        if self.ticker is not None:
+            self.ticker.stop()
         self.worker.join(timeout=5.0)
         self.client.close()
 
