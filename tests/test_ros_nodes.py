@@ -733,3 +733,32 @@ def test_teleop_joystick_jogs_at_the_contracts_control_rate(ros):
     first, second = (dict(zip(m.name, m.position, strict=True)) for m in cmds[:2])
     assert node.control_hz == 10.0
     assert second["panda_joint1"] - first["panda_joint1"] == pytest.approx(0.5 / 10.0)  # joy_scale rad/s per tick
+
+
+def test_a_message_from_an_unknown_publisher_does_not_stall_the_authoritys_heartbeats(ros):
+    """A control-source message whose publisher the graph does not show (still being discovered, or already gone)
+    waits out its grace without holding up the eval manager's heartbeats; then it is refused as unidentified."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    node = add(SafetyFilterNode("safety_filter", parameter_overrides=params(
+        controller_type="forward_command", controller_topic="/fcc/commands", source_lease_s=1.0,
+        late_action_s=5.0, diagnostics_hz=10.0, control_authority=PROBE, stale_state_s=5.0, authority_grace_s=3.0)))
+    probe.add_node("fcc", joints=NAMES)
+    publish_spec(probe)
+    probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
+    start_joint_states(probe)
+    src = probe.node.create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
+    probe.node.create_timer(0.1, lambda: src.publish(String(data="policy")))  # the eval manager's heartbeat
+
+    def safety() -> dict:
+        return diag_values(probe, "safety_filter")
+
+    wait_for(lambda: safety().get("source") == "policy" and safety().get("level") == b"\x00", 30, "policy in control")
+    # A message whose sender the graph cannot name, delivered through the node's own callback (as DDS would).
+    node._on_source(String(data="teleop"), {"publisher_gid": {"data": b"\x07" * 16}})
+    wait_for(lambda: "unidentified" in safety().get("message", ""), 30, "the unidentified message refused")
+    values = safety()
+    assert "count/source_lease_lapsed" not in values, values  # the heartbeats kept the lease alive meanwhile
+    assert values["source"] == "hold" and "unidentified" in values["message"], values

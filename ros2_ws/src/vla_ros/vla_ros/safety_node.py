@@ -23,6 +23,7 @@ equals `controller_joints` (a wrong order would drive the wrong joints, even whe
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import replace
 
@@ -103,6 +104,7 @@ class SafetyFilterNode(Node):
         require(p["source_lease_s"] >= 0, "source_lease_s must be >= 0 (0 turns the lease off)")
         self.lease_s = p["source_lease_s"]
         self.last_source_msg: float | None = None
+        self.last_source_arrival = -math.inf  # monotonic arrival time of the authority's last applied message
         self.lease_lapsed = False
         self.authority = node_path(p["control_authority"])
         require(self.authority != "/", "control_authority must name the eval manager node, e.g. /eval_manager")
@@ -181,14 +183,23 @@ class SafetyFilterNode(Node):
         self._resolve_sources()
 
     def _resolve_sources(self) -> None:
-        """Apply queued control-source messages in order, each once its publisher is known (or its grace is over)."""
-        while self.pending_sources:
-            data, gid, arrived = self.pending_sources[0]
+        """Apply queued control-source messages, each once its publisher is known (or its grace is over).
+
+        A message whose publisher the ROS graph does not show yet waits without holding up the others: a stray
+        message from a publisher that is still being discovered (or already gone) must not stall the eval
+        manager's heartbeats until the lease lapses. Once identified, it is applied unless the authority has
+        spoken since it arrived (an old word never overrides a newer one).
+        """
+        waiting = []
+        for data, gid, arrived in self.pending_sources:
             who = self._publisher_of(gid)
             if who is None and time.monotonic() - arrived < self.grace_s:
-                return  # the ROS graph has not caught up with a new publisher yet: next watchdog tick
-            self.pending_sources.pop(0)
-            self._apply_source(data, who or "an unidentified publisher")
+                waiting.append((data, gid, arrived))  # the ROS graph has not caught up yet: next watchdog tick
+            elif who == self.authority and self.last_source_arrival > arrived:
+                continue  # superseded by a newer message of the authority
+            else:
+                self._apply_source(data, who or "an unidentified publisher", arrived)
+        self.pending_sources = waiting
 
     def _publisher_of(self, gid: bytes) -> str | None:
         """Fully qualified name of the node that owns publisher `gid` on the control-source topic, if known."""
@@ -199,11 +210,12 @@ class SafetyFilterNode(Node):
                                                                                             ep.node_name)
         return None
 
-    def _apply_source(self, data: str, who: str) -> None:
+    def _apply_source(self, data: str, who: str, arrived: float) -> None:
         if who != self.authority:
             self._unauthorised(f"{data!r} from {who} (only {self.authority} may set it)")
             return
         self.last_source_msg = self._now()
+        self.last_source_arrival = arrived
         if data not in topics.SOURCES:
             self.get_logger().error(f"unknown control source {data!r}; holding")
             source = "hold"
