@@ -366,11 +366,21 @@ def test_a_flooding_client_leaves_a_50hz_client_its_share(backend, serve, client
 
 
 def test_admission_is_checked_before_the_request_is_decoded(backend, serve):
-    server = serve(SlowBackend(backend, 0.5), max_batch=1, max_per_client=2)
-    raw = RawClient(server.endpoint)
+    server = serve(SlowBackend(backend, 5.0), max_batch=1, max_per_client=2)
+    raw, probe = RawClient(server.endpoint), RawClient(server.endpoint)
     images, state = observation()
     try:
-        for i in range(3):  # one in inference (or queued) and two queued: this client's share is full
+        raw.sock.send(P.encode(P.infer_request(0, images, state, 1.0)))
+        # wait on state: request 0 has left the queue for the (5 s) inference, so the queue is this client's alone
+        pings = []
+
+        def in_inference() -> bool:
+            pings.append(1)
+            health = probe.ask(P.encode(P.ping_request(len(pings)))).health
+            return health["requests"] > len(pings) and health["queue_depth"] == 0  # request 0 arrived, left the queue
+
+        wait_for(in_inference, 30, "request 0 in inference", poll=0.02)
+        for i in (1, 2):  # two queued: this client's share is full
             raw.sock.send(P.encode(P.infer_request(i, images, state, 1.0)))
         raw.sock.send(P.encode(P.infer_request(9, images, np.full(18, np.nan, np.float32), 1.0)))
         replies = {}
@@ -383,6 +393,7 @@ def test_admission_is_checked_before_the_request_is_decoded(backend, serve):
         assert "share" in replies[9].message
     finally:
         raw.close()
+        probe.close()
 
 
 def test_a_request_that_would_miss_its_deadline_is_not_computed(backend, serve):
