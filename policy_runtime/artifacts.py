@@ -21,6 +21,16 @@ from pathlib import Path
 from policy_runtime.errors import UserError
 
 LOCK_NAME = ".lock"
+PROBE_PREFIX = ".write-probe-"  # a short-lived file that proves a directory writable
+
+
+def is_bookkeeping(name: str) -> bool:
+    """Files the output rules themselves create (the lock, a write probe): never a user's artifact.
+
+    Another process checking the same output at the same moment (the other ranks of a torchrun job) must not
+    take them for contents.
+    """
+    return name == LOCK_NAME or name.startswith(PROBE_PREFIX)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -72,7 +82,7 @@ def check_writable_dir(path: str | Path, what: str = "output directory") -> Path
 def probe_writable(directory: Path, what: str = "output directory") -> None:
     """Create and remove a file: permission bits do not tell (root, read-only mounts, /proc)."""
     try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=PROBE_PREFIX):
             pass
     except OSError as e:
         raise UserError(f"{what} {directory} is not writable ({e.strerror})") from None
@@ -91,7 +101,7 @@ def claim_output_dir(path: str | Path, *, force: bool = False, resume: bool = Fa
         if src and Path(src).resolve() == path.resolve():
             raise UserError(f"{what} {path} is also this run's input; choose another --out")
     path = check_writable_dir(path, what)
-    if not (force or resume) and any(p.name != LOCK_NAME for p in path.iterdir()):
+    if not (force or resume) and any(not is_bookkeeping(p.name) for p in path.iterdir()):
         raise UserError(f"{what} {path} is not empty; pass --force to replace its contents or choose a new --out")
     return path
 

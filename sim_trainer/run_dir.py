@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from policy_runtime.artifacts import LOCK_NAME, OutputLock, claim_output_dir
+from policy_runtime.artifacts import OutputLock, claim_output_dir, is_bookkeeping
 from sim_trainer.errors import UserError
 
 # What `sft`/`rl --force` may replace: a checkpoint with its trainer state, metrics and logs, or an export.
@@ -43,7 +43,7 @@ class RunDir:
             raise UserError(f"{path} holds {self.what} already; pass --resume to continue it, --force to "
                             "replace it, or choose a new --out")
         claim_output_dir(path, force=self.force, resume=self.resume, inputs=self.inputs)
-        existing = [p.name for p in path.iterdir() if p.name != LOCK_NAME]
+        existing = [p.name for p in path.iterdir() if not is_bookkeeping(p.name)]
         if self.resume and state and existing and not (path / state).is_file():
             raise UserError(f"cannot --resume in {path}: it holds no {state}, so it is not {self.what}; "
                             "choose a new --out")

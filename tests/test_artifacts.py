@@ -94,3 +94,10 @@ def test_lock_refuses_a_second_writer_and_is_released(tmp_path):
 def test_claim_names_a_too_long_output(tmp_path):
     with pytest.raises(UserError, match="too long"):
         claim_output_dir(tmp_path / ("y" * 300))
+
+
+def test_another_process_write_probe_or_lock_is_not_contents(tmp_path):
+    """The other ranks of a torchrun job check the same --out at the same moment: their probes are not artifacts."""
+    (tmp_path / ".write-probe-abc123").write_text("")
+    (tmp_path / ".lock").write_text("123")
+    assert claim_output_dir(tmp_path) == tmp_path
