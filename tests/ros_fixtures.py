@@ -176,3 +176,32 @@ def stack_process(params: Path, log: Path, *args: str) -> subprocess.Popen:
     """`python -m vla_ros.stack PARAMS ARGS...` in a subprocess (its own process, as on a robot)."""
     return subprocess.Popen([sys.executable, "-m", "vla_ros.stack", str(params), *args], cwd=ROOT,
                             env=subprocess_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+
+def nodes_under_test():
+    """rclpy with a background executor for the nodes under test, and a probe on its own participant.
+
+    A generator for the test files' fixtures: yields (add, probe), where add(node) spins a node until the test ends.
+    """
+    from rclpy.executors import MultiThreadedExecutor
+
+    rclpy.init()
+    executor = MultiThreadedExecutor(num_threads=4)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    probe = Probe()
+    nodes = []
+
+    def add(node):
+        nodes.append(node)
+        executor.add_node(node)
+        return node
+
+    yield add, probe
+    probe.close()
+    executor.shutdown()
+    for n in nodes:
+        close = getattr(n, "close", None)
+        if close is not None:
+            close()
+        n.destroy_node()
+    rclpy.try_shutdown()

@@ -23,7 +23,17 @@ from vla_ros import topics
 from vla_ros.actions import PANDA_ARM, PANDA_FINGERS
 
 from policy_runtime.protocol import Contract
-from tests.ros_fixtures import CONFIG, Probe, ServerProcess, free_port, make_export, rclpy, stack_process, wait_for
+from tests.ros_fixtures import (
+    CONFIG,
+    Probe,
+    ServerProcess,
+    free_port,
+    make_export,
+    nodes_under_test,
+    rclpy,
+    stack_process,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(600)
 REST = [0.0, 0.39, 0.0, -1.96, 0.0, 2.36, 0.79, 0.04, 0.04]
@@ -290,27 +300,7 @@ def hostile(export_dir):
 
 @pytest.fixture
 def ros_nodes():
-    """rclpy with a background executor for the nodes under test, and a probe on its own participant."""
-    rclpy.init()
-    executor = MultiThreadedExecutor(num_threads=4)
-    threading.Thread(target=executor.spin, daemon=True).start()
-    probe = Probe()
-    nodes = []
-
-    def add(node):
-        nodes.append(node)
-        executor.add_node(node)
-        return node
-
-    yield add, probe
-    probe.close()
-    executor.shutdown()
-    for n in nodes:
-        close = getattr(n, "close", None)
-        if close is not None:
-            close()
-        n.destroy_node()
-    rclpy.try_shutdown()
+    yield from nodes_under_test()
 
 
 def feed_robot(probe: Probe) -> None:

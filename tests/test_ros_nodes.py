@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 import time
 from dataclasses import replace
 
@@ -12,7 +11,6 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
@@ -22,7 +20,7 @@ from vla_ros.actions import PANDA_ARM, PANDA_FINGERS
 from vla_ros.ros_util import rgb_to_image
 
 from policy_runtime.protocol import Contract
-from tests.ros_fixtures import CONFIG, Probe, rclpy, wait_for
+from tests.ros_fixtures import CONFIG, Probe, nodes_under_test, wait_for
 
 REST = [0.0, 0.39, 0.0, -1.96, 0.0, 2.36, 0.79, 0.04, 0.04]
 NAMES = list(PANDA_ARM + PANDA_FINGERS)
@@ -42,28 +40,7 @@ RELAXED = {"stale_state_s": 5.0, "authority_grace_s": 30.0}
 
 @pytest.fixture
 def ros():
-    """rclpy for the nodes under test, a background executor for them, and a probe on its own participant."""
-    rclpy.init()
-    executor = MultiThreadedExecutor(num_threads=4)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    probe = Probe()
-    nodes = []
-
-    def add(node):
-        nodes.append(node)
-        executor.add_node(node)
-        return node
-
-    yield add, probe
-    probe.close()
-    executor.shutdown()
-    for n in nodes:
-        close = getattr(n, "close", None)
-        if close is not None:
-            close()
-        n.destroy_node()
-    rclpy.try_shutdown()
+    yield from nodes_under_test()
 
 
 def params(**kw) -> list[Parameter]:
