@@ -91,6 +91,17 @@ class EpisodeWriter:
         if path.exists():
             raise UserError(f"{path} exists already; episodes are never overwritten")
         tmp = path.with_suffix(f".h5.{os.getpid()}.tmp")
+        try:
+            self._write_file(tmp, ep)
+            os.link(tmp, path)  # atomic and never clobbers: a concurrent writer of the same index fails here
+        except FileExistsError:
+            raise UserError(f"{path} exists already; episodes are never overwritten") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @staticmethod
+    def _write_file(tmp: Path, ep: Episode) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs.update(_attrs(ep))
             f.create_dataset("actions", data=ep.actions.astype(np.float32))
@@ -102,16 +113,12 @@ class EpisodeWriter:
             g = f.create_group("images")
             for cam, frames in ep.images.items():
                 h, w = frames.shape[1:3]
-                g.create_dataset(cam, data=frames, chunks=(1, h, w, 3), compression="gzip", compression_opts=4)
+                # One frame per chunk; the unlimited first axis lets a trial that never acted (0 frames) keep
+                # its record too (a chunk may not exceed a fixed-size dataset).
+                g.create_dataset(cam, data=frames, chunks=(1, h, w, 3), maxshape=(None, h, w, 3),
+                                 compression="gzip", compression_opts=4)
             f.flush()
             os.fsync(f.id.get_vfd_handle())
-        try:
-            os.link(tmp, path)  # atomic and never clobbers: a concurrent writer of the same index fails here
-        except FileExistsError:
-            raise UserError(f"{path} exists already; episodes are never overwritten") from None
-        finally:
-            tmp.unlink()
-        return path
 
 
 def _attrs(ep: Episode) -> dict:

@@ -45,6 +45,15 @@ def test_round_trip(tmp_path):
     assert len(load_dataset(tmp_path / "ds")) == 1  # failed episodes are not training data
 
 
+def test_a_trial_that_never_acted_keeps_its_zero_step_record(tmp_path):
+    """A trial aborted before the first action is still recorded (it used to fail in h5py and leave a .tmp)."""
+    writer = EpisodeWriter(tmp_path / "ds")
+    back = read_episode(writer.write(make_episode(0, success=False)))
+    assert len(back) == 0 and back.images["cam"].shape == (0, 8, 8, 3)
+    assert not list((tmp_path / "ds" / "episodes").glob("*.tmp"))
+    assert len(list_episodes(tmp_path / "ds")) == 1
+
+
 def test_never_overwrites(tmp_path):
     writer = EpisodeWriter(tmp_path / "ds")
     writer.write(make_episode(), index=0)

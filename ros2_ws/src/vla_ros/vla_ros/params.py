@@ -103,9 +103,14 @@ def end_spin(node: Node) -> None:
 
 
 def run_node_main(factory, args: list[str] | None = None) -> int:
-    """Entry point body shared by every node: init, build, spin; a ParamError is one line and exit 2."""
+    """Entry point body shared by every node: init, build, spin; a ParamError is one line and exit 2.
+
+    One node per process spins on a SingleThreadedExecutor: the node's callbacks share its default (mutually
+    exclusive) callback group, so a thread pool would run them one at a time anyway, and its hand-offs cost the
+    process GIL time that the policy node's control tick thread then waits for (benchmarks/ros_stack.py).
+    """
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
 
     rclpy.init(args=args if args is not None else sys.argv)
     try:
@@ -114,7 +119,7 @@ def run_node_main(factory, args: list[str] | None = None) -> int:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
-    executor = MultiThreadedExecutor()
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
         spin_until_shutdown(executor)

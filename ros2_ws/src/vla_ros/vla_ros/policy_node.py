@@ -368,8 +368,10 @@ class PolicyNode(Node):
         with self.lock:
             counts = dict(self.counts)
             periods, latencies, infer = list(self.tick_periods), list(self.latencies), list(self.infer_s)
-        return {**counts, "tick_period_ms_p50": pct(periods, 50),
-                "tick_period_ms_p99": pct(periods, 99), "capture_to_command_ms_p50": pct(latencies, 50),
+        jitter = [abs(x - 1.0 / self.control_hz) for x in periods] if self.control_hz else []
+        return {**counts, "tick_period_ms_p50": pct(periods, 50), "tick_period_ms_p99": pct(periods, 99),
+                "tick_jitter_ms_p50": pct(jitter, 50), "tick_jitter_ms_p99": pct(jitter, 99),
+                "ticks_measured": len(periods), "capture_to_command_ms_p50": pct(latencies, 50),
                 "capture_to_command_ms_p99": pct(latencies, 99), "infer_ms_p50": pct(infer, 50),
                 "infer_ms_p99": pct(infer, 99)}
 

@@ -68,7 +68,7 @@ def build_nodes(params: dict, names: list[str], nodes: list) -> list:
 def run(params: dict, names: list[str], threads: int = 8, on_ready=None) -> int:
     """Init rclpy with the parameters, build the nodes, spin until shutdown; returns an exit code."""
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 
     from vla_ros.params import CONFIG_ERRORS, spin_until_shutdown
 
@@ -82,7 +82,8 @@ def run(params: dict, names: list[str], threads: int = 8, on_ready=None) -> int:
         except CONFIG_ERRORS as e:
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
-        executor = MultiThreadedExecutor(num_threads=threads)
+        # One node alone: its callbacks share one (mutually exclusive) group, so a pool adds only hand-offs.
+        executor = SingleThreadedExecutor() if len(nodes) == 1 else MultiThreadedExecutor(num_threads=threads)
         for n in nodes:
             executor.add_node(n)
         if on_ready is not None:
