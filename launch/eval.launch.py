@@ -42,6 +42,8 @@ def generate_launch_description():
         DeclareLaunchArgument("results_dir", default_value="vla_eval_results"),
         DeclareLaunchArgument("dry_run", default_value="true", description="false to let commands reach the arm"),
         DeclareLaunchArgument("console_prefix", default_value="", description="e.g. 'xterm -e' for a key console"),
+        DeclareLaunchArgument("policy_prefix", default_value="",
+                              description="e.g. 'nice -n -10' to give the control tick CPU priority (needs the right)"),
     ]
     nodes = [
         Node(package="vla_ros", executable="camera_node", name="camera", output="screen",
@@ -50,6 +52,7 @@ def generate_launch_description():
                                   "calibration": LaunchConfiguration("camera_calibration"),
                                   "image_topic": camera_topic}]),
         Node(package="vla_ros", executable="policy_node", name="policy_node", output="screen",
+             prefix=LaunchConfiguration("policy_prefix"),
              parameters=[params, {"runtime_endpoint": LaunchConfiguration("runtime"),
                                   "camera_topics": [camera_topic]}]),
         Node(package="vla_ros", executable="safety_filter", name="safety_filter", output="screen",
