@@ -2,8 +2,9 @@
 """RL on CPU: success before and after RL for several methods at an equal env-step budget.
 
 1. Evaluate the SFT checkpoint on held-out seeds (EVAL_SEED_START..), K as in the RL preset.
-2. For each method, run `sim-trainer rl --config PRESET` with the same budget and seed; time the run.
-3. Evaluate each RL checkpoint on the same held-out seeds; Wilson 95% intervals.
+2. For each seed (default 0, 1, 2) and method, run `sim-trainer rl --config PRESET --seed S` with the same
+   budget; time the run.
+3. Evaluate each RL checkpoint on the same held-out seeds; Wilson 95% interval per run, the mean gain per method.
 4. Raw simulator throughput in the same session: the same CpuVecEnv (same number of env processes) stepped
    with random actions; the RL loop's env steps/s (rollout phase, and whole run) are given as fractions of it.
 5. Learning curves (periodic eval success and training success vs env steps) as a PNG.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -74,16 +76,19 @@ def plot(runs: dict[str, Path], before: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, run in runs.items():
+    methods = list(dict.fromkeys(name.split("_seed")[0] for name in runs))
+    for name, run in runs.items():  # one colour per method, one line style per seed
         updates, evals = read_curve(run)
+        style = {"color": f"C{methods.index(name.split('_seed')[0])}",
+                 "ls": ["-", "--", ":", "-."][int(name.split("_seed")[1]) % 4] if "_seed" in name else "-"}
         xs = [e["env_steps"] for e in evals]
         ys = [e["eval"]["success_once"] for e in evals]
-        axes[0].plot(xs, ys, marker="o", label=name)
+        axes[0].plot(xs, ys, marker="o", ms=3, label=name, **style)
         tx = [u["env_steps"] for u in updates if "train_success_once" in u]
         ty = [u["train_success_once"] for u in updates if "train_success_once" in u]
         if ty:
             w = min(10, len(ty))
-            axes[1].plot(tx[w - 1:], np.convolve(ty, np.ones(w) / w, mode="valid"), label=name)
+            axes[1].plot(tx[w - 1:], np.convolve(ty, np.ones(w) / w, mode="valid"), label=name, **style)
     axes[0].axhline(before, color="gray", ls="--", label="SFT (100 eps)")
     axes[0].set(title="periodic eval (deterministic, 20 eps)", xlabel="env steps", ylabel="success_once",
                 ylim=(0, 1.02))
@@ -96,13 +101,65 @@ def plot(runs: dict[str, Path], before: float, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_one(name: str, seed: int, a: argparse.Namespace, k: int, raw: float, out: Path) -> dict:
+    """One method at one seed: train (unless already done in OUT), evaluate on the held-out seeds."""
+    run, eval_dir = out / f"{name}_seed{seed}", out / f"eval_{name}_seed{seed}"
+    if (eval_dir / "eval.json").exists() and (run / "metrics.jsonl").exists():  # a rerun keeps finished cells
+        return json.loads((out / "cells" / f"{name}_seed{seed}.json").read_text())
+    t0 = time.perf_counter()
+    cli("rl", "--config", a.preset, "--out", str(run), "--total-env-steps", str(a.budget), "--threads", "1",
+        "--seed", str(seed), "--force", *METHODS[name], *a.extra)
+    wall = time.perf_counter() - t0
+    updates, _ = read_curve(run)
+    rollout_sps = float(np.mean([u["env_steps_per_s"] for u in updates]))
+    total_steps = updates[-1]["env_steps"]
+    cell = {"method": name, "seed": seed, "run": str(run), "wall_s": wall, "env_steps": total_steps,
+            "load_avg_1min_at_end": os.getloadavg()[0], "after": evaluate(str(run), k, a.episodes, eval_dir),
+            "rollout_env_steps_per_s": rollout_sps, "run_env_steps_per_s": total_steps / wall,
+            "rollout_fraction_of_raw": rollout_sps / raw, "run_fraction_of_raw": total_steps / wall / raw}
+    (out / "cells").mkdir(exist_ok=True)
+    (out / "cells" / f"{name}_seed{seed}.json").write_text(json.dumps(cell, indent=1))
+    return cell
+
+
+def pct(s: dict) -> str:
+    lo, hi = s["success_once_wilson95"]
+    return f"{100 * s['success_once']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
+def print_table(results: dict, methods: list[str], seeds: list[int]) -> None:
+    before = results["before"]
+    print(f"raw simulator: {results['raw_env_steps_per_s']:.0f} env steps/s (CPU env processes, random actions)")
+    print(f"success before RL (SFT checkpoint, {before['episodes']} held-out episodes): {pct(before)}\n")
+    print("| method | seed | env steps | wall clock | success after [Wilson 95%] | gain (points) | "
+          "rollout steps/s (of raw) | whole run steps/s (of raw) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in methods:
+        gains = []
+        for seed in seeds:
+            r = results["cells"].get(f"{name}_seed{seed}")
+            if r is None:
+                continue
+            gain = 100 * (r["after"]["success_once"] - before["success_once"])
+            gains.append(gain)
+            print(f"| {name} | {seed} | {r['env_steps']} | {r['wall_s'] / 60:.1f} min | {pct(r['after'])} | "
+                  f"{gain:+.0f} | {r['rollout_env_steps_per_s']:.0f} ({r['rollout_fraction_of_raw']:.2f}) | "
+                  f"{r['run_env_steps_per_s']:.0f} ({r['run_fraction_of_raw']:.2f}) |")
+        if gains:
+            print(f"| **{name}** | mean of {len(gains)} | | | | **{np.mean(gains):+.1f}** "
+                  f"(min {min(gains):+.0f}) | | |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="configs/rl_pushcube_state_cpu.yaml")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--budget", type=int, default=100_000, help="env steps per method")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="RL seeds per method (one seed is an anecdote: report at least 3)")
+    p.add_argument("--budget", type=int, default=100_000, help="env steps per run")
     p.add_argument("--episodes", type=int, default=100, help="held-out eval episodes before and after")
-    p.add_argument("--out", default="outputs/bench_rl")
+    p.add_argument("--out", default="outputs/bench_rl",
+                   help="output dir; a rerun into the same dir keeps the (method, seed) cells already finished")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `sim-trainer rl` flags for all runs")
     a = p.parse_args()
     from policy_runtime.yaml_io import load_yaml_mapping
@@ -113,42 +170,17 @@ def main() -> None:
     k = int(preset.get("num_steps", 4))
     raw = raw_throughput("PushCube-v1", int(preset.get("num_envs", 8)), 4000)
     results = {"machine": machine_info(), "command": command_line(), "date": datetime.date.today().isoformat(),
-               "preset": preset, "budget": a.budget, "raw_env_steps_per_s": raw}
-    results["before"] = evaluate(preset["ckpt"], k, a.episodes, out / "eval_sft")
-    runs: dict[str, Path] = {}
-    for name in a.methods:
-        run = out / name
-        t0 = time.perf_counter()
-        cli("rl", "--config", a.preset, "--out", str(run), "--total-env-steps", str(a.budget), "--threads", "1",
-            *METHODS[name], *a.extra)
-        wall = time.perf_counter() - t0
-        runs[name] = run
-        updates, _ = read_curve(run)
-        rollout_sps = float(np.mean([u["env_steps_per_s"] for u in updates]))
-        total_steps = updates[-1]["env_steps"]
-        after = evaluate(str(run), k, a.episodes, out / f"eval_{name}")
-        results[name] = {"wall_s": wall, "env_steps": total_steps, "after": after,
-                         "rollout_env_steps_per_s": rollout_sps, "run_env_steps_per_s": total_steps / wall,
-                         "rollout_fraction_of_raw": rollout_sps / raw, "run_fraction_of_raw": total_steps / wall / raw}
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot(runs, results["before"]["success_once"], out / "learning_curves.png")
-
-    def pct(s: dict) -> str:
-        lo, hi = s["success_once_wilson95"]
-        return f"{100 * s['success_once']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
-
-    print(f"raw simulator: {raw:.0f} env steps/s ({preset.get('num_envs', 8)} CPU env processes, random actions)")
-    print("| method | env steps | wall clock | success before | success after | gain (points) | "
-          "rollout steps/s (of raw) | whole run steps/s (of raw) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in a.methods:
-        r = results[name]
-        gain = 100 * (r["after"]["success_once"] - results["before"]["success_once"])
-        print(f"| {name} | {r['env_steps']} | {r['wall_s'] / 60:.1f} min | {pct(results['before'])} | "
-              f"{pct(r['after'])} | {gain:+.0f} | {r['rollout_env_steps_per_s']:.0f} "
-              f"({r['rollout_fraction_of_raw']:.2f}) | {r['run_env_steps_per_s']:.0f} "
-              f"({r['run_fraction_of_raw']:.2f}) |")
-    print(json.dumps({k: v for k, v in results.items() if k != "preset"}, default=str)[:2000])
+               "preset": preset, "budget": a.budget, "raw_env_steps_per_s": raw, "seeds": a.seeds, "cells": {}}
+    before_json = out / "eval_sft" / "eval.json"
+    results["before"] = (json.loads(before_json.read_text())["summary"] if before_json.exists()
+                         else evaluate(preset["ckpt"], k, a.episodes, out / "eval_sft"))
+    for seed in a.seeds:  # seed-major: an interrupted sweep still has every method at the first seeds
+        for name in a.methods:
+            results["cells"][f"{name}_seed{seed}"] = run_one(name, seed, a, k, raw, out)
+            (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    plot({c: Path(r["run"]) for c, r in results["cells"].items()}, results["before"]["success_once"],
+         out / "learning_curves.png")
+    print_table(results, a.methods, a.seeds)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 
 from sim_trainer.data.normalize import NormStats, Stats
 from sim_trainer.envs.vec_env import StepResult
+from sim_trainer.errors import UserError
 from sim_trainer.models.config import ModelConfig
 from sim_trainer.models.flow import time_grid
 from sim_trainer.models.flow_vla import FlowVLA
@@ -484,3 +485,30 @@ def test_flow_sde_keeps_the_ode_marginals_on_a_gaussian_velocity_field():
         assert abs(float(x.std()) / sd - 1) < 0.025, (k, float(x.std()), sd)
         assert abs(float(x.std()) - float(x_ode.std())) < 0.025 * sd, k
     assert abs(float(x.std()) - s) < 0.01 and abs(float(x.mean()) - mu) < 0.01  # the data distribution
+
+
+def test_std_anneal_holds_then_cosine_decays_to_the_reinflow_end_point():
+    from sim_trainer.rl.heads import TokenNoiseHead, annealed_std_max
+
+    lo, hi = 0.08, 0.16
+    end = 0.3 * lo + 0.7 * hi
+    assert annealed_std_max(lo, hi, 0.0) == annealed_std_max(lo, hi, 0.35) == hi
+    assert annealed_std_max(lo, hi, 1.0) == pytest.approx(end)
+    assert annealed_std_max(lo, hi, 0.675) == pytest.approx((hi + end) / 2)  # cosine midpoint
+    xs = [annealed_std_max(lo, hi, p / 100) for p in range(101)]
+    assert all(a >= b for a, b in zip(xs, xs[1:], strict=False))  # never rises again
+    head = TokenNoiseHead(8, 2, lo, hi)
+    torch.nn.init.normal_(head.net[-1].weight, std=5.0)  # outputs spread over the whole band
+    feats = torch.randn(256, 8)
+    head.std_max = annealed_std_max(lo, hi, 1.0)
+    std = head(feats)
+    assert float(std.max()) <= end + 1e-6 and float(std.min()) >= lo - 1e-6 and float(std.max()) > lo + 0.01
+
+
+def test_std_anneal_is_refused_for_flow_sde(tmp_path):
+    from sim_trainer.config_flags import load_config
+    from sim_trainer.rl.config import RLConfig
+
+    with pytest.raises(UserError, match="std_anneal"):
+        load_config(RLConfig, None, {"ckpt": str(tmp_path), "out": str(tmp_path / "o"), "noise": "flow_sde",
+                                     "std_anneal": True})

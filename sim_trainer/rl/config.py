@@ -48,6 +48,8 @@ class RLConfig:
     noise_level: float = option(0.5, "flow_sde noise level a")
     std_min: float = option(0.08, "flow_noise/reinflow: smallest learned noise std")
     std_max: float = option(0.16, "flow_noise/reinflow: largest learned noise std")
+    std_anneal: bool = option(False, "flow_noise/reinflow: hold std_max for 35% of the updates, then cosine-anneal it "
+                                     "to 0.3 * std_min + 0.7 * std_max by the last update")
     logprob: str = option("chunk", "ratio granularity: token, action or chunk")
     value_input: str = option("prefix", "critic input: prefix (pooled prefix) or expert (action-expert tokens); "
                                         "both detached")
@@ -125,6 +127,9 @@ class RLConfig:
             raise UserError(f"need std_min <= std_max, got [{self.std_min}, {self.std_max}]")
         if self.algorithm == "grpo" and (self.group_size < 2 or self.num_envs % self.group_size):
             raise UserError(f"GRPO needs group_size >= 2 dividing num_envs ({self.num_envs}), got {self.group_size}")
+        if self.std_anneal and self.noise == "flow_sde":
+            raise UserError("std_anneal shapes the learned noise band of flow_noise/reinflow; flow_sde's noise is "
+                            "set by noise_level")
         if self.algorithm == "grpo" and self.critic_warmup:  # a preset's PPO setting must not waste GRPO rollouts
             print(f"warning: critic_warmup={self.critic_warmup} ignored: GRPO has no critic to warm up",
                   file=sys.stderr)

@@ -17,6 +17,17 @@ def squash_std(g: torch.Tensor, std_min: float, std_max: float) -> torch.Tensor:
     return torch.exp(0.5 * log_var)
 
 
+def annealed_std_max(std_min: float, std_max: float, progress: float, hold: float = 0.35) -> float:
+    """The noise band's upper bound at `progress` (0..1) through training: held at std_max for the first `hold`
+    of the run, then cosine-annealed to 0.3 * std_min + 0.7 * std_max at the end (ReinFlow's decay): late
+    updates explore less around a policy that already works, which keeps a converged run from drifting."""
+    end = 0.3 * std_min + 0.7 * std_max
+    if progress <= hold:
+        return std_max
+    t = min(1.0, (progress - hold) / (1.0 - hold))
+    return end + (std_max - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):

@@ -29,6 +29,7 @@ from sim_trainer.models.tokenizer import tokenize
 from sim_trainer.progress import progress_bar
 from sim_trainer.rl.config import RLConfig
 from sim_trainer.rl.distributed import World
+from sim_trainer.rl.heads import annealed_std_max
 from sim_trainer.rl.learner import Learner
 from sim_trainer.rl.policy import RLPolicy, SamplerSettings
 from sim_trainer.rl.rollout import Collector
@@ -101,6 +102,13 @@ class RLTrainer:
         self.chunk_steps = math.ceil(horizon / self.chunk) if self.episodic else cfg.rollout_chunks
         self.steps_per_update = cfg.num_envs * self.chunk_steps * self.chunk * self.world.size
         self.num_updates = math.ceil(cfg.total_env_steps / self.steps_per_update)
+
+    def _anneal_noise(self) -> None:
+        """std_anneal: this update's upper noise bound, for its rollout and its learning alike (a pure function of
+        the update, so the first-minibatch ratio stays 1 and a resumed run continues the schedule)."""
+        head = self.policy.noise_head
+        if self.cfg.std_anneal and head is not None:
+            head.std_max = annealed_std_max(self.cfg.std_min, self.cfg.std_max, self.update / self.num_updates)
 
     def _cotrain_sampler(self, model) -> MixedSampler | None:
         """RL-Co: the real(-proxy) demonstrations, checked against the policy's observation/action contract."""
@@ -181,6 +189,7 @@ class RLTrainer:
             self._log_eval(tb, log_path, cfg.eval_episodes)
         while self.update < self.num_updates:
             rng, gen = _seed_for(cfg, world.rank, self.update)
+            self._anneal_noise()
             t0 = time.perf_counter()
             self.policy.eval()
             rollout = collector.collect(self.chunk_steps, rng, gen)
