@@ -163,7 +163,11 @@ def timing_run(endpoint: str, trials: int, seed_start: int, out: Path, policy_ni
     finally:
         for proc in (policy, twin):
             proc.send_signal(signal.SIGINT)
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:  # never leave a free-running twin loading the host
+                proc.kill()
+                proc.wait()
     if not last:
         raise SystemExit(f"no diagnostics from the policy node; see {out / 'policy_node.log'}")
 

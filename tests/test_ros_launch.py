@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import yaml
-from vla_ros.stack import NODES, load_params
+from vla_ros.stack import NODES, SHARED, load_params, node_names
 
 from tests.ros_fixtures import ROOT, subprocess_env
 
@@ -61,14 +61,18 @@ def test_launch_file_and_entry_point_start_the_same_nodes(launch_file, params_fi
     assert yamls == {params_file, plan_file}
     assert all((LAUNCH / "config" / y).is_file() for y in yamls)
     params = load_params(LAUNCH / "config" / params_file)
-    assert set(nodes) == set(params)  # what vla_ros.stack starts from this YAML by default
+    assert set(nodes) == set(node_names(params))  # what vla_ros.stack starts from this YAML by default
     entry = setup_entry_points()
+    declared_anywhere: set[str] = set()
     for name, node in nodes.items():
         assert node["package"] == "vla_ros"
         assert entry[node["executable"]] == NODES[name][0].rsplit(".", 1)[1], f"{name}: executable runs another node"
         declared = set(importlib.import_module(NODES[name][0]).DEFAULTS) | {"use_sim_time"}
+        declared_anywhere |= declared
         unknown = (set(params[name]["ros__parameters"]) | node["overrides"]) - declared
         assert not unknown, f"{params_file}/{launch_file}: {name} has no parameter(s) {sorted(unknown)}"
+    shared = set(params.get(SHARED, {}).get("ros__parameters", {}))
+    assert not shared - declared_anywhere, f"{params_file}: no node reads {sorted(shared - declared_anywhere)}"
     compile((LAUNCH / launch_file).read_text(), launch_file, "exec")
 
 

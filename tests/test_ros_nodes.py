@@ -18,6 +18,7 @@ from std_srvs.srv import Trigger
 from vla_ros import topics
 from vla_ros.actions import PANDA_ARM, PANDA_FINGERS
 from vla_ros.ros_util import rgb_to_image
+from vla_ros.stack import SHARED
 
 from policy_runtime.protocol import Contract
 from tests.ros_fixtures import CONFIG, Probe, nodes_under_test, wait_for
@@ -202,7 +203,8 @@ def test_safety_filter_takes_control_back_when_the_source_lease_lapses(ros):
 def robot_params(node: str, **overrides) -> list[Parameter]:
     """A node's parameters from launch/config/robot_eval.yaml (the real arm's limits), with test overrides."""
     doc = yaml.safe_load((CONFIG / "robot_eval.yaml").read_text())
-    return params(**{**doc[node]["ros__parameters"], **overrides})
+    shared = doc.get(SHARED, {}).get("ros__parameters", {})  # as rclpy applies the wildcard section
+    return params(**{**shared, **doc[node]["ros__parameters"], **overrides})
 
 
 def hand_control(probe: Probe, source: str) -> None:

@@ -32,8 +32,19 @@ NODES = {
 }
 
 
+# ROS 2's wildcard section: its parameters go to every node (a value several nodes read, e.g. control_hz, is
+# written once). rclpy applies it natively from the same file, and of two sections setting one parameter the
+# later wins, so load_params puts it first: a node's own section and `--set` overrides win over it.
+SHARED = "/**"
+
+
 class StackError(UserError):
     """Bad stack configuration (YAML, node names, overrides)."""
+
+
+def node_names(params: dict) -> list[str]:
+    """The nodes a parameter YAML configures (its sections except the wildcard one)."""
+    return [name for name in params if name != SHARED]
 
 
 def load_params(path: str | Path, overrides: list[str] = ()) -> dict:
@@ -42,7 +53,9 @@ def load_params(path: str | Path, overrides: list[str] = ()) -> dict:
     if not all(isinstance(v, dict) and isinstance(v.get("ros__parameters"), dict)
                                              for v in data.values()):
         raise StackError(f"{path}: every top-level key must be a node name with a `ros__parameters` mapping")
-    unknown = sorted(set(data) - set(NODES))
+    if SHARED in data:
+        data = {SHARED: data.pop(SHARED), **data}
+    unknown = sorted(set(node_names(data)) - set(NODES))
     if unknown:
         raise StackError(f"{path}: unknown node(s) {unknown}; known: {sorted(NODES)}")
     for item in overrides:
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"policy_node.runtime_endpoint={a.runtime}")
     try:
         params = load_params(a.params, overrides)
-        names = a.nodes.split(",") if a.nodes else list(params)
+        names = a.nodes.split(",") if a.nodes else node_names(params)
         bad = [n for n in names if n not in NODES]
         if bad:
             raise StackError(f"unknown node(s) {bad}; known: {sorted(NODES)}")
