@@ -1,0 +1,197 @@
+"""openpi's websocket protocol in front of the policy server, so an openpi robot script drives our exports unchanged.
+
+The protocol (what `openpi_client.WebsocketClientPolicy` speaks): on connect the server sends one binary
+message with its metadata; then, strictly in turn, the client sends one binary observation and receives one
+binary reply `{"actions": float32 [H, A], "server_timing": {...}}`, everything in openpi's msgpack encoding
+(openpi_wire.py). An error is a text frame with the message, then the close code 1011. `GET /healthz` answers
+200. With an API key configured, a connection must send `Authorization: Api-Key <key>`.
+
+Each websocket connection is one client of the PolicyServer: its handler thread owns a DEALER socket on the
+server's in-process endpoint, converts the observation with the key map (openpi_map.py) into our `infer`
+request and the reply back. Admission, per-client fair share, validation, batching and every error code are
+the server's own; this module only translates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import zmq
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.sync.server import Server, ServerConnection, serve
+
+from policy_runtime.errors import UserError
+from policy_runtime.openpi_map import OpenpiMap
+from policy_runtime.openpi_wire import packb, unpackb
+from policy_runtime.protocol import (
+    BAD_MESSAGE,
+    SHUTTING_DOWN,
+    ActionsReply,
+    ErrorReply,
+    ProtocolError,
+    encode_frames,
+    infer_request,
+    parse_reply,
+)
+from policy_runtime.server import LOOPBACK_HOSTS, PolicyServer
+
+log = logging.getLogger("policy_runtime.openpi")
+
+API_KEY_ENV = "POLICY_RUNTIME_OPENPI_API_KEY"
+HEALTH_PATH = "/healthz"
+POLL_MS = 100  # how often a connection waiting for its chunk checks whether the server is stopping
+
+
+@dataclass(frozen=True)
+class OpenpiConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    insecure: bool = False
+    max_connections: int = 64  # each connection is a thread and a socket
+
+
+def is_loopback_host(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def check_openpi_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """The ZeroMQ rule for the websocket: off loopback only with an API key, or when the operator says --insecure."""
+    if not is_loopback_host(host) and api_key is None and not insecure:
+        raise UserError(f"refusing to serve openpi clients on {host} without an API key: anyone on the network could "
+                        f"send observations; set {API_KEY_ENV} (or --openpi-api-key), use --openpi-host 127.0.0.1, "
+                        "or pass --insecure")
+
+
+def probe_port(host: str, port: int) -> None:
+    """Fail fast (before a model load that may take minutes) when host:port cannot be bound."""
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as e:
+        raise UserError(f"cannot bind openpi port {host}:{port}: {e.strerror or e}") from None
+
+
+class _Refused(Exception):
+    """Ends a connection with openpi's error: the text, then close code 1011."""
+
+
+class OpenpiServer:
+    """The websocket front end of one PolicyServer; add it with `attach` before the server starts."""
+
+    def __init__(self, server: PolicyServer, key_map: OpenpiMap, config: OpenpiConfig = OpenpiConfig()):
+        self.server, self.map, self.config = server, key_map.check(server.contract), config
+        self.url = ""
+        self._ws: Server | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        server.front_ends.append(self)
+
+    # ----- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> str:
+        cfg, limits = self.config, self.server.config.limits
+        check_openpi_exposure(cfg.host, cfg.api_key, cfg.insecure)
+        self.metadata = packb({**self.server.contract.to_wire(), "openpi_map": self.map.to_dict()})
+        try:
+            self._ws = serve(self._handle, cfg.host, cfg.port, compression=None, max_size=limits.max_message_bytes,
+                             process_request=self._admit, logger=log)
+        except OSError as e:
+            raise UserError(f"cannot bind openpi port {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+        host, port = self._ws.socket.getsockname()[:2]
+        self.url = f"ws://{host}:{port}"
+        self._thread = threading.Thread(target=self._ws.serve_forever, name="openpi-accept", daemon=True)
+        self._thread.start()
+        log.info("serving openpi clients at %s (%s, map: %s)", self.url,
+                 "API key required" if cfg.api_key else "no API key", self.map.source)
+        if not is_loopback_host(cfg.host):
+            log.warning("%s: %s is reachable from the network over plain ws://%s", "INSECURE" if cfg.api_key is None
+                        else "API key in clear text", self.url, "" if cfg.api_key is None else
+                        " (the API key travels unencrypted: use a TLS tunnel or VPN)")
+        return self.url
+
+    def stop(self) -> None:
+        """Close every connection (1001) and wait for the handlers; safe to call twice or before start()."""
+        self._stopping.set()
+        if self._ws is not None:
+            self._ws.shutdown()
+            self._ws = None
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    # ----- HTTP stage: health, API key, connection cap ------------------------------------------------------------
+    def _admit(self, connection: ServerConnection, request):
+        if request.path == HEALTH_PATH:
+            return connection.respond(HTTPStatus.OK, "OK\n")
+        key = self.config.api_key
+        if key is not None and not secrets.compare_digest(request.headers.get("Authorization", ""), f"Api-Key {key}"):
+            log.warning("refused an openpi connection from %s: missing or wrong API key", connection.remote_address)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: Api-Key)\n")
+        if self._ws is not None and len(self._ws.connections) >= self.config.max_connections:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE,
+                                      f"{self.config.max_connections} openpi connections already open\n")
+        return None
+
+    # ----- one connection (its own thread) ------------------------------------------------------------------------
+    def _handle(self, ws: ServerConnection) -> None:
+        sock = self.server.context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(self.server.local_endpoint)
+        try:
+            ws.send(self.metadata)
+            prev_total_ms = None
+            for rid in itertools.count(1):
+                message = ws.recv()
+                t0 = time.perf_counter()
+                reply = self._infer(sock, rid, message)
+                timing = reply.timing
+                server_timing = {"infer_ms": timing.infer_ms, "queue_ms": timing.queue_ms,
+                                 "batch_size": timing.batch_size}
+                if prev_total_ms is not None:
+                    server_timing["prev_total_ms"] = prev_total_ms
+                ws.send(packb({"actions": reply.actions, "server_timing": server_timing}))
+                prev_total_ms = (time.perf_counter() - t0) * 1e3
+        except ConnectionClosed:
+            pass  # the client left (or the server is stopping): nothing to answer
+        except _Refused as e:
+            self._refuse(ws, str(e))
+        finally:
+            sock.close(linger=0)
+
+    def _infer(self, sock: zmq.Socket, rid: int, message: bytes | str) -> ActionsReply:
+        """One observation through the policy server; any error is _Refused with the server's code and message."""
+        try:
+            if isinstance(message, str):
+                raise ProtocolError(BAD_MESSAGE, "observations are binary msgpack messages, not text")
+            obs = unpackb(message, self.server.config.limits)
+            images, state, instruction = self.map.convert(obs, self.server.contract)
+        except ProtocolError as e:
+            self.server.metrics.error(e.code)  # counted like the server's own refusals
+            raise _Refused(f"{e.code}: {e.message}") from None
+        del message, obs  # the received bytes are not needed while the model runs
+        sock.send_multipart(encode_frames(infer_request(rid, images, state, time.time(), instruction)), copy=False)
+        while not sock.poll(POLL_MS):
+            if self._stopping.is_set():
+                raise _Refused(f"{SHUTTING_DOWN}: the server is shutting down")
+        header, *attached = sock.recv_multipart(copy=False)
+        reply = parse_reply(header.buffer, attached=[f.buffer for f in attached])
+        if isinstance(reply, ErrorReply):
+            raise _Refused(f"{reply.code}: {reply.message}")
+        if not isinstance(reply, ActionsReply) or reply.request_id != rid:
+            raise _Refused(f"internal: unexpected reply {type(reply).__name__}")
+        return reply
+
+    @staticmethod
+    def _refuse(ws: ServerConnection, text: str) -> None:
+        """openpi's error path: the message as a text frame, then close 1011 (the client raises on a text frame)."""
+        try:
+            ws.send(text)
+            ws.close(CloseCode.INTERNAL_ERROR, text[:100])
+        except ConnectionClosed:
+            pass
