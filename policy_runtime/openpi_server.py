@@ -44,6 +44,7 @@ from policy_runtime.protocol import (
 from policy_runtime.server import LOOPBACK_HOSTS, PolicyServer
 
 log = logging.getLogger("policy_runtime.openpi")
+ws_log = logging.getLogger("policy_runtime.openpi.websockets")  # the library's own lines: warnings and up unless -v
 
 API_KEY_ENV = "POLICY_RUNTIME_OPENPI_API_KEY"
 HEALTH_PATH = "/healthz"
@@ -98,10 +99,12 @@ class OpenpiServer:
     def start(self) -> str:
         cfg, limits = self.config, self.server.config.limits
         check_openpi_exposure(cfg.host, cfg.api_key, cfg.insecure)
+        if ws_log.level == logging.NOTSET and not log.isEnabledFor(logging.DEBUG):
+            ws_log.setLevel(logging.WARNING)
         self.metadata = packb({**self.server.contract.to_wire(), "openpi_map": self.map.to_dict()})
         try:
             self._ws = serve(self._handle, cfg.host, cfg.port, compression=None, max_size=limits.max_message_bytes,
-                             process_request=self._admit, logger=log)
+                             process_request=self._admit, logger=ws_log)
         except OSError as e:
             raise UserError(f"cannot bind openpi port {cfg.host}:{cfg.port}: {e.strerror or e}") from None
         host, port = self._ws.socket.getsockname()[:2]
@@ -143,6 +146,7 @@ class OpenpiServer:
         sock = self.server.context.socket(zmq.DEALER)
         sock.linger = 0
         sock.connect(self.server.local_endpoint)
+        log.info("openpi client %s connected", ws.remote_address)
         try:
             ws.send(self.metadata)
             prev_total_ms = None
@@ -163,6 +167,7 @@ class OpenpiServer:
             self._refuse(ws, str(e))
         finally:
             sock.close(linger=0)
+            log.info("openpi client %s disconnected", ws.remote_address)
 
     def _infer(self, sock: zmq.Socket, rid: int, message: bytes | str) -> ActionsReply:
         """One observation through the policy server; any error is _Refused with the server's code and message."""
@@ -172,7 +177,8 @@ class OpenpiServer:
             obs = unpackb(message, self.server.config.limits)
             images, state, instruction = self.map.convert(obs, self.server.contract)
         except ProtocolError as e:
-            self.server.metrics.error(e.code)  # counted like the server's own refusals
+            self.server.metrics.request()  # counted like the server's own refusals
+            self.server.metrics.error(e.code)
             raise _Refused(f"{e.code}: {e.message}") from None
         del message, obs  # the received bytes are not needed while the model runs
         sock.send_multipart(encode_frames(infer_request(rid, images, state, time.time(), instruction)), copy=False)
