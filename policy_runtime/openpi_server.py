@@ -146,7 +146,8 @@ class OpenpiServer:
         sock = self.server.context.socket(zmq.DEALER)
         sock.linger = 0
         sock.connect(self.server.local_endpoint)
-        log.info("openpi client %s connected", ws.remote_address)
+        peer = ws.remote_address  # (the socket is gone by the time the handler ends)
+        log.info("openpi client %s connected", peer)
         try:
             ws.send(self.metadata)
             prev_total_ms = None
@@ -167,7 +168,7 @@ class OpenpiServer:
             self._refuse(ws, str(e))
         finally:
             sock.close(linger=0)
-            log.info("openpi client %s disconnected", ws.remote_address)
+            log.info("openpi client %s disconnected", peer)
 
     def _infer(self, sock: zmq.Socket, rid: int, message: bytes | str) -> ActionsReply:
         """One observation through the policy server; any error is _Refused with the server's code and message."""

@@ -8,6 +8,7 @@ would never send (malformed, huge, abandoned requests).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -86,8 +87,9 @@ class GateBackend:
 
 
 @pytest.fixture
-def openpi_serve(libero_map):
-    """Factory: a PolicyServer with an openpi front end on a free loopback port; stopped at teardown."""
+def openpi_serve(libero_map, caplog):
+    """Factory: a PolicyServer with an openpi front end on a free loopback port; stopped at teardown, after which
+    no connection handler may have failed (the websocket library logs such a failure as an error)."""
     servers: list[PolicyServer] = []
 
     def start(backend, openpi: OpenpiConfig | None = None, zmq: bool = False, **cfg) -> tuple[PolicyServer, str]:  # noqa: F811
@@ -101,6 +103,10 @@ def openpi_serve(libero_map):
     yield start
     for s in servers:
         s.stop()
+    records = caplog.get_records("call") + caplog.get_records("teardown")
+    failed = [r.getMessage() for r in records if r.name.startswith("policy_runtime.openpi") and
+              r.levelno >= logging.ERROR]
+    assert not failed, failed
 
 
 def raw_error(url: str, payload: bytes | str) -> tuple[str, int | None]:
@@ -347,7 +353,8 @@ def test_serve_openpi_only_from_the_command_line(tiny_export, libero_map, tmp_pa
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         log.close()
-    assert "serving openpi clients at ws://127.0.0.1" in (tmp_path / "server.log").read_text()
+    text = (tmp_path / "server.log").read_text()
+    assert "serving openpi clients at ws://127.0.0.1" in text and "Traceback" not in text, text
 
 
 MAP_CASES = [
