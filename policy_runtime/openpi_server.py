@@ -113,10 +113,12 @@ class OpenpiServer:
         self._thread.start()
         log.info("serving openpi clients at %s (%s, map: %s)", self.url,
                  "API key required" if cfg.api_key else "no API key", self.map.source)
-        if not is_loopback_host(cfg.host):
-            log.warning("%s: %s is reachable from the network over plain ws://%s", "INSECURE" if cfg.api_key is None
-                        else "API key in clear text", self.url, "" if cfg.api_key is None else
-                        " (the API key travels unencrypted: use a TLS tunnel or VPN)")
+        if not is_loopback_host(cfg.host) and cfg.api_key is None:
+            log.warning("INSECURE: %s is reachable from the network WITHOUT an API key: anyone who can connect can "
+                        "send observations and receive this robot's actions (--insecure was given)", self.url)
+        elif not is_loopback_host(cfg.host):
+            log.warning("%s is reachable from the network; the API key travels unencrypted over ws:// (use a VPN or "
+                        "an encrypting tunnel between robot and server)", self.url)
         return self.url
 
     def stop(self) -> None:
@@ -132,14 +134,18 @@ class OpenpiServer:
     def _admit(self, connection: ServerConnection, request):
         if request.path == HEALTH_PATH:
             return connection.respond(HTTPStatus.OK, "OK\n")
-        key = self.config.api_key
-        if key is not None and not secrets.compare_digest(request.headers.get("Authorization", ""), f"Api-Key {key}"):
+        if self.config.api_key is not None and not self._authorized(request.headers.get_all("Authorization")):
             log.warning("refused an openpi connection from %s: missing or wrong API key", connection.remote_address)
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: Api-Key)\n")
         if self._ws is not None and len(self._ws.connections) >= self.config.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE,
                                       f"{self.config.max_connections} openpi connections already open\n")
         return None
+
+    def _authorized(self, values: list[str]) -> bool:
+        """Exactly one `Authorization: Api-Key <key>` header with the configured key (compared in constant time)."""
+        expected = f"Api-Key {self.config.api_key}".encode()
+        return len(values) == 1 and secrets.compare_digest(values[0].encode("utf-8", "surrogateescape"), expected)
 
     # ----- one connection (its own thread) ------------------------------------------------------------------------
     def _handle(self, ws: ServerConnection) -> None:

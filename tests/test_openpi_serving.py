@@ -319,6 +319,10 @@ def test_healthz_and_the_api_key(backend, openpi_serve):  # noqa: F811
         with pytest.raises(InvalidStatus) as e:
             WebsocketClientPolicy(url, api_key=key)
         assert e.value.response.status_code == 401
+    for headers in ([("Authorization", "Api-Key s3cret")] * 2, [("Authorization", "Api-Key s\u00e9cret")]):
+        with pytest.raises(InvalidStatus) as e:
+            connect(url, additional_headers=headers)
+        assert e.value.response.status_code == 401  # refused, not a server error
     assert WebsocketClientPolicy(url, api_key="s3cret").infer(libero_observation())["actions"].shape == (16, 8)
 
 
