@@ -49,6 +49,7 @@ ws_log = logging.getLogger("policy_runtime.openpi.websockets")  # the library's 
 API_KEY_ENV = "POLICY_RUNTIME_OPENPI_API_KEY"
 HEALTH_PATH = "/healthz"
 POLL_MS = 100  # how often a connection waiting for its chunk checks whether the server is stopping
+RECV_QUEUE = 2  # frames a connection buffers before it stops reading its socket (lockstep clients send one)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class OpenpiServer:
         self.metadata = packb({**self.server.contract.to_wire(), "openpi_map": self.map.to_dict()})
         try:
             self._ws = serve(self._handle, cfg.host, cfg.port, compression=None, max_size=limits.max_message_bytes,
-                             process_request=self._admit, logger=ws_log)
+                             max_queue=RECV_QUEUE, process_request=self._admit, logger=ws_log)
         except OSError as e:
             raise UserError(f"cannot bind openpi port {cfg.host}:{cfg.port}: {e.strerror or e}") from None
         host, port = self._ws.socket.getsockname()[:2]

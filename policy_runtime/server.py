@@ -235,7 +235,7 @@ class PolicyServer:
         log.info("serving %s model %s (%s on %s) at %s: horizon %d, action dim %d, cameras %s, batch <= %d, "
                  "wait <= %.1f ms, queue <= %d (<= %d per client)%s", self.contract.backend,
                  self.contract.model_sha256[:12], self.contract.task or "task ?", self.contract.provider,
-                 self.endpoint, self.contract.horizon,
+                 self.endpoint if self.config.bind is not None else "no ZeroMQ endpoint", self.contract.horizon,
                  self.contract.action_dim, [f"{c.name} {c.height}x{c.width}" for c in self.contract.cameras],
                  self.config.max_batch, self.config.max_wait_ms, self.config.max_queue, self.queue.per_key,
                  ", CURVE on" if self.config.curve else "")

@@ -326,6 +326,24 @@ def test_healthz_and_the_api_key(backend, openpi_serve):  # noqa: F811
     assert WebsocketClientPolicy(url, api_key="s3cret").infer(libero_observation())["actions"].shape == (16, 8)
 
 
+def test_connections_over_the_cap_get_503_until_one_closes(backend, openpi_serve):  # noqa: F811
+    server, url = openpi_serve(backend, OpenpiConfig(port=0, max_connections=1))
+    first = WebsocketClientPolicy(url)
+    with pytest.raises(InvalidStatus) as e:
+        WebsocketClientPolicy(url)
+    assert e.value.response.status_code == 503
+    first._ws.close()
+
+    def connects() -> bool:
+        try:
+            connect(url).close()
+            return True
+        except InvalidStatus:
+            return False
+
+    wait_for(connects, 60, "a connection slot after the first client left")
+
+
 def test_a_network_address_needs_an_api_key_or_insecure(backend, libero_map):  # noqa: F811
     server = PolicyServer(backend, ServerConfig(bind=None))
     OpenpiServer(server, load_openpi_map(libero_map), OpenpiConfig(host="0.0.0.0", port=0))
