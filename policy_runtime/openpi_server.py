@@ -41,7 +41,7 @@ from policy_runtime.protocol import (
     infer_request,
     parse_reply,
 )
-from policy_runtime.server import LOOPBACK_HOSTS, PolicyServer
+from policy_runtime.server import PolicyServer, is_loopback_host
 
 log = logging.getLogger("policy_runtime.openpi")
 ws_log = logging.getLogger("policy_runtime.openpi.websockets")  # the library's own lines: warnings and up unless -v
@@ -61,10 +61,6 @@ class OpenpiConfig:
     max_connections: int = 64  # each connection is a thread and a socket
 
 
-def is_loopback_host(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
-
-
 def check_openpi_exposure(host: str, api_key: str | None, insecure: bool) -> None:
     """The ZeroMQ rule for the websocket: off loopback only with an API key, or when the operator says --insecure."""
     if not is_loopback_host(host) and api_key is None and not insecure:
@@ -78,7 +74,11 @@ def probe_port(host: str, port: int) -> None:
     try:
         socket.create_server((host, port)).close()
     except OSError as e:
-        raise UserError(f"cannot bind openpi port {host}:{port}: {e.strerror or e}") from None
+        raise _bind_error(host, port, e) from None
+
+
+def _bind_error(host: str, port: int, e: OSError) -> UserError:
+    return UserError(f"cannot bind openpi port {host}:{port}: {e.strerror or e}")
 
 
 class _Refused(Exception):
@@ -86,7 +86,7 @@ class _Refused(Exception):
 
 
 class OpenpiServer:
-    """The websocket front end of one PolicyServer; add it with `attach` before the server starts."""
+    """The websocket front end of one PolicyServer: made before server.start(), which starts and stops it too."""
 
     def __init__(self, server: PolicyServer, key_map: OpenpiMap, config: OpenpiConfig = OpenpiConfig()):
         self.server, self.map, self.config = server, key_map.check(server.contract), config
@@ -107,7 +107,7 @@ class OpenpiServer:
             self._ws = serve(self._handle, cfg.host, cfg.port, compression=None, max_size=limits.max_message_bytes,
                              max_queue=RECV_QUEUE, process_request=self._admit, logger=ws_log)
         except OSError as e:
-            raise UserError(f"cannot bind openpi port {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+            raise _bind_error(cfg.host, cfg.port, e) from None
         host, port = self._ws.socket.getsockname()[:2]
         self.url = f"ws://{host}:{port}"
         self._thread = threading.Thread(target=self._ws.serve_forever, name="openpi-accept", daemon=True)
@@ -188,7 +188,6 @@ class OpenpiServer:
             self.server.metrics.request()  # counted like the server's own refusals
             self.server.metrics.error(e.code)
             raise _Refused(f"{e.code}: {e.message}") from None
-        del message, obs  # the received bytes are not needed while the model runs
         sock.send_multipart(encode_frames(infer_request(rid, images, state, time.time(), instruction)), copy=False)
         while not sock.poll(POLL_MS):
             if self._stopping.is_set():

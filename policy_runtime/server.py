@@ -84,13 +84,17 @@ def parse_endpoint(endpoint: str) -> tuple[str, str]:
     return transport, address
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for a host name or address only this machine can reach."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
 def is_loopback(endpoint: str) -> bool:
     """True when only this machine can connect (loopback TCP, ipc, inproc)."""
     transport, address = parse_endpoint(endpoint)
     if transport != "tcp":
         return True
-    host = address.rsplit(":", 1)[0].rsplit(";", 1)[-1]
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    return is_loopback_host(address.rsplit(":", 1)[0].rsplit(";", 1)[-1])
 
 
 def check_exposure(endpoint: str, curve: bool, insecure: bool) -> None:
