@@ -344,6 +344,17 @@ def test_connections_over_the_cap_get_503_until_one_closes(backend, openpi_serve
     wait_for(connects, 60, "a connection slot after the first client left")
 
 
+def test_openpi_clients_are_served_beside_a_curve_secured_zeromq_endpoint(backend, openpi_serve, tmp_path):  # noqa: F811
+    from policy_runtime.cli import main
+    from policy_runtime.curve import CurveServerKeys
+
+    assert main(["keys", "--out", str(tmp_path / "keys"), "--client", "robot"]) == 0
+    keys = tmp_path / "keys"
+    _, url = openpi_serve(backend, zmq=True, curve=CurveServerKeys(keys / "server.key_secret",
+                                                                   keys / "authorized_clients"))
+    assert WebsocketClientPolicy(url).infer(libero_observation())["actions"].shape == (16, 8)
+
+
 def test_a_network_address_needs_an_api_key_or_insecure(backend, libero_map):  # noqa: F811
     server = PolicyServer(backend, ServerConfig(bind=None))
     OpenpiServer(server, load_openpi_map(libero_map), OpenpiConfig(host="0.0.0.0", port=0))
