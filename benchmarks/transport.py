@@ -16,14 +16,19 @@ over rounds of the per-round statistic):
 - ours-v1:   the same with protocol version 1 framing: one msgpack frame, images inline as ExtType 1.
 - zmq-floor: (informative) the same three frames, pre-encoded once, sent as they are; the server answers a
              fixed reply without decoding: ZeroMQ and the kernel alone, the floor under `ours`.
-- websocket: an openpi-style baseline written here: a `websockets` asyncio server (compression off, no size cap,
-             metadata sent on connect), the sync `websockets` client, msgpack with numpy arrays as
-             {__ndarray__, data, dtype, shape} maps; same arrays and instruction, the same fixed chunk as reply.
+- websocket: an openpi wire baseline: a `websockets` asyncio server shaped like openpi's (compression off, no
+             size cap, metadata sent on connect), the sync `websockets` client, and openpi's encoding byte for byte
+             (policy_runtime.openpi_wire: numpy arrays as maps with bytes keys b"__ndarray__", b"data", b"dtype",
+             b"shape"); same arrays and instruction, the same fixed chunk as reply.
 - server:    (informative) the real policy_runtime PolicyServer (I/O thread, batch queue with max batch 1,
              worker thread, inproc reply pipe) with an echo backend returning the fixed chunk, driven by the real
              PolicyClient (hello once, then infer): what a robot sees, minus the model.
+- openpi:    (informative) the same PolicyServer and echo backend behind its openpi front end
+             (`serve --openpi-port`: websocket, key map, in-process DEALER), driven by the real
+             `openpi_client.WebsocketClientPolicy`: what an openpi robot script sees, minus the model.
 
 Issue targets (checked on `ours`): p50 <= 0.5 ms on loopback, and p50 <= 0.6x the websocket path's p50.
+The `openpi` path needs the [dev] extra (openpi-client).
 
 Prints a Markdown section, then one line of JSON (the last line of stdout); progress goes to stderr.
 """
@@ -50,6 +55,8 @@ import numpy as np
 import zmq
 
 from policy_runtime.backends import ChunkResult
+from policy_runtime.openpi_wire import packb as ws_pack
+from policy_runtime.openpi_wire import unpackb as ws_unpack
 from policy_runtime.protocol import (
     UNKNOWN_KIND,
     ActionsReply,
@@ -74,7 +81,7 @@ OPENPI_IMAGE_KEYS = ("observation/image", "observation/wrist_image")
 IMAGE_SIZE, STATE_DIM, HORIZON, ACTION_DIM = 224, 9, 16, 8
 INSTRUCTION = "pick up the red cube and move it to the goal"
 P50_TARGET_MS, RATIO_TARGET = 0.5, 0.6
-PATHS = ("ours", "ours-v1", "websocket", "server", "zmq-floor")
+PATHS = ("ours", "ours-v1", "websocket", "server", "openpi", "zmq-floor")
 SERVER_START_TIMEOUT_S = 60.0
 
 
@@ -98,34 +105,7 @@ def echo_contract() -> Contract:
                     text_max_len=64, default_instruction=INSTRUCTION, task="echo")
 
 
-# ----- openpi-style msgpack numpy (the baseline's encoding, written here) ------------------------------------------
-def _ws_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind in "OVc":
-            raise TypeError(f"dtype {obj.dtype} is not sent")
-        return {"__ndarray__": True, "data": np.ascontiguousarray(obj).tobytes(), "dtype": obj.dtype.str,
-                "shape": list(obj.shape)}
-    if isinstance(obj, np.generic):
-        return {"__npgeneric__": True, "data": obj.item(), "dtype": obj.dtype.str}
-    raise TypeError(f"cannot encode {type(obj).__name__}")
-
-
-def _ws_object_hook(obj: dict) -> Any:
-    if "__ndarray__" in obj:  # zero-copy, read-only view of the received bytes
-        return np.ndarray(buffer=obj["data"], dtype=np.dtype(obj["dtype"]), shape=tuple(obj["shape"]))
-    if "__npgeneric__" in obj:
-        return np.dtype(obj["dtype"]).type(obj["data"])
-    return obj
-
-
-def ws_pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, default=_ws_default, use_bin_type=True)
-
-
-def ws_unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, object_hook=_ws_object_hook, raw=False)
-
-
+# ----- openpi observations (openpi's wire encoding: policy_runtime.openpi_wire) ---------------------------------------
 def ws_observation(images: dict[str, np.ndarray], state: np.ndarray) -> dict:
     obs: dict[str, Any] = {key: images[cam] for key, cam in zip(OPENPI_IMAGE_KEYS, CAMERAS, strict=True)}
     obs.update({"observation/state": state, "prompt": INSTRUCTION})
@@ -256,8 +236,32 @@ def serve_policy_server(conn, stop) -> None:
             server.stop()
 
 
+def serve_openpi(conn, stop) -> None:
+    """The same PolicyServer behind its openpi front end only (no ZeroMQ endpoint), keys mapped as a LIBERO client's."""
+    from policy_runtime.openpi_map import OpenpiMap, StatePart
+    from policy_runtime.openpi_server import OpenpiConfig, OpenpiServer
+    from policy_runtime.server import PolicyServer, ServerConfig
+
+    ppid = os.getppid()
+    server = None
+    try:
+        server = PolicyServer(EchoBackend(), ServerConfig(bind=None, max_batch=1, max_wait_ms=0.0))
+        key_map = OpenpiMap(dict(zip(CAMERAS, OPENPI_IMAGE_KEYS, strict=True)),
+                            {"agent/qpos": (StatePart("observation/state"),)}, "prompt")
+        front = OpenpiServer(server, key_map, OpenpiConfig(port=0))
+        server.start_background()
+        conn.send(front.url)
+        while not stop.is_set() and _parent_alive(ppid):
+            time.sleep(0.1)
+    except Exception as e:
+        conn.send(f"ERROR: {type(e).__name__}: {e}")
+    finally:
+        if server is not None:
+            server.stop()
+
+
 SERVERS = {"ours": serve_ours, "ours-v1": serve_ours, "websocket": serve_websocket, "server": serve_policy_server,
-           "zmq-floor": functools.partial(serve_ours, decode=False)}
+           "openpi": serve_openpi, "zmq-floor": functools.partial(serve_ours, decode=False)}
 
 
 # ----- clients (this process) ---------------------------------------------------------------------------------------
@@ -372,8 +376,33 @@ class ServerClient:
         self.client.close()
 
 
+class OpenpiClient:
+    """The real openpi_client.WebsocketClientPolicy, unchanged."""
+
+    def __init__(self, uri: str, timeout_s: float):
+        from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+        self.policy = WebsocketClientPolicy(uri)
+
+    def request(self, images: dict[str, np.ndarray], state: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        reply = self.policy.infer(ws_observation(images, state))
+        dt = time.perf_counter() - t0
+        if reply["actions"].shape != (HORIZON, ACTION_DIM):
+            raise RuntimeError("openpi: bad chunk shape")
+        return dt
+
+    def sizes(self, images: dict[str, np.ndarray], state: np.ndarray) -> tuple[int, int]:
+        timing = {"infer_ms": 0.0, "queue_ms": 0.0, "batch_size": 1, "prev_total_ms": 0.0}
+        return len(ws_pack(ws_observation(images, state))), len(ws_pack({"actions": fixed_chunk(),
+                                                                          "server_timing": timing}))
+
+    def close(self) -> None:
+        self.policy._ws.close()  # the client has no close(); its connection is this attribute
+
+
 CLIENTS = {"ours": OursClient, "ours-v1": OursV1Client, "websocket": WebsocketClient, "server": ServerClient,
-           "zmq-floor": FloorClient}
+           "openpi": OpenpiClient, "zmq-floor": FloorClient}
 
 
 # ----- measurement --------------------------------------------------------------------------------------------------
@@ -427,7 +456,7 @@ def codec_costs(observations, reps: int) -> list[dict]:
          "server_decode_us": median_us(lambda: parse_request(ours_req, contract)),
          "server_encode_us": median_us(ours_reply),
          "client_decode_us": median_us(lambda: parse_reply(ours_rep))},
-        {"encoding": "websocket baseline (openpi-style maps)",
+        {"encoding": "websocket baseline (openpi's encoding)",
          "client_encode_us": median_us(lambda: ws_pack(ws_observation(images, state))),
          "server_decode_us": median_us(lambda: ws_unpack(ws_req)),
          "server_encode_us": median_us(lambda: ws_pack(ws_rep_obj)),

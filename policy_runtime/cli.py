@@ -1,4 +1,5 @@
-"""`policy-runtime`: serve an export over ZeroMQ (`serve`), re-verify it on this machine (`check`), make CURVE keys.
+"""`policy-runtime`: serve an export over ZeroMQ and/or openpi's websocket protocol (`serve`), re-verify it on this
+machine (`check`), make CURVE keys.
 
 User mistakes (missing directory, corrupt manifest, bad key file, port in use) print one line on stderr and
 exit 2; `check` exits 1 when the export loads but misbehaves (non-deterministic, NaN, batch-dependent).
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from policy_runtime.errors import OneLineParser, UserError, run_command
+from policy_runtime.openpi_server import API_KEY_ENV
 from policy_runtime.protocol import DEFAULT_ENDPOINT, Limits
 
 log = logging.getLogger("policy_runtime")
@@ -35,7 +37,17 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve an export directory (or a checkpoint with --backend torch)")
     s.add_argument("model_dir", help="export directory (policy.onnx + manifest.json)")
-    s.add_argument("--bind", default=DEFAULT_ENDPOINT, help=f"ZeroMQ endpoint (default {DEFAULT_ENDPOINT})")
+    s.add_argument("--bind", default=None, help=f"ZeroMQ endpoint (default {DEFAULT_ENDPOINT})")
+    s.add_argument("--no-zmq", action="store_true", help="no ZeroMQ endpoint: serve openpi clients only")
+    s.add_argument("--openpi-port", type=int, default=None,
+                   help="also serve openpi's websocket protocol on this port (openpi_client.WebsocketClientPolicy)")
+    s.add_argument("--openpi-host", default="127.0.0.1", help="openpi listen address (default 127.0.0.1)")
+    s.add_argument("--openpi-map", type=Path, default=None,
+                   help="YAML map from the client's observation keys to this export's cameras, state and "
+                        "instruction (docs/openpi.md; default: observation/<camera>, observation/state, prompt)")
+    s.add_argument("--openpi-api-key", default=None,
+                   help="require 'Authorization: Api-Key KEY' from openpi clients; prefer the environment variable "
+                        f"{API_KEY_ENV} (a command line is visible to every user of the machine)")
     s.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
                    help="torch serves a sim_trainer checkpoint directory instead (needs torch)")
     s.add_argument("--providers", nargs="+", default=None,
@@ -57,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--curve-secret", type=Path, help="server secret key file (*.key_secret); enables CURVE")
     s.add_argument("--curve-clients", type=Path, help="directory of authorised client public keys (*.key)")
     s.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback --bind without CURVE (anyone on the network can drive the model)")
+                   help="allow a non-loopback --bind without CURVE, or a non-loopback --openpi-host without an API "
+                        "key (anyone on the network can drive the model)")
     s.add_argument("-v", "--verbose", action="store_true")
 
     c = sub.add_parser("check", help="re-verify an export on this machine (hash, session, determinism, latency)")
@@ -105,6 +118,36 @@ def _check_numbers(args: argparse.Namespace) -> None:
     _in_range("--max-array-mb", args.max_array_mb, 0, MAX_ARRAY_MB, low_open=True)
     _in_range("--warmup", args.warmup, 0, MAX_WARMUP)
     _in_range("--seed", args.seed, 0, 2**63 - 1)
+    if args.openpi_port is not None:
+        _in_range("--openpi-port", args.openpi_port, 0, 65535)
+
+
+def _openpi_options(args: argparse.Namespace):
+    """The openpi front end's settings, or None without --openpi-port; checks the flags that go with it."""
+    from policy_runtime.openpi_server import OpenpiConfig, check_openpi_exposure, probe_port
+
+    if args.no_zmq and args.bind is not None:
+        raise UserError("--no-zmq turns the ZeroMQ endpoint off: drop --bind")
+    if args.no_zmq and args.curve_secret is not None:
+        raise UserError("--curve-secret/--curve-clients secure the ZeroMQ endpoint, which --no-zmq turns off")
+    api_key = args.openpi_api_key if args.openpi_api_key is not None else os.environ.get(API_KEY_ENV)
+    if args.openpi_port is None:
+        if args.no_zmq or args.openpi_map is not None or args.openpi_api_key is not None:
+            raise UserError("--no-zmq, --openpi-map and --openpi-api-key need --openpi-port")
+        return None
+    if api_key is not None and not api_key.strip():
+        raise UserError(f"the openpi API key (--openpi-api-key or {API_KEY_ENV}) is empty")
+    check_openpi_exposure(args.openpi_host, api_key, args.insecure)
+    probe_port(args.openpi_host, args.openpi_port)
+    return OpenpiConfig(host=args.openpi_host, port=args.openpi_port, api_key=api_key, insecure=args.insecure)
+
+
+def _openpi_map(args: argparse.Namespace, contract):
+    """The key map, checked against the served contract (one line per mistake)."""
+    from policy_runtime.openpi_map import OpenpiMap, load_openpi_map
+
+    key_map = load_openpi_map(args.openpi_map) if args.openpi_map is not None else OpenpiMap.default(contract)
+    return key_map.check(contract)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -114,8 +157,11 @@ def _serve(args: argparse.Namespace) -> int:
     if (args.curve_secret is None) != (args.curve_clients is None):
         raise UserError("--curve-secret and --curve-clients go together")
     _check_numbers(args)
-    parse_endpoint(args.bind)
-    check_exposure(args.bind, curve=args.curve_secret is not None, insecure=args.insecure)
+    openpi = _openpi_options(args)
+    bind = None if args.no_zmq else args.bind or DEFAULT_ENDPOINT
+    if bind is not None:
+        parse_endpoint(bind)
+        check_exposure(bind, curve=args.curve_secret is not None, insecure=args.insecure)
     curve = CurveServerKeys(args.curve_secret, args.curve_clients) if args.curve_secret else None
     if curve is not None:  # fail on bad keys before spending time on loading the model
         from policy_runtime.curve import check_clients_dir, load_keypair
@@ -125,7 +171,14 @@ def _serve(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model_dir} does not exist")
     if not Path(args.model_dir).is_dir():
         raise UserError(f"{args.model_dir} is a file, not an export or checkpoint directory")
-    probe_bind(args.bind)  # nothing is logged before the checks, so a user mistake stays one line on stderr
+    if bind is not None:
+        probe_bind(bind)  # nothing is logged before the checks, so a user mistake stays one line on stderr
+    if openpi is not None and args.backend == "onnx":  # a map that does not fit the export: before the model loads
+        from policy_runtime.contract import contract_from_manifest
+        from policy_runtime.export_dir import load_export
+
+        export = load_export(args.model_dir, verify_hash=False)
+        _openpi_map(args, contract_from_manifest(export.manifest, "onnx", "none", where=str(args.model_dir)))
     if args.backend == "torch":
         try:
             from policy_runtime.backends.torch_backend import TorchBackend, TorchOptions
@@ -143,9 +196,13 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("loaded %s (%s backend): %s", args.model_dir, args.backend, backend.info())
     limits = Limits(max_array_bytes=int(args.max_array_mb * (1 << 20)),
                     max_message_bytes=max(Limits().max_message_bytes, 4 * int(args.max_array_mb * (1 << 20))))
-    server = PolicyServer(backend, ServerConfig(bind=args.bind, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+    server = PolicyServer(backend, ServerConfig(bind=bind, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                                 max_queue=args.max_queue, max_per_client=args.max_per_client,
                                                 limits=limits, curve=curve, insecure=args.insecure))
+    if openpi is not None:
+        from policy_runtime.openpi_server import OpenpiServer
+
+        OpenpiServer(server, _openpi_map(args, server.contract), openpi)
     server.start()
 
     def on_signal(signum: int, _frame: object) -> None:

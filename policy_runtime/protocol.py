@@ -155,6 +155,23 @@ def _array_view(buf: memoryview, off: int, dtype: np.dtype, shape: tuple[int, ..
     return out
 
 
+def checked_array(dt: Any, shape: Any, data: Any, max_bytes: int) -> np.ndarray:
+    """A read-only zero-copy array from a peer's dtype string, shape and raw bytes (another wire's array encoding).
+
+    The same rules as ExtType arrays: an allowed dtype, at most MAX_NDIM non-negative dimensions, exactly
+    product(shape) x itemsize bytes, at most `max_bytes`; anything else is a ProtocolError.
+    """
+    if not isinstance(dt, str) or dt not in ALLOWED_DTYPES:
+        raise ProtocolError(BAD_ARRAY, f"dtype {str(dt)[:20]!r} not allowed (allowed: {', '.join(ALLOWED_DTYPES)})")
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM or not all(_is_int(n) and n >= 0 for n in shape):
+        raise ProtocolError(BAD_ARRAY, f"shape must be a list of at most {MAX_NDIM} non-negative integers")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(BAD_ARRAY, f"array data must be bytes, got {type(data).__name__}")
+    dtype = np.dtype(dt)
+    return _array_view(memoryview(data).cast("B"), 0, dtype, tuple(shape), math.prod(shape) * dtype.itemsize,
+                       max_bytes)
+
+
 def unpack_ndarray(data: bytes, max_bytes: int) -> np.ndarray:
     """Inverse of pack_ndarray; a read-only zero-copy view. Raises ProtocolError on anything malformed."""
     view = memoryview(data)

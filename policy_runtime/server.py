@@ -8,6 +8,10 @@ queue round-robin across clients, drops requests whose client deadline has passe
 chunk is ready (`expired`, never computed), runs the backend and hands encoded replies back to the I/O
 thread over an inproc pipe (ZeroMQ sockets are not thread-safe). Replies to clients that vanished are
 dropped by ROUTER. Every received message is released as soon as it is handled.
+
+Other wire protocols (openpi's websocket, `openpi_server.py`) are front ends: each of their connections is a
+DEALER on the ROUTER's in-process endpoint, so their requests pass the same admission, decoding, validation,
+fair queue, batching and deadlines as a ZeroMQ client's, and the front end only translates messages.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import zmq
 
@@ -79,13 +84,17 @@ def parse_endpoint(endpoint: str) -> tuple[str, str]:
     return transport, address
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for a host name or address only this machine can reach."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
 def is_loopback(endpoint: str) -> bool:
     """True when only this machine can connect (loopback TCP, ipc, inproc)."""
     transport, address = parse_endpoint(endpoint)
     if transport != "tcp":
         return True
-    host = address.rsplit(":", 1)[0].rsplit(";", 1)[-1]
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    return is_loopback_host(address.rsplit(":", 1)[0].rsplit(";", 1)[-1])
 
 
 def check_exposure(endpoint: str, curve: bool, insecure: bool) -> None:
@@ -111,9 +120,21 @@ def probe_bind(endpoint: str) -> None:
         ctx.term()
 
 
+class FrontEnd(Protocol):
+    """Another protocol served beside ZeroMQ, through the server's in-process endpoint."""
+
+    def start(self) -> str:
+        """Bind and serve (errors are UserErrors); returns where clients connect."""
+        ...
+
+    def stop(self) -> None:
+        """Close connections and wait for them; called before the server's sockets close."""
+        ...
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    bind: str = DEFAULT_BIND
+    bind: str | None = DEFAULT_BIND  # None: no ZeroMQ endpoint, only front ends (the in-process endpoint)
     max_batch: int = 8
     max_wait_ms: float = 2.0        # how long the oldest queued request may wait for others to join its batch
     max_queue: int = 32             # pending observations; beyond this, `overloaded`
@@ -152,6 +173,8 @@ class PolicyServer:
         self.metrics = Metrics()
         self.queue: BatchQueue[_Pending] = BatchQueue(config.max_queue, config.max_per_client)
         self.endpoint = ""
+        self.local_endpoint = f"inproc://policy-{self.instance}"  # where front ends' connections join
+        self.front_ends: list[FrontEnd] = []
         self._stop = threading.Event()
         self._ctx: zmq.Context | None = None
         self._threads: list[threading.Thread] = []
@@ -160,10 +183,19 @@ class PolicyServer:
         self._infer_s = 0.0  # recent inference time per batch (moving average), to foresee missed deadlines
 
     # ----- lifecycle ----------------------------------------------------------------------------------------------
+    @property
+    def context(self) -> zmq.Context:
+        """The ZeroMQ context of the in-process endpoint (front ends make their sockets in it); after start()."""
+        assert self._ctx is not None, "start() first"
+        return self._ctx
+
     def start(self) -> str:
-        """Bind the sockets and start the worker; returns the bound endpoint (useful with port 0 / '*')."""
-        parse_endpoint(self.config.bind)
-        check_exposure(self.config.bind, self.config.curve is not None, self.config.insecure)
+        """Bind the sockets, start the worker and the front ends; returns the ZeroMQ endpoint (port 0 / '*': the one
+        bound), or the in-process endpoint without a ZeroMQ bind (config.bind None).
+        """
+        if self.config.bind is not None:
+            parse_endpoint(self.config.bind)
+            check_exposure(self.config.bind, self.config.curve is not None, self.config.insecure)
         ctx = self._ctx = zmq.Context()
         self.router = ctx.socket(zmq.ROUTER)
         self.router.linger = 0
@@ -176,7 +208,9 @@ class PolicyServer:
         try:
             if self.config.curve is not None:
                 self._auth = secure_server(ctx, self.router, self.config.curve)
-            self.router.bind(self.config.bind)
+            self.router.bind(self.local_endpoint)  # never authenticated by CURVE: in-process only
+            if self.config.bind is not None:
+                self.router.bind(self.config.bind)
         except zmq.ZMQError as e:
             self._close_all()
             why = "address already in use" if e.errno == errno.EADDRINUSE else str(e)
@@ -195,14 +229,21 @@ class PolicyServer:
         worker = threading.Thread(target=self._worker, name="policy-worker", daemon=True)
         worker.start()
         self._threads.append(worker)
+        try:
+            for front_end in self.front_ends:
+                front_end.start()
+        except BaseException:
+            self._stop.set()
+            self._shutdown()
+            raise
         log.info("serving %s model %s (%s on %s) at %s: horizon %d, action dim %d, cameras %s, batch <= %d, "
                  "wait <= %.1f ms, queue <= %d (<= %d per client)%s", self.contract.backend,
                  self.contract.model_sha256[:12], self.contract.task or "task ?", self.contract.provider,
-                 self.endpoint, self.contract.horizon,
+                 self.endpoint if self.config.bind is not None else "no ZeroMQ endpoint", self.contract.horizon,
                  self.contract.action_dim, [f"{c.name} {c.height}x{c.width}" for c in self.contract.cameras],
                  self.config.max_batch, self.config.max_wait_ms, self.config.max_queue, self.queue.per_key,
                  ", CURVE on" if self.config.curve else "")
-        if self.config.curve is None and not is_loopback(self.endpoint):
+        if self.config.curve is None and self.config.bind is not None and not is_loopback(self.endpoint):
             log.warning("INSECURE: %s is reachable from the network WITHOUT CURVE: anyone who can connect can "
                         "send observations and receive this robot's actions (--insecure was given)", self.endpoint)
         return self.endpoint
@@ -339,6 +380,8 @@ class PolicyServer:
                  h["batches"], lat.get("p50", "-"), lat.get("p99", "-"), h["errors"], h["queue_depth"])
 
     def _shutdown(self) -> None:
+        for front_end in self.front_ends:  # their connections' sockets must close before the context ends
+            front_end.stop()
         for p in self.queue.close():
             self._send_error(p.envelope, SHUTTING_DOWN, "the server is shutting down", p.request.request_id)
         for t in self._threads:

@@ -31,8 +31,9 @@ ROBOT_VENV = ROOT / ".venv-robot"
 
 # What the [train] extra brings and a robot must not need.
 TRAINING_ONLY = ("torch", "mani_skill", "sapien", "mplib", "gymnasium", "tensorboard", "safetensors", "tqdm")
-RUNTIME_MODULES = ("policy_runtime.server", "policy_runtime.client", "policy_runtime.cli", "policy_runtime.check",
-                   "policy_runtime.backends.onnx_backend", "calibration.cli")
+RUNTIME_MODULES = ("policy_runtime.server", "policy_runtime.openpi_server", "policy_runtime.client",
+                   "policy_runtime.cli", "policy_runtime.check", "policy_runtime.backends.onnx_backend",
+                   "calibration.cli")
 # The ROS 2 nodes a robot runs (sim_twin_node is the simulator, and the demo drives it: both need [train]).
 ROS_NODE_MODULES = ("vla_ros.camera_node", "vla_ros.policy_node", "vla_ros.safety_node", "vla_ros.teleop_node",
                     "vla_ros.operator_node", "vla_ros.capture_node", "vla_ros.eval_manager_node",
