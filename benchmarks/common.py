@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -23,3 +26,14 @@ def machine_info() -> dict:
 
 def command_line() -> str:
     return "python " + shlex.join(sys.argv)
+
+
+def cli(*args: str) -> None:
+    """`sim-trainer ARGS` in a subprocess (this tree's code), failing the benchmark if it fails."""
+    subprocess.run([sys.executable, "-m", "sim_trainer.cli", *args], check=True)
+
+
+def rl_finished(run: Path, budget: int) -> bool:
+    """Whether an RL run reached its env-step budget (its state is also saved mid-run, for --resume)."""
+    state = run / "rl_state.json"
+    return state.exists() and json.loads(state.read_text())["env_steps"] >= budget

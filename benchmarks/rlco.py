@@ -18,17 +18,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from common import command_line, machine_info
+from common import cli, command_line, machine_info, rl_finished
 
 DOMAINS = ("real_proxy", "sim")
-
-
-def cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "sim_trainer.cli", *args], check=True)
 
 
 def evaluate(ckpt: Path, domain: str, episodes: int, out: Path) -> dict:
@@ -37,12 +31,6 @@ def evaluate(ckpt: Path, domain: str, episodes: int, out: Path) -> dict:
         cli("eval", "--ckpt", str(ckpt), "--episodes", str(episodes), "--envs", "2", "--threads", "1",
             "--out", str(out), *extra)
     return json.loads((out / "eval.json").read_text())["summary"]
-
-
-def rl_finished(run: Path, budget: int) -> bool:
-    """Whether an RL run reached its env-step budget (its state is also saved mid-run, for --resume)."""
-    state = run / "rl_state.json"
-    return state.exists() and json.loads(state.read_text())["env_steps"] >= budget
 
 
 def rl_runs(a: argparse.Namespace, real: Path) -> dict[str, tuple[int, list[str]]]:

@@ -28,7 +28,7 @@ RL_LIMITS = {
     "target_kl": Range(0, 100, lo_open=True), "max_grad_norm": Range(0, 1e6, lo_open=True),
     "cotrain_weight": Range(0, 1000), "cotrain_batch": Range(1, 4096), "eval_every": Range(0, 10**6),
     "eval_episodes": Range(1, 10_000), "eval_envs": Range(1, 4096), "save_every": Range(1, 10**6),
-    "seed": Range(0, SEED_MAX), "max_episode_steps": Range(1, 100_000),
+    "seed": Range(0, SEED_MAX), "max_episode_steps": Range(1, 100_000), "risk_beta": Range(-50, 50),
 }
 
 
@@ -59,6 +59,8 @@ class RLConfig:
     group_size: int = option(4, "GRPO: envs sharing a reset seed")
     grpo_filter: bool = option(True, "GRPO: drop groups where every episode succeeded or every one failed (no signal)")
     total_env_steps: int = option(100_000, "env step budget over all processes")
+    risk_beta: float = option(0.0, "entropic risk B: maximise (1/B) log E[exp(B * return)]; > 0 risk-seeking, "
+                                   "< 0 risk-averse, 0 the expected return (scale it to 1 / the return range)")
     gamma: float = option(0.99, "discount per chunk step")
     gae_lambda: float = option(0.95, "GAE lambda")
     clip: float = option(0.2, "PPO ratio clip")
@@ -130,6 +132,10 @@ class RLConfig:
         if self.std_anneal and self.noise == "flow_sde":
             raise UserError("std_anneal shapes the learned noise band of flow_noise/reinflow; flow_sde's noise is "
                             "set by noise_level")
+        if self.algorithm == "grpo" and self.reward == "sparse" and self.risk_beta:
+            raise UserError(f"risk_beta {self.risk_beta:g} has no effect with GRPO on sparse rewards: every return is "
+                            "0 or 1, and the group normalisation undoes any increasing transform of two values; "
+                            "use --reward normalized_dense or --algorithm ppo")
         if self.algorithm == "grpo" and self.critic_warmup:  # a preset's PPO setting must not waste GRPO rollouts
             print(f"warning: critic_warmup={self.critic_warmup} ignored: GRPO has no critic to warm up",
                   file=sys.stderr)

@@ -57,10 +57,11 @@ class Learner:
         """(advantages [T, N], returns [T, N], valid [T, N], loss weights [T, N]).
 
         PPO weighs every valid chunk step alike; GRPO every kept trajectory alike (see trajectory_weights).
+        Both follow the entropic objective of --risk-beta (advantages.py).
         """
         cfg = self.cfg
         if cfg.algorithm == "ppo":
-            adv, ret = gae(r.rewards, r.values, r.dones, r.last_value, cfg.gamma, cfg.gae_lambda)
+            adv, ret = gae(r.rewards, r.values, r.dones, r.last_value, cfg.gamma, cfg.gae_lambda, cfg.risk_beta)
             valid = r.valid
             n = self.world.sum(valid.sum().float().view(1))
             mean = self.world.sum(adv[valid].sum().view(1)) / n
@@ -70,7 +71,7 @@ class Learner:
         success = torch.zeros(returns.shape[0], dtype=torch.bool, device=returns.device)
         for env, ep in zip(r.episode_env, r.episodes, strict=True):
             success[env] = ep.success_once
-        adv, keep = grpo_advantages(returns, success, cfg.group_size, cfg.grpo_filter)
+        adv, keep = grpo_advantages(returns, success, cfg.group_size, cfg.grpo_filter, risk_beta=cfg.risk_beta)
         adv = adv.expand_as(r.rewards)
         valid = r.valid & keep
         return adv, adv, valid, trajectory_weights(valid)

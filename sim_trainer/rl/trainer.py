@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -43,7 +44,9 @@ STATE = "rl_state"
 # What makes a resumed run the same run: where it started, what it learns on, how it samples and explores.
 RESUME_KEYS = ("ckpt", "task", "algorithm", "noise", "sde_mode", "num_steps", "exec_steps", "num_envs",
                "rollout_chunks", "group_size", "logprob", "value_input", "reward", "max_episode_steps",
-               "cotrain_data", "freeze_vision", "expert_only", "seed")
+               "cotrain_data", "freeze_vision", "expert_only", "seed", "risk_beta")
+# |risk_beta| times the return range above this: exp(B * return) spans more than e^20 (see _check_risk_scale).
+RISK_SPAN_WARN = 20.0
 
 
 def _set_trainable(policy: RLPolicy, cfg: RLConfig) -> None:
@@ -51,6 +54,16 @@ def _set_trainable(policy: RLPolicy, cfg: RLConfig) -> None:
         frozen = (cfg.freeze_vision and name.startswith(VISION_PREFIXES)) or (
             cfg.expert_only and not name.startswith(EXPERT_PREFIXES))
         p.requires_grad_(not frozen)
+
+
+def _check_risk_scale(cfg: RLConfig, horizon: int) -> None:
+    """Warn where B is out of scale with the returns: the objective then follows the single best (worst) episode,
+    and PPO's exponential TD errors exp(B * delta) may overflow float32 (above e^88)."""
+    span = 1.0 if cfg.reward == "sparse" else float(horizon)  # returns lie in [0, 1] or [0, horizon]
+    if abs(cfg.risk_beta) * span > RISK_SPAN_WARN:
+        print(f"warning: risk_beta {cfg.risk_beta:g} on {cfg.reward} returns in [0, {span:g}] weighs outcomes "
+              f"up to e^{abs(cfg.risk_beta) * span:.0f} apart; |risk_beta| about 2 / {span:g} tilts as much as "
+              "+-2 does on sparse returns", file=sys.stderr)
 
 
 def _seed_for(cfg: RLConfig, rank: int, update: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -79,6 +92,7 @@ class RLTrainer:
         self.norm = NormStats.load(Path(cfg.ckpt) / "norm_stats.json")
         self.env_cfg = EnvConfig.for_policy(self.spec, cfg.task, reward_mode=cfg.reward, sim_backend=cfg.sim_backend,
                                             max_episode_steps=cfg.max_episode_steps)
+        _check_risk_scale(cfg, self.env_cfg.horizon)
         self.eval_domain_cfg = (replace(self.env_cfg, domain=cfg.eval_domain).validate()
                                 if cfg.eval_domain else None)
         self.chunk = model.cfg.exec_steps
@@ -137,7 +151,9 @@ class RLTrainer:
         saved = read_meta(self.out, STATE)
         if not isinstance(saved.get("config"), dict):
             raise UserError(f"cannot resume {self.out}: {STATE}.json does not record the run's configuration")
-        check_same_run(self.out, saved["config"], asdict(self.cfg), RESUME_KEYS, path_keys=("ckpt", "cotrain_data"))
+        # a field added since the run was saved had its default then (e.g. risk_beta 0: risk-neutral)
+        saved_cfg = {**asdict(RLConfig()), **saved["config"]}
+        check_same_run(self.out, saved_cfg, asdict(self.cfg), RESUME_KEYS, path_keys=("ckpt", "cotrain_data"))
         if "world_size" in saved:  # older states did not record it
             check_same_run(self.out, saved, {"world_size": self.world.size}, ("world_size",))
 
