@@ -11,8 +11,10 @@ arm runs `sim-trainer rl --config PRESET` from the same SFT checkpoint with the 
 Finished runs and evaluations are reused, so an interrupted benchmark picks up where it stopped.
 Prints a Markdown table and writes OUT/results.json.
 
-Full size (the default; about an hour on 2 cores): 3 seeds x 2 arms x 20k env steps, 100 eval episodes.
-Smoke: --budget 1024 --episodes 4 --seeds 0 --extra --eval-episodes 1 --eval-envs 1
+Full size (the default): 3 seeds x 2 arms x 12,288 env steps, 100 eval episodes; about an hour on an idle
+2-core host (estimated from the smoke run's per-update timings).
+Smoke (13 min on a loaded 2-core host): --budget 512 --episodes 4 --seeds 0 --extra --rollout-chunks 4
+--critic-warmup 1 --eval-episodes 1 --eval-envs 1
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def main() -> None:
     p.add_argument("--preset", default="configs/rl_pushcube_rgb_cpu.yaml", help="RL preset for both arms")
     p.add_argument("--ckpt", default="checkpoints/pushcube_rgb_small", help="RGB SFT checkpoint to start from")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="RL seeds, one run per arm each")
-    p.add_argument("--budget", type=int, default=20_000, help="env steps per run")
+    p.add_argument("--budget", type=int, default=12_288, help="env steps per run (24 updates of the preset)")
     p.add_argument("--episodes", type=int, default=100, help="held-out eval episodes before and after")
     p.add_argument("--out", default="outputs/bench_rl_privileged_critic")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `sim-trainer rl` flags for all runs")
