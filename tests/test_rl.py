@@ -22,7 +22,7 @@ from sim_trainer.rl.policy import RLPolicy, SamplerSettings
 from sim_trainer.rl.rollout import Collector
 from sim_trainer.rl.samplers import gaussian_log_prob, sde_sigma, sde_transition
 
-STATE_DIM, ACTION_DIM = 3, 2
+STATE_DIM, ACTION_DIM, PRIVILEGED_DIM = 3, 2, 4
 
 
 def identity_norm() -> NormStats:
@@ -33,13 +33,13 @@ def identity_norm() -> NormStats:
 
 
 def tiny_policy(method: str, k: int = 3, sde_mode: str = "mixed", horizon: int = 4, exec_steps: int = 2,
-                seed: int = 0) -> RLPolicy:
+                seed: int = 0, value_input: str = "prefix") -> RLPolicy:
     torch.manual_seed(seed)
     cfg = ModelConfig.from_size("tiny", camera_names=(), image_size=0, state_dim=STATE_DIM, action_dim=ACTION_DIM,
                                 horizon=horizon, exec_steps=exec_steps, num_steps=k)
     model = FlowVLA(cfg, identity_norm())
-    return RLPolicy(model, SamplerSettings(method, k, sde_mode), "prefix", -torch.ones(ACTION_DIM),
-                    torch.ones(ACTION_DIM))
+    return RLPolicy(model, SamplerSettings(method, k, sde_mode), value_input, -torch.ones(ACTION_DIM),
+                    torch.ones(ACTION_DIM), privileged_dim=PRIVILEGED_DIM if value_input == "privileged" else 0)
 
 
 TEXT = tokenize("reach the target", 48)
@@ -271,16 +271,20 @@ class ScriptedEpisodes:
     """Envs whose episodes end at scripted steps; reward 1 on every step, also after the end (must be ignored).
 
     script[i] = (steps until the episode ends, how it ends: "success", "fail" or "timeout"), counted from a reset.
-    The state is (env, steps since the reset, resets so far): V(final observation) is recomputable from it.
+    The state is (env, steps since the reset, resets so far): V(final observation) is recomputable from it. With
+    `privileged`, observations also carry a privileged vector, another function of the same three numbers.
     """
 
-    def __init__(self, script: list[tuple[int, str]]):
-        self.script, self.num_envs = script, len(script)
+    def __init__(self, script: list[tuple[int, str]], privileged: bool = False):
+        self.script, self.num_envs, self.privileged = script, len(script), privileged
         self.t = torch.zeros(self.num_envs)
         self.resets = torch.zeros(self.num_envs)
 
     def _obs(self) -> dict:
-        return {"state": torch.stack([torch.arange(self.num_envs).float(), self.t, self.resets], 1), "images": {}}
+        obs = {"state": torch.stack([torch.arange(self.num_envs).float(), self.t, self.resets], 1), "images": {}}
+        if self.privileged:
+            obs["privileged"] = privileged_of(obs["state"])
+        return obs
 
     def reset(self, seeds: list[int], mask=None) -> dict:
         m = torch.ones(self.num_envs, dtype=torch.bool) if mask is None else torch.as_tensor(mask)
@@ -301,20 +305,28 @@ class ScriptedEpisodes:
 SCRIPT = [(2, "success"), (5, "timeout"), (100, "timeout"), (4, "fail")]  # with C = 3 actions per chunk step
 
 
-def scripted_rollout(episodic: bool, gamma: float = 0.5):
-    policy = tiny_policy("flow_noise", horizon=4, exec_steps=3)
-    torch.nn.init.normal_(policy.value_head.net[-1].weight, std=1.0)  # a value head far from zero
-    torch.nn.init.constant_(policy.value_head.net[-1].bias, 1.0)
-    collector = Collector(ScriptedEpisodes(SCRIPT), policy, TEXT, exec_steps=3, gamma=gamma, episodic=episodic,
-                          group_size=2)
+def privileged_of(state: torch.Tensor) -> torch.Tensor:
+    """ScriptedEpisodes' privileged vector of (env, step, resets): [PRIVILEGED_DIM] numbers unlike the state."""
+    env, t, resets = state.unbind(-1)
+    return torch.stack([t**2 / 10, -resets, env - t, torch.ones_like(t)], -1)
+
+
+def scripted_rollout(episodic: bool, gamma: float = 0.5, value_input: str = "prefix"):
+    policy = tiny_policy("flow_noise", horizon=4, exec_steps=3, value_input=value_input)
+    last = [m for m in policy.value_head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    torch.nn.init.normal_(last.weight, std=1.0)  # a value head far from zero
+    torch.nn.init.constant_(last.bias, 1.0)
+    collector = Collector(ScriptedEpisodes(SCRIPT, privileged=value_input == "privileged"), policy, TEXT,
+                          exec_steps=3, gamma=gamma, episodic=episodic, group_size=2)
     r = collector.collect(3, np.random.default_rng(0), torch.Generator().manual_seed(0))
-    with torch.no_grad():  # V of env 1's observation at its time limit: (env 1, step 5, first episode)
-        v_final = policy.value(policy.encode({"state": torch.tensor([[1.0, 5.0, 1.0]]), "images": {}}, TEXT))
-    return r, float(v_final)
+    final_state = torch.tensor([[1.0, 5.0, 1.0]])  # env 1's observation at its time limit: step 5, first episode
+    with torch.no_grad():
+        v_final = policy.value({"state": final_state, "images": {}, "privileged": privileged_of(final_state)}, TEXT)
+    return r, float(v_final), collector
 
 
 def test_collector_continuing_mode_cuts_chunks_at_the_end_and_bootstraps_only_time_limits():
-    r, v_final = scripted_rollout(episodic=False)
+    r, v_final, _ = scripted_rollout(episodic=False)
     assert abs(v_final) > 0.1  # the bootstrap below is visible
     # env 0 succeeds at its 2nd step in every chunk (reset after each); env 1 times out at step 5 (chunk 1,
     # 2nd action) and is then reset; env 3 fails at step 4 (chunk 1, 1st action)
@@ -329,7 +341,7 @@ def test_collector_continuing_mode_cuts_chunks_at_the_end_and_bootstraps_only_ti
 
 
 def test_collector_episodic_mode_never_bootstraps_and_masks_steps_after_the_end():
-    r, _ = scripted_rollout(episodic=True)
+    r, _, _ = scripted_rollout(episodic=True)
     expected = torch.tensor([[2.0, 3.0, 3.0, 3.0], [0.0, 2.0, 3.0, 1.0], [0.0, 0.0, 3.0, 0.0]])
     torch.testing.assert_close(r.rewards, expected)  # a time limit adds no gamma * V (GRPO has no critic)
     assert r.dones.tolist() == [[True, False, False, False], [False, True, False, True], [False, False, False, False]]
@@ -338,13 +350,101 @@ def test_collector_episodic_mode_never_bootstraps_and_masks_steps_after_the_end(
         (0, 2, 2.0), (1, 5, 5.0), (3, 4, 4.0)]
 
 
+
+def test_privileged_critic_reads_the_privileged_state_of_the_same_step():
+    """Stored per chunk step for the learner; a time limit bootstraps on V(privileged state of the final
+    observation), GAE's last value is V(privileged state after the rollout); the update merges the states into
+    the critic's running normalisation."""
+    r, v_final, collector = scripted_rollout(episodic=False, value_input="privileged")
+    policy = collector.policy
+    assert abs(v_final) > 0.1  # the bootstrap below is visible
+    assert torch.equal(r.privileged, privileged_of(r.states))
+    expected = torch.tensor([[2.0, 3.0, 3.0, 3.0], [2.0, 2.0 + 0.5 * v_final, 3.0, 1.0], [2.0, 3.0, 3.0, 3.0]])
+    torch.testing.assert_close(r.rewards, expected)
+    with torch.no_grad():  # from the privileged vector alone: no state or images given
+        torch.testing.assert_close(r.values, policy.value({"privileged": r.privileged.flatten(0, 1)}, TEXT).view(3, 4))
+        after = policy.value({"privileged": privileged_of(collector.obs["state"])}, TEXT)
+    torch.testing.assert_close(r.last_value, after)
+    assert (r.values - r.values[0, 0]).abs().max() > 1e-3  # values vary with the privileged state
+
+    metrics = Learner(policy, RLConfig(value_input="privileged", epochs=1, minibatch=4), TEXT, exec_steps=3).learn(
+        r, torch.Generator().manual_seed(0), 0)
+    assert metrics["first_ratio_max_dev"] == 0.0 and math.isfinite(metrics["value_loss"])
+    norm = policy.value_head.norm
+    x = r.privileged.flatten(0, 1).double()
+    assert norm.count == 12
+    torch.testing.assert_close(norm.mean, x.mean(0))
+    torch.testing.assert_close(norm.var, x.var(0, unbiased=False))
+
+
+def test_running_norm_merges_batches_into_the_moments_of_their_union():
+    from sim_trainer.rl.heads import RunningNorm
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, generator=g) * 4 + 2, torch.randn(7, 3, generator=g) - 1
+    norm = RunningNorm(3)
+    torch.testing.assert_close(norm(a), a.clamp(-10, 10))  # identity before the first merge
+    norm.update(a)
+    norm.update(b)
+    both = torch.cat([a, b]).double()
+    torch.testing.assert_close(norm.mean, both.mean(0))
+    torch.testing.assert_close(norm.var, both.var(0, unbiased=False))
+    z = norm(both.float())
+    torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["flow_noise", "reinflow"])
+def test_the_actor_never_depends_on_the_privileged_state(method):
+    """Sampling, log-prob recomputation, entropy, std and deterministic actions are bit-identical when the
+    privileged vector is replaced by random values, and the actor's losses have no gradient path to it, while
+    the value does (and the value's gradient reaches no actor parameter)."""
+    policy = tiny_policy(method, value_input="privileged")
+    _randomise_noise_head(policy)  # a std that varies with its inputs
+    obs = random_obs(8)
+    g = torch.Generator().manual_seed(4)
+    obs_a = {**obs, "privileged": torch.randn(8, PRIVILEGED_DIM, generator=g)}
+    obs_b = {**obs, "privileged": torch.randn(8, PRIVILEGED_DIM, generator=g) * 100}
+    sa = policy.sample(obs_a, TEXT, torch.Generator().manual_seed(0))
+    sb = policy.sample(obs_b, TEXT, torch.Generator().manual_seed(0))
+    for name in ("chain", "stochastic", "log_prob", "actions"):
+        assert torch.equal(getattr(sa, name), getattr(sb, name)), name
+    assert not torch.equal(sa.value, sb.value)  # the critic does read it
+    ea = policy.evaluate_chain(obs_a, TEXT, sa.chain, sa.stochastic)
+    eb = policy.evaluate_chain(obs_b, TEXT, sa.chain, sa.stochastic)
+    for name in ("log_prob", "entropy", "std"):
+        assert torch.equal(getattr(ea, name), getattr(eb, name)), name
+    noise = torch.randn(8, 4, ACTION_DIM, generator=g)
+    assert torch.equal(policy.act_deterministic(obs_a, TEXT, noise), policy.act_deterministic(obs_b, TEXT, noise))
+
+    privileged = obs_a["privileged"].clone().requires_grad_(True)
+    ev = policy.evaluate_chain({**obs, "privileged": privileged}, TEXT, sa.chain, sa.stochastic)
+    actor_loss = -(ev.log_prob.sum() + ev.entropy.sum() + ev.std.sum())
+    assert torch.autograd.grad(actor_loss, privileged, allow_unused=True)[0] is None
+    actor_params = [p for n, p in policy.named_parameters() if not n.startswith("value_head.")]
+    value_grads = torch.autograd.grad(ev.value.pow(2).sum(), [privileged, *actor_params], allow_unused=True)
+    assert value_grads[0] is not None and value_grads[0].abs().max() > 0
+    assert all(gr is None for gr in value_grads[1:])
+
+
+def test_privileged_critic_is_ignored_visibly_with_grpo(tmp_path, capsys):
+    from sim_trainer.config_flags import load_config
+
+    common = {"ckpt": str(tmp_path), "out": str(tmp_path / "o"), "value_input": "privileged"}
+    cfg = load_config(RLConfig, None, {**common, "algorithm": "grpo"})
+    assert cfg.value_input == "prefix"  # no critic, so no simulator state to deliver
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "value_input=privileged ignored" in err[0] and "GRPO" in err[0]
+    assert load_config(RLConfig, None, {**common, "algorithm": "ppo"}).value_input == "privileged"
+    assert capsys.readouterr().err == ""
+
 def test_grpo_gives_every_trajectory_the_same_weight():
     """Episodes of 1, 2, 3 and 2 valid chunk steps, groups (0, 1) and (2, 3) with advantages +-1/sqrt(2).
 
     With ratio 1 (the first minibatch) the surrogate is -mean(advantage): over trajectories that is 0 for
     group-normalised advantages; a mean over chunk steps would let the longer episode of each group win.
     """
-    r, _ = scripted_rollout(episodic=True)
+    r, _, _ = scripted_rollout(episodic=True)
     policy = tiny_policy("flow_noise", horizon=4, exec_steps=3)
     cfg = RLConfig(algorithm="grpo", group_size=2, grpo_filter=False, epochs=1, minibatch=12, lr=1e-3)
     learner = Learner(policy, cfg, TEXT, exec_steps=3)

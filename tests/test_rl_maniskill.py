@@ -170,3 +170,76 @@ def test_reset_to_states_restores_a_seeded_start_exactly():
         torch.testing.assert_close(state(env.step(action)[0]), next_a, atol=1e-5, rtol=0)
     finally:
         env.close()
+
+
+def test_privileged_state_is_maniskills_state_observation_on_both_env_paths():
+    """An RGB env built with privileged=True delivers, beside the actor's images and proprio state, exactly what a
+    ManiSkill obs_mode="state" env of the same seed observes (cube and goal poses included), at every step: on the
+    CPU vector env (one process per env) and on the batched env class (run here on ManiSkill's CPU backend with
+    one env; the CPU backend refuses several envs in one process, and this host has no GPU for physx_cuda)."""
+    import torch
+
+    from sim_trainer.envs.make import make_maniskill_env
+    from sim_trainer.envs.spec import EnvConfig
+    from sim_trainer.envs.vec_env import CpuVecEnv, GpuVecEnv
+
+    cfg = EnvConfig(task="PushCube-v1", obs_mode="rgb", image_size=32)
+    reference = make_maniskill_env(cfg, obs_mode="state")
+    seeds = [1_000_005, 1_000_006]
+    action = torch.linspace(-0.5, 0.5, 8)
+
+    def state_obs_after(seed: int, steps: int) -> torch.Tensor:
+        obs, _ = reference.reset(seed=seed)
+        for _ in range(steps):
+            obs = reference.step(action[None])[0]
+        return obs[0]
+
+    try:
+        for venv in (CpuVecEnv(cfg, 2, privileged=True), GpuVecEnv(cfg, 1, privileged=True)):
+            try:
+                n = venv.num_envs
+                obs = venv.reset(seeds[:n])
+                for step in range(3):
+                    assert obs["state"].shape == (n, venv.spec.state_dim) and set(obs["images"]) == {"base_camera"}
+                    assert obs["privileged"].shape == (n, 35) and venv.spec.state_dim == 25  # + goal and cube poses
+                    for i in range(n):
+                        torch.testing.assert_close(obs["privileged"][i].cpu(), state_obs_after(seeds[i], step),
+                                                   atol=1e-6, rtol=0)
+                    obs = venv.step(action.expand(n, -1)).obs
+            finally:
+                venv.close()
+    finally:
+        reference.close()
+
+
+def test_privileged_critic_run_writes_a_checkpoint_that_exports_without_it(tiny_state_checkpoint, tmp_path):
+    """`--value-input privileged` end to end: the critic's simulator state travels with the rollouts, the run
+    writes a loadable checkpoint whose ONNX export takes only the actor's inputs, and a resume may not swap the
+    critic's input."""
+    import onnx
+    from safetensors.torch import load_file
+
+    from policy_runtime.contract import graph_input_names
+
+    out = tmp_path / "run"
+    args = rl_args(tiny_state_checkpoint, out, "--value-input", "privileged", "--total-env-steps", "48",
+                   "--save-every", "1")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    updates, _ = read_metrics(out)
+    assert [u["update"] for u in updates] == [1, 2]
+    assert all(math.isfinite(u["value_loss"]) and u["first_ratio_max_dev"] == 0.0 for u in updates)
+    state = load_file(out / "rl_state.safetensors")
+    assert float(state["policy/value_head.norm.count"]) == 2 * 2 * 3  # updates x envs x chunk steps, merged
+    loaded = load_checkpoint(out)
+    assert loaded.info["rl_config"]["value_input"] == "privileged"
+    assert not any("value_head" in k for k in loaded.model.state_dict())  # the checkpoint is the actor alone
+
+    proc = run_cli("export", "--ckpt", str(out), "--steps", "2", "--out", str(tmp_path / "export"))
+    assert proc.returncode == 0, proc.stderr
+    graph = onnx.load(str(tmp_path / "export" / "policy.onnx"))
+    assert [i.name for i in graph.graph.input] == graph_input_names(loaded.model.cfg.camera_names)
+    assert graph.graph.input[0].type.tensor_type.shape.dim[1].dim_value == loaded.spec.state_dim
+
+    assert_user_error(run_cli(*rl_args(tiny_state_checkpoint, out, "--total-env-steps", "96", "--resume")),
+                      "value_input")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 Observation = dict  # {"state": float32 [B, S], "images": {camera: uint8 [B, H, W, 3]}}
+# (RL envs built with privileged=True add "privileged": float32 [B, P], read by the critic only; vec_env.py)
 
 
 def state_layout(raw_obs: dict) -> tuple[tuple[str, int], ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from policy_runtime.contract import CameraSpec, PolicySpec
 from sim_trainer.envs.adapter import adapt, state_layout
@@ -34,6 +35,25 @@ def make_maniskill_env(cfg: EnvConfig, num_envs: int = 1, control_mode: str | No
     if cfg.domain is None:
         return gym.make(cfg.task, **kwargs)
     return make_shifted_env(cfg.task, load_domain(cfg.domain), **kwargs)
+
+
+def privileged_state(env: gym.Env) -> torch.Tensor:
+    """The simulator's true low-dimensional state of every env, float32 [N, P], whatever the env renders.
+
+    Exactly what ManiSkill returns with obs_mode="state" (agent qpos/qvel, then the task's extras, object and goal
+    poses included): a privileged critic reads it in simulation. ManiSkill 3.0 builds the observation from
+    `_obs_mode` and `obs_mode_struct` (an RGB env leaves the object poses out), so both are switched to "state"
+    for this one call.
+    """
+    from mani_skill.envs.utils.observations import parse_obs_mode_to_struct
+
+    base = env.unwrapped
+    saved = base._obs_mode, base.obs_mode_struct
+    base._obs_mode, base.obs_mode_struct = "state", parse_obs_mode_to_struct("state")
+    try:
+        return base.get_obs().float()
+    finally:
+        base._obs_mode, base.obs_mode_struct = saved
 
 
 def spec_from_env(cfg: EnvConfig, env: gym.Env, raw_obs: dict) -> PolicySpec:
@@ -69,29 +89,38 @@ def probe_spec(cfg: EnvConfig) -> PolicySpec:
 
 
 class PolicyObsEnv(gym.Env):
-    """One CPU ManiSkill env with numpy observations in the policy's layout (for vector-env workers)."""
+    """One CPU ManiSkill env with numpy observations in the policy's layout (for vector-env workers).
 
-    def __init__(self, cfg: EnvConfig):
+    With `privileged`, every observation also carries "privileged": privileged_state() at the same step.
+    """
+
+    def __init__(self, cfg: EnvConfig, privileged: bool = False):
         self.cfg = cfg.validate()
         self.env = make_maniskill_env(cfg)
         raw, _ = self.env.reset(seed=0)
         self.spec_ = spec_from_env(cfg, self.env, raw)
-        self.with_images = cfg.obs_mode == "rgb"
+        self.with_images, self.privileged = cfg.obs_mode == "rgb", privileged
         images = {
             c.name: gym.spaces.Box(0, 255, (c.height, c.width, 3), np.uint8) for c in self.spec_.cameras
         }
-        self.observation_space = gym.spaces.Dict({
+        spaces = {
             "state": gym.spaces.Box(-np.inf, np.inf, (self.spec_.state_dim,), np.float32),
             "images": gym.spaces.Dict(images),
-        })
+        }
+        if privileged:
+            spaces["privileged"] = gym.spaces.Box(-np.inf, np.inf, privileged_state(self.env).shape[1:], np.float32)
+        self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = self.env.unwrapped.single_action_space
 
     def _obs(self, raw: dict) -> dict:
         obs = adapt(raw, self.cfg.image_size, self.with_images)
-        return {
+        out = {
             "state": obs["state"][0].numpy(),
             "images": {k: v[0].numpy() for k, v in obs["images"].items()},
         }
+        if self.privileged:
+            out["privileged"] = privileged_state(self.env)[0].numpy()
+        return out
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         raw, info = self.env.reset(seed=seed, options=options)

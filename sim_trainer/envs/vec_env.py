@@ -6,6 +6,9 @@
 No auto-reset: the caller resets whichever envs it wants with the seeds it wants, so evaluation seeds
 are explicit and reproducible. Envs reset with the same seed in one call start from the same state on both
 backends (GRPO groups rely on it). Everything is returned as torch tensors on `self.device`.
+
+With `privileged`, observations also carry "privileged": the simulator's true low-dimensional state
+(make.privileged_state) at the same step, for a privileged critic; the policy never reads it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from policy_runtime.contract import PolicySpec
 from sim_trainer.envs.adapter import adapt
-from sim_trainer.envs.make import PolicyObsEnv, make_maniskill_env, spec_from_env
+from sim_trainer.envs.make import PolicyObsEnv, make_maniskill_env, privileged_state, spec_from_env
 from sim_trainer.envs.spec import EnvConfig
 
 
@@ -32,8 +35,8 @@ class StepResult:
     success: torch.Tensor  # [N] bool
 
 
-def _make_worker_env(cfg_dict: dict) -> PolicyObsEnv:
-    return PolicyObsEnv(EnvConfig.from_dict(cfg_dict))
+def _make_worker_env(cfg_dict: dict, privileged: bool) -> PolicyObsEnv:
+    return PolicyObsEnv(EnvConfig.from_dict(cfg_dict), privileged)
 
 
 class CpuVecEnv:
@@ -43,29 +46,30 @@ class CpuVecEnv:
     gymnasium's SyncVectorEnv refuses that when autoreset is disabled, so the single env is stepped directly.
     """
 
-    def __init__(self, cfg: EnvConfig, num_envs: int):
+    def __init__(self, cfg: EnvConfig, num_envs: int, privileged: bool = False):
         from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
         self.cfg, self.num_envs, self.device = cfg, num_envs, torch.device("cpu")
         self.single: PolicyObsEnv | None = None
         if num_envs == 1:
-            self.single = _make_worker_env(cfg.to_dict())
+            self.single = _make_worker_env(cfg.to_dict(), privileged)
             self.spec: PolicySpec = self.single.spec_
         else:
-            fns = [partial(_make_worker_env, cfg.to_dict()) for _ in range(num_envs)]
+            fns = [partial(_make_worker_env, cfg.to_dict(), privileged) for _ in range(num_envs)]
             self.venv = AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
             self.spec = self.venv.call("__getattribute__", "spec_")[0]
 
     @staticmethod
     def _to_torch(obs: dict) -> dict:
-        return {
-            "state": torch.from_numpy(np.asarray(obs["state"], dtype=np.float32)),
-            "images": {k: torch.from_numpy(np.asarray(v)) for k, v in obs["images"].items()},
-        }
+        out = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in obs.items() if k != "images"}
+        out["images"] = {k: torch.from_numpy(np.asarray(v)) for k, v in obs["images"].items()}
+        return out
 
     @staticmethod
     def _batch_of_one(obs: dict) -> dict:
-        return {"state": obs["state"][None], "images": {k: v[None] for k, v in obs["images"].items()}}
+        out = {k: v[None] for k, v in obs.items() if k != "images"}
+        out["images"] = {k: v[None] for k, v in obs["images"].items()}
+        return out
 
     def reset(self, seeds: list[int], mask: np.ndarray | None = None) -> dict:
         if self.single is not None:
@@ -135,13 +139,19 @@ class GpuVecEnv:
     the first env with its seed. Episode data a task keeps outside the simulator is not copied.
     """
 
-    def __init__(self, cfg: EnvConfig, num_envs: int):
-        self.cfg, self.num_envs = cfg, num_envs
+    def __init__(self, cfg: EnvConfig, num_envs: int, privileged: bool = False):
+        self.cfg, self.num_envs, self.privileged = cfg, num_envs, privileged
         self.env = make_maniskill_env(cfg, num_envs=num_envs)
         raw, _ = self.env.reset(seed=list(range(num_envs)))
         self.spec = spec_from_env(cfg, self.env, raw)
         self.device = self.env.unwrapped.device
         self.with_images = cfg.obs_mode == "rgb"
+
+    def _obs(self, raw: dict) -> dict:
+        obs = adapt(raw, self.cfg.image_size, self.with_images)
+        if self.privileged:
+            obs["privileged"] = privileged_state(self.env)
+        return obs
 
     def reset(self, seeds: list[int], mask: np.ndarray | None = None) -> dict:
         if mask is None:
@@ -155,12 +165,12 @@ class GpuVecEnv:
         if members:
             states = take_states(self.env.unwrapped.get_state_dict(), torch.as_tensor(leaders, device=self.device))
             raw = reset_to_states(self.env, states, torch.as_tensor(members, device=self.device))
-        return adapt(raw, self.cfg.image_size, self.with_images)
+        return self._obs(raw)
 
     def step(self, actions: torch.Tensor) -> StepResult:
         raw, reward, terminated, truncated, info = self.env.step(actions.to(self.device))
         return StepResult(
-            adapt(raw, self.cfg.image_size, self.with_images),
+            self._obs(raw),
             reward.float(),
             terminated.bool(),
             truncated.bool(),
@@ -171,8 +181,8 @@ class GpuVecEnv:
         self.env.close()
 
 
-def make_vec_env(cfg: EnvConfig, num_envs: int) -> CpuVecEnv | GpuVecEnv:
+def make_vec_env(cfg: EnvConfig, num_envs: int, privileged: bool = False) -> CpuVecEnv | GpuVecEnv:
     cfg.validate()
     if cfg.sim_backend == "physx_cuda":
-        return GpuVecEnv(cfg, num_envs)
-    return CpuVecEnv(cfg, num_envs)
+        return GpuVecEnv(cfg, num_envs, privileged)
+    return CpuVecEnv(cfg, num_envs, privileged)

@@ -51,8 +51,9 @@ class RLConfig:
     std_anneal: bool = option(False, "flow_noise/reinflow: hold std_max for 35% of the updates, then cosine-anneal it "
                                      "to 0.3 * std_min + 0.7 * std_max by the last update")
     logprob: str = option("chunk", "ratio granularity: token, action or chunk")
-    value_input: str = option("prefix", "critic input: prefix (pooled prefix) or expert (action-expert tokens); "
-                                        "both detached")
+    value_input: str = option("prefix", "critic input: prefix (pooled prefix) or expert (action-expert tokens), "
+                                        "both detached; or privileged (the simulator's true state, which the "
+                                        "actor never sees; PPO only)")
     reward: str = option("sparse", "sparse (success) or normalized_dense (ManiSkill's shaped reward)")
     num_envs: int = option(8, "parallel envs per process")
     rollout_chunks: int = option(16, "PPO: chunk steps per env per rollout (GRPO: one whole episode per env)")
@@ -140,6 +141,9 @@ class RLConfig:
             print(f"warning: critic_warmup={self.critic_warmup} ignored: GRPO has no critic to warm up",
                   file=sys.stderr)
             self.critic_warmup = 0
+        if self.algorithm == "grpo" and self.value_input == "privileged":  # nor should it pay for the critic's state
+            print("warning: value_input=privileged ignored: GRPO has no critic", file=sys.stderr)
+            self.value_input = "prefix"
         return self
 
 

@@ -1,8 +1,10 @@
-"""Heads that RL adds to the flow VLA: an exploration-noise head and a value head."""
+"""Heads that RL adds to the flow VLA: an exploration-noise head and a value head (on actor features or on the
+simulator's privileged state)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -82,3 +84,46 @@ class ValueHead(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.net(feats).squeeze(-1)
+
+
+class RunningNorm(nn.Module):
+    """Clipped z-score of a vector under its running mean and variance (float64 buffers: saved, resumed, and
+    identical on every rank since each merge sums the batch over ranks). Identity until the first merge."""
+
+    def __init__(self, dim: int, clip: float = 10.0):
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+        """Merge a batch x [M, D] into the moments (Chan et al.); `total` sums a tensor over data-parallel ranks."""
+        x, d = x.double(), x.shape[-1]
+        sums = total(torch.cat([x.new_tensor([x.shape[0]]), x.sum(0), x.pow(2).sum(0)]))
+        n, mean = sums[0], sums[1:d + 1] / sums[0]
+        var = (sums[d + 1:] / n - mean**2).clamp_min(0.0)
+        tot = self.count + n
+        delta = mean - self.mean
+        self.var.copy_((self.var * self.count + var * n + delta**2 * self.count * n / tot) / tot)
+        self.mean.add_(delta * n / tot)
+        self.count.copy_(tot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.mean.to(x.dtype)) / (self.var.to(x.dtype) + 1e-8).sqrt()
+        return z.clamp(-self.clip, self.clip)
+
+
+class PrivilegedValueHead(nn.Module):
+    """V(s) from the simulator's true low-dimensional state (never from the actor): running normalisation, a small
+    MLP encoder of its own, then the value MLP."""
+
+    def __init__(self, dim: int, hidden: int = 256):
+        super().__init__()
+        self.norm = RunningNorm(dim)
+        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
+        self.head = ValueHead(hidden)
+
+    def forward(self, privileged: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.norm(privileged)))

@@ -8,6 +8,10 @@ recorded during the rollout is returned as `logp_rollout_drift`.
 RL-Co: with a co-training sampler, every RL minibatch also draws a batch of real(-proxy) demonstrations and
 adds beta * (their flow-matching loss), which anchors the policy to the real domain; `cotrain_ratio` logs
 |beta * L_SFT| / |L_RL|. Its noise comes from its own generator, so beta = 0 reproduces plain RL exactly.
+
+A privileged critic normalises the simulator state by its running mean and variance (over all ranks); the
+rollout's states are merged in after the update, so within an update the rollout's values and the learner's
+recomputed ones see the same scaling.
 """
 
 from __future__ import annotations
@@ -31,12 +35,18 @@ def flatten(r: Rollout) -> dict:
     def f(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, *x.shape[2:])
 
-    return {"states": f(r.states), "images": {k: f(v) for k, v in r.images.items()}, "chains": f(r.chains),
-            "stochastic": f(r.stochastic), "log_probs": f(r.log_probs)}
+    batch = {"states": f(r.states), "images": {k: f(v) for k, v in r.images.items()}, "chains": f(r.chains),
+             "stochastic": f(r.stochastic), "log_probs": f(r.log_probs)}
+    if r.privileged is not None:
+        batch["privileged"] = f(r.privileged)
+    return batch
 
 
 def select_obs(batch: dict, idx: torch.Tensor) -> dict:
-    return {"state": batch["states"][idx], "images": {k: v[idx] for k, v in batch["images"].items()}}
+    obs = {"state": batch["states"][idx], "images": {k: v[idx] for k, v in batch["images"].items()}}
+    if "privileged" in batch:
+        obs["privileged"] = batch["privileged"][idx]
+    return obs
 
 
 class Learner:
@@ -150,6 +160,8 @@ class Learner:
                 epoch_kl = 0.0
                 if mean_kl > cfg.target_kl:
                     break
+        if policy.value_input == "privileged":  # for the next rollout: constant within an update
+            policy.value_head.norm.update(batch["privileged"][valid], self.world.sum)
         metrics = {k: v / steps for k, v in sums.items()}
         metrics |= {"epochs_run": steps / per_epoch, "first_ratio_max_dev": first_dev,
                     "logp_rollout_drift": drift.item(),

@@ -4,6 +4,9 @@ entropy and the value.
 A rollout stores the whole chain x_0..x_K and which steps were stochastic; the learner recomputes the
 transition densities from the stored x_k with the same time grid. In joint modes all K transitions are
 recomputed in one batched action-expert call; in mixed Flow-SDE only the stochastic one is.
+
+Only `value()` may read obs["privileged"] (the simulator's true state, --value-input privileged): the actor's
+sampling, log-probs, entropy and deterministic actions go through `encode()`, which reads the state and images.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 
 from sim_trainer.models.flow import time_grid
 from sim_trainer.models.flow_vla import FlowVLA, PrefixCache
-from sim_trainer.rl.heads import ObsTimeNoiseHead, TokenNoiseHead, ValueHead
+from sim_trainer.rl.heads import ObsTimeNoiseHead, PrivilegedValueHead, TokenNoiseHead, ValueHead
 from sim_trainer.rl.samplers import (
     chain_log_prob,
     gaussian_entropy,
@@ -24,7 +27,7 @@ from sim_trainer.rl.samplers import (
     stochastic_steps,
 )
 
-VALUE_INPUTS = ("prefix", "expert")
+VALUE_INPUTS = ("prefix", "expert", "privileged")
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ def expand_cache(cache: PrefixCache, n: int) -> PrefixCache:
 
 class RLPolicy(nn.Module):
     def __init__(self, model: FlowVLA, sampler: SamplerSettings, value_input: str, action_low: torch.Tensor,
-                 action_high: torch.Tensor):
+                 action_high: torch.Tensor, privileged_dim: int = 0):
         super().__init__()
         self.model, self.sampler, self.value_input = model, sampler, value_input
         cfg = model.cfg
@@ -81,7 +84,12 @@ class RLPolicy(nn.Module):
                                                sampler.std_max)
         else:
             self.noise_head = None
-        self.value_head = ValueHead(cfg.d_model)
+        if value_input == "privileged":
+            if privileged_dim < 1:
+                raise ValueError("a privileged value head needs the length of the privileged state")
+            self.value_head: nn.Module = PrivilegedValueHead(privileged_dim)
+        else:
+            self.value_head = ValueHead(cfg.d_model)
         self.register_buffer("action_low", action_low)
         self.register_buffer("action_high", action_high)
         self.register_buffer("grid", time_grid(sampler.num_steps))
@@ -91,8 +99,13 @@ class RLPolicy(nn.Module):
         state = obs["state"].float()
         return self.model.encode_prefix(obs["images"], state, text.expand(state.shape[0], -1))
 
-    def value(self, cache: PrefixCache) -> torch.Tensor:
-        """V(s) on detached features that depend on the observation only (never on the action noise)."""
+    def value(self, obs: dict, text: torch.Tensor, cache: PrefixCache | None = None) -> torch.Tensor:
+        """V(s) on inputs that depend on the observation only (never on the action noise): the simulator's privileged
+        state, or detached actor features (`cache`: the observation's prefix, if the caller encoded it already)."""
+        if self.value_input == "privileged":
+            return self.value_head(obs["privileged"].float())
+        if cache is None:
+            cache = self.encode(obs, text)
         if self.value_input == "prefix":
             feats = cache.pooled
         else:  # the action expert at tau = 1 on the mean of the noise (zeros), mean-pooled over tokens
@@ -137,7 +150,8 @@ class RLPolicy(nn.Module):
             terms.append(gaussian_log_prob(x, mean, std))
             chain.append(x)
         log_prob = chain_log_prob(chain[0], torch.stack(terms, 1), stochastic, self.sampler.joint)
-        return ChainSample(torch.stack(chain, 1), stochastic, log_prob, self.to_actions(x), self.value(cache))
+        return ChainSample(torch.stack(chain, 1), stochastic, log_prob, self.to_actions(x),
+                           self.value(obs, text, cache))
 
     @torch.no_grad()
     def act_deterministic(self, obs: dict, text: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -171,4 +185,4 @@ class RLPolicy(nn.Module):
         n = w.sum(1).clamp_min(1.0)
         entropy = (gaussian_entropy(std) * w).sum(1) / n
         mean_std = (std.float() * w).sum(1) / n
-        return ChainEval(log_prob, entropy, mean_std, self.value(cache))
+        return ChainEval(log_prob, entropy, mean_std, self.value(obs, text, cache))

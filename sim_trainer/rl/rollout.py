@@ -47,22 +47,25 @@ class Rollout:
     dones: torch.Tensor
     valid: torch.Tensor
     last_value: torch.Tensor  # [N] V of the observation after the last step
+    privileged: torch.Tensor | None = None  # [T, N, P] the critic's simulator state, when the env delivers it
     episodes: list[Episode] = field(default_factory=list)
     episode_env: list[int] = field(default_factory=list)  # which env each finished episode ran in
     env_steps: int = 0
 
 
 def _where_rows(mask: torch.Tensor, new: dict, old: dict) -> dict:
-    m = mask.view(-1, 1)
-    out = {"state": torch.where(m, new["state"], old["state"]), "images": {}}
-    for k, v in new["images"].items():
-        out["images"][k] = torch.where(mask.view(-1, 1, 1, 1), v, old["images"][k])
+    """An observation with `new`'s rows where mask is set and `old`'s elsewhere (state, privileged, images)."""
+    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask.view(-1, *[1] * (a.dim() - 1)), a, b)
+
+    out = {k: pick(v, old[k]) for k, v in new.items() if k != "images"}
+    out["images"] = {k: pick(v, old["images"][k]) for k, v in new["images"].items()}
     return out
 
 
 def _value_of(policy: RLPolicy, obs: dict, text: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return policy.value(policy.encode(obs, text))
+        return policy.value(obs, text)
 
 
 class Collector:
@@ -91,6 +94,8 @@ class Collector:
             self._start_all(rng)
         buf: dict[str, list] = {k: [] for k in ("states", "chains", "stochastic", "log_probs", "values",
                                                 "rewards", "dones", "valid")}
+        if "privileged" in self.obs:
+            buf["privileged"] = []
         images: dict[str, list] = {k: [] for k in self.obs["images"]}
         episodes, episode_env = [], []
         live = torch.ones(self.n, dtype=torch.bool, device=self.device)  # episodic: the env's episode has not ended yet
@@ -98,6 +103,8 @@ class Collector:
         for _ in range(chunk_steps):
             s = self.policy.sample(self.obs, self.text, gen)
             buf["states"].append(self.obs["state"])
+            if "privileged" in buf:
+                buf["privileged"].append(self.obs["privileged"])
             for k, v in self.obs["images"].items():
                 images[k].append(v)
             buf["chains"].append(s.chain)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from policy_runtime.episodes import dataset_spec, load_dataset
 from sim_trainer.data.normalize import NormStats
+from sim_trainer.envs.make import probe_spec
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.vec_env import make_vec_env
 from sim_trainer.errors import UserError
@@ -98,8 +99,11 @@ class RLTrainer:
         self.chunk = model.cfg.exec_steps
         torch.manual_seed(cfg.seed)
         sampler = SamplerSettings(cfg.noise, cfg.num_steps, cfg.sde_mode, cfg.noise_level, cfg.std_min, cfg.std_max)
+        self.privileged = cfg.value_input == "privileged"
+        # the critic's state is what a state-observation env of this task observes (one CPU env, for a moment)
+        privileged_dim = probe_spec(replace(self.env_cfg, obs_mode="state")).state_dim if self.privileged else 0
         self.policy = RLPolicy(model, sampler, cfg.value_input, torch.tensor(self.spec.action_low),
-                               torch.tensor(self.spec.action_high))
+                               torch.tensor(self.spec.action_high), privileged_dim)
         # the policy lives where the simulator's tensors do: this rank's GPU with physx_cuda
         self.device = torch.device("cpu")
         if cfg.sim_backend == "physx_cuda":
@@ -182,7 +186,7 @@ class RLTrainer:
             world.barrier()
             if cfg.resume and (self.out / f"{STATE}.json").exists():
                 self.load()
-            venv = make_vec_env(self.env_cfg, cfg.num_envs)
+            venv = make_vec_env(self.env_cfg, cfg.num_envs, privileged=self.privileged)
             try:
                 check_compatible(self.spec, venv.spec, cfg.ckpt)
                 collector = Collector(venv, self.policy, self.text, self.chunk, cfg.gamma, self.episodic,
