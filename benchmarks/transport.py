@@ -218,15 +218,13 @@ class EchoBackend:
         pass
 
 
-def serve_policy_server(conn, stop) -> None:
-    """The real PolicyServer (max batch 1, no wait) around the echo backend."""
-    from policy_runtime.server import PolicyServer, ServerConfig
-
+def _serve_until_stopped(conn, stop, start) -> None:
+    """Run `start()` -> (server, address to send the client), until the benchmark stops or its parent dies."""
     ppid = os.getppid()
     server = None
     try:
-        server = PolicyServer(EchoBackend(), ServerConfig(bind="tcp://127.0.0.1:*", max_batch=1, max_wait_ms=0.0))
-        conn.send(server.start_background())
+        server, address = start()
+        conn.send(address)
         while not stop.is_set() and _parent_alive(ppid):
             time.sleep(0.1)
     except Exception as e:
@@ -234,6 +232,17 @@ def serve_policy_server(conn, stop) -> None:
     finally:
         if server is not None:
             server.stop()
+
+
+def serve_policy_server(conn, stop) -> None:
+    """The real PolicyServer (max batch 1, no wait) around the echo backend."""
+    from policy_runtime.server import PolicyServer, ServerConfig
+
+    def start():
+        server = PolicyServer(EchoBackend(), ServerConfig(bind="tcp://127.0.0.1:*", max_batch=1, max_wait_ms=0.0))
+        return server, server.start_background()
+
+    _serve_until_stopped(conn, stop, start)
 
 
 def serve_openpi(conn, stop) -> None:
@@ -242,22 +251,15 @@ def serve_openpi(conn, stop) -> None:
     from policy_runtime.openpi_server import OpenpiConfig, OpenpiServer
     from policy_runtime.server import PolicyServer, ServerConfig
 
-    ppid = os.getppid()
-    server = None
-    try:
+    def start():
         server = PolicyServer(EchoBackend(), ServerConfig(bind=None, max_batch=1, max_wait_ms=0.0))
         key_map = OpenpiMap(dict(zip(CAMERAS, OPENPI_IMAGE_KEYS, strict=True)),
                             {"agent/qpos": (StatePart("observation/state"),)}, "prompt")
         front = OpenpiServer(server, key_map, OpenpiConfig(port=0))
         server.start_background()
-        conn.send(front.url)
-        while not stop.is_set() and _parent_alive(ppid):
-            time.sleep(0.1)
-    except Exception as e:
-        conn.send(f"ERROR: {type(e).__name__}: {e}")
-    finally:
-        if server is not None:
-            server.stop()
+        return server, front.url
+
+    _serve_until_stopped(conn, stop, start)
 
 
 SERVERS = {"ours": serve_ours, "ours-v1": serve_ours, "websocket": serve_websocket, "server": serve_policy_server,
