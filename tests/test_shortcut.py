@@ -16,7 +16,7 @@ from sim_trainer.errors import UserError
 from sim_trainer.export.onnx_export import export_onnx
 from sim_trainer.models.checkpoint import load_checkpoint, save_checkpoint
 from sim_trainer.models.config import ModelConfig
-from sim_trainer.models.flow import FINEST_STEP, sample_consistency_steps, self_consistency_target
+from sim_trainer.models.flow import FINEST_STEP, interpolate, sample_consistency_steps, self_consistency_target
 from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.models.tokenizer import tokenize
 from sim_trainer.rl.policy import RLPolicy, SamplerSettings
@@ -58,6 +58,17 @@ def test_the_step_size_changes_a_shortcut_models_velocity_and_is_absent_from_a_p
         v = plain.velocity(cache, x, tau)
         assert torch.equal(v, plain.velocity(cache, x, tau, full(1.0)))
         assert torch.equal(v, plain.velocity(cache, x, tau, full(1 / 128)))
+
+
+def test_flow_matching_on_a_shortcut_model_trains_the_finest_step():
+    model = make_model(shortcut=True)
+    images, state, text = make_inputs()
+    actions, noise, tau = torch.randn(B, H, A), torch.randn(B, H, A), torch.rand(B)
+    with torch.no_grad():
+        loss = model.flow_matching_loss(images, state, text, actions, noise=noise, tau=tau)
+        x_tau, target = interpolate(model.action_norm(actions), noise, tau)
+        v = model.velocity(model.encode_prefix(images, state, text), x_tau, tau, full(FINEST_STEP))
+    torch.testing.assert_close(loss, (v - target).pow(2).mean())
 
 
 def gaussian_flow(x: torch.Tensor, tau_from: torch.Tensor, tau_to: torch.Tensor, s: float) -> torch.Tensor:
@@ -204,7 +215,8 @@ def test_rl_at_one_step_with_the_reinflow_noise_network_on_a_shortcut_checkpoint
                                                                                  tmp_path):
     assert load_checkpoint(shortcut_state_checkpoint).model.cfg.shortcut is True
     out = tmp_path / "run"
-    proc = run_cli(*rl_args(shortcut_state_checkpoint, out), "--noise", "reinflow", "--num-steps", "1", "--total-env-steps", "48")
+    proc = run_cli(*rl_args(shortcut_state_checkpoint, out), "--noise", "reinflow", "--num-steps", "1",
+                   "--total-env-steps", "48")  # two updates of 2 envs x 3 chunks x 4 actions
     assert proc.returncode == 0, proc.stderr
     updates, evals = read_metrics(out)
     assert [u["update"] for u in updates] == [1, 2] and len(evals) == 2

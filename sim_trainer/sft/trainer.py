@@ -1,5 +1,5 @@
-"""Flow-matching (or shortcut, see models/flow.py) SFT: AdamW, warmup + cosine LR, EMA weights, gradient clipping, dataset mixing,
-TensorBoard, periodic closed-loop evaluation, checkpoints and resume.
+"""Flow-matching (or shortcut, see models/flow.py) SFT: AdamW, warmup + cosine LR, EMA weights, gradient clipping,
+dataset mixing, TensorBoard, periodic closed-loop evaluation, checkpoints and resume.
 
 The output directory is itself a checkpoint (EMA weights) that `sim-trainer eval` and RL load, plus
 trainer_state.{json,safetensors} (raw weights, EMA, AdamW moments, RNG states: no pickle) for resuming.
