@@ -3,6 +3,7 @@ torch, the RL sampler and ONNX, RL at K=1 with the ReinFlow noise network, and o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,8 @@ def test_the_shortcut_flag_round_trips_and_is_checked(tmp_path):
     model = make_model(shortcut=True)
     save_checkpoint(tmp_path / "ck", model, make_spec(), NORM)
     assert load_checkpoint(tmp_path / "ck").model.cfg.shortcut is True
+    save_checkpoint(tmp_path / "plain", make_model(shortcut=False), make_spec(), NORM)
+    assert "shortcut" not in json.loads((tmp_path / "plain" / "config.json").read_text())["model"]  # as before
     with pytest.raises(UserError, match="shortcut must be true or false"):
         ModelConfig.from_dict({**model.cfg.to_dict(), "cnn_channels": [8, 16, 32], "camera_names": ["cam"],
                                "shortcut": "yes"})

@@ -57,7 +57,12 @@ class ModelConfig:
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """config.json's model entry; a plain model's has no `shortcut` key, as before shortcut models existed
+        (so older software still reads it)."""
+        d = asdict(self)
+        if not self.shortcut:
+            del d["shortcut"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
