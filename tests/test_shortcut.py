@@ -196,12 +196,14 @@ def test_onnx_export_of_a_shortcut_model_bakes_in_d_and_matches_torch(tmp_path, 
                                             [t.numpy() for t in (images["cam"], state, text, noise)], strict=True)))[0]
     loaded = load_checkpoint(tmp_path / "ck").model
     with torch.no_grad():
-        ref = loaded.sample_actions(images, state, text, noise, k).numpy()
         cache = loaded.encode_prefix(images, state, text)
-        wrong_d = noise - loaded.velocity(cache, noise, full(1.0), full(0.25 / k))  # what d=1/(4K) would give
+        x = noise  # the K-step chain written out with d = 1/K, independently of denoise()
+        for tau_k in (1.0, 0.5)[:k]:
+            x = x - loaded.velocity(cache, x, full(tau_k), full(1 / k)) / k
+        expected = loaded.action_norm.inverse(x).numpy()
+        ref = loaded.sample_actions(images, state, text, noise, k).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
     np.testing.assert_allclose(got, ref, atol=1e-4)
-    if k == 1:
-        assert not np.allclose(got, loaded.action_norm.inverse(wrong_d).numpy(), atol=1e-3)
 
 
 @pytest.fixture(scope="module")
