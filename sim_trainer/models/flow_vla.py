@@ -153,7 +153,7 @@ class FlowVLA(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(2 * d, d), nn.SiLU(), nn.Linear(d, d))
         self.action_pos = nn.Parameter(torch.randn(cfg.horizon, d) * 0.02)
         if cfg.shortcut:  # step-size embedding, added to every action token like the time embedding
-            self.step_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+            self.step_mlp = nn.Sequential(nn.Linear(1, d), nn.SiLU(), nn.Linear(d, d))
         self.expert = nn.ModuleList(ExpertBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.expert_layers))
         self.expert_ln = nn.LayerNorm(d)
         self.action_out = nn.Linear(d, cfg.action_dim)
@@ -196,9 +196,10 @@ class FlowVLA(nn.Module):
         if self.cfg.shortcut:
             if step is None:
                 raise ValueError("a shortcut model needs the step size d")
-            # log-scale, so the powers of two 1..1/128 are evenly spaced in [0, 1]
+            # log-scale, so the trained powers of two 1..1/128 are evenly spaced in [0, 1]; a smooth MLP of it
+            # (no high-frequency sinusoid) interpolates between them, e.g. d = 1/10 for K = 10
             level = -torch.log2(step) / SHORTCUT_LEVELS
-            h = h + self.step_mlp(sinusoidal(level, self.cfg.d_model))[:, None, :]
+            h = h + self.step_mlp(level[:, None])[:, None, :]
         for blk, (k, v) in zip(self.expert, cache.kv, strict=True):
             h = blk(h, k, v, cache.mask)
         feats = self.expert_ln(h)
