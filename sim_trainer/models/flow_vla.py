@@ -213,7 +213,8 @@ class FlowVLA(nn.Module):
     def flow_matching_loss(self, images, state, text, actions, valid: torch.Tensor | None = None,
                            noise: torch.Tensor | None = None, tau: torch.Tensor | None = None,
                            generator: torch.Generator | None = None) -> torch.Tensor:
-        """E || v(x_tau, tau) - (eps - A) ||^2 over valid chunk steps (padding past an episode's end excluded)."""
+        """E || v(x_tau, tau) - (eps - A) ||^2 over valid chunk steps (padding past an episode's end excluded);
+        a shortcut model's v is taken at the finest step size d."""
         a = self.action_norm(actions)
         if noise is None:
             noise = torch.randn(a.shape, generator=generator).to(a)
