@@ -35,6 +35,7 @@ class ModelConfig:
     text_patch: int = 4  # byte tokens are grouped this many to a prefix token (48 bytes -> 12 tokens)
     image_grid: int = 4  # each camera becomes image_grid x image_grid prefix tokens
     mlp_ratio: int = 4
+    shortcut: bool = False  # velocity also conditioned on the step size d (shortcut models); old checkpoints: off
 
     @classmethod
     def from_size(cls, size: str, **kwargs) -> ModelConfig:
@@ -56,7 +57,12 @@ class ModelConfig:
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """config.json's model entry; a plain model's has no `shortcut` key, as before shortcut models existed
+        (so older software still reads it)."""
+        d = asdict(self)
+        if not self.shortcut:
+            del d["shortcut"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -76,6 +82,8 @@ class ModelConfig:
         for name in INT_FIELDS:
             if name in d and not (name == "image_size" and d[name] == 0 and not d.get("camera_names")):
                 _check_int(d[name], name)  # (a state-only model has no cameras and image_size 0)
+        if not isinstance(d.get("shortcut", False), bool):
+            raise UserError(f"model config shortcut must be true or false, got {d['shortcut']!r}")
         for name in ("cnn_channels", "camera_names"):
             if not isinstance(d[name], list):
                 raise UserError(f"model config {name} must be a list, got {d[name]!r}")

@@ -7,7 +7,8 @@ once and cached (the analogue of pi0's VLM KV cache).
 
 Action expert (K times per chunk): a transformer over the H noisy action tokens plus a flow-time
 embedding, attending to the cached prefix; it returns the velocity v(x_tau, tau) and its per-token
-features (hooks for RL noise and value heads). All model inputs and outputs are normalised; the
+features (hooks for RL noise and value heads). A shortcut model (cfg.shortcut) also embeds the step size d
+(see flow.py); a plain model has no such weights and ignores d. All model inputs and outputs are normalised; the
 Normalizer buffers convert raw state and actions at the boundary.
 """
 
@@ -21,7 +22,15 @@ from torch import nn
 
 from sim_trainer.data.normalize import Normalizer, NormStats
 from sim_trainer.models.config import ModelConfig
-from sim_trainer.models.flow import interpolate, sample_tau, time_grid
+from sim_trainer.models.flow import (
+    FINEST_STEP,
+    SHORTCUT_LEVELS,
+    interpolate,
+    sample_consistency_steps,
+    sample_tau,
+    self_consistency_target,
+    time_grid,
+)
 from sim_trainer.models.tokenizer import PAD, VOCAB_SIZE
 
 NEG_INF = -1e9  # finite mask value: no NaN for fully masked rows, and exports cleanly
@@ -117,6 +126,11 @@ class PrefixCache:
     mask: torch.Tensor  # [B, P] True where the prefix token is real (not padding)
     pooled: torch.Tensor  # [B, d] mean of the real prefix tokens (value-head input)
 
+    def first(self, n: int) -> PrefixCache:
+        """The cache of the first n samples, detached (for targets computed without gradients)."""
+        return PrefixCache([(k[:n].detach(), v[:n].detach()) for k, v in self.kv], self.mask[:n],
+                           self.pooled[:n].detach())
+
 
 class FlowVLA(nn.Module):
     def __init__(self, cfg: ModelConfig, norm: NormStats):
@@ -138,6 +152,8 @@ class FlowVLA(nn.Module):
         self.action_in = nn.Linear(cfg.action_dim, d)
         self.time_mlp = nn.Sequential(nn.Linear(2 * d, d), nn.SiLU(), nn.Linear(d, d))
         self.action_pos = nn.Parameter(torch.randn(cfg.horizon, d) * 0.02)
+        if cfg.shortcut:  # step-size embedding, added to every action token like the time embedding
+            self.step_mlp = nn.Sequential(nn.Linear(1, d), nn.SiLU(), nn.Linear(d, d))
         self.expert = nn.ModuleList(ExpertBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.expert_layers))
         self.expert_ln = nn.LayerNorm(d)
         self.action_out = nn.Linear(d, cfg.action_dim)
@@ -167,48 +183,78 @@ class FlowVLA(nn.Module):
 
     # ----- action expert ------------------------------------------------------------------------
     def expert_forward(
-        self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor
+        self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor, step: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Velocity v(x_tau, tau) [B, H, A] and per-action-token features [B, H, d].
+        """Velocity v(x_tau, tau[, d]) [B, H, A] and per-action-token features [B, H, d_model].
 
-        x: normalised noisy chunk [B, H, A]; tau: [B] flow time (1 = noise).
+        x: normalised noisy chunk [B, H, A]; tau: [B] flow time (1 = noise); step: [B] step size d, required by
+        a shortcut model and ignored by a plain one.
         """
         a = self.action_in(x)
         t = sinusoidal(tau, self.cfg.d_model)[:, None, :].expand_as(a)
         h = self.time_mlp(torch.cat([a, t], -1)) + self.action_pos[: x.shape[1]]
+        if self.cfg.shortcut:
+            if step is None:
+                raise ValueError("a shortcut model needs the step size d")
+            # log-scale, so the trained powers of two 1..1/128 are evenly spaced in [0, 1]; a smooth MLP of it
+            # (no high-frequency sinusoid) interpolates between them, e.g. d = 1/10 for K = 10
+            level = -torch.log2(step) / SHORTCUT_LEVELS
+            h = h + self.step_mlp(level[:, None])[:, None, :]
         for blk, (k, v) in zip(self.expert, cache.kv, strict=True):
             h = blk(h, k, v, cache.mask)
         feats = self.expert_ln(h)
         return self.action_out(feats), feats
 
-    def velocity(self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        return self.expert_forward(cache, x, tau)[0]
+    def velocity(self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor,
+                 step: torch.Tensor | None = None) -> torch.Tensor:
+        return self.expert_forward(cache, x, tau, step)[0]
 
     # ----- training -----------------------------------------------------------------------------
     def flow_matching_loss(self, images, state, text, actions, valid: torch.Tensor | None = None,
                            noise: torch.Tensor | None = None, tau: torch.Tensor | None = None,
                            generator: torch.Generator | None = None) -> torch.Tensor:
-        """E || v(x_tau, tau) - (eps - A) ||^2 over valid chunk steps (padding past an episode's end excluded)."""
+        """E || v(x_tau, tau) - (eps - A) ||^2 over valid chunk steps (padding past an episode's end excluded);
+        a shortcut model's v is taken at the finest step size d."""
         a = self.action_norm(actions)
         if noise is None:
             noise = torch.randn(a.shape, generator=generator).to(a)
         if tau is None:
             tau = sample_tau(a.shape[0], generator).to(a)
         x_tau, target = interpolate(a, noise, tau)
-        v = self.velocity(self.encode_prefix(images, state, text), x_tau, tau)
-        err = (v - target).pow(2).mean(-1)  # [B, H]
-        if valid is None:
-            return err.mean()
-        w = valid.float()
-        return (err * w).sum() / w.sum().clamp_min(1.0)
+        v = self.velocity(self.encode_prefix(images, state, text), x_tau, tau, torch.full_like(tau, FINEST_STEP))
+        return _masked_mse(v, target, valid)
+
+    def shortcut_loss(self, images, state, text, actions, valid: torch.Tensor | None = None,
+                      consistency_fraction: float = 0.25, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The shortcut objective: flow matching at the finest step d on most of the batch; on its first
+        `consistency_fraction`, one 2d-step regresses onto two d-steps of the current model (no gradient)."""
+        if not self.cfg.shortcut:
+            raise ValueError("the shortcut objective needs a model built with shortcut=True")
+        a = self.action_norm(actions)
+        b, n = a.shape[0], int(a.shape[0] * consistency_fraction)
+        noise = torch.randn(a.shape, generator=generator).to(a)
+        tau = sample_tau(b, generator).to(a)
+        tau_sc, d = (t.to(a) for t in sample_consistency_steps(n, generator))
+        tau = torch.cat([tau_sc, tau[n:]])
+        step = torch.cat([2 * d, torch.full_like(tau[n:], FINEST_STEP)])
+        x_tau, target = interpolate(a, noise, tau)
+        cache = self.encode_prefix(images, state, text)
+        if n:
+            with torch.no_grad():
+                part = cache.first(n)
+                target_sc = self_consistency_target(lambda x, t, s: self.velocity(part, x, t, s), x_tau[:n],
+                                                    tau_sc, d)
+            target = torch.cat([target_sc, target[n:]])
+        return _masked_mse(self.velocity(cache, x_tau, tau, step), target, valid)
 
     # ----- sampling -----------------------------------------------------------------------------
     def denoise(self, cache: PrefixCache, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
-        """K Euler steps from x_0 = noise (tau = 1) to a normalised action chunk (tau = 0)."""
+        """K Euler steps from x_0 = noise (tau = 1) to a normalised action chunk (tau = 0); a shortcut model
+        is told the step size d = 1/K (a constant in an exported graph)."""
         x, dt = noise, 1.0 / num_steps
         for tau_k in time_grid(num_steps).tolist():
             tau = torch.full((x.shape[0],), tau_k, dtype=x.dtype, device=x.device)
-            x = x - dt * self.velocity(cache, x, tau)
+            x = x - dt * self.velocity(cache, x, tau, torch.full_like(tau, dt))
         return x
 
     def sample_actions(self, images, state, text, noise: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
@@ -218,3 +264,12 @@ class FlowVLA(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _masked_mse(v: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over valid chunk steps (padding past an episode's end excluded)."""
+    err = (v - target).pow(2).mean(-1)  # [B, H]
+    if valid is None:
+        return err.mean()
+    w = valid.float()
+    return (err * w).sum() / w.sum().clamp_min(1.0)

@@ -47,7 +47,7 @@ def guided_denoise(model: FlowVLA, cache: PrefixCache, noise: torch.Tensor, num_
         tau = torch.full((x.shape[0],), tau_k, dtype=x.dtype, device=x.device)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            v = model.velocity(cache, xg, tau)
+            v = model.velocity(cache, xg, tau, torch.full_like(tau, dt))
             a_hat = xg - tau_k * v
             err = w * (leftover - a_hat)
             (grad,) = torch.autograd.grad(a_hat, xg, grad_outputs=err)

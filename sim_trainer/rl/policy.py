@@ -111,14 +111,19 @@ class RLPolicy(nn.Module):
         else:  # the action expert at tau = 1 on the mean of the noise (zeros), mean-pooled over tokens
             b = cache.mask.shape[0]
             x = torch.zeros(b, self.model.cfg.horizon, self.model.cfg.action_dim, device=cache.mask.device)
-            feats = self.model.expert_forward(cache, x, torch.ones(b, device=x.device))[1].mean(1)
+            tau = torch.ones(b, device=x.device)
+            feats = self.model.expert_forward(cache, x, tau, self.step_size(tau))[1].mean(1)
         return self.value_head(feats.detach())
+
+    def step_size(self, tau: torch.Tensor) -> torch.Tensor:
+        """d = 1/K for every sample: what a shortcut model is conditioned on (a plain model ignores it)."""
+        return torch.full_like(tau, 1.0 / self.sampler.num_steps)
 
     def transition(self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, std) of the stochastic transition from x at tau, and the plain Euler (ODE) mean."""
         s = self.sampler
-        v, feats = self.model.expert_forward(cache, x, tau)
+        v, feats = self.model.expert_forward(cache, x, tau, self.step_size(tau))
         ode_mean = x - v / s.num_steps
         if s.method == "flow_sde":
             mean, std = sde_transition(x, v, tau, s.num_steps, s.noise_level)

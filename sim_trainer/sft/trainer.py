@@ -1,5 +1,5 @@
-"""Flow-matching SFT: AdamW, warmup + cosine LR, EMA weights, gradient clipping, dataset mixing,
-TensorBoard, periodic closed-loop evaluation, checkpoints and resume.
+"""Flow-matching (or shortcut, see models/flow.py) SFT: AdamW, warmup + cosine LR, EMA weights, gradient clipping,
+dataset mixing, TensorBoard, periodic closed-loop evaluation, checkpoints and resume.
 
 The output directory is itself a checkpoint (EMA weights) that `sim-trainer eval` and RL load, plus
 trainer_state.{json,safetensors} (raw weights, EMA, AdamW moments, RNG states: no pickle) for resuming.
@@ -37,9 +37,12 @@ SFT_LIMITS = {
     "augment_pad": Range(0, 32), "seed": Range(0, SEED_MAX), "log_every": Range(1, 10**8),
     "save_every": Range(1, 10**8), "eval_every": Range(0, 10**8), "eval_episodes": Range(1, 10_000),
     "eval_envs": Range(1, cpu_process_limit()), "image_grid": Range(1, 16), "mix": Range(0, 1e6, lo_open=True),
+    "consistency_fraction": Range(0, 1, hi_open=True),
 }
+OBJECTIVES = ("flow", "shortcut")
 # What makes a resumed run the same run: the model, the data and how they are sampled.
-RESUME_KEYS = ("data", "mix", "size", "image_grid", "horizon", "exec_steps", "num_steps", "batch_size", "seed")
+RESUME_KEYS = ("data", "mix", "size", "image_grid", "horizon", "exec_steps", "num_steps", "batch_size", "seed",
+               "objective", "consistency_fraction")
 STATE = "trainer_state"
 
 
@@ -56,6 +59,10 @@ class SFTConfig:
     horizon: int = option(16, "chunk length H")
     exec_steps: int = option(8, "actions executed per chunk C (<= H)")
     num_steps: int = option(10, "denoising steps K at inference")
+    objective: str = option("flow", "flow (rectified-flow matching) or shortcut (the velocity also sees the step "
+                                    "size d; self-consistency across step sizes makes K=1 and K=2 sampling work)")
+    consistency_fraction: float = option(0.25, "shortcut: fraction of each batch given self-consistency targets "
+                                               "(the rest: flow matching at the finest step)")
     steps: int = option(20_000, "optimizer steps")
     batch_size: int = option(64, "chunks per optimizer step")
     lr: float = option(3e-4, "peak AdamW learning rate (linear warmup, then cosine decay)")
@@ -77,6 +84,8 @@ class SFTConfig:
         check_fields(self, SFT_LIMITS)
         if self.size not in SIZES:
             raise UserError(f"unknown model size {self.size!r}; choose one of {', '.join(SIZES)}")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if not self.data:
             raise UserError("give at least one dataset with --data")
         if not self.out:
@@ -142,7 +151,9 @@ def _check_resumable(out: Path, cfg: SFTConfig) -> None:
     saved = read_meta(out, STATE)
     if not isinstance(saved.get("config"), dict):
         raise UserError(f"cannot resume {out}: {STATE}.json does not record the run's configuration")
-    check_same_run(out, saved["config"], asdict(cfg), RESUME_KEYS, path_keys=("data",))
+    # a run saved before the shortcut objective existed trained with the flow objective
+    was = {"objective": "flow", "consistency_fraction": SFTConfig.consistency_fraction, **saved["config"]}
+    check_same_run(out, was, asdict(cfg), RESUME_KEYS, path_keys=("data",))
     for d, was, now in zip(cfg.data, saved.get("episodes") or [], _run_identity(cfg)["episodes"], strict=False):
         if was != now:
             raise UserError(f"cannot resume {out}: dataset {d} had {was} episodes when the run started, now {now}; "
@@ -174,7 +185,7 @@ def train_sft(cfg: SFTConfig, force: bool = False) -> Path:
         cfg.size, camera_names=tuple(c.name for c in spec.cameras),
         image_size=spec.cameras[0].height if spec.cameras else 0, state_dim=spec.state_dim,
         action_dim=spec.action_dim, horizon=cfg.horizon, exec_steps=cfg.exec_steps, num_steps=cfg.num_steps,
-        **({"image_grid": cfg.image_grid} if cfg.image_grid else {}))
+        shortcut=cfg.objective == "shortcut", **({"image_grid": cfg.image_grid} if cfg.image_grid else {}))
     norm = NormStats.from_episodes([e for eps in datasets for e in eps])
 
     torch.manual_seed(cfg.seed)
@@ -214,8 +225,12 @@ def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, 
         images = {k: random_shift(v, cfg.augment_pad, gen) for k, v in batch.images.items()}
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        loss = model.flow_matching_loss(images, batch.state, batch.text, batch.actions, valid=batch.valid,
-                                        generator=gen)
+        if cfg.objective == "shortcut":
+            loss = model.shortcut_loss(images, batch.state, batch.text, batch.actions, valid=batch.valid,
+                                       consistency_fraction=cfg.consistency_fraction, generator=gen)
+        else:
+            loss = model.flow_matching_loss(images, batch.state, batch.text, batch.actions, valid=batch.valid,
+                                            generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Shortcut models vs rectified flow at K=1: few-shot state PushCube, SFT then RL (ReinFlow noise), over seeds.
+
+For every seed and both SFT objectives (configs/sft_pushcube_state_fewshot.yaml: rectified flow, and
+configs/sft_pushcube_state_fewshot_shortcut.yaml: shortcut, the same steps and data):
+1. SFT on the motion-planned demos (generated once: `sim-trainer demos --task PushCube-v1 -n N --obs-mode state`).
+2. `sim-trainer eval` at K=1, K=2 and K=10 on the held-out seeds.
+3. RL at K=1 with the ReinFlow noise network (the CPU RL preset, --noise reinflow --num-steps 1), same seed.
+4. `sim-trainer eval` of the RL checkpoint at K=1.
+Each cell: success per seed with its Wilson 95% interval, and the mean over seeds with the Wilson interval of the
+pooled episodes. Finished SFT and RL runs are reused (an interrupted RL run resumes). Prints a Markdown table and
+writes OUT/results.json. The full size (3 seeds x 2 objectives x 3000 SFT steps + 100k RL env steps, 100 eval
+episodes per cell) takes many CPU hours; --smoke runs a minutes-long miniature of every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+from common import command_line, machine_info
+from rl_cpu import cli, evaluate
+from rlco import pct, rl_finished
+
+from policy_runtime.stats import wilson_interval
+from policy_runtime.yaml_io import load_yaml_mapping
+
+PRESETS = {"flow": "configs/sft_pushcube_state_fewshot.yaml",
+           "shortcut": "configs/sft_pushcube_state_fewshot_shortcut.yaml"}
+SFT_KS = (1, 2, 10)
+# --smoke: every stage at a size that runs in minutes on a CPU (numbers meaningless, the pipeline exercised)
+SMOKE = {"demos": 2, "seeds": [0], "sft_steps": 20, "episodes": 2, "rl_budget": 64}
+SMOKE_RL_FLAGS = ["--num-envs", "2", "--rollout-chunks", "2", "--minibatch", "8", "--epochs", "1",
+                  "--critic-warmup", "0", "--eval-episodes", "1", "--eval-envs", "1"]
+
+
+def sft_finished(run: Path, steps: int) -> bool:
+    state = run / "trainer_state.json"
+    return state.exists() and json.loads(state.read_text())["step"] >= steps
+
+
+def run_seed(a: argparse.Namespace, objective: str, seed: int, data: Path, out: Path) -> dict:
+    """SFT, evaluation at every K, RL at K=1 and its evaluation for one (objective, seed); returns the summaries."""
+    sft = out / f"sft_{objective}_seed{seed}"
+    if not sft_finished(sft, a.sft_steps):
+        resume = ["--resume"] if (sft / "trainer_state.json").exists() else []
+        cli("sft", "--config", PRESETS[objective], "--data", str(data), "--out", str(sft), "--steps",
+            str(a.sft_steps), "--seed", str(seed), "--threads", "1", *resume)
+    cell = {f"sft_k{k}": evaluate(str(sft), k, a.episodes, out / f"eval_{sft.name}_k{k}") for k in SFT_KS}
+    rl = out / f"rl_{objective}_seed{seed}"
+    if not rl_finished(rl, a.rl_budget):
+        resume = ["--resume"] if (rl / "rl_state.json").exists() else []
+        cli("rl", "--config", a.rl_preset, "--ckpt", str(sft), "--out", str(rl), "--noise", "reinflow",
+            "--num-steps", "1", "--total-env-steps", str(a.rl_budget), "--seed", str(seed), "--threads", "1",
+            *a.rl_flags, *resume)
+    cell["rl_k1"] = evaluate(str(rl), 1, a.episodes, out / f"eval_{rl.name}_k1")
+    return cell
+
+
+def pooled(summaries: list[dict]) -> str:
+    """Mean success over seeds, with the Wilson interval of all their episodes together."""
+    n = sum(s["episodes"] for s in summaries)
+    k = round(sum(s["success_once"] * s["episodes"] for s in summaries))
+    lo, hi = wilson_interval(k, n)
+    return f"{100 * k / n:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
+def table(results: dict, seeds: list[int]) -> str:
+    columns = [*(f"sft_k{k}" for k in SFT_KS), "rl_k1"]
+    titles = [*(f"SFT, K={k}" for k in SFT_KS), "SFT + RL (ReinFlow), K=1"]
+    lines = ["| objective | seed | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(columns)]
+    for objective, by_seed in results.items():
+        for seed in seeds:
+            lines.append(f"| {objective} | {seed} | " + " | ".join(pct(by_seed[seed][c]) for c in columns) + " |")
+        lines.append(f"| {objective} | mean | "
+                     + " | ".join(pooled([by_seed[s][c] for s in seeds]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="Success is success_once on held-out seeds (sim-trainer eval's default).")
+    p.add_argument("--demos", type=int, default=20, help="motion-planned demos (the few-shot setting: 20)")
+    p.add_argument("--data", help="demo dataset (default: data/pushcube_state<demos>; generated if missing)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="SFT and RL seeds")
+    p.add_argument("--sft-steps", type=int, help="SFT steps for both objectives (default: the flow preset's)")
+    p.add_argument("--episodes", type=int, default=100, help="held-out eval episodes per cell")
+    p.add_argument("--rl-preset", default="configs/rl_pushcube_state_cpu.yaml")
+    p.add_argument("--rl-budget", type=int, default=100_000, help="RL env steps per run")
+    p.add_argument("--out", default="outputs/bench_shortcut_k1")
+    p.add_argument("--smoke", action="store_true", help="a miniature of every stage: " + ", ".join(
+        f"{k}={v}" for k, v in SMOKE.items()) + ", RL " + " ".join(SMOKE_RL_FLAGS))
+    a = p.parse_args()
+    a.rl_flags = []
+    if a.smoke:
+        vars(a).update(SMOKE, rl_flags=SMOKE_RL_FLAGS)
+    a.sft_steps = a.sft_steps or int(load_yaml_mapping(PRESETS["flow"], "preset")["steps"])
+    data = Path(a.data or f"data/pushcube_state{a.demos}")
+    if not data.exists():
+        cli("demos", "--task", "PushCube-v1", "-n", str(a.demos), "--obs-mode", "state", "--out", str(data))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine_info(), "command": command_line(), "date": datetime.date.today().isoformat(),
+              "args": {k: v for k, v in vars(a).items()}, "results": {}}
+    for objective in PRESETS:
+        report["results"][objective] = {}
+        for seed in a.seeds:
+            report["results"][objective][seed] = run_seed(a, objective, seed, data, out)
+            (out / "results.json").write_text(json.dumps(report, indent=1))
+    print(table(report["results"], a.seeds))
+
+
+if __name__ == "__main__":
+    main()
