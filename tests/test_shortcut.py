@@ -150,7 +150,7 @@ def test_denoise_and_the_rl_sampler_give_a_shortcut_model_d_equal_1_over_k():
             policy = RLPolicy(model, SamplerSettings("reinflow", k), "expert", -torch.ones(A), torch.ones(A))
             _, _, ode_mean = policy.transition(cache, noise, full(1.0))
             torch.testing.assert_close(ode_mean, noise - model.velocity(cache, noise, full(1.0), full(1 / k)) / k)
-            policy.value(cache)  # the expert-feature critic input is a valid call on a shortcut model too
+            policy.value({}, text, cache)  # the expert-feature critic input is a valid call on a shortcut model too
 
 
 def test_a_checkpoint_from_before_shortcut_models_loads_and_samples_as_before():
