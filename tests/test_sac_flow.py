@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from sim_trainer.errors import UserError
 from sim_trainer.rl.flow_velocity import VELOCITIES, FlowActor
+from sim_trainer.rl.replay import NStepWindow, ReplayBuffer
 
 OBS_DIM = 5
 
@@ -102,3 +104,57 @@ def test_gradients_through_8_steps_stay_bounded(weight_scale: float, capsys):
         assert math.isfinite(ratios[v]) and ratios[v] < 2.0, ratios
     if weight_scale == 3.0:  # the bound is tight enough to catch the plain velocity's residual-RNN growth
         assert ratios["plain"] > 2.0, ratios
+
+
+# ----- replay ---------------------------------------------------------------------------------------------------
+def _rows(start: int, b: int, obs_dim: int = 3) -> dict[str, torch.Tensor]:
+    v = torch.arange(start, start + b, dtype=torch.float32)
+    return {"obs": v[:, None].repeat(1, obs_dim), "chunk": v[:, None, None].repeat(1, 2, 2), "reward": v,
+            "done": v % 3 == 0, "truncated": v % 6 == 0, "next_obs": v[:, None].repeat(1, obs_dim) + 0.5,
+            "steps": torch.ones(b, dtype=torch.int64)}
+
+
+def test_replay_resume_is_exact(tmp_path):
+    """A buffer saved (after wrapping round) and loaded into a fresh one draws the same minibatches as the
+    original and stays equal under further writes."""
+    a = ReplayBuffer(10, 3, (2, 2), seed=7)
+    for start in range(0, 14, 4):
+        a.add(_rows(start, 4))
+    a.sample(5)
+    a.save(tmp_path)
+    b = ReplayBuffer(10, 3, (2, 2), seed=99)
+    b.load(tmp_path)
+    assert (a.pos, a.size) == (b.pos, b.size) == (6, 10)
+    for _ in range(3):
+        sa, sb = a.sample(8), b.sample(8)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        a.add(_rows(100, 3)), b.add(_rows(100, 3))
+    assert all(torch.equal(a.data[k], b.data[k]) for k in a.data)
+    with pytest.raises(UserError, match="holds 10 transitions"):
+        ReplayBuffer(12, 3, (2, 2), seed=0).load(tmp_path)
+
+
+def test_replay_oldest_rows_are_overwritten_and_memory_is_known():
+    buf = ReplayBuffer(5, 3, (2, 2), seed=0)
+    buf.add(_rows(0, 4)), buf.add(_rows(4, 3))
+    assert buf.data["reward"].tolist() == [5.0, 6.0, 2.0, 3.0, 4.0]
+    per_row = (3 + 4 + 1 + 3) * 4 + 2 + 8  # float32 obs, chunk, reward, next_obs; bool done, truncated; int64 steps
+    assert ReplayBuffer.nbytes(1000, 3, (2, 2)) == 1000 * per_row
+
+
+def test_n_step_window_discounts_and_ends_episodes():
+    """n=2, gamma=0.5: full windows emit r0 + 0.5 r1 with next_obs two steps on; an end flushes every pending
+    step with its shorter sum and the final observation, keeping done/truncated."""
+    win = NStepWindow(num_envs=1, n=2, gamma=0.5)
+    o = [torch.full((1, 3), float(i)) for i in range(5)]
+    chunk = torch.zeros(1, 2, 2)
+    no, yes = torch.tensor([False]), torch.tensor([True])
+    assert win.push(o[0], chunk, torch.tensor([1.0]), no, no, o[1]) is None
+    first = win.push(o[1], chunk, torch.tensor([2.0]), no, no, o[2])
+    assert first["reward"].tolist() == [2.0] and first["steps"].tolist() == [2] and first["next_obs"][0, 0] == 2.0
+    assert not first["done"][0]
+    end = win.push(o[2], chunk, torch.tensor([4.0]), yes, yes, o[3])
+    assert end["reward"].tolist() == [2.0 + 0.5 * 4.0, 4.0] and end["steps"].tolist() == [2, 1]
+    assert end["obs"][:, 0].tolist() == [1.0, 2.0] and end["next_obs"][:, 0].tolist() == [3.0, 3.0]
+    assert end["done"].all() and end["truncated"].all()
+    assert win.push(o[3], chunk, torch.tensor([1.0]), no, no, o[4]) is None  # a new episode starts empty
