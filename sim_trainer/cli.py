@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(s, SFTConfig, "configs/sft_pushcube_rgb_small.yaml")
     s.set_defaults(func=cmd_sft)
 
-    r = sub.add_parser("rl", help="RL fine-tuning (PPO or GRPO with Flow-Noise, Flow-SDE or ReinFlow noise)",
+    r = sub.add_parser("rl", help="RL: PPO or GRPO fine-tuning (Flow-Noise, Flow-SDE or ReinFlow noise), or SAC Flow",
                        description="Fine-tune an SFT checkpoint with on-policy RL in ManiSkill. The chunk is the "
                                    "outer MDP step, the K denoising steps the inner one. Options come from a YAML "
                                    "preset (--config); flags override it. "
