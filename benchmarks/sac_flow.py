@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""SAC Flow from scratch: Flow-G vs Flow-T vs the plain velocity, success against env steps, same budget per arm.
+"""SAC Flow from scratch: Flow-G vs Flow-T vs plain velocity vs Gaussian SAC, success against env steps.
 
 Setting: the CPU preset configs/sac_flow_pushcube_state_cpu.yaml (state PushCube-v1, normalized dense reward,
 K = 4 flow steps, chunks of 4 joint-delta actions), once per --velocities arm and per seed in --seeds, each with
---budget env steps. Every run evaluates the deterministic chain (x_0 = 0, no step noise) on the same held-out
-seeds every --eval-every iterations and at its end; the table gives the final success per seed with its Wilson
-95% interval, their mean, and the first env-step count at which each seed's evaluation reached --reach.
+--budget env steps (the same for every arm; `gaussian` is SAC with a tanh-Gaussian actor on the same code).
+Every run evaluates its deterministic policy (the chain's mean path from x_0 = 0, or the Gaussian's mean) on the
+same held-out seeds every --eval-every iterations and at its end; the table gives the final success per seed
+with its Wilson 95% interval, their mean, and the first env-step count at which each seed's evaluation reached --reach.
 Finished runs are reused and an interrupted one is resumed (--resume), so the benchmark continues where it
 stopped. Prints a Markdown table and writes OUT/results.json (with every evaluation, for a success-vs-steps plot).
 
-Not here yet: a Gaussian-SAC baseline and the runs from an SFT checkpoint against PPO + Flow-Noise.
+Not here yet: runs from an SFT checkpoint against PPO + Flow-Noise.
 
-Full size (the defaults): 3 arms x 3 seeds x 200k env steps, 4 envs, 50 episodes per evaluation (not yet timed;
+Full size (the defaults): 4 arms x 3 seeds x 200k env steps, 4 envs, 50 episodes per evaluation (not yet timed;
 budget several hours on 2 cores). `--smoke` runs every arm once for 96 env steps of 2 envs with 2 evaluation
 episodes, into outputs/bench_sac_flow_smoke.
 """
@@ -74,7 +75,8 @@ def table(results: dict, reach: float) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--velocities", nargs="+", default=["flow_g", "flow_t", "plain"], help="arms, one per velocity")
+    p.add_argument("--velocities", nargs="+", default=["flow_g", "flow_t", "plain", "gaussian"],
+                   help="arms, one per --velocity")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, every arm once per seed")
     p.add_argument("--preset", default="configs/sac_flow_pushcube_state_cpu.yaml")
     p.add_argument("--budget", type=int, default=200_000, help="env steps per run, the same for every arm")

@@ -9,7 +9,7 @@ from pathlib import Path
 from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
 from sim_trainer.config_flags import option
 from sim_trainer.errors import UserError
-from sim_trainer.rl.flow_velocity import VELOCITIES
+from sim_trainer.rl.flow_velocity import ACTORS
 from sim_trainer.rl.policy import VALUE_INPUTS
 from sim_trainer.rl.samplers import NOISE_METHODS, SDE_MODES
 
@@ -101,7 +101,8 @@ class RLConfig:
     # sac_flow (docs/rl.md, "Off-policy: SAC Flow"); it also reads num_steps, exec_steps (H = C, default 4), gamma,
     # lr (actor and temperature), value_lr (critics), minibatch, max_grad_norm, rollout_chunks (chunk steps per
     # env between logs), num_envs, total_env_steps, eval_*, save_every, seed
-    velocity: str = option("flow_g", "sac_flow velocity: flow_g (gated), flow_t (decoded by a transformer) or plain")
+    velocity: str = option("flow_g", "sac_flow velocity: flow_g (gated), flow_t (decoded by a transformer), plain, "
+                                     "or gaussian (no flow: the Gaussian SAC baseline)")
     sac_hidden: int = option(256, "sac_flow: hidden width of the actor's and critics' MLPs")
     buffer_size: int = option(200_000, "sac_flow: replay capacity in chunk transitions (memory checked up front)")
     tau: float = option(0.005, "sac_flow: Polyak rate of the target critics per critic update")
@@ -129,7 +130,7 @@ class RLConfig:
         one_of("value_input", self.value_input, VALUE_INPUTS)
         one_of("reward", self.reward, REWARDS)
         one_of("sim_backend", self.sim_backend, SIM_BACKENDS)
-        one_of("velocity", self.velocity, VELOCITIES)
+        one_of("velocity", self.velocity, ACTORS)
         if self.algorithm == "sac_flow":
             self._check_sac_flow()
         elif not self.ckpt:

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 VELOCITIES = ("flow_g", "flow_t", "plain")
+ACTORS = (*VELOCITIES, "gaussian")  # gaussian: the no-flow SAC baseline (GaussianActor)
 TIME_DIM = 16
 LOG_2PI = math.log(2 * math.pi)
 
@@ -189,3 +190,40 @@ class FlowActor(nn.Module):
         for k in range(self.num_steps):
             x = self.step_stats(obs, x, k)[0]
         return self.squash(x)
+
+
+class GaussianActor(nn.Module):
+    """The SAC baseline on the same code (`--velocity gaussian`): no flow, one tanh-squashed Gaussian per chunk,
+    a = squash(mu(o) + sigma(o) * eps), log pi = log N(u; mu, sigma^2) - the squash's log-det. Its `chain` is
+    [B, 1, H, D] (u alone) and num_steps is 0, so SAC and the tests treat it like a flow actor."""
+
+    num_steps = 0
+
+    def __init__(self, obs_dim: int, horizon: int, action_dim: int, low: torch.Tensor, high: torch.Tensor, *,
+                 hidden: int = 256, std_min: float = 0.01, std_max: float = 1.0):
+        super().__init__()
+        self.horizon, self.action_dim = horizon, action_dim
+        self.net = mlp(obs_dim, hidden, 2 * horizon * action_dim)
+        self.log_std_min, self.log_std_max = math.log(std_min), math.log(std_max)
+        low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+        self.register_buffer("action_mid", (high + low) / 2)
+        self.register_buffer("action_half", (high - low) / 2)
+
+    def stats(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, raw = self.net(obs).view(obs.shape[0], 2, self.horizon, self.action_dim).unbind(1)
+        return mean, self.log_std_min + (self.log_std_max - self.log_std_min) * (torch.tanh(raw) + 1) / 2
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, log_std = self.stats(obs)
+        if noise is None:
+            where = generator.device if generator is not None else obs.device
+            noise = torch.randn((obs.shape[0], 1, *mean.shape[1:]), generator=generator, dtype=obs.dtype,
+                                device=where).to(obs.device)
+        u = mean + torch.exp(log_std) * noise[:, 0]
+        log_prob = gaussian_log_density(u, mean, log_std) - tanh_log_det(u, self.action_half.expand_as(u))
+        return self.action_mid + self.action_half * torch.tanh(u), u[:, None], log_prob
+
+    @torch.no_grad()
+    def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.action_mid + self.action_half * torch.tanh(self.stats(obs)[0])

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sim_trainer.rl.flow_velocity import FlowActor, mlp
+from sim_trainer.rl.flow_velocity import FlowActor, GaussianActor, mlp
 
 
 @dataclass
@@ -61,7 +61,7 @@ def polyak(target: nn.Module, online: nn.Module, tau: float) -> None:
 
 
 class SAC:
-    def __init__(self, actor: FlowActor, obs_dim: int, exec_steps: int, settings: SACSettings):
+    def __init__(self, actor: FlowActor | GaussianActor, obs_dim: int, exec_steps: int, settings: SACSettings):
         self.actor, self.s, self.exec_steps = actor, settings, exec_steps
         self.critic = TwinQ(obs_dim, exec_steps * actor.action_dim, settings.hidden).to(actor.action_mid.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)

@@ -28,7 +28,7 @@ from sim_trainer.errors import UserError
 from sim_trainer.evaluate.rollout import EVAL_SEED_START
 from sim_trainer.progress import progress_bar
 from sim_trainer.rl.config import RLConfig
-from sim_trainer.rl.flow_velocity import FlowActor
+from sim_trainer.rl.flow_velocity import FlowActor, GaussianActor
 from sim_trainer.rl.replay import NStepWindow, ReplayBuffer
 from sim_trainer.rl.rollout import TRAIN_SEED_START
 from sim_trainer.rl.sac import SAC, SACSettings
@@ -82,9 +82,10 @@ class SACFlowTrainer:
             raise UserError(f"buffer_size {cfg.buffer_size} needs {need / 2**30:.1f} GiB, more than half of this "
                             f"machine's {_memory_bytes() / 2**30:.1f} GiB; lower --buffer-size")
         torch.manual_seed(cfg.seed)
-        self.actor = FlowActor(obs_dim, self.chunk, len(low), low, high, velocity=cfg.velocity,
-                               num_steps=cfg.num_steps, hidden=cfg.sac_hidden, std_min=cfg.sac_std_min,
-                               std_max=cfg.sac_std_max)
+        shape = dict(hidden=cfg.sac_hidden, std_min=cfg.sac_std_min, std_max=cfg.sac_std_max)
+        self.actor = (GaussianActor(obs_dim, self.chunk, len(low), low, high, **shape) if cfg.velocity == "gaussian"
+                      else FlowActor(obs_dim, self.chunk, len(low), low, high, velocity=cfg.velocity,
+                                     num_steps=cfg.num_steps, **shape))
         self.sac = SAC(self.actor, obs_dim, self.chunk, _settings(cfg))
         self.buffer = ReplayBuffer(cfg.buffer_size, obs_dim, (self.chunk, len(low)), seed=cfg.seed)
         self.window = NStepWindow(cfg.num_envs, cfg.n_step, cfg.gamma)
