@@ -57,3 +57,9 @@ def test_bad_sac_flow_configs_get_one_line_errors(tmp_path, flags, fragment):
     out = tmp_path / "o"
     assert_user_error(run_cli(*sac_args(out), *flags), fragment)
     assert not out.exists()
+
+
+def test_sac_flow_refuses_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert_user_error(run_cli(*sac_args(tmp_path / "o")), "one process")
+    assert not (tmp_path / "o").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,8 @@ class RLConfig:
         return self
 
     def _check_sac_flow(self) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("sac_flow runs in one process; start it without torchrun")
         if self.ckpt:
             raise UserError("sac_flow from an SFT checkpoint is not implemented yet; leave out --ckpt to train a "
                             "flow policy from scratch on state observations")

@@ -98,10 +98,11 @@ class SACFlowTrainer:
 
     def save(self) -> None:
         """Trainer state (actor, critics, targets, temperature, optimiser, counters) and the replay buffer. The
-        buffer is written first: a crash between the two leaves the older state, which refuses the newer buffer."""
+        buffer is written first and the state records its save token: after a crash between the two, the older
+        state refuses the newer buffer."""
         self.buffer.save(self.out, REPLAY)
         meta = {**self._counters(), "config": asdict(self.cfg), "trained_by": "sim-trainer rl --algorithm sac_flow",
-                "replay_size": self.buffer.size, "replay_pos": self.buffer.pos}
+                "replay_size": self.buffer.size, "replay_token": read_meta(self.out, REPLAY)["token"]}
         save_training(self.out, STATE, meta, self.sac.opt, **self.sac.parts())
 
     def _check_resumable(self) -> None:
@@ -113,10 +114,10 @@ class SACFlowTrainer:
     def load(self) -> None:
         self._check_resumable()
         meta, parts = load_training(self.out, STATE, self.sac.opt)
-        self.buffer.load(self.out, REPLAY)
-        if (self.buffer.size, self.buffer.pos) != (meta.get("replay_size"), meta.get("replay_pos")):
+        if read_meta(self.out, REPLAY).get("token") != meta.get("replay_token"):
             raise UserError(f"cannot resume from {self.out}: its replay buffer and trainer state come from "
                             "different saves (a save was interrupted)")
+        self.buffer.load(self.out, REPLAY)
         with applying(self.out):
             self.sac.load_parts(parts)
             for key in ("iteration", "env_steps", "transitions", "updates"):
