@@ -77,6 +77,9 @@ class SACFlowTrainer:
 
     def _build(self, obs_dim: int, low: torch.Tensor, high: torch.Tensor) -> None:
         cfg = self.cfg
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+            raise UserError(f"sac_flow squashes actions into their bounds, but {self.env_cfg.control_mode} on "
+                            f"{self.env_cfg.task} has unbounded actions; choose a bounded control mode")
         need = ReplayBuffer.nbytes(cfg.buffer_size, obs_dim, (self.chunk, len(low)))
         if need > MEMORY_SHARE * _memory_bytes():
             raise UserError(f"buffer_size {cfg.buffer_size} needs {need / 2**30:.1f} GiB, more than half of this "
