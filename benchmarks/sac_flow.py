@@ -12,9 +12,10 @@ stopped. Prints a Markdown table and writes OUT/results.json (with every evaluat
 
 Not here yet: runs from an SFT checkpoint against PPO + Flow-Noise.
 
-Full size (the defaults): 4 arms x 3 seeds x 200k env steps, 4 envs, 50 episodes per evaluation (not yet timed;
-budget several hours on 2 cores). `--smoke` runs every arm once for 96 env steps of 2 envs with 2 evaluation
-episodes, into outputs/bench_sac_flow_smoke.
+Full size (the defaults): 4 arms x 3 seeds x 100k env steps, 50 episodes per evaluation. Flow-G ran at about
+110 env steps/s on 2 shared cores (2 envs, the preset otherwise, first 19k steps), so about 15 min per run and
+45 min per arm; Flow-T is slower (not timed). `--smoke` runs every arm once for 96 env steps of 2 envs with 2
+evaluation episodes, into outputs/bench_sac_flow_smoke (about 1 min).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def main() -> None:
                    help="arms, one per --velocity")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, every arm once per seed")
     p.add_argument("--preset", default="configs/sac_flow_pushcube_state_cpu.yaml")
-    p.add_argument("--budget", type=int, default=200_000, help="env steps per run, the same for every arm")
+    p.add_argument("--budget", type=int, default=100_000, help="env steps per run, the same for every arm")
     p.add_argument("--episodes", type=int, default=50, help="held-out episodes per evaluation")
     p.add_argument("--eval-every", type=int, default=25, help="iterations between evaluations (0: at the end)")
     p.add_argument("--reach", type=float, default=0.5, help="success level whose first env-step count is reported")
