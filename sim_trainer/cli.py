@@ -239,10 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(s, SFTConfig, "configs/sft_pushcube_rgb_small.yaml")
     s.set_defaults(func=cmd_sft)
 
-    r = sub.add_parser("rl", help="RL fine-tuning (PPO or GRPO with Flow-Noise, Flow-SDE or ReinFlow noise)",
-                       description="Fine-tune an SFT checkpoint with on-policy RL in ManiSkill. The chunk is the "
-                                   "outer MDP step, the K denoising steps the inner one. Options come from a YAML "
-                                   "preset (--config); flags override it. "
+    r = sub.add_parser("rl", help="RL: PPO or GRPO fine-tuning (Flow-Noise, Flow-SDE or ReinFlow noise), or SAC Flow",
+                       description="Fine-tune an SFT checkpoint with on-policy RL in ManiSkill, or train a flow "
+                                   "policy from scratch with off-policy SAC Flow (--algorithm sac_flow). The chunk "
+                                   "is the outer MDP step, the K denoising steps the inner one. Options come from a "
+                                   "YAML preset (--config); flags override it. "
                                    "Multi-process: torchrun --nproc-per-node N -m sim_trainer.cli rl ...")
     add_config_flags(r, RLConfig, "configs/rl_pushcube_state_cpu.yaml")
     r.set_defaults(func=cmd_rl)

@@ -28,7 +28,8 @@ def test_every_field_has_a_flag_with_help(command, cls):
     for f in fields(cls):
         action = actions.get(flag_name(f.name))
         assert action is not None, f"{cls.__name__}.{f.name} has no {flag_name(f.name)}"
-        assert action.dest == f.name and f.metadata.get("help") and f.metadata["help"] in action.help
+        # argparse formats help with %, so a literal % is stored escaped
+        assert action.dest == f.name and f.metadata.get("help") and f.metadata["help"].replace("%", "%%") in action.help
     help_text = _subparser(command).format_help()
     assert all(flag_name(f.name) in help_text for f in fields(cls))
     assert "--data2" not in help_text

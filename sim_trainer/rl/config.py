@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
 from sim_trainer.config_flags import option
 from sim_trainer.errors import UserError
+from sim_trainer.rl.flow_velocity import ACTORS
 from sim_trainer.rl.policy import VALUE_INPUTS
 from sim_trainer.rl.samplers import NOISE_METHODS, SDE_MODES
 
-ALGORITHMS = ("ppo", "grpo")
+ALGORITHMS = ("ppo", "grpo", "sac_flow")
 LOGPROB_LEVELS = ("token", "action", "chunk")
 REWARDS = ("sparse", "normalized_dense")
 SIM_BACKENDS = ("physx_cpu", "physx_cuda")
@@ -29,6 +31,10 @@ RL_LIMITS = {
     "cotrain_weight": Range(0, 1000), "cotrain_batch": Range(1, 4096), "eval_every": Range(0, 10**6),
     "eval_episodes": Range(1, 10_000), "eval_envs": Range(1, 4096), "save_every": Range(1, 10**6),
     "seed": Range(0, SEED_MAX), "max_episode_steps": Range(1, 100_000), "risk_beta": Range(-50, 50),
+    "sac_hidden": Range(1, 8192), "buffer_size": Range(1, 10**9), "tau": Range(0, 1, lo_open=True),
+    "utd": Range(0, 1000, lo_open=True), "policy_delay": Range(1, 1000), "n_step": Range(1, 1000),
+    "learning_starts": Range(0, 10**9), "target_entropy": Range(-1e6, 1e6), "alpha_init": Range(0, 100, lo_open=True),
+    "sac_std_min": Range(0, 10, lo_open=True), "sac_std_max": Range(0, 10, lo_open=True),
 }
 
 
@@ -39,7 +45,8 @@ class RLConfig:
     ckpt: str = option("", "SFT checkpoint to start from")
     out: str = option("", "run directory (becomes a checkpoint; trainer state, metrics and TensorBoard in it)")
     task: str | None = option(None, "task (default: the checkpoint's)")
-    algorithm: str = option("ppo", "ppo (value head + GAE) or grpo (group-normalised returns, no critic)")
+    algorithm: str = option("ppo", "ppo (value head + GAE), grpo (group-normalised returns, no critic) or sac_flow "
+                                   "(off-policy SAC of a flow policy from scratch, state observations)")
     noise: str = option("flow_noise", "flow_noise (learned std per token), flow_sde (ODE->SDE) or reinflow "
                                       "(learned std from observation and time)")
     sde_mode: str = option("mixed", "flow_sde: mixed (one stochastic step) or full (all)")
@@ -93,6 +100,22 @@ class RLConfig:
     sim_backend: str = option("physx_cpu", "physx_cpu (one process per env) or physx_cuda (GPU, one process)")
     max_episode_steps: int | None = option(None, "episode horizon (default: the task's)")
     resume: bool = option(False, "continue the run in --out from its last checkpoint")
+    # sac_flow (docs/rl.md, "Off-policy: SAC Flow"); it also reads num_steps, exec_steps (H = C, default 4), gamma,
+    # lr (actor and temperature), value_lr (critics), minibatch, max_grad_norm, rollout_chunks (chunk steps per
+    # env between logs), num_envs, total_env_steps, eval_*, save_every, seed
+    velocity: str = option("flow_g", "sac_flow velocity: flow_g (gated), flow_t (decoded by a transformer), plain, "
+                                     "or gaussian (no flow: the Gaussian SAC baseline)")
+    sac_hidden: int = option(256, "sac_flow: hidden width of the actor's and critics' MLPs")
+    buffer_size: int = option(200_000, "sac_flow: replay capacity in chunk transitions (memory checked up front)")
+    tau: float = option(0.005, "sac_flow: Polyak rate of the target critics per critic update")
+    utd: float = option(0.25, "sac_flow: critic updates per chunk transition collected (update-to-data ratio)")
+    policy_delay: int = option(2, "sac_flow: critic updates per actor and temperature update")
+    n_step: int = option(1, "sac_flow: chunk steps summed in each TD target (n-step return)")
+    learning_starts: int = option(1000, "sac_flow: chunk transitions of uniformly random chunks before learning")
+    target_entropy: float | None = option(None, "sac_flow: entropy target of the temperature (default: -H*D)")
+    alpha_init: float = option(0.2, "sac_flow: initial entropy temperature")
+    sac_std_min: float = option(0.01, "sac_flow: smallest per-step noise std of the flow chain")
+    sac_std_max: float = option(1.0, "sac_flow: largest per-step noise std of the flow chain")
 
     def validate(self) -> RLConfig:
         """Types and ranges of every field, whether it came from the YAML preset or from a flag."""
@@ -109,9 +132,13 @@ class RLConfig:
         one_of("value_input", self.value_input, VALUE_INPUTS)
         one_of("reward", self.reward, REWARDS)
         one_of("sim_backend", self.sim_backend, SIM_BACKENDS)
-        if not self.ckpt:
+        one_of("velocity", self.velocity, ACTORS)
+        if self.algorithm == "sac_flow":
+            self._check_sac_flow()
+        elif not self.ckpt:
             raise UserError("give the SFT checkpoint to start from with --ckpt")
-        _check_dir("checkpoint", self.ckpt)
+        else:
+            _check_dir("checkpoint", self.ckpt)
         if not self.out:
             raise UserError("give a run directory with --out")
         if self.cotrain_data is not None:
@@ -145,6 +172,17 @@ class RLConfig:
             print("warning: value_input=privileged ignored: GRPO has no critic", file=sys.stderr)
             self.value_input = "prefix"
         return self
+
+    def _check_sac_flow(self) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("sac_flow runs in one process; start it without torchrun")
+        if self.ckpt:
+            raise UserError("sac_flow from an SFT checkpoint is not implemented yet; leave out --ckpt to train a "
+                            "flow policy from scratch on state observations")
+        if self.cotrain_data is not None:
+            raise UserError("cotrain_data is for PPO/GRPO; sac_flow has no co-training loss")
+        if not self.sac_std_min <= self.sac_std_max:
+            raise UserError(f"need sac_std_min <= sac_std_max, got [{self.sac_std_min}, {self.sac_std_max}]")
 
 
 def _check_dir(what: str, path: str) -> None:

@@ -274,6 +274,10 @@ class RLTrainer:
 
 
 def train_rl(cfg: RLConfig, force: bool = False) -> Path:
+    if cfg.algorithm == "sac_flow":  # off-policy, single process: its own trainer
+        from sim_trainer.rl.sac_trainer import train_sac_flow
+
+        return train_sac_flow(cfg, force=force)
     world = World.init()
     try:
         return RLTrainer(cfg, world, force=force).run()
