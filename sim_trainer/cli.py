@@ -59,7 +59,10 @@ def cmd_rl(a: argparse.Namespace) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     _set_threads(check_threads(a.threads) or max(1, (os.cpu_count() or 1) // world_size))
     out = train_rl(cfg, force=a.force)
-    print(f"RL checkpoint written to {out}")
+    if cfg.algorithm == "sac_flow":  # from-scratch SAC Flow state, not a model checkpoint that eval/export read
+        print(f"SAC Flow run written to {out} (trainer state, replay, metrics.jsonl, tb/)")
+    else:
+        print(f"RL checkpoint written to {out}")
     return 0
 
 
