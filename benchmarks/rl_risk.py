@@ -129,7 +129,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="RL seeds, every setting once per seed")
     p.add_argument("--domains", nargs="+", default=["sim", "configs/domain_real_proxy_dynamics.yaml"],
                    help="evaluation domains: 'sim', 'real_proxy' or domain YAMLs")
-    p.add_argument("--sft-ckpt", default="runs/sft_pushcube_state20", help="start checkpoint (made if missing)")
+    p.add_argument("--sft-ckpt", default="checkpoints/pushcube_state_fewshot",
+                   help="start checkpoint (made if missing)")
     p.add_argument("--demos", default="data/pushcube_state20", help="demos for the start checkpoint (made if missing)")
     p.add_argument("--num-demos", type=int, default=20)
     p.add_argument("--sft-steps", type=int, default=0, help="SFT steps if the start is made (0: the config's 3000)")
