@@ -257,6 +257,13 @@ def test_eval_force_replaces_an_earlier_report_and_keeps_other_files(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def _ctrl_c_enabled() -> None:
+    """In the child: SIGINT back to its default, so Python raises KeyboardInterrupt. A suite started in the
+    background by a non-interactive shell (`make test &`, nohup) inherits SIGINT ignored, and Python keeps an
+    ignored SIGINT ignored: the export would then finish instead of being interrupted."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_export_force_replaces_and_an_interrupted_export_leaves_the_previous_one_intact(tmp_path):
     out = tmp_path / "exp"
     r = run_cli("sim-trainer", ["export", "--ckpt", SHIPPED, "--steps", "1", "--out", out])
@@ -278,7 +285,8 @@ def test_export_force_replaces_and_an_interrupted_export_leaves_the_previous_one
         before = tree_hashes(out)
         proc = subprocess.Popen([sys.executable, "-m", "sim_trainer.cli", "export", "--ckpt", str(SHIPPED),
                                  "--steps", "8", "--out", str(out), "--force"], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_ctrl_c_enabled)
         try:
             wait_until(lambda: list(tmp_path.glob(".exp.export-*")) or proc.poll() is not None,  # noqa: B023
                        timeout=300, what="the export to start building")
