@@ -33,6 +33,12 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "sim_trainer.cli", *args], check=True)
 
 
+def pct(summary: dict) -> str:
+    """An evaluation summary's success_once as "57% [47-66]" (Wilson 95%)."""
+    lo, hi = summary["success_once_wilson95"]
+    return f"{100 * summary['success_once']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
 def rl_finished(run: Path, budget: int) -> bool:
     """Whether an RL run reached its env-step budget (its state is also saved mid-run, for --resume)."""
     state = run / "rl_state.json"

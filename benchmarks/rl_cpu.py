@@ -18,24 +18,18 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import command_line, machine_info
+from common import cli, command_line, machine_info, pct
 
 METHODS = {
     "ppo_flow_noise": ["--algorithm", "ppo", "--noise", "flow_noise"],
     "ppo_flow_sde": ["--algorithm", "ppo", "--noise", "flow_sde"],
     "grpo_flow_noise": ["--algorithm", "grpo", "--noise", "flow_noise"],
 }
-
-
-def cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "sim_trainer.cli", *args], check=True)
 
 
 def evaluate(ckpt: str, k: int, episodes: int, out: Path) -> dict:
@@ -120,11 +114,6 @@ def run_one(name: str, seed: int, a: argparse.Namespace, k: int, raw: float, out
     (out / "cells").mkdir(exist_ok=True)
     (out / "cells" / f"{name}_seed{seed}.json").write_text(json.dumps(cell, indent=1))
     return cell
-
-
-def pct(s: dict) -> str:
-    lo, hi = s["success_once_wilson95"]
-    return f"{100 * s['success_once']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
 
 
 def print_table(results: dict, methods: list[str], seeds: list[int]) -> None:

@@ -25,8 +25,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from common import command_line, machine_info
-from rl_cpu import cli, evaluate
+from common import cli, command_line, machine_info
+from rl_cpu import evaluate
 
 from policy_runtime.stats import wilson_interval
 

@@ -20,7 +20,7 @@ import datetime
 import json
 from pathlib import Path
 
-from common import cli, command_line, machine_info, rl_finished
+from common import cli, command_line, machine_info, pct, rl_finished
 
 DOMAINS = ("real_proxy", "sim")
 
@@ -73,11 +73,6 @@ def train_arms(a: argparse.Namespace, n: int, out: Path) -> dict[str, Path]:
             resume = ["--resume"] if (arms[name] / "rl_state.json").exists() else []
             cli(*rl, "--seed", str(seed), "--out", str(arms[name]), *extra, *resume)
     return arms
-
-
-def pct(s: dict) -> str:
-    lo, hi = s["success_once_wilson95"]
-    return f"{100 * s['success_once']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
 
 
 def plot(results: dict, path: Path) -> None:

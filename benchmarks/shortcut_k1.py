@@ -20,9 +20,8 @@ import datetime
 import json
 from pathlib import Path
 
-from common import command_line, machine_info
-from rl_cpu import cli, evaluate
-from rlco import pct, rl_finished
+from common import cli, command_line, machine_info, pct, rl_finished
+from rl_cpu import evaluate
 
 from policy_runtime.stats import wilson_interval
 from policy_runtime.yaml_io import load_yaml_mapping
