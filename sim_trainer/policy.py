@@ -6,16 +6,15 @@ import numpy as np
 import torch
 
 from policy_runtime.contract import PolicySpec
-from sim_trainer.models.flow_vla import FlowVLA
-from sim_trainer.models.tokenizer import tokenize
+from sim_trainer.models.interface import FlowPolicy
 
 
 class ChunkPolicy:
-    def __init__(self, model: FlowVLA, spec: PolicySpec, num_steps: int | None = None, device: str = "cpu"):
+    def __init__(self, model: FlowPolicy, spec: PolicySpec, num_steps: int | None = None, device: str = "cpu"):
         self.model, self.spec = model.to(device).eval(), spec
         self.device = torch.device(device)
         self.num_steps = num_steps or model.cfg.num_steps
-        self.text = tokenize(spec.instruction, model.cfg.max_text_len).to(self.device)
+        self.text = model.tokenize([spec.instruction]).to(self.device)
         self.low = torch.tensor(spec.action_low, device=self.device)
         self.high = torch.tensor(spec.action_high, device=self.device)
 

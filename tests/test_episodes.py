@@ -105,16 +105,15 @@ def test_appending_with_another_spec_is_refused(tmp_path, state_demos):
 
 
 def test_mixed_sampler_honours_ratios_and_keeps_each_instruction():
+    from sim_trainer.models.tokenizer import tokenize, tokenize_batch
     from sim_trainer.sft.data import ChunkSource, MixedSampler
 
     a, b = make_episode(40), make_episode(40)
     b.instruction = "a different task"
-    sampler = MixedSampler([ChunkSource([a], 4, 48), ChunkSource([b], 4, 48)], [0.8, 0.2], seed=0)
-    batch = sampler.sample(4000)
+    sources = [ChunkSource([e], 4, lambda t: tokenize_batch(t, 48)) for e in (a, b)]
+    batch = MixedSampler(sources, [0.8, 0.2], seed=0).sample(4000)
     frac = (batch.source == 0).float().mean().item()
     assert abs(frac - 0.8) < 0.03
-    from sim_trainer.models.tokenizer import tokenize
-
     assert (batch.text[batch.source == 1] == tokenize("a different task", 48)).all()
     assert (batch.text[batch.source == 0] == tokenize(a.instruction, 48)).all()
     # chunks never run into the next episode: padded steps are marked invalid

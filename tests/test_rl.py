@@ -14,7 +14,7 @@ from sim_trainer.errors import UserError
 from sim_trainer.models.config import ModelConfig
 from sim_trainer.models.flow import time_grid
 from sim_trainer.models.flow_vla import FlowVLA
-from sim_trainer.models.tokenizer import tokenize
+from sim_trainer.models.tokenizer import tokenize, tokenize_batch
 from sim_trainer.rl.advantages import gae, grpo_advantages
 from sim_trainer.rl.config import RLConfig
 from sim_trainer.rl.learner import Learner
@@ -205,7 +205,8 @@ def real_episodes(n: int = 3, length: int = 10) -> list:
 def real_sampler(seed: int = 3, horizon: int = 4):
     from sim_trainer.sft.data import ChunkSource, MixedSampler
 
-    return MixedSampler([ChunkSource(real_episodes(), horizon=horizon, max_text_len=48)], [1.0], seed=seed)
+    source = ChunkSource(real_episodes(), horizon=horizon, tokenize=lambda t: tokenize_batch(t, 48))
+    return MixedSampler([source], [1.0], seed=seed)
 
 
 def test_cotrain_loss_is_the_flow_matching_loss_on_the_real_batch():

@@ -34,8 +34,7 @@ from policy_runtime.contract import (
 )
 from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import LoadedPolicy, file_sha256, load_checkpoint
-from sim_trainer.models.flow_vla import FlowVLA
-from sim_trainer.models.tokenizer import tokenize
+from sim_trainer.models.interface import FlowPolicy
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4  # max |onnx - torch| in raw action units, fp32 on CPU
@@ -48,7 +47,7 @@ EXPORT_FILES = ("policy.onnx", NORM_STATS_FILE, MANIFEST_FILE)  # the manifest l
 class UnrolledSampler(torch.nn.Module):
     """(images..., state, text, noise) -> actions, with K fixed at construction."""
 
-    def __init__(self, model: FlowVLA, num_steps: int):
+    def __init__(self, model: FlowPolicy, num_steps: int):
         super().__init__()
         self.model, self.num_steps = model, num_steps
         self.cameras = list(model.cfg.camera_names)
@@ -67,7 +66,7 @@ def example_inputs(loaded: LoadedPolicy, batch: int, seed: int) -> list[torch.Te
               for c in spec.cameras]
     with torch.no_grad():  # states drawn around the training distribution
         state = loaded.model.state_norm.inverse(torch.randn(batch, spec.state_dim, generator=g))
-    text = tokenize(spec.instruction, cfg.max_text_len).expand(batch, -1).contiguous()
+    text = loaded.model.tokenize([spec.instruction]).expand(batch, -1).contiguous()
     noise = torch.randn(batch, cfg.horizon, spec.action_dim, generator=g)
     return [*images, state, text, noise]
 

@@ -23,6 +23,7 @@ from sim_trainer.data.normalize import NormStats
 from sim_trainer.errors import UserError
 from sim_trainer.models.config import ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
+from sim_trainer.models.interface import FlowPolicy
 
 CHECKPOINT_FORMAT = "flow-vla-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -30,12 +31,12 @@ CHECKPOINT_VERSION = 1
 
 @dataclass
 class LoadedPolicy:
-    model: FlowVLA
+    model: FlowPolicy
     spec: PolicySpec
     info: dict  # free-form provenance: how it was trained, on what
 
 
-def save_checkpoint(path: str | Path, model: FlowVLA, spec: PolicySpec, norm: NormStats, info: dict | None = None,
+def save_checkpoint(path: str | Path, model: FlowPolicy, spec: PolicySpec, norm: NormStats, info: dict | None = None,
                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint; `state_dict` overrides the model's own weights (e.g. the EMA weights)."""
     path = Path(path)

@@ -36,6 +36,7 @@ class ModelConfig:
     image_grid: int = 4  # each camera becomes image_grid x image_grid prefix tokens
     mlp_ratio: int = 4
     shortcut: bool = False  # velocity also conditioned on the step size d (shortcut models); old checkpoints: off
+    velocity_gate: bool = False  # v = z(features) * v, z in (0, 2): SAC Flow's Flow-G on this model (sac_flow)
 
     @classmethod
     def from_size(cls, size: str, **kwargs) -> ModelConfig:
@@ -57,11 +58,12 @@ class ModelConfig:
         return self
 
     def to_dict(self) -> dict:
-        """config.json's model entry; a plain model's has no `shortcut` key, as before shortcut models existed
-        (so older software still reads it)."""
+        """config.json's model entry; a plain model's has no `shortcut` or `velocity_gate` key, as before these
+        existed (so older software still reads it)."""
         d = asdict(self)
-        if not self.shortcut:
-            del d["shortcut"]
+        for flag in BOOL_FIELDS:
+            if not d[flag]:
+                del d[flag]
         return d
 
     @classmethod
@@ -82,8 +84,9 @@ class ModelConfig:
         for name in INT_FIELDS:
             if name in d and not (name == "image_size" and d[name] == 0 and not d.get("camera_names")):
                 _check_int(d[name], name)  # (a state-only model has no cameras and image_size 0)
-        if not isinstance(d.get("shortcut", False), bool):
-            raise UserError(f"model config shortcut must be true or false, got {d['shortcut']!r}")
+        for flag in BOOL_FIELDS:
+            if not isinstance(d.get(flag, False), bool):
+                raise UserError(f"model config {flag} must be true or false, got {d[flag]!r}")
         for name in ("cnn_channels", "camera_names"):
             if not isinstance(d[name], list):
                 raise UserError(f"model config {name} must be a list, got {d[name]!r}")
@@ -102,6 +105,7 @@ class ModelConfig:
 INT_FIELDS = ("d_model", "n_heads", "prefix_layers", "expert_layers", "image_size", "state_dim", "action_dim",
               "horizon", "exec_steps", "num_steps", "max_text_len", "text_patch", "image_grid", "mlp_ratio")
 MAX_INT_FIELD = 4096
+BOOL_FIELDS = ("shortcut", "velocity_gate")
 
 
 def _check_int(v: object, name: str) -> None:

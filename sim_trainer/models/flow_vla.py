@@ -8,14 +8,15 @@ once and cached (the analogue of pi0's VLM KV cache).
 Action expert (K times per chunk): a transformer over the H noisy action tokens plus a flow-time
 embedding, attending to the cached prefix; it returns the velocity v(x_tau, tau) and its per-token
 features (hooks for RL noise and value heads). A shortcut model (cfg.shortcut) also embeds the step size d
-(see flow.py); a plain model has no such weights and ignores d. All model inputs and outputs are normalised; the
-Normalizer buffers convert raw state and actions at the boundary.
+(see flow.py); a plain model has no such weights and ignores d. A gated model (cfg.velocity_gate, made by SAC Flow
+from a checkpoint) scales each velocity number by z = 2 sigmoid(gate(features)) in (0, 2). All model inputs and
+outputs are normalised; the Normalizer buffers convert raw state and actions at the boundary.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -31,7 +32,8 @@ from sim_trainer.models.flow import (
     self_consistency_target,
     time_grid,
 )
-from sim_trainer.models.tokenizer import PAD, VOCAB_SIZE
+from sim_trainer.models.interface import PrefixCache
+from sim_trainer.models.tokenizer import PAD, VOCAB_SIZE, tokenize_batch
 
 NEG_INF = -1e9  # finite mask value: no NaN for fully masked rows, and exports cleanly
 
@@ -118,25 +120,21 @@ def sinusoidal(tau: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([ang.sin(), ang.cos()], dim=-1)
 
 
-@dataclass
-class PrefixCache:
-    """What the action expert needs from one observation, computed once for all K denoising steps."""
-
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per expert layer, [B, heads, P, dh] each
-    mask: torch.Tensor  # [B, P] True where the prefix token is real (not padding)
-    pooled: torch.Tensor  # [B, d] mean of the real prefix tokens (value-head input)
-
-    def first(self, n: int) -> PrefixCache:
-        """The cache of the first n samples, detached (for targets computed without gradients)."""
-        return PrefixCache([(k[:n].detach(), v[:n].detach()) for k, v in self.kv], self.mask[:n],
-                           self.pooled[:n].detach())
+# Parameter groups (models/interface.py) by module name: the CNNs are the vision encoder; text, state and the
+# prefix transformer stand in for the language model; the rest is the action expert.
+GROUP_PREFIXES = {"vision": ("cameras.",),
+                  "language": ("text_embed.", "text_pos", "text_patch.", "state_proj.", "type_embed", "encoder.",
+                               "prefix_ln.")}
 
 
 class FlowVLA(nn.Module):
+    """Implements models.interface.FlowPolicy."""
+
     def __init__(self, cfg: ModelConfig, norm: NormStats):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
+        self.feature_dim = d
         self.state_norm, self.action_norm = Normalizer(norm.state), Normalizer(norm.actions)
         self.cameras = nn.ModuleDict(
             {c: VisionEncoder(cfg.cnn_channels, d, cfg.image_size, cfg.image_grid) for c in cfg.camera_names})
@@ -157,8 +155,16 @@ class FlowVLA(nn.Module):
         self.expert = nn.ModuleList(ExpertBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.expert_layers))
         self.expert_ln = nn.LayerNorm(d)
         self.action_out = nn.Linear(d, cfg.action_dim)
+        if cfg.velocity_gate:  # z = 2 sigmoid(0) = 1 at the start: the gated model is the ungated one
+            self.velocity_gate = nn.Linear(d, cfg.action_dim)
+            nn.init.zeros_(self.velocity_gate.weight)
+            nn.init.zeros_(self.velocity_gate.bias)
 
     # ----- prefix -------------------------------------------------------------------------------
+    def tokenize(self, instructions: Sequence[str]) -> torch.Tensor:
+        """[B, max_text_len] byte tokens, the contract's tokenizer (the robot side computes the same ids)."""
+        return tokenize_batch(list(instructions), self.cfg.max_text_len)
+
     def encode_prefix(self, images: dict[str, torch.Tensor], state: torch.Tensor, text: torch.Tensor) -> PrefixCache:
         """images: uint8 [B, H, W, 3] per camera; state: raw [B, S]; text: token ids [B, L]."""
         b = state.shape[0]
@@ -203,7 +209,10 @@ class FlowVLA(nn.Module):
         for blk, (k, v) in zip(self.expert, cache.kv, strict=True):
             h = blk(h, k, v, cache.mask)
         feats = self.expert_ln(h)
-        return self.action_out(feats), feats
+        v = self.action_out(feats)
+        if self.cfg.velocity_gate:
+            v = 2.0 * torch.sigmoid(self.velocity_gate(feats)) * v
+        return v, feats
 
     def velocity(self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor,
                  step: torch.Tensor | None = None) -> torch.Tensor:
@@ -261,6 +270,13 @@ class FlowVLA(nn.Module):
         """Raw (unnormalised) action chunk [B, H, A]; the noise is an explicit input (deterministic, exportable)."""
         cache = self.encode_prefix(images, state, text)
         return self.action_norm.inverse(self.denoise(cache, noise, num_steps or self.cfg.num_steps))
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups: dict[str, list[nn.Parameter]] = {"vision": [], "language": [], "expert": []}
+        for name, p in self.named_parameters():
+            group = next((g for g, prefixes in GROUP_PREFIXES.items() if name.startswith(prefixes)), "expert")
+            groups[group].append(p)
+        return groups
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -14,7 +14,7 @@ import math
 import torch
 
 from sim_trainer.models.flow import time_grid
-from sim_trainer.models.flow_vla import FlowVLA, PrefixCache
+from sim_trainer.models.interface import FlowPolicy, PrefixCache
 
 
 def prefix_weights(horizon: int, delay: int, exec_steps: int) -> torch.Tensor:
@@ -38,7 +38,7 @@ def guidance_scale(tau: float, max_weight: float) -> float:
     return min(max_weight, ((1 - t) / t) * (t * t + (1 - t) ** 2) / (1 - t) ** 2)
 
 
-def guided_denoise(model: FlowVLA, cache: PrefixCache, noise: torch.Tensor, num_steps: int,
+def guided_denoise(model: FlowPolicy, cache: PrefixCache, noise: torch.Tensor, num_steps: int,
                    leftover: torch.Tensor, weights: torch.Tensor, max_weight: float = 5.0) -> torch.Tensor:
     """K Euler steps whose clean-action estimate is guided toward `leftover` (normalised, [B, H, A])."""
     x, dt = noise, 1.0 / num_steps

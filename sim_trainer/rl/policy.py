@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sim_trainer.models.flow import time_grid
-from sim_trainer.models.flow_vla import FlowVLA, PrefixCache
+from sim_trainer.models.interface import FlowPolicy, PrefixCache
 from sim_trainer.rl.heads import ObsTimeNoiseHead, PrivilegedValueHead, TokenNoiseHead, ValueHead
 from sim_trainer.rl.samplers import (
     chain_log_prob,
@@ -61,26 +61,17 @@ class ChainEval:
     value: torch.Tensor  # [B]
 
 
-def expand_cache(cache: PrefixCache, n: int) -> PrefixCache:
-    """Repeat every sample's prefix n times (sample-major), to score n chain steps in one call."""
-    return PrefixCache(
-        kv=[(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in cache.kv],
-        mask=cache.mask.repeat_interleave(n, 0),
-        pooled=cache.pooled.repeat_interleave(n, 0),
-    )
-
-
 class RLPolicy(nn.Module):
-    def __init__(self, model: FlowVLA, sampler: SamplerSettings, value_input: str, action_low: torch.Tensor,
+    def __init__(self, model: FlowPolicy, sampler: SamplerSettings, value_input: str, action_low: torch.Tensor,
                  action_high: torch.Tensor, privileged_dim: int = 0):
         super().__init__()
         self.model, self.sampler, self.value_input = model, sampler, value_input
         cfg = model.cfg
         if sampler.method == "flow_noise":
-            self.noise_head: nn.Module | None = TokenNoiseHead(cfg.d_model, cfg.action_dim, sampler.std_min,
+            self.noise_head: nn.Module | None = TokenNoiseHead(model.feature_dim, cfg.action_dim, sampler.std_min,
                                                                sampler.std_max)
         elif sampler.method == "reinflow":
-            self.noise_head = ObsTimeNoiseHead(cfg.d_model, cfg.horizon, cfg.action_dim, sampler.std_min,
+            self.noise_head = ObsTimeNoiseHead(model.feature_dim, cfg.horizon, cfg.action_dim, sampler.std_min,
                                                sampler.std_max)
         else:
             self.noise_head = None
@@ -89,7 +80,7 @@ class RLPolicy(nn.Module):
                 raise ValueError("a privileged value head needs the length of the privileged state")
             self.value_head: nn.Module = PrivilegedValueHead(privileged_dim)
         else:
-            self.value_head = ValueHead(cfg.d_model)
+            self.value_head = ValueHead(model.feature_dim)
         self.register_buffer("action_low", action_low)
         self.register_buffer("action_high", action_high)
         self.register_buffer("grid", time_grid(sampler.num_steps))
@@ -172,7 +163,7 @@ class RLPolicy(nn.Module):
         b, k_steps = chain.shape[0], self.sampler.num_steps
         rows = torch.arange(b, device=chain.device)
         if self.sampler.joint:
-            cache_k = expand_cache(cache, k_steps)
+            cache_k = cache.repeat(k_steps)
             x = chain[:, :k_steps].reshape(b * k_steps, *chain.shape[2:])
             tau = self.grid.repeat(b)
             mean, std, _ = self.transition(cache_k, x, tau)

@@ -27,7 +27,7 @@ from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.vec_env import make_vec_env
 from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from sim_trainer.models.tokenizer import tokenize
+from sim_trainer.models.interface import freeze_groups
 from sim_trainer.progress import progress_bar
 from sim_trainer.rl.config import RLConfig
 from sim_trainer.rl.distributed import World
@@ -39,8 +39,6 @@ from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler
 from sim_trainer.trainer_state import applying, check_same_run, load_training, read_meta, save_training
 
-VISION_PREFIXES = ("cameras.",)
-EXPERT_PREFIXES = ("action_in.", "time_mlp.", "action_pos", "expert.", "expert_ln.", "action_out.")
 STATE = "rl_state"
 # What makes a resumed run the same run: where it started, what it learns on, how it samples and explores.
 RESUME_KEYS = ("ckpt", "task", "algorithm", "noise", "sde_mode", "num_steps", "exec_steps", "num_envs",
@@ -51,10 +49,10 @@ RISK_SPAN_WARN = 20.0
 
 
 def _set_trainable(policy: RLPolicy, cfg: RLConfig) -> None:
-    for name, p in policy.model.named_parameters():
-        frozen = (cfg.freeze_vision and name.startswith(VISION_PREFIXES)) or (
-            cfg.expert_only and not name.startswith(EXPERT_PREFIXES))
-        p.requires_grad_(not frozen)
+    """--expert-only freezes the backbone's vision and language groups, --freeze-vision its vision group; the RL
+    heads always train."""
+    frozen = ("vision", "language") if cfg.expert_only else ("vision",) if cfg.freeze_vision else ()
+    freeze_groups(policy.model.parameter_groups(), frozen)
 
 
 def _check_risk_scale(cfg: RLConfig, horizon: int) -> None:
@@ -111,7 +109,7 @@ class RLTrainer:
         self.policy.to(self.device)
         _set_trainable(self.policy, cfg)
         self.world.broadcast_parameters(self.policy)
-        self.text = tokenize(self.spec.instruction, model.cfg.max_text_len).to(self.device)
+        self.text = model.tokenize([self.spec.instruction]).to(self.device)
         self.learner = Learner(self.policy, cfg, self.text, self.chunk, self.world, self._cotrain_sampler(model))
         self.opt = self.learner.opt
         self.update, self.env_steps = 0, 0
@@ -137,7 +135,7 @@ class RLTrainer:
             raise UserError(f"co-training data {self.cfg.cotrain_data} does not match {self.cfg.ckpt}: "
                             + "; ".join(diffs))
         episodes = load_dataset(self.cfg.cotrain_data)
-        source = ChunkSource(episodes, model.cfg.horizon, model.cfg.max_text_len)
+        source = ChunkSource(episodes, model.cfg.horizon, model.tokenize)
         return MixedSampler([source], [1.0], seed=self.cfg.seed + 1000 * self.world.rank)
 
     # ----- state on disk ------------------------------------------------------------------------------

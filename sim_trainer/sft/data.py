@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from policy_runtime.episodes import Episode
-from sim_trainer.models.tokenizer import tokenize
 
 
 @dataclass
@@ -22,12 +22,13 @@ class Batch:
 
 
 class ChunkSource:
-    """All (episode, t) samples of one dataset held in memory as flat arrays."""
+    """All (episode, t) samples of one dataset held in memory as flat arrays; `tokenize` is the model's own
+    (FlowPolicy.tokenize), applied once per distinct instruction."""
 
-    def __init__(self, episodes: list[Episode], horizon: int, max_text_len: int):
+    def __init__(self, episodes: list[Episode], horizon: int, tokenize: Callable[[list[str]], torch.Tensor]):
         self.horizon = horizon
         texts = sorted({e.instruction for e in episodes})
-        self.text_tokens = torch.stack([tokenize(t, max_text_len) for t in texts])
+        self.text_tokens = tokenize(texts)
         self.text_index = np.concatenate(
             [np.full(len(e), texts.index(e.instruction)) for e in episodes])
         self.state = np.concatenate([e.state for e in episodes]).astype(np.float32)

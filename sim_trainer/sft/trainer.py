@@ -191,7 +191,7 @@ def train_sft(cfg: SFTConfig, force: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = FlowVLA(model_cfg, norm)
-    sampler = MixedSampler([ChunkSource(eps, cfg.horizon, model_cfg.max_text_len) for eps in datasets], ratios,
+    sampler = MixedSampler([ChunkSource(eps, cfg.horizon, model.tokenize) for eps in datasets], ratios,
                            seed=cfg.seed)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
