@@ -47,7 +47,7 @@ def test_interface_calls_have_the_documented_shapes():
     images = {"cam": torch.randint(0, 256, (b, 16, 16, 3), dtype=torch.uint8)}
     state = torch.randn(b, 3)
     cache = model.encode_prefix(images, state, text)
-    assert isinstance(cache, PrefixCache) and cache.pooled.shape == (b, model.feature_dim)
+    assert isinstance(cache, PrefixCache) and cache.pooled.shape == (b, model.pooled_dim)
     x, tau = torch.randn(b, 4, 2), torch.full((b,), 0.5)
     v, feats = model.expert_forward(cache, x, tau)
     assert v.shape == (b, 4, 2) and feats.shape == (b, 4, model.feature_dim)

@@ -49,7 +49,9 @@ def test_sac_flow_runs_from_scratch_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("flags,fragment", [
     (["--velocity", "flow_x"], "unknown velocity"),
-    (["--ckpt", "checkpoints"], "not implemented yet"),
+    (["--ckpt", "checkpoints/pushcube_state_fewshot", "--velocity", "flow_t"], "flow_g or plain, not flow_t"),
+    (["--sac-bc-coef", "1"], "give it with --ckpt"),
+    (["--ckpt", "no/such/ckpt"], "does not exist"),
     (["--tau", "0"], "tau"),
     (["--sac-std-min", "0.5", "--sac-std-max", "0.1"], "sac_std_min <= sac_std_max"),
 ])
@@ -57,6 +59,25 @@ def test_bad_sac_flow_configs_get_one_line_errors(tmp_path, flags, fragment):
     out = tmp_path / "o"
     assert_user_error(run_cli(*sac_args(out), *flags), fragment)
     assert not out.exists()
+
+
+def test_sac_flow_from_the_sft_checkpoint_writes_a_checkpoint_that_eval_reads(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("rl", "--config", "configs/sac_flow_pushcube_state_sft_cpu.yaml", "--out", str(out),
+                   "--num-envs", "2", "--rollout-chunks", "2", "--max-episode-steps", "24", "--minibatch", "4",
+                   "--learning-starts", "2", "--sac-hidden", "32", "--buffer-size", "64", "--eval-episodes", "1",
+                   "--eval-envs", "1", "--eval-every", "0", "--save-every", "1", "--threads", "1",
+                   "--total-env-steps", "64", "--sac-bc-coef", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    rows, evals = read_metrics(out)
+    # 2 envs x 2 chunks x C = 8 actions: 32 env steps per iteration; the SFT policy collects from the start
+    assert [r["update"] for r in rows] == [1, 2] and rows[-1]["updates"] > 0 and "actor_loss" in rows[-1]
+    assert evals and evals[0]["eval"]["episodes"] == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["velocity_gate"] is True and config["info"]["start_checkpoint"].endswith("fewshot")
+    proc = run_cli("eval", "--ckpt", str(out), "--episodes", "1", "--envs", "1", "--out", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads((tmp_path / "ev" / "eval.json").read_text())["episodes"]) == 1
 
 
 def test_sac_flow_refuses_torchrun(tmp_path, monkeypatch):

@@ -134,7 +134,7 @@ class FlowVLA(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.feature_dim = d
+        self.feature_dim = self.pooled_dim = d
         self.state_norm, self.action_norm = Normalizer(norm.state), Normalizer(norm.actions)
         self.cameras = nn.ModuleDict(
             {c: VisionEncoder(cfg.cnn_channels, d, cfg.image_size, cfg.image_grid) for c in cfg.camera_names})

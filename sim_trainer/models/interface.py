@@ -33,7 +33,7 @@ class PrefixCache:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per expert layer, [B, heads, P, dh] each
     mask: torch.Tensor  # [B, P] True where the prefix token is real (not padding)
-    pooled: torch.Tensor  # [B, feature_dim] mean of the real prefix tokens (value-head input)
+    pooled: torch.Tensor  # [B, pooled_dim] mean of the real prefix tokens (value-head input)
 
     def first(self, n: int) -> PrefixCache:
         """The cache of the first n samples, detached (for targets computed without gradients)."""
@@ -52,7 +52,8 @@ class FlowPolicy(Protocol):
     ids [B, L], chunks [B, H, A] (normalised inside the expert, raw outside)."""
 
     cfg: Any  # horizon, exec_steps, num_steps, action_dim, state_dim, camera_names, image_size, max_text_len
-    feature_dim: int  # width of PrefixCache.pooled and of the expert's per-token features
+    feature_dim: int  # width of the expert's per-token features (expert_forward's second output)
+    pooled_dim: int  # width of PrefixCache.pooled (the prefix encoder's, which may differ from the expert's)
     state_norm: nn.Module  # raw <-> normalised state (callable, .inverse)
     action_norm: nn.Module  # raw <-> normalised actions
 

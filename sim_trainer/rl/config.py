@@ -10,7 +10,7 @@ from pathlib import Path
 from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
 from sim_trainer.config_flags import option
 from sim_trainer.errors import UserError
-from sim_trainer.rl.flow_velocity import ACTORS
+from sim_trainer.rl.flow_velocity import ACTORS, BACKBONE_VELOCITIES
 from sim_trainer.rl.policy import VALUE_INPUTS
 from sim_trainer.rl.samplers import NOISE_METHODS, SDE_MODES
 
@@ -35,6 +35,7 @@ RL_LIMITS = {
     "utd": Range(0, 1000, lo_open=True), "policy_delay": Range(1, 1000), "n_step": Range(1, 1000),
     "learning_starts": Range(0, 10**9), "target_entropy": Range(-1e6, 1e6), "alpha_init": Range(0, 100, lo_open=True),
     "sac_std_min": Range(0, 10, lo_open=True), "sac_std_max": Range(0, 10, lo_open=True),
+    "sac_backbone_lr": Range(0, 1), "sac_bc_coef": Range(0, 1e6),
 }
 
 
@@ -100,9 +101,10 @@ class RLConfig:
     sim_backend: str = option("physx_cpu", "physx_cpu (one process per env) or physx_cuda (GPU, one process)")
     max_episode_steps: int | None = option(None, "episode horizon (default: the task's)")
     resume: bool = option(False, "continue the run in --out from its last checkpoint")
-    # sac_flow (docs/rl.md, "Off-policy: SAC Flow"); it also reads num_steps, exec_steps (H = C, default 4), gamma,
-    # lr (actor and temperature), value_lr (critics), minibatch, max_grad_norm, rollout_chunks (chunk steps per
-    # env between logs), num_envs, total_env_steps, eval_*, save_every, seed
+    # sac_flow (docs/rl.md, "Off-policy: SAC Flow"); it also reads ckpt (start from an SFT checkpoint; without it,
+    # a flow policy from scratch), num_steps, exec_steps (from scratch H = C, default 4), gamma, lr (actor heads and
+    # temperature), value_lr (critics), minibatch, max_grad_norm, rollout_chunks (chunk steps per env between logs),
+    # num_envs, total_env_steps, eval_*, save_every, seed
     velocity: str = option("flow_g", "sac_flow velocity: flow_g (gated), flow_t (decoded by a transformer), plain, "
                                      "or gaussian (no flow: the Gaussian SAC baseline)")
     sac_hidden: int = option(256, "sac_flow: hidden width of the actor's and critics' MLPs")
@@ -116,6 +118,10 @@ class RLConfig:
     alpha_init: float = option(0.2, "sac_flow: initial entropy temperature")
     sac_std_min: float = option(0.01, "sac_flow: smallest per-step noise std of the flow chain")
     sac_std_max: float = option(1.0, "sac_flow: largest per-step noise std of the flow chain")
+    sac_backbone_lr: float = option(1e-5, "sac_flow from --ckpt: learning rate of the checkpoint's own weights (0 "
+                                          "freezes them; its new velocity gate and the noise head learn at lr)")
+    sac_bc_coef: float = option(0.0, "sac_flow from --ckpt: weight of the pull of each flow step's mean towards the "
+                                     "starting policy's (0: off)")
 
     def validate(self) -> RLConfig:
         """Types and ranges of every field, whether it came from the YAML preset or from a flag."""
@@ -177,8 +183,12 @@ class RLConfig:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("sac_flow runs in one process; start it without torchrun")
         if self.ckpt:
-            raise UserError("sac_flow from an SFT checkpoint is not implemented yet; leave out --ckpt to train a "
-                            "flow policy from scratch on state observations")
+            _check_dir("checkpoint", self.ckpt)
+            if self.velocity not in BACKBONE_VELOCITIES:
+                raise UserError(f"sac_flow from a checkpoint wraps its velocity with {' or '.join(BACKBONE_VELOCITIES)}"
+                                f", not {self.velocity}")
+        elif self.sac_bc_coef:
+            raise UserError("sac_bc_coef pulls towards a starting policy: give it with --ckpt")
         if self.cotrain_data is not None:
             raise UserError("cotrain_data is for PPO/GRPO; sac_flow has no co-training loss")
         if not self.sac_std_min <= self.sac_std_max:

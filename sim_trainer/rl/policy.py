@@ -71,7 +71,7 @@ class RLPolicy(nn.Module):
             self.noise_head: nn.Module | None = TokenNoiseHead(model.feature_dim, cfg.action_dim, sampler.std_min,
                                                                sampler.std_max)
         elif sampler.method == "reinflow":
-            self.noise_head = ObsTimeNoiseHead(model.feature_dim, cfg.horizon, cfg.action_dim, sampler.std_min,
+            self.noise_head = ObsTimeNoiseHead(model.pooled_dim, cfg.horizon, cfg.action_dim, sampler.std_min,
                                                sampler.std_max)
         else:
             self.noise_head = None
@@ -80,7 +80,7 @@ class RLPolicy(nn.Module):
                 raise ValueError("a privileged value head needs the length of the privileged state")
             self.value_head: nn.Module = PrivilegedValueHead(privileged_dim)
         else:
-            self.value_head = ValueHead(model.feature_dim)
+            self.value_head = ValueHead(model.pooled_dim if value_input == "prefix" else model.feature_dim)
         self.register_buffer("action_low", action_low)
         self.register_buffer("action_high", action_high)
         self.register_buffer("grid", time_grid(sampler.num_steps))

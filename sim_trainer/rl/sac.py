@@ -41,6 +41,7 @@ class SACSettings:
     policy_delay: int = 2  # critic updates per actor (and temperature) update
     max_grad_norm: float = 10.0
     hidden: int = 256
+    backbone_lr: float = 1e-5  # a pretrained backbone's own weights (BackboneFlowActor); its new gate: actor_lr
 
 
 class TwinQ(nn.Module):
@@ -52,6 +53,17 @@ class TwinQ(nn.Module):
     def forward(self, obs: torch.Tensor, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([obs, chunk.flatten(1)], dim=-1)
         return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+def _actor_groups(actor: nn.Module, s: SACSettings) -> list[dict]:
+    """The actor's new parts (heads, gate) learn at actor_lr; a pretrained backbone's weights at backbone_lr."""
+    backbone = getattr(actor, "model", None)
+    pretrained = ({id(p) for n, p in backbone.named_parameters() if not n.startswith("velocity_gate.")}
+                  if backbone is not None else set())
+    groups = [{"params": [p for p in actor.parameters() if id(p) not in pretrained], "lr": s.actor_lr}]
+    if pretrained:
+        groups.append({"params": [p for p in actor.parameters() if id(p) in pretrained], "lr": s.backbone_lr})
+    return groups
 
 
 @torch.no_grad()
@@ -69,7 +81,7 @@ class SAC:
         self.target_entropy = (settings.target_entropy if settings.target_entropy is not None
                                else -float(actor.horizon * actor.action_dim))
         self.opt = torch.optim.Adam([
-            {"params": list(actor.parameters()), "lr": settings.actor_lr},
+            *_actor_groups(actor, settings),
             {"params": list(self.critic.parameters()), "lr": settings.critic_lr},
             {"params": [self.log_alpha], "lr": settings.alpha_lr}])
         self.critic_updates = 0
@@ -114,11 +126,13 @@ class SAC:
         return metrics
 
     def _update_actor(self, obs: torch.Tensor, generator: torch.Generator | None) -> dict[str, float]:
-        chunk, _, logp = self.actor(obs, generator=generator)
+        chunk, chain, logp = self.actor(obs, generator=generator)
         q1, q2 = self.critic(obs, self.executed(chunk))
         actor_loss = (self.alpha * logp - torch.min(q1, q2)).mean()
+        if hasattr(self.actor, "regulariser"):  # a backbone actor's pull towards its starting policy (0 when off)
+            actor_loss = actor_loss + self.actor.regulariser(obs, chain)
         alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
-        actor_params = list(self.actor.parameters())
+        actor_params = [p for p in self.actor.parameters() if p.requires_grad]
         norm = self._step(actor_loss + alpha_loss, actor_params + [self.log_alpha], actor_params)
         return {"actor_loss": float(actor_loss.detach()), "alpha": float(self.alpha),
                 "log_prob": float(logp.detach().mean()), "actor_grad_norm": norm}

@@ -1,4 +1,6 @@
-"""`sim-trainer rl --algorithm sac_flow`: off-policy SAC Flow from scratch, state observations, over chunk steps.
+"""`sim-trainer rl --algorithm sac_flow`: off-policy SAC Flow over chunk steps, state observations, from scratch or
+from an SFT checkpoint (--ckpt: backbone_actor.py wraps the checkpoint's velocity; the run then writes a checkpoint
+that `eval`, `export` and serving read).
 
 One iteration: every env runs `rollout_chunks` chunk steps; after each, its transitions enter the replay
 buffer (n-step windows, replay.py) and the SAC learner makes `utd` critic updates per transition (sac.py), once
@@ -14,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +24,14 @@ import torch
 from tqdm import tqdm
 
 from policy_runtime.stats import wilson_interval
+from sim_trainer.data.normalize import NormStats
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.vec_env import make_vec_env
 from sim_trainer.errors import UserError
 from sim_trainer.evaluate.rollout import EVAL_SEED_START
+from sim_trainer.models.checkpoint import LoadedPolicy, load_checkpoint, save_checkpoint
 from sim_trainer.progress import progress_bar
+from sim_trainer.rl.backbone_actor import BackboneFlowActor, with_velocity_gate
 from sim_trainer.rl.config import RLConfig
 from sim_trainer.rl.flow_velocity import FlowActor, GaussianActor
 from sim_trainer.rl.replay import NStepWindow, ReplayBuffer
@@ -40,9 +45,9 @@ DEFAULT_TASK, DEFAULT_CHUNK = "PushCube-v1", 4
 SAC_ENTRIES = CHECKPOINT_ENTRIES | {f"{STATE}.json", f"{STATE}.safetensors", f"{REPLAY}.json",
                                     f"{REPLAY}.safetensors"}
 # What makes a resumed run the same run: its task, policy, buffer and how it collects and learns.
-RESUME_KEYS = ("task", "algorithm", "velocity", "num_steps", "exec_steps", "num_envs", "reward", "max_episode_steps",
-               "sim_backend", "seed", "sac_hidden", "buffer_size", "n_step", "gamma", "learning_starts", "sac_std_min",
-               "sac_std_max")
+RESUME_KEYS = ("ckpt", "task", "algorithm", "velocity", "num_steps", "exec_steps", "num_envs", "reward",
+               "max_episode_steps", "sim_backend", "seed", "sac_hidden", "buffer_size", "n_step", "gamma",
+               "learning_starts", "sac_std_min", "sac_std_max", "sac_bc_coef")
 MEMORY_SHARE = 0.5  # the replay buffer may take at most this share of the machine's memory
 
 
@@ -53,7 +58,7 @@ def _memory_bytes() -> int:
 def _settings(cfg: RLConfig) -> SACSettings:
     return SACSettings(gamma=cfg.gamma, tau=cfg.tau, actor_lr=cfg.lr, critic_lr=cfg.value_lr, alpha_lr=cfg.lr,
                        alpha_init=cfg.alpha_init, target_entropy=cfg.target_entropy, policy_delay=cfg.policy_delay,
-                       max_grad_norm=cfg.max_grad_norm, hidden=cfg.sac_hidden)
+                       max_grad_norm=cfg.max_grad_norm, hidden=cfg.sac_hidden, backbone_lr=cfg.sac_backbone_lr)
 
 
 def _where_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -64,16 +69,41 @@ class SACFlowTrainer:
     def __init__(self, cfg: RLConfig, force: bool = False):
         self.cfg = cfg.validate()
         self.run_dir = RunDir(cfg.out, what="an RL run", force=force, resume=cfg.resume, state_file=f"{STATE}.json",
-                              replaceable=SAC_ENTRIES)
+                              replaceable=SAC_ENTRIES, inputs=(cfg.ckpt or None,))
         self.out = self.run_dir.path
         if cfg.resume and (self.out / f"{STATE}.json").exists():
             self._check_resumable()
-        self.env_cfg = EnvConfig(task=cfg.task or DEFAULT_TASK, obs_mode="state", reward_mode=cfg.reward,
-                                 sim_backend=cfg.sim_backend, max_episode_steps=cfg.max_episode_steps).validate()
-        self.chunk = cfg.exec_steps or DEFAULT_CHUNK
+        self.loaded = self._load_start() if cfg.ckpt else None
+        if self.loaded:
+            self.env_cfg = EnvConfig.for_policy(self.loaded.spec, cfg.task, reward_mode=cfg.reward,
+                                                sim_backend=cfg.sim_backend, max_episode_steps=cfg.max_episode_steps)
+            self.chunk = self.loaded.model.cfg.exec_steps
+        else:
+            self.env_cfg = EnvConfig(task=cfg.task or DEFAULT_TASK, obs_mode="state", reward_mode=cfg.reward,
+                                     sim_backend=cfg.sim_backend, max_episode_steps=cfg.max_episode_steps).validate()
+            self.chunk = cfg.exec_steps or DEFAULT_CHUNK
         self.iteration, self.env_steps, self.transitions, self.updates, self.owed = 0, 0, 0, 0, 0.0
         self.steps_per_iteration = cfg.num_envs * cfg.rollout_chunks * self.chunk
         self.num_iterations = math.ceil(cfg.total_env_steps / self.steps_per_iteration)
+
+    def _load_start(self) -> LoadedPolicy:
+        """The SFT checkpoint, its model at the run's K and C and, for flow_g, with a velocity gate at z = 1."""
+        cfg = self.cfg
+        loaded = load_checkpoint(cfg.ckpt)
+        if loaded.spec.obs_mode != "state":
+            raise UserError(f"sac_flow from a checkpoint needs a state-observation policy; {cfg.ckpt} observes "
+                            f"{loaded.spec.obs_mode}")
+        model = loaded.model
+        if cfg.exec_steps is not None:
+            if cfg.exec_steps > model.cfg.horizon:
+                raise UserError(f"exec_steps C={cfg.exec_steps} cannot exceed the chunk horizon "
+                                f"H={model.cfg.horizon} of {cfg.ckpt}")
+            model.cfg.exec_steps = cfg.exec_steps
+        model.cfg.num_steps = cfg.num_steps  # the saved checkpoint evaluates and exports at the trained K
+        self.norm = NormStats.load(Path(cfg.ckpt) / "norm_stats.json")
+        if cfg.velocity == "flow_g":
+            model = with_velocity_gate(model, self.norm)
+        return replace(loaded, model=model)
 
     def _build(self, obs_dim: int, low: torch.Tensor, high: torch.Tensor) -> None:
         cfg = self.cfg
@@ -86,9 +116,14 @@ class SACFlowTrainer:
                             f"machine's {_memory_bytes() / 2**30:.1f} GiB; lower --buffer-size")
         torch.manual_seed(cfg.seed)
         shape = dict(hidden=cfg.sac_hidden, std_min=cfg.sac_std_min, std_max=cfg.sac_std_max)
-        self.actor = (GaussianActor(obs_dim, self.chunk, len(low), low, high, **shape) if cfg.velocity == "gaussian"
-                      else FlowActor(obs_dim, self.chunk, len(low), low, high, velocity=cfg.velocity,
-                                     num_steps=cfg.num_steps, **shape))
+        if self.loaded:
+            self.actor = BackboneFlowActor(self.loaded.model, self.loaded.spec.instruction, low, high,
+                                           num_steps=cfg.num_steps, bc_coef=cfg.sac_bc_coef, **shape)
+        elif cfg.velocity == "gaussian":
+            self.actor = GaussianActor(obs_dim, self.chunk, len(low), low, high, **shape)
+        else:
+            self.actor = FlowActor(obs_dim, self.chunk, len(low), low, high, velocity=cfg.velocity,
+                                   num_steps=cfg.num_steps, **shape)
         self.sac = SAC(self.actor, obs_dim, self.chunk, _settings(cfg))
         self.buffer = ReplayBuffer(cfg.buffer_size, obs_dim, (self.chunk, len(low)), seed=cfg.seed)
         self.window = NStepWindow(cfg.num_envs, cfg.n_step, cfg.gamma)
@@ -104,6 +139,10 @@ class SACFlowTrainer:
         buffer is written first and the state records its save token: after a crash between the two, the older
         state refuses the newer buffer."""
         self.buffer.save(self.out, REPLAY)
+        if self.loaded:  # the fine-tuned policy as a checkpoint, for eval, export and serving
+            info = {"trained_by": "sim-trainer rl --algorithm sac_flow", "rl_config": asdict(self.cfg),
+                    "env_steps": self.env_steps, "start_checkpoint": self.cfg.ckpt}
+            save_checkpoint(self.out, self.loaded.model, self.loaded.spec, self.norm, info)
         meta = {**self._counters(), "config": asdict(self.cfg), "trained_by": "sim-trainer rl --algorithm sac_flow",
                 "replay_size": self.buffer.size, "replay_token": read_meta(self.out, REPLAY)["token"]}
         save_training(self.out, STATE, meta, self.sac.opt, **self.sac.parts())
@@ -130,8 +169,9 @@ class SACFlowTrainer:
 
     # ----- acting ---------------------------------------------------------------------------------------
     def _chunk_for(self, obs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Uniformly random chunks until learning starts, then samples of the flow policy."""
-        if self.transitions < self.cfg.learning_starts:
+        """From scratch: uniformly random chunks until learning starts, then samples of the flow policy. From a
+        checkpoint the policy itself collects from the start."""
+        if self.transitions < self.cfg.learning_starts and not self.loaded:
             u = torch.rand((len(obs), self.chunk, len(self.low)), generator=gen)
             return self.low + (self.high - self.low) * u
         with torch.no_grad():
@@ -190,7 +230,7 @@ class SACFlowTrainer:
                 chunk = self._chunk_for(obs, gen)
                 reward, done, truncated, final, success = self._run_chunk(venv, obs, chunk)
                 self.env_steps += cfg.num_envs * self.chunk
-                rows = self.window.push(obs, chunk, reward, done, truncated, final)
+                rows = self.window.push(obs, self.sac.executed(chunk), reward, done, truncated, final)
                 if rows is not None:
                     self.buffer.add(rows)
                 self.transitions += cfg.num_envs
@@ -243,8 +283,18 @@ class SACFlowTrainer:
 
     # ----- evaluation -------------------------------------------------------------------------------------
     def evaluate(self, episodes: int) -> dict:
-        """success_once of the deterministic chain (x_0 = 0, no step noise) on held-out seeds."""
+        """success_once on held-out seeds: from scratch, of the deterministic chain (x_0 = 0, no step noise); from a
+        checkpoint, of the model as `sim-trainer eval` runs it."""
         cfg = self.cfg
+        if self.loaded:
+            from sim_trainer.evaluate.rollout import evaluate
+            from sim_trainer.policy import ChunkPolicy
+
+            policy = ChunkPolicy(self.loaded.model, self.loaded.spec, num_steps=cfg.num_steps)
+            summary = evaluate(policy, self.env_cfg, episodes, cfg.eval_envs, record_video=False,
+                               progress=False).summary()
+            self.loaded.model.train()
+            return summary
         successes: list[bool] = []
         returns: list[float] = []
         venv = make_vec_env(self.env_cfg, min(cfg.eval_envs, episodes))
