@@ -141,9 +141,9 @@ def _write_lerobot(data: Path, info: dict, paths: list[Path], root: Path) -> dic
         totals.add(columns)
         rows.append({"episode_index": e, "tasks": [ep.instruction], "length": len(ep),
                      "data/chunk_index": chunk, "data/file_index": file, "dataset_from_index": frame,
-                     "dataset_to_index": frame + len(ep), "meta/episodes/chunk_index": 0,
-                     "meta/episodes/file_index": 0,
-                     **{f"stats/{k}/{s}": v for k, st in _StatsSet.of(columns).items() for s, v in st.items()}})
+                     "dataset_to_index": frame + len(ep),
+                     **{f"stats/{k}/{s}": v for k, st in _StatsSet.of(columns).items() for s, v in st.items()},
+                     "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
         sidecar.append({"index": int(path.stem.split("_")[1]), "success": ep.success, "source": ep.source,
                         "task": ep.task, "control_mode": ep.control_mode,
                         "state_layout": [list(x) for x in ep.state_layout], "provenance": ep.provenance,
