@@ -41,7 +41,8 @@ def cmd_export_lerobot(a: argparse.Namespace) -> int:
     from sim_trainer.data.lerobot import export_lerobot
 
     r = export_lerobot(a.data, a.out, force=a.force)
-    skipped = f", {r['skipped_empty']} episodes without steps skipped" if r["skipped_empty"] else ""
+    n = r["skipped_empty"]
+    skipped = f", {n} episode{'s' * (n != 1)} without steps skipped" if n else ""
     print(f"wrote LeRobotDataset v3.0 to {a.out}: {r['episodes']} episodes, {r['frames']} frames at {r['fps']} fps, "
           f"cameras {', '.join(r['cameras']) or 'none'}{skipped}")
     return 0

@@ -123,7 +123,7 @@ def test_round_trip_through_the_cli(tmp_path):
     src = tiny_dataset(tmp_path / "ds")
     r = run_cli("sim-trainer", ["dataset", "export-lerobot", src, "--out", tmp_path / "lr"])
     assert r.returncode == 0, r.stderr
-    assert "2 episodes, 8 frames at 20 fps" in r.stdout and "1 episodes without steps skipped" in r.stdout
+    assert "2 episodes, 8 frames at 20 fps" in r.stdout and "1 episode without steps skipped" in r.stdout
     r = run_cli("sim-trainer", ["dataset", "import-lerobot", tmp_path / "lr", "--out", tmp_path / "back"])
     assert r.returncode == 0, r.stderr
     for a, b in zip(load_dataset(src, successful_only=False)[:2], load_dataset(tmp_path / "back", False),
