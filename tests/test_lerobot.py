@@ -20,7 +20,7 @@ from PIL import Image
 
 from policy_runtime.contract import CameraSpec, PolicySpec
 from policy_runtime.episodes import Episode, EpisodeWriter, list_episodes, load_dataset, read_episode
-from sim_trainer.data import lerobot
+from sim_trainer.data import lerobot, sources
 from sim_trainer.errors import UserError
 from tests.bad_input import assert_refused_unchanged, run_cli
 
@@ -164,6 +164,8 @@ def test_import_of_a_dataset_written_by_lerobot(tmp_path):
         assert (ep.success, ep.source, ep.control_mode, ep.control_hz) == (True, "real", "unspecified",
                                                                           expected["fps"])
     spec = data.spec
+    assert sources.dataset_spec(f"lerobot:{WRITTEN / 'dataset'}") == spec  # what sft reads, without the frames
+    assert spec.action_low == tuple(np.min([a for e in expected["episodes"] for a in e["action"]], axis=0).tolist())
     assert spec.state_layout == (("observation.state", len(expected["episodes"][0]["state"][0])),)
     assert [c.name for c in spec.cameras] == sorted(expected["episodes"][0]["images"])
     r = run_cli("sim-trainer", ["dataset", "import-lerobot", WRITTEN / "dataset", "--out", tmp_path / "ds"])
@@ -217,7 +219,7 @@ def test_bad_lerobot_input_is_one_line(tmp_path, case):
     root = _broken(tmp_path, edit)
     assert_refused_unchanged("sim-trainer", ["dataset", "import-lerobot", root, "--out", tmp_path / "out"],
                              watched=[root], contains=contains)
-    assert not (tmp_path / "out" / "episodes").exists()
+    assert not (tmp_path / "out").exists()  # nothing left behind either
 
 
 def test_bad_export_and_sft_input_is_one_line(tmp_path):

@@ -10,6 +10,7 @@ dataset without that file (recorded with LeRobot) gets the defaults documented i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from policy_runtime.artifacts import LOCK_NAME, OutputLock, atomic_write_text, claim_output_dir
+from policy_runtime.artifacts import LOCK_NAME, OutputLock, atomic_write_text, claim_output_dir, is_bookkeeping
 from policy_runtime.contract import EPISODE_FORMAT, EPISODE_SOURCES, EPISODE_VERSION, CameraSpec, PolicySpec
 from policy_runtime.episodes import Episode, EpisodeWriter, _dataset_info, list_episodes, read_episode
 from sim_trainer.errors import UserError
@@ -58,13 +59,13 @@ def export_lerobot(data: str | Path, out: str | Path, force: bool = False) -> di
     paths = list_episodes(data)
     created = not os.path.lexists(out)
     out = claim_output_dir(out, force=force, inputs=(data,), what="LeRobot dataset directory")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in LEROBOT_ENTRIES and p.name != LOCK_NAME)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in LEROBOT_ENTRIES and not is_bookkeeping(p.name))
     if foreign:
         raise UserError(f"--force only replaces a LeRobot dataset, but {out} also holds {', '.join(foreign[:3])}; "
                         "remove those or choose another --out")
     try:
         with OutputLock(out):
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.lerobot-", dir=out.resolve().parent))
+            staging = _staging_dir(out)
             try:
                 summary = _write_lerobot(data, info, paths, staging)
                 _publish(staging, out)
@@ -72,10 +73,26 @@ def export_lerobot(data: str | Path, out: str | Path, force: bool = False) -> di
                 shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         if created:
-            (out / LOCK_NAME).unlink(missing_ok=True)
-            out.rmdir() if out.is_dir() and not any(out.iterdir()) else None
+            _remove_if_empty(out)
         raise
     return summary
+
+
+def _remove_if_empty(out: Path) -> None:
+    """A run that created `out` and failed leaves no empty directory behind (its lock file aside, it is empty)."""
+    (out / LOCK_NAME).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        out.rmdir()
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh directory on out's file system: beside it, or inside it when its parent is not writable."""
+    parent = out.resolve().parent
+    where = parent if os.access(parent, os.W_OK) and os.stat(parent).st_dev == os.stat(out).st_dev else out
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.lerobot-", dir=where))
+    except OSError as e:
+        raise UserError(f"cannot create a build directory in {where}: {e.strerror}") from None
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -137,7 +154,7 @@ def _write_lerobot(data: Path, info: dict, paths: list[Path], root: Path) -> dic
         layout.check(ep, path)
         table = _episode_table(ep, e, frame, tasks[ep.instruction], layout, features)
         chunk, file = writer.write(table)
-        columns = _stats_columns(table, features)
+        columns = _stats_columns(table, features, ep)
         totals.add(columns)
         rows.append({"episode_index": e, "tasks": [ep.instruction], "length": len(ep),
                      "data/chunk_index": chunk, "data/file_index": file, "dataset_from_index": frame,
@@ -321,13 +338,13 @@ class _StatsSet:
                 for k, v in self.parts.items()}
 
 
-def _stats_columns(table: pa.Table, features: dict) -> dict[str, np.ndarray | _Pixels]:
-    """Each numeric column as [T, D] values, each image column as its pixel counts."""
+def _stats_columns(table: pa.Table, features: dict, ep: Episode) -> dict[str, np.ndarray | _Pixels]:
+    """Each numeric column as [T, D] values, each camera as the pixel counts of its frames (PNG is lossless)."""
     out: dict[str, np.ndarray | _Pixels] = {}
     for key, ft in features.items():
         col = table.column(key).combine_chunks()
         if ft["dtype"] == "image":
-            out[key] = _Pixels.of(np.stack([_decode_png(b) for b in col.field("bytes").to_pylist()]))
+            out[key] = _Pixels.of(ep.images[key[len(IMAGE_PREFIX):]])
         elif ft["shape"] == [1]:
             out[key] = col.to_numpy().reshape(-1, 1)
         else:
@@ -376,8 +393,14 @@ class LeRobotData:
 
 def import_lerobot(src: str | Path, out: str | Path, force: bool = False, source: str = "real") -> dict:
     """Write the LeRobot v3.0 dataset `src` as an episode dataset in `out` (everything is read and checked first)."""
+    created = not os.path.lexists(out)
     run_dir = RunDir(out, what="an episode dataset", force=force, replaceable=DATASET_ENTRIES, inputs=(src,))
-    data = read_lerobot(src, source=source)
+    try:
+        data = read_lerobot(src, source=source)
+    except BaseException:
+        if created:
+            _remove_if_empty(Path(out))
+        raise
     with run_dir as root:
         writer = EpisodeWriter(root, spec=data.spec, meta=data.meta)
         for index, ep in data.episodes:
@@ -410,7 +433,7 @@ def read_lerobot(root: str | Path, source: str = "real", with_frames: bool = Tru
             episodes.append(_episode(root, e, cols, features, cameras, tasks, fps, source,
                                      sidecar["episodes"][i] if sidecar else None, info.get("robot_type")))
         else:
-            episodes.append((e, cols[ACTION]))
+            episodes.append((e, _vector_column(cols[ACTION], features[ACTION], ACTION, f"{root}: episode {e}")))
     if sidecar:
         d = sidecar["dataset"]
         spec = PolicySpec.from_dict(d["spec"]) if isinstance(d.get("spec"), dict) else None
@@ -451,6 +474,9 @@ def _lerobot_info(root: Path) -> dict:
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
         raise UserError(f"{root / INFO}: fps must be a positive number, got {fps!r}")
     feats = info["features"]
+    odd = [k for k, ft in feats.items() if not isinstance(ft, dict)]
+    if odd:
+        raise UserError(f"{root / INFO}: feature {odd[0]!r} is not an object with dtype, shape and names")
     for key in (STATE, ACTION):
         ft = feats.get(key)
         if not isinstance(ft, dict) or ft.get("dtype") not in ("float32", "float64") or len(ft.get("shape", [])) != 1:
@@ -533,7 +559,11 @@ def _data_rows(root: Path, info: dict, table: dict, columns: list[str]) -> dict[
     """Every data file the episodes point at, with the columns needed."""
     template = info.get("data_path") or DATA_PATH
     files = sorted(set(zip(table["data/chunk_index"], table["data/file_index"], strict=True)))
-    return {(c, f): _parquet(root / template.format(chunk_index=c, file_index=f), columns) for c, f in files}
+    try:
+        paths = {(c, f): root / template.format(chunk_index=c, file_index=f) for c, f in files}
+    except (AttributeError, KeyError, IndexError, ValueError):
+        raise UserError(f"{root / INFO}: data_path {template!r} is not a chunk/file path template") from None
+    return {key: _parquet(path, columns) for key, path in paths.items()}
 
 
 def _episode_rows(rows: dict, table: dict, i: int, e: int) -> dict[str, pa.ChunkedArray]:
@@ -575,8 +605,10 @@ def _frames(root: Path, col: pa.ChunkedArray, key: str, hw: tuple[int, int], whe
     """[T, H, W, 3] uint8 of a PNG image column (embedded bytes, or a path relative to the dataset)."""
     out = []
     for item in col.to_pylist():
-        data = (item or {}).get("bytes")
-        if data is None and (item or {}).get("path"):
+        if not isinstance(item, dict):
+            raise UserError(f"{where}: {key} is not an image column ({{bytes, path}} structs)")
+        data = item.get("bytes")
+        if data is None and item.get("path"):
             data = _read_bytes(root / item["path"])
         if data is None:
             raise UserError(f"{where}: {key} has a frame with neither bytes nor path")
