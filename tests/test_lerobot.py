@@ -237,6 +237,17 @@ def test_bad_export_and_sft_input_is_one_line(tmp_path):
         assert_refused_unchanged("sim-trainer", args, watched=[src, tmp_path / "full"], contains=contains)
 
 
+def test_rl_cotrain_data_takes_a_lerobot_dir():
+    """RL-Co's --cotrain-data names a LeRobot dataset as sft --data does (the directory is what is checked)."""
+    from sim_trainer.rl.config import RLConfig
+
+    cfg = dict(ckpt="checkpoints/pushcube_rgb_small", out="unused")
+    assert RLConfig(**cfg, cotrain_data=f"lerobot:{GOLDEN}").validate().cotrain_data == f"lerobot:{GOLDEN}"
+    with pytest.raises(UserError, match="co-training dataset /nope does not exist"):
+        RLConfig(**cfg, cotrain_data="lerobot:/nope").validate()
+    assert [len(e) for e in sources.load_dataset(f"lerobot:{GOLDEN}")] == [5]  # its successful episodes
+
+
 def test_a_fractional_control_rate_or_mixed_schemas_are_refused(tmp_path):
     writer = EpisodeWriter(tmp_path / "hz")
     writer.write(_episode(3, 0, control_hz=12.5))
