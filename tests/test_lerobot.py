@@ -241,7 +241,7 @@ def test_rl_cotrain_data_takes_a_lerobot_dir():
     """RL-Co's --cotrain-data names a LeRobot dataset as sft --data does (the directory is what is checked)."""
     from sim_trainer.rl.config import RLConfig
 
-    cfg = dict(ckpt="checkpoints/pushcube_rgb_small", out="unused")
+    cfg = dict(ckpt=str(FIXTURES.parents[1] / "checkpoints/pushcube_rgb_small"), out="unused")
     assert RLConfig(**cfg, cotrain_data=f"lerobot:{GOLDEN}").validate().cotrain_data == f"lerobot:{GOLDEN}"
     with pytest.raises(UserError, match="co-training dataset /nope does not exist"):
         RLConfig(**cfg, cotrain_data="lerobot:/nope").validate()

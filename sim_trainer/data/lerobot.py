@@ -134,6 +134,7 @@ class _Layout:
 
 
 def _write_lerobot(data: Path, info: dict, paths: list[Path], root: Path) -> dict:
+    """Write the whole LeRobot dataset into `root` (the staging directory); `info` is DATA's dataset.json."""
     heads = [read_episode(p, with_images=False) for p in paths]  # the schema before any frame is written
     kept = [(p, h) for p, h in zip(paths, heads, strict=True) if len(h)]
     if not kept:
@@ -296,8 +297,7 @@ def _write_parquet(table: pa.Table, path: Path, pandas_index: bool = False) -> N
             {"name": None, "field_name": "__index_level_0__", "pandas_type": "unicode", "numpy_type": "object",
              "metadata": None},
             {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
-             "metadata": None}], "creator": {"library": "pyarrow", "version": pa.__version__},
-            "pandas_version": "2.2.3"}
+             "metadata": None}], "creator": {"library": "pyarrow", "version": pa.__version__}}
         table = table.replace_schema_metadata({"pandas": json.dumps(pandas_meta)})
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, compression="snappy")
