@@ -261,6 +261,22 @@ def test_a_fractional_control_rate_or_mixed_schemas_are_refused(tmp_path):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+def test_a_full_data_file_continues_in_the_next_file_and_chunk(tmp_path, monkeypatch):
+    """Past the size limit an episode goes to the next file; past chunks_size files, to the next chunk."""
+    monkeypatch.setattr(lerobot, "DATA_FILES_SIZE_IN_MB", 1e-3)  # ~1 kB: one episode per file
+    monkeypatch.setattr(lerobot, "CHUNKS_SIZE", 1)
+    src = tiny_dataset(tmp_path / "ds")
+    out = tmp_path / "lr"
+    lerobot.export_lerobot(src, out)
+    assert _files(out / "data") == ["chunk-000/file-000.parquet", "chunk-001/file-000.parquet"]
+    episodes = pq.read_table(out / "meta/episodes/chunk-000/file-000.parquet")
+    assert episodes["data/chunk_index"].to_pylist() == [0, 1] and episodes["data/file_index"].to_pylist() == [0, 0]
+    assert json.loads((out / "meta/info.json").read_text())["chunks_size"] == 1
+    back = [ep for _, ep in lerobot.read_lerobot(out).episodes]
+    for a, b in zip([e for e in load_dataset(src, successful_only=False) if len(e)], back, strict=True):
+        _assert_same_episode(a, b)
+
+
 def test_force_replaces_an_export_and_nothing_else(tmp_path):
     src = tiny_dataset(tmp_path / "ds")
     out = tmp_path / "lr"
