@@ -37,6 +37,25 @@ def cmd_demos(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_lerobot(a: argparse.Namespace) -> int:
+    from sim_trainer.data.lerobot import export_lerobot
+
+    r = export_lerobot(a.data, a.out, force=a.force)
+    n = r["skipped_empty"]
+    skipped = f", {n} episode{'s' * (n != 1)} without steps skipped" if n else ""
+    print(f"wrote LeRobotDataset v3.0 to {a.out}: {r['episodes']} episodes, {r['frames']} frames at {r['fps']} fps, "
+          f"cameras {', '.join(r['cameras']) or 'none'}{skipped}")
+    return 0
+
+
+def cmd_import_lerobot(a: argparse.Namespace) -> int:
+    from sim_trainer.data.lerobot import import_lerobot
+
+    r = import_lerobot(a.dir, a.out, force=a.force, source=a.source)
+    print(f"wrote {r['episodes']} episodes ({r['frames']} steps) to {a.out}")
+    return 0
+
+
 def cmd_sft(a: argparse.Namespace) -> int:
     from sim_trainer.config_check import check_threads
     from sim_trainer.config_flags import config_from_args
@@ -235,6 +254,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed-start", type=int, default=0, help="first env seed; seeds are tried in order")
     d.add_argument("--workers", type=int, default=1, help="parallel planner processes")
     d.set_defaults(func=cmd_demos)
+
+    ds = sub.add_parser("dataset", help="convert episode datasets to and from other formats",
+                        description="Convert between the project's episode datasets and LeRobotDataset v3.0 "
+                                    "(docs/datasets.md).")
+    dsub = ds.add_subparsers(dest="dataset_command", required=True)
+    de = dsub.add_parser("export-lerobot", help="write an episode dataset as a LeRobotDataset v3.0",
+                         description="Write DATA as a LeRobotDataset v3.0 (parquet, camera frames as lossless PNG "
+                                     "image features) that LeRobotDataset(repo_id, root=OUT) loads.")
+    de.add_argument("data", metavar="DATA", help="episode dataset directory")
+    de.add_argument("--out", required=True, help="new LeRobot dataset directory (a non-empty one needs --force)")
+    de.add_argument("--force", action="store_true", help="replace the LeRobot dataset already in --out")
+    de.set_defaults(func=cmd_export_lerobot)
+    di = dsub.add_parser("import-lerobot", help="write a LeRobotDataset v3.0 as an episode dataset",
+                         description="Read the LeRobotDataset v3.0 in DIR (image features; video is not read) and "
+                                     "write it as an episode dataset. sft --data lerobot:DIR reads one in place.")
+    di.add_argument("dir", metavar="DIR", help="LeRobot dataset directory (the one with meta/info.json)")
+    di.add_argument("--out", required=True, help="new episode dataset directory")
+    di.add_argument("--force", action="store_true", help="replace the episode dataset already in --out")
+    di.add_argument("--source", default="real", choices=("sim", "real-proxy", "real"),
+                    help="source label of episodes recorded with LeRobot (ours carry their own)")
+    di.set_defaults(func=cmd_import_lerobot)
 
     s = sub.add_parser("sft", help="flow-matching supervised fine-tuning",
                        description="Train the flow VLA on one or more episode datasets. Options come from a YAML "

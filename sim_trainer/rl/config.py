@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
 from sim_trainer.config_flags import option
+from sim_trainer.data.sources import source_path
 from sim_trainer.errors import UserError
 from sim_trainer.rl.flow_velocity import ACTORS, BACKBONE_VELOCITIES
 from sim_trainer.rl.policy import VALUE_INPUTS
@@ -85,8 +86,8 @@ class RLConfig:
     target_kl: float | None = option(None, "stop an update's remaining epochs once an epoch's mean approx KL "
                                            "exceeds this (default: never)")
     max_grad_norm: float = option(1.0, "gradient norm clip")
-    cotrain_data: str | None = option(None, "RL-Co: real(-proxy) episode dataset; its flow-matching loss anchors "
-                                            "the policy")
+    cotrain_data: str | None = option(None, "RL-Co: real(-proxy) episode dataset (or lerobot:DIR); its flow-matching "
+                                            "loss anchors the policy")
     cotrain_weight: float = option(0.2, "RL-Co beta in L = L_RL + beta * L_SFT(real)")
     cotrain_batch: int = option(32, "RL-Co: real samples per RL minibatch")
     freeze_vision: bool = option(False, "freeze the vision encoder")
@@ -148,7 +149,7 @@ class RLConfig:
         if not self.out:
             raise UserError("give a run directory with --out")
         if self.cotrain_data is not None:
-            _check_dir("co-training dataset", self.cotrain_data)
+            _check_dir("co-training dataset", str(source_path(self.cotrain_data)))
         if self.sim_backend == "physx_cuda":
             import torch
 

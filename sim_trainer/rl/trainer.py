@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from policy_runtime.episodes import dataset_spec, load_dataset
 from sim_trainer.data.normalize import NormStats
+from sim_trainer.data.sources import dataset_spec, load_dataset, source_path
 from sim_trainer.envs.make import probe_spec
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.envs.vec_env import make_vec_env
@@ -76,7 +76,8 @@ class RLTrainer:
         self.cfg, self.world = cfg.validate(), world or World()
         # every rank checks --out (nothing is written before the first barrier, so all see the same); rank 0 locks
         self.run_dir = RunDir(cfg.out, what="an RL run", force=force, resume=cfg.resume,
-                              inputs=(cfg.ckpt, cfg.cotrain_data), state_file=f"{STATE}.json")
+                              inputs=(cfg.ckpt, cfg.cotrain_data and source_path(cfg.cotrain_data)),
+                              state_file=f"{STATE}.json")
         self.out = self.run_dir.path
         if cfg.resume and (self.out / f"{STATE}.json").exists():
             self._check_resumable()

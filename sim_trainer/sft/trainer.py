@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from policy_runtime.episodes import dataset_spec, list_episodes, load_dataset
 from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
 from sim_trainer.config_flags import option
 from sim_trainer.data.normalize import NormStats
+from sim_trainer.data.sources import dataset_spec, episode_count, load_dataset, source_path
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import save_checkpoint
@@ -50,7 +50,8 @@ STATE = "trainer_state"
 class SFTConfig:
     """Every SFT option: a preset key and a flag (`batch_size` -> `--batch-size`), help text as written here."""
 
-    data: list[str] = option([], "episode dataset directories (repeat --data, or give several, to mix datasets)")
+    data: list[str] = option([], "episode dataset directories, or lerobot:DIR for a LeRobotDataset v3.0 (repeat "
+                                  "--data, or give several, to mix datasets)")
     out: str = option("", "output checkpoint directory (new or empty; see --resume and --force)")
     mix: list[float] = option([], "sampling ratio per dataset, e.g. --mix 0.5 0.5 (default: proportional to size)")
     size: str = option("small", f"model size: {', '.join(SIZES)}")
@@ -143,7 +144,7 @@ def _load_trainer_state(out: Path, model, ema: EMA, opt, sampler: MixedSampler, 
 
 def _run_identity(cfg: SFTConfig) -> dict:
     """What a resumed run must share with the saved one: its config and the episode count of each dataset."""
-    return {"config": asdict(cfg), "episodes": [len(list_episodes(d)) for d in cfg.data]}
+    return {"config": asdict(cfg), "episodes": [episode_count(d) for d in cfg.data]}
 
 
 def _check_resumable(out: Path, cfg: SFTConfig) -> None:
@@ -174,8 +175,8 @@ def train_sft(cfg: SFTConfig, force: bool = False) -> Path:
         raise UserError(f"all cameras must share one square resolution, got {sorted(sizes)}")
     if cfg.image_grid and spec.cameras and cfg.image_grid > spec.cameras[0].height:
         raise UserError(f"image_grid {cfg.image_grid} exceeds the {spec.cameras[0].height}-pixel camera images")
-    run_dir = RunDir(cfg.out, what="an SFT run", force=force, resume=cfg.resume, inputs=tuple(cfg.data),
-                     state_file=f"{STATE}.json")
+    run_dir = RunDir(cfg.out, what="an SFT run", force=force, resume=cfg.resume,
+                     inputs=tuple(source_path(d) for d in cfg.data), state_file=f"{STATE}.json")
     out = run_dir.path
     if cfg.resume and (out / f"{STATE}.json").exists():
         _check_resumable(out, cfg)
