@@ -32,7 +32,7 @@ EXPERT = dict(width=32, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_d
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
 IMAGE, STATE_DIM, ACTION_DIM, HORIZON, BATCH = 32, 8, 7, 4, 2
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # the last is left out of the batch
-TEXT_LEN = {"pi0": 16, "pi05": 200}
+TEXT_LEN = {"pi0": 24, "pi05": 200}
 TASKS = ["pick up the red cube and put it in the bowl", "open_the drawer"]
 TAUS = [1.0, 0.75, 0.4, 0.1]
 

@@ -228,3 +228,26 @@ def test_unknown_type_and_offline_repo_id(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         load_vla("no-such-owner-xyz/no-such-policy")
     assert_one_line(err, "cannot fetch no-such-owner-xyz/no-such-policy")
+
+
+def test_bf16_autocast_samples_close_to_fp32(loaded):
+    _, model, ref, meta = loaded
+    images, state = inputs(ref)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = model.sample_actions(images, state, ref["tokens"], ref["noise"], num_steps=meta["num_steps"])
+    assert raw.dtype == torch.float32 and torch.isfinite(raw).all()
+    scale = ref["chunk_raw"].abs().max()
+    assert (raw - ref["chunk_raw"]).abs().max() <= 0.1 * scale
+
+
+def test_pi05_state_prompt_of_the_robot_dims_only(loaded):
+    kind, model, ref, meta = loaded
+    if kind != "pi05":
+        pytest.skip("pi0 has no state in its prompt")
+    model.cfg.extra["state_prompt_dims"] = "robot"
+    try:
+        prompt = model.prompt(meta["tasks"][:1], ref["state"][:1])[0]
+    finally:
+        model.cfg.extra["state_prompt_dims"] = "padded"
+    assert len(prompt.split("State: ")[1].split(";")[0].split()) == model.cfg.state_dim
+    assert prompt.startswith("Task: pick up the red cube and put it in the bowl, State: ")
