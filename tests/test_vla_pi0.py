@@ -251,3 +251,28 @@ def test_pi05_state_prompt_of_the_robot_dims_only(loaded):
         model.cfg.extra["state_prompt_dims"] = "padded"
     assert len(prompt.split("State: ")[1].split(";")[0].split()) == model.cfg.state_dim
     assert prompt.startswith("Task: pick up the red cube and put it in the bowl, State: ")
+
+
+def test_lora_on_the_language_model_trains_only_the_adapters():
+    model = load_vla(FIXTURES / "pi0")
+    ref, _ = reference("pi0")
+    images, state = inputs(ref)
+    with torch.no_grad():
+        before = model.sample_actions(images, state, ref["tokens"], ref["noise"], num_steps=2)
+    model.enable_lora(rank=4)
+    groups = model.parameter_groups()
+    assert groups["lora"] and all(p.requires_grad for p in groups["lora"])
+    assert not any(p.requires_grad for p in groups["language"])
+    lm_before = [p.detach().clone() for p in groups["language"]]
+    with torch.no_grad():  # B starts at zero: nothing changes until the adapters train
+        assert torch.allclose(model.sample_actions(images, state, ref["tokens"], ref["noise"], num_steps=2), before)
+    opt = torch.optim.SGD(groups["lora"], lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        model.flow_matching_loss(images, state, ref["tokens"], ref["actions"], noise=ref["noise"],
+                                 tau=ref["loss_tau"]).backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(lm_before, groups["language"], strict=True))
+    with torch.no_grad():
+        after = model.sample_actions(images, state, ref["tokens"], ref["noise"], num_steps=2)
+    assert not torch.allclose(after, before)

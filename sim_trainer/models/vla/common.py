@@ -27,6 +27,7 @@ from sim_trainer.models.flow_vla import PrefixCache, _masked_mse
 
 MASK_VALUE = -2.3819763e38  # masked attention logits (the reference's constant; finite, so no NaN rows)
 RMS_EPS = 1e-6
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -424,12 +425,28 @@ class PaliGemmaFlowPolicy(nn.Module):
         return self.action_norm.inverse(chunk[..., : self.cfg.action_dim])
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """vision (SigLIP + projector), language (Gemma LM), expert (action expert), heads (the rest)."""
+        """vision (SigLIP + projector), language (Gemma LM), expert (action expert), heads (the rest), and
+        lora (the language model's LoRA adapters) once `enable_lora` added them."""
+        lm = dict(self.lm.named_parameters())
         groups = {"vision": [*self.vision.parameters(), *self.projector.parameters()],
-                  "language": list(self.lm.parameters()), "expert": list(self.expert.parameters())}
+                  "language": [p for n, p in lm.items() if "lora_" not in n],
+                  "expert": list(self.expert.parameters())}
+        lora = [p for n, p in lm.items() if "lora_" in n]
+        if lora:
+            groups["lora"] = lora
         taken = {id(p) for ps in groups.values() for p in ps}
         groups["heads"] = [p for p in self.parameters() if id(p) not in taken]
         return groups
+
+    def enable_lora(self, rank: int = 32, alpha: float | None = None, dropout: float = 0.0) -> None:
+        """LoRA adapters (peft) on every linear layer of the language model, which is frozen: a 3B model's
+        language stream then trains through rank-r updates only (group "lora"). B starts at zero, so the
+        outputs do not change until the adapters train."""
+        from peft import LoraConfig, inject_adapter_in_model
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=list(LORA_TARGETS))
+        inject_adapter_in_model(config, self.lm)
+        for name, p in self.lm.named_parameters():
+            p.requires_grad_("lora_" in name)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
