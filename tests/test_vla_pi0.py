@@ -276,3 +276,14 @@ def test_lora_on_the_language_model_trains_only_the_adapters():
     with torch.no_grad():
         after = model.sample_actions(images, state, ref["tokens"], ref["noise"], num_steps=2)
     assert not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_weights_sample_close_to_fp32(kind):
+    model = load_vla(FIXTURES / kind).to(torch.bfloat16)
+    ref, meta = reference(kind)
+    images, state = inputs(ref)
+    with torch.no_grad():
+        raw = model.sample_actions(images, state, model.tokenize(meta["tasks"], state), ref["noise"])
+    assert raw.dtype == torch.float32 and torch.isfinite(raw).all()
+    assert (raw - ref["chunk_raw"]).abs().max() <= 0.05 * ref["chunk_raw"].abs().max()

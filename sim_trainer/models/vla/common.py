@@ -182,7 +182,7 @@ class AdaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         normed = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        scale, shift, gate = self.dense(cond)[:, None, :].chunk(3, dim=-1)
+        scale, shift, gate = self.dense(cond.to(self.dense.weight.dtype))[:, None, :].chunk(3, dim=-1)
         return (normed * (1 + scale.float()) + shift.float()).to(x.dtype), gate.to(x.dtype)
 
 
@@ -221,6 +221,7 @@ class GemmaLayer(nn.Module):
         h, gate = apply_norm(self.input_layernorm, x, cond)
         b, n, _ = h.shape
         a, d = self.self_attn, self.dims
+        h = h.to(a.q_proj.weight.dtype)  # the stream keeps its dtype; each linear runs in its weights' dtype
         q = a.q_proj(h).view(b, n, d.num_heads, d.head_dim).transpose(1, 2)
         k = a.k_proj(h).view(b, n, d.num_kv_heads, d.head_dim).transpose(1, 2)
         v = a.v_proj(h).view(b, n, d.num_kv_heads, d.head_dim).transpose(1, 2)
@@ -229,7 +230,7 @@ class GemmaLayer(nn.Module):
     def finish(self, x: torch.Tensor, att: torch.Tensor, gate, cond: torch.Tensor | None) -> torch.Tensor:
         x = gated(x, self.self_attn.o_proj(att.to(self.self_attn.o_proj.weight.dtype)), gate)
         h, gate2 = apply_norm(self.post_attention_layernorm, x, cond)
-        return gated(x, self.mlp(h), gate2)
+        return gated(x, self.mlp(h.to(self.mlp.gate_proj.weight.dtype)), gate2)
 
 
 class GemmaStack(nn.Module):
@@ -307,11 +308,11 @@ class PaliGemmaFlowPolicy(nn.Module):
         for name in (*self.cfg.camera_names, *[None] * self.cfg.empty_cameras):
             img = images.get(name) if name is not None else None
             if img is None:  # a missing camera: invisible to every token, does not advance positions
-                embs.append(torch.zeros(b, n_img, self.cfg.lm.width, device=device))
+                embs.append(torch.zeros(b, n_img, self.cfg.lm.width, device=device, dtype=self.projector.weight.dtype))
                 masks.append(torch.zeros(b, n_img, dtype=torch.bool, device=device))
                 continue
             img = resize_with_pad(img.to(device), self.cfg.image_size)
-            pixels = (img.float() / 255.0 * 2.0 - 1.0).permute(0, 3, 1, 2)
+            pixels = (img.float() / 255.0 * 2.0 - 1.0).permute(0, 3, 1, 2).to(self.projector.weight.dtype)
             feats = self._ckpt(lambda p: self.projector(self.vision(pixel_values=p).last_hidden_state), pixels)
             embs.append(feats)
             masks.append(torch.ones(b, feats.shape[1], dtype=torch.bool, device=device))
@@ -387,7 +388,8 @@ class PaliGemmaFlowPolicy(nn.Module):
         tokens, cond = self.action_tokens(pad_last(x, self.cfg.max_action_dim), tau)
         hidden, _ = self._expert_pass(cache, tokens, cond)
         feats = hidden[:, -x.shape[1]:].float()
-        return self.action_out_proj(feats)[..., :width], feats
+        v = self.action_out_proj(feats.to(self.action_out_proj.weight.dtype)).to(x.dtype)
+        return v[..., :width], feats
 
     def velocity(self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor,
                  step: torch.Tensor | None = None) -> torch.Tensor:

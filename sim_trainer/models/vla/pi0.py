@@ -29,7 +29,7 @@ class Pi0(PaliGemmaFlowPolicy):
         return self.state_proj(state_normed.to(self.state_proj.weight.dtype))[:, None, :]
 
     def action_tokens(self, x: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, None]:
-        a = self.action_in_proj(x)
+        a = self.action_in_proj(x.to(self.action_in_proj.weight.dtype))
         t = sincos_time(tau, a.shape[-1], self.cfg.min_period, self.cfg.max_period)
         h = torch.cat([a, t[:, None, :].expand_as(a).to(a.dtype)], dim=2)
         return self.action_time_mlp_out(F.silu(self.action_time_mlp_in(h))), None

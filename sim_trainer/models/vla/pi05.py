@@ -32,7 +32,7 @@ class Pi05(PaliGemmaFlowPolicy):
     def prompt(self, instructions: list[str], state: torch.Tensor | None) -> list[str]:
         if state is None:
             raise ValueError("pi0.5 writes the state into its prompt: tokenize() needs the state")
-        s = self.state_norm(state.float().cpu())
+        s = self.state_norm(state.float()).float().cpu()
         if self.cfg.extra.get("state_prompt_dims", "padded") == "padded":
             s = pad_last(s, self.cfg.max_state_dim)
         bins = discretize_state(s.detach().numpy())
@@ -43,6 +43,6 @@ class Pi05(PaliGemmaFlowPolicy):
         return out
 
     def action_tokens(self, x: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.action_in_proj(x)
-        t = sincos_time(tau, a.shape[-1], self.cfg.min_period, self.cfg.max_period).to(a.dtype)
+        a = self.action_in_proj(x.to(self.action_in_proj.weight.dtype))
+        t = sincos_time(tau, a.shape[-1], self.cfg.min_period, self.cfg.max_period).to(self.time_mlp_in.weight.dtype)
         return a, F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(t))))
