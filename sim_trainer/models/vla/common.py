@@ -140,15 +140,15 @@ def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10_000.0) -> to
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax attention (fp32 softmax) of q [B, h, Nq, d] over k, v [B, kv, Nk, d] under mask [B, Nq, Nk];
-    returns [B, Nq, h * d]. Written out so it exports to ONNX and matches the reference bit for bit."""
+    returns [B, Nq, h * d]. Query heads are grouped per kv head (head i uses kv head i // (h / kv)), so the
+    shared keys and values are never copied per head; written out so it exports to ONNX."""
     b, h, nq, d = q.shape
-    rep = h // k.shape[1]
-    k = k.repeat_interleave(rep, dim=1) if rep > 1 else k
-    v = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-    logits = torch.matmul(q, k.transpose(2, 3)) * d ** -0.5
+    kv = k.shape[1]
+    logits = torch.matmul(q.reshape(b, kv, (h // kv) * nq, d), k.transpose(2, 3)).view(b, h, nq, -1) * d ** -0.5
     logits = logits.masked_fill(~mask[:, None], MASK_VALUE)
     probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v).transpose(1, 2).reshape(b, nq, h * d)
+    out = torch.matmul(probs.view(b, kv, (h // kv) * nq, -1), v).view(b, h, nq, d)
+    return out.transpose(1, 2).reshape(b, nq, h * d)
 
 
 def resize_with_pad(images: torch.Tensor, size: int) -> torch.Tensor:

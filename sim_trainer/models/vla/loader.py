@@ -32,7 +32,7 @@ PALIGEMMA_PREFIXES = (
     ("paligemma_with_expert.paligemma.model.language_model.", "lm."),
     ("paligemma_with_expert.gemma_expert.model.", "expert."),
 )
-LM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"  # tied to the token embedding
+LM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"  # tied to the token embedding, often stored alone
 UNUSED = ("paligemma_with_expert.gemma_expert.lm_head.weight",)  # the expert's output head: never used
 # the published size variants (the fallback when a tensor that tells a size is missing)
 GEMMA_VARIANTS = {"gemma_2b": GemmaDims(2048, 18, 16_384, vocab_size=257_152), "gemma_300m": GemmaDims(1024, 18, 4096)}
@@ -166,38 +166,32 @@ def features(config: dict, where: Path) -> tuple[tuple[str, ...], int, int]:
     return cams, state_dim, action_dim
 
 
-def map_keys(weights: dict[str, torch.Tensor], renames: dict[str, str]) -> tuple[dict, list[str]]:
-    """Checkpoint keys -> our parameter names; the checkpoint keys that map to nothing are returned apart."""
-    out, unknown = {}, []
-    lm_head = None
+def map_keys(weights: dict[str, torch.Tensor], prefixes=PALIGEMMA_PREFIXES, renames: dict[str, str] | None = None,
+             aliases: dict[str, str] | None = None, unused: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Checkpoint keys -> our parameter names: drop the optional `model.` prefix, apply `renames` (old key
+    start -> new), then the sub-tree `prefixes`; an `aliases` key fills its target only when the target is absent
+    (a tied weight stored once); `unused` keys are skipped. Keys that map to nothing keep their name, so the
+    key check reports them as unexpected."""
+    out, alias = {}, {}
     for key, value in weights.items():
         k = key.removeprefix("model.")
-        k = next((k.replace(old, new, 1) for old, new in renames.items() if k.startswith(old)), k)
-        if k == LM_HEAD:
-            lm_head = value
+        k = next((new + k[len(old):] for old, new in (renames or {}).items() if k.startswith(old)), k)
+        if k in unused:
             continue
-        if k in UNUSED:
+        if k in (aliases or {}):
+            alias[aliases[k]] = value
             continue
-        for theirs, ours in PALIGEMMA_PREFIXES:
-            if k.startswith(theirs):
-                out[ours + k[len(theirs):]] = value
-                break
-        else:
-            if "." in k and not k.startswith("paligemma_with_expert."):
-                out[k] = value
-            else:
-                unknown.append(key)
-    if "lm.embed_tokens.weight" not in out and lm_head is not None:
-        out["lm.embed_tokens.weight"] = lm_head  # the tied embedding is often stored only as lm_head
-    return out, unknown
+        k = next((ours + k[len(theirs):] for theirs, ours in prefixes if k.startswith(theirs)), k)
+        out[k] = value
+    return {**alias, **out}
 
 
-def check_and_load(model: torch.nn.Module, ours: dict[str, torch.Tensor], unknown: list[str], where: Path) -> None:
+def check_and_load(model: torch.nn.Module, ours: dict[str, torch.Tensor], where: Path) -> None:
     """Load the weights, naming every missing, unexpected and wrong-shaped key in one line."""
     expected = model.state_dict()
     expected = {k: v for k, v in expected.items() if not k.startswith(("state_norm.", "action_norm."))}
     missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(unknown + [k for k in ours if k not in expected])
+    unexpected = sorted(k for k in ours if k not in expected)
     shapes = sorted(f"{k} {tuple(v.shape)} (model: {tuple(expected[k].shape)})" for k, v in ours.items()
                     if k in expected and v.shape != expected[k].shape)
     problems = [f"{title}: {', '.join(keys)}" for title, keys in
@@ -252,7 +246,8 @@ def build_paligemma_policy(cls, directory: Path, config: dict, renames: dict[str
     """pi0 / pi0.5 from a LeRobot directory: sizes from the tensors, chunking from config.json."""
     where = directory / "config.json"
     weights = read_weights(directory)
-    ours, unknown = map_keys(weights, renames)
+    ours = map_keys(weights, PALIGEMMA_PREFIXES, renames, aliases={LM_HEAD: "lm.embed_tokens.weight"},
+                    unused=UNUSED)
     cams, state_dim, action_dim = features(config, where)
     vision = vision_dims(ours)
     res = config.get("image_resolution") or [vision.image_size]
@@ -285,5 +280,5 @@ def build_paligemma_policy(cls, directory: Path, config: dict, renames: dict[str
     stats = read_stats(directory)
     model = cls(cfg, normalizer(config, stats, "observation.state", "STATE", state_dim, directory),
                 normalizer(config, stats, "action", "ACTION", action_dim, directory), tokenizer)
-    check_and_load(model, ours, unknown, directory)
+    check_and_load(model, ours, directory)
     return model
