@@ -114,10 +114,14 @@ def test_every_interface_method_on_the_tiny_config(loaded):
 def test_images_of_another_size_are_resized_with_padding(loaded):
     _, model, ref, _ = loaded
     images, state = inputs(ref)
+    double = {k: v.repeat_interleave(2, 1).repeat_interleave(2, 2) for k, v in images.items()}  # 64 x 64
     wide = {k: torch.nn.functional.pad(v, (0, 0, 8, 8)) for k, v in images.items()}  # 32 x 48
     with torch.no_grad():
-        cache = model.encode_prefix(wide, state, ref["tokens"])
-    assert torch.isfinite(cache.pooled).all()
+        same = model.encode_prefix(images, state, ref["tokens"]).pooled
+        # a 2x upsampled image halves back exactly (bilinear, half-pixel centres)
+        assert torch.allclose(model.encode_prefix(double, state, ref["tokens"]).pooled, same, atol=1e-6)
+        padded = model.encode_prefix(wide, state, ref["tokens"]).pooled
+    assert torch.isfinite(padded).all() and not torch.allclose(padded, same)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(loaded):
