@@ -14,7 +14,9 @@ and one kv head, as LeRobot's joint attention assumes.
 Each fixture directory holds what `lerobot` saves (config.json, model.safetensors, policy_pre/postprocessor
 JSON + normaliser safetensors), a tiny character-level tokenizer.json (the tokenizer LeRobot's tokenizer step
 used), and reference.safetensors + reference.json: fixed inputs (two cameras of three, the third missing), fixed
-noise and flow times, the velocity at each time, the K=10 sampled chunk (normalised and raw) and the loss.
+noise and flow times, the velocity at each time, the K=10 sampled chunk (normalised and raw) and the loss;
+and full_size_layout.json, the key names and shapes of the real-size policy (no weights), so the tests check
+that a real checkpoint's every key fits our model.
 """
 
 from __future__ import annotations
@@ -96,6 +98,31 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
         for _, p in sorted(model.named_parameters()):
             std = p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.1
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def save_full_size_layout(kind: str, out: Path) -> None:
+    """Key -> shape of the full-size policy as LeRobot saves it (built on the meta device, before any size
+    patch; the tied token embedding is stored as lm_head only, as save_pretrained leaves it)."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    if kind == "pi0":
+        from lerobot.policies.pi0 import modeling_pi0 as modeling
+        from lerobot.policies.pi0.configuration_pi0 import PI0Config as Config
+        core = modeling.PI0Pytorch
+    else:
+        from lerobot.policies.pi05 import modeling_pi05 as modeling
+        from lerobot.policies.pi05.configuration_pi05 import PI05Config as Config
+        core = modeling.PI05Pytorch
+    feats = {"observation.images.base_0_rgb": PolicyFeature(FeatureType.VISUAL, (3, 224, 224)),
+             "observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,))}
+    config = Config(input_features=feats, output_features={"action": PolicyFeature(FeatureType.ACTION,
+                                                                                   (ACTION_DIM,))}, device="cpu")
+    with torch.device("meta"):
+        state = core(config).state_dict()
+    state.pop("paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight")
+    layout = {f"model.{k}": list(v.shape) for k, v in state.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "full_size_layout.json").write_text(json.dumps(layout, indent=0))
+    print(f"{kind}: {len(layout)} full-size keys -> {out / 'full_size_layout.json'}")
 
 
 def make(kind: str, root: Path) -> None:
@@ -206,6 +233,7 @@ def main() -> None:
     require_reference()
     torch.manual_seed(0)
     for kind in ("pi0", "pi05") if args.model == "all" else (args.model,):
+        save_full_size_layout(kind, args.out / kind)
         make(kind, args.out)
 
 

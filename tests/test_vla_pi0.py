@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from sim_trainer.errors import UserError
 from sim_trainer.models.vla import Pi0, Pi05, load_vla
+from sim_trainer.models.vla.common import StatsNormalizer
+from sim_trainer.models.vla.loader import key_problems, paligemma_config, paligemma_weights
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KINDS = ("pi0", "pi05")
@@ -291,3 +293,25 @@ def test_bf16_weights_sample_close_to_fp32(kind):
         raw = model.sample_actions(images, state, model.tokenize(meta["tasks"], state), ref["noise"])
     assert raw.dtype == torch.float32 and torch.isfinite(raw).all()
     assert (raw - ref["chunk_raw"]).abs().max() <= 0.05 * ref["chunk_raw"].abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_full_size_checkpoint_layout_fits_our_model(kind):
+    """Every key and shape of the real-size policy as LeRobot saves it maps onto our full-size model (built on
+    the meta device: no memory), with the published sizes (PaliGemma 3B: Gemma 2B + SigLIP So400m; 300M expert)."""
+    layout = json.loads((FIXTURES / kind / "full_size_layout.json").read_text())
+    cls = {"pi0": Pi0, "pi05": Pi05}[kind]
+    ours = paligemma_weights({k: torch.empty(s, device="meta") for k, s in layout.items()}, cls.checkpoint_renames)
+    config = json.loads((FIXTURES / kind / "config.json").read_text())
+    config["image_resolution"] = [224, 224]
+    cfg = paligemma_config(ours, config, Path("config.json"))
+    assert (cfg.lm.width, cfg.lm.depth, cfg.lm.mlp_dim, cfg.lm.num_heads, cfg.lm.head_dim, cfg.lm.vocab_size) == (
+        2048, 18, 16384, 8, 256, 257152)
+    assert (cfg.expert.width, cfg.expert.mlp_dim) == (1024, 4096)
+    assert (cfg.vision.width, cfg.vision.depth, cfg.vision.num_heads, cfg.vision.image_size) == (1152, 27, 16, 224)
+    identity = StatsNormalizer("identity", {})
+    with torch.device("meta"):
+        model = cls(cfg, identity, identity)
+    assert key_problems(model, ours) == []
+    billions = sum(p.numel() for p in model.parameters()) / 1e9
+    assert 3.2 < billions < 3.4

@@ -13,14 +13,11 @@ from sim_trainer.models.vla.pi05 import Pi05
 
 
 def _build_pi0(directory: Path, config: dict) -> Pi0:
-    # openpi-era files may call pi0's action-time MLP time_mlp_*
-    return build_paligemma_policy(Pi0, directory, config, {"time_mlp_in.": "action_time_mlp_in.",
-                                                           "time_mlp_out.": "action_time_mlp_out."})
+    return build_paligemma_policy(Pi0, directory, config)
 
 
 def _build_pi05(directory: Path, config: dict) -> Pi05:
-    return build_paligemma_policy(Pi05, directory, config, {"action_time_mlp_in.": "time_mlp_in.",
-                                                            "action_time_mlp_out.": "time_mlp_out."},
+    return build_paligemma_policy(Pi05, directory, config,
                                   extra={"state_prompt_dims": config.get("state_prompt_dims", "padded")})
 
 

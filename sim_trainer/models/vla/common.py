@@ -253,6 +253,7 @@ class PaliGemmaFlowPolicy(nn.Module):
     """
 
     time_cond_dim: int | None = None  # width of the expert's adaRMS condition (pi0.5); None: plain RMSNorm
+    checkpoint_renames: dict[str, str] = {}  # checkpoint key starts another name for (old -> ours)
 
     def __init__(self, cfg: VLAConfig, state_norm: StatsNormalizer, action_norm: StatsNormalizer, tokenizer=None):
         super().__init__()

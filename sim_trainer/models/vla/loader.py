@@ -186,20 +186,25 @@ def map_keys(weights: dict[str, torch.Tensor], prefixes=PALIGEMMA_PREFIXES, rena
     return {**alias, **out}
 
 
-def check_and_load(model: torch.nn.Module, ours: dict[str, torch.Tensor], where: Path) -> None:
-    """Load the weights, naming every missing, unexpected and wrong-shaped key in one line."""
-    expected = model.state_dict()
-    expected = {k: v for k, v in expected.items() if not k.startswith(("state_norm.", "action_norm."))}
+def key_problems(model: torch.nn.Module, ours: dict[str, torch.Tensor]) -> list[str]:
+    """Every missing, unexpected and wrong-shaped key (our names), grouped by kind; empty when the weights fit."""
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(("state_norm.", "action_norm."))}
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(k for k in ours if k not in expected)
     shapes = sorted(f"{k} {tuple(v.shape)} (model: {tuple(expected[k].shape)})" for k, v in ours.items()
                     if k in expected and v.shape != expected[k].shape)
-    problems = [f"{title}: {', '.join(keys)}" for title, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)) if keys]
+    return [f"{title}: {', '.join(keys)}" for title, keys in
+            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)) if keys]
+
+
+def check_and_load(model: torch.nn.Module, ours: dict[str, torch.Tensor], where: Path) -> None:
+    """Load the weights, naming every missing, unexpected and wrong-shaped key in one line."""
+    problems = key_problems(model, ours)
     if problems:
         raise UserError(f"{where / 'model.safetensors'} does not fit the {type(model).__name__} model "
                         f"(our names): {'; '.join(problems)}")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=False)
+    state = model.state_dict()
+    model.load_state_dict({k: v.to(state[k].dtype) for k, v in ours.items()}, strict=False)
 
 
 def _size(weights: dict, key: str, axis: int, default: int) -> int:
@@ -241,44 +246,53 @@ def vision_dims(weights: dict) -> VisionDims:
                       image_size=math.isqrt(n_pos) * patch)
 
 
-def build_paligemma_policy(cls, directory: Path, config: dict, renames: dict[str, str], norm_kind: str = "",
-                           extra: dict | None = None):
-    """pi0 / pi0.5 from a LeRobot directory: sizes from the tensors, chunking from config.json."""
-    where = directory / "config.json"
-    weights = read_weights(directory)
-    ours = map_keys(weights, PALIGEMMA_PREFIXES, renames, aliases={LM_HEAD: "lm.embed_tokens.weight"},
+def paligemma_weights(weights: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A pi0 / pi0.5 checkpoint's tensors under our parameter names."""
+    return map_keys(weights, PALIGEMMA_PREFIXES, renames, aliases={LM_HEAD: "lm.embed_tokens.weight"},
                     unused=UNUSED)
+
+
+def paligemma_config(ours: dict[str, torch.Tensor], config: dict, where: Path, pad_token_id: int = 0,
+                     extra: dict | None = None) -> VLAConfig:
+    """Sizes from the tensors, cameras / dims / chunking from config.json."""
     cams, state_dim, action_dim = features(config, where)
     vision = vision_dims(ours)
     res = config.get("image_resolution") or [vision.image_size]
     if int(res[0]) != vision.image_size:
         raise UserError(f"{where}: image_resolution {res} does not match the vision tower's "
                         f"{vision.image_size}x{vision.image_size} position table")
-    tokenizer = read_tokenizer(directory)
-    pad = tokenizer.token_to_id("<pad>")
-    lm = gemma_dims(ours, "lm.", config.get("paligemma_variant", "gemma_2b"), with_vocab=True)
-    n_ids = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
-    if n_ids > lm.vocab_size:
-        raise UserError(f"{directory / 'tokenizer.json'} has token ids up to {n_ids - 1} but the model's "
-                        f"embedding has {lm.vocab_size} rows: not this model's tokenizer")
     try:
         cfg = VLAConfig(
-            lm=lm, expert=gemma_dims(ours, "expert.", config.get("action_expert_variant", "gemma_300m"), False),
+            lm=gemma_dims(ours, "lm.", config.get("paligemma_variant", "gemma_2b"), with_vocab=True),
+            expert=gemma_dims(ours, "expert.", config.get("action_expert_variant", "gemma_300m"), False),
             vision=vision, camera_names=cams, state_dim=state_dim, action_dim=action_dim,
             horizon=int(config.get("chunk_size", 50)), exec_steps=int(config.get("n_action_steps", 50)),
             num_steps=int(config.get("num_inference_steps", 10)),
             max_text_len=int(config.get("tokenizer_max_length", 48)),
             max_state_dim=int(config.get("max_state_dim", 32)), max_action_dim=int(config.get("max_action_dim", 32)),
             empty_cameras=int(config.get("empty_cameras", 0)), min_period=float(config.get("min_period", 4e-3)),
-            max_period=float(config.get("max_period", 4.0)), pad_token_id=0 if pad is None else pad,
+            max_period=float(config.get("max_period", 4.0)), pad_token_id=pad_token_id,
             gradient_checkpointing=bool(config.get("gradient_checkpointing", False)), extra=extra or {})
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}: {e}") from None
     if state_dim > cfg.max_state_dim or action_dim > cfg.max_action_dim:
         raise UserError(f"{where}: state ({state_dim}) / action ({action_dim}) dims exceed max_state_dim "
                         f"({cfg.max_state_dim}) / max_action_dim ({cfg.max_action_dim})")
+    return cfg
+
+
+def build_paligemma_policy(cls, directory: Path, config: dict, extra: dict | None = None):
+    """pi0 / pi0.5 (`cls`) from a LeRobot directory, weights loaded and checked."""
+    ours = paligemma_weights(read_weights(directory), cls.checkpoint_renames)
+    tokenizer = read_tokenizer(directory)
+    pad = tokenizer.token_to_id("<pad>")
+    cfg = paligemma_config(ours, config, directory / "config.json", 0 if pad is None else pad, extra)
+    n_ids = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    if n_ids > cfg.lm.vocab_size:
+        raise UserError(f"{directory / 'tokenizer.json'} has token ids up to {n_ids - 1} but the model's "
+                        f"embedding has {cfg.lm.vocab_size} rows: not this model's tokenizer")
     stats = read_stats(directory)
-    model = cls(cfg, normalizer(config, stats, "observation.state", "STATE", state_dim, directory),
-                normalizer(config, stats, "action", "ACTION", action_dim, directory), tokenizer)
+    model = cls(cfg, normalizer(config, stats, "observation.state", "STATE", cfg.state_dim, directory),
+                normalizer(config, stats, "action", "ACTION", cfg.action_dim, directory), tokenizer)
     check_and_load(model, ours, directory)
     return model

@@ -15,6 +15,9 @@ from sim_trainer.models.vla.common import PaliGemmaFlowPolicy, VLAConfig, sincos
 
 
 class Pi0(PaliGemmaFlowPolicy):
+    # openpi-era files may call pi0's action-time MLP time_mlp_*
+    checkpoint_renames = {"time_mlp_in.": "action_time_mlp_in.", "time_mlp_out.": "action_time_mlp_out."}
+
     def __init__(self, cfg: VLAConfig, state_norm, action_norm, tokenizer=None):
         super().__init__(cfg, state_norm, action_norm, tokenizer)
         we = cfg.expert.width

@@ -22,6 +22,8 @@ def discretize_state(state_normed: np.ndarray) -> np.ndarray:
 
 
 class Pi05(PaliGemmaFlowPolicy):
+    checkpoint_renames = {"action_time_mlp_in.": "time_mlp_in.", "action_time_mlp_out.": "time_mlp_out."}
+
     def __init__(self, cfg: VLAConfig, state_norm, action_norm, tokenizer=None):
         self.time_cond_dim = cfg.expert.width
         super().__init__(cfg, state_norm, action_norm, tokenizer)
