@@ -25,7 +25,7 @@ from transformers.models.gemma.modeling_gemma import GemmaMLP, GemmaRMSNorm
 from sim_trainer.models.flow import interpolate, sample_tau, time_grid
 from sim_trainer.models.flow_vla import PrefixCache, _masked_mse
 
-MASK_VALUE = -2.3819763e38  # masked attention logits (the reference's constant; finite, so no NaN rows)
+MASK_VALUE = -2.3819763e38  # masked attention logits (pi0's value; finite, so no NaN rows)
 RMS_EPS = 1e-6
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -350,7 +350,7 @@ class PaliGemmaFlowPolicy(nn.Module):
         """Run expert tokens that do not depend on (x, tau) once and append their keys/values to the cache.
 
         pi0's state token sees the prefix and itself, and only the actions see it, so its per-layer keys and
-        values are the same at every denoising step: computing them here equals the reference's joint suffix.
+        values are the same at every denoising step: computing them here equals one joint pass over state and actions.
         """
         _, kv = self._expert_pass(cache, tokens, None, keep_kv=True)
         n = tokens.shape[1]
@@ -383,7 +383,7 @@ class PaliGemmaFlowPolicy(nn.Module):
         """Velocity [B, H, A'] and per-action-token features [B, H, feature_dim] at (x, tau).
 
         x is the normalised noisy chunk, either the robot's A action dims (the padding dims are held at zero) or
-        already padded to max_action_dim (as the reference samples); v has x's width. `step` is ignored.
+        already padded to max_action_dim (as LeRobot's sampler does); v has x's width. `step` is ignored.
         """
         width = x.shape[-1]
         tokens, cond = self.action_tokens(pad_last(x, self.cfg.max_action_dim), tau)
