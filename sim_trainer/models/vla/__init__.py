@@ -1,0 +1,27 @@
+"""Real flow VLAs (pi0, pi0.5) written on transformers' building blocks, loaded from LeRobot policy directories.
+
+`load_vla(path_or_repo_id)` dispatches on config.json's "type"; `register_vla(type, builder)` adds a type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sim_trainer.models.vla.loader import build_paligemma_policy, load_vla, register_vla
+from sim_trainer.models.vla.pi0 import Pi0
+from sim_trainer.models.vla.pi05 import Pi05
+
+
+def _build_pi0(directory: Path, config: dict) -> Pi0:
+    return build_paligemma_policy(Pi0, directory, config)
+
+
+def _build_pi05(directory: Path, config: dict) -> Pi05:
+    return build_paligemma_policy(Pi05, directory, config,
+                                  extra={"state_prompt_dims": config.get("state_prompt_dims", "padded")})
+
+
+register_vla("pi0", _build_pi0)
+register_vla("pi05", _build_pi05)
+
+__all__ = ["Pi0", "Pi05", "load_vla", "register_vla"]
