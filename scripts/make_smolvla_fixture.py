@@ -59,8 +59,13 @@ def tiny_tokenizer(directory: Path) -> None:
 
 def tiny_backbone(directory: Path) -> None:
     """config.json (+ processor files, which LeRobot's SmolVLA loads) of a tiny SmolVLM: the sizes of the test."""
-    from transformers import (AutoTokenizer, SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor,
-                              SmolVLMVideoProcessor)
+    from transformers import (
+        AutoTokenizer,
+        SmolVLMConfig,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
 
     tiny_tokenizer(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -111,13 +111,15 @@ def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Grouped-query attention in float32: q [B, Tq, heads, D], k/v [B, Tk, kv_heads, D], mask bool [B, Tq, Tk]
-    (True: may attend) -> [B, Tq, heads * D]. A fully masked row gets uniform weights, never NaN."""
+    (True: may attend) -> [B, Tq, heads * D]. A fully masked row (padding) gets uniform weights, never NaN: also
+    under bf16 autocast, which is kept out of the scores (its bf16 would turn the mask value into -inf)."""
     b, tq, heads, d = q.shape
     groups = heads // k.shape[2]
     k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    scores = torch.matmul(q.float().transpose(1, 2), k.float().permute(0, 2, 3, 1)) * d ** -0.5
-    scores = torch.where(mask[:, None], scores, torch.finfo(torch.float32).min)
-    out = torch.matmul(scores.softmax(-1).to(v.dtype), v.transpose(1, 2))
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.matmul(q.float().transpose(1, 2), k.float().permute(0, 2, 3, 1)) * d ** -0.5
+        probs = torch.where(mask[:, None], scores, torch.finfo(torch.float32).min).softmax(-1)
+    out = torch.matmul(probs.to(v.dtype), v.transpose(1, 2))
     return out.transpose(1, 2).reshape(b, tq, heads * d)
 
 
@@ -209,7 +211,8 @@ class SmolVLAPolicy(nn.Module):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """vision: encoder + connector; language: embedding + VLM layers; expert: the action expert and its time
         MLP; heads: the projections from the robot's state/action spaces and back."""
-        groups = {"vision": (self.vision, self.connector), "language": (self.embed_tokens, self.vlm_layers, self.vlm_norm),
+        groups = {"vision": (self.vision, self.connector),
+                  "language": (self.embed_tokens, self.vlm_layers, self.vlm_norm),
                   "expert": (self.expert_layers, self.expert_norm, self.action_time_mlp_in, self.action_time_mlp_out),
                   "heads": (self.state_proj, self.action_in_proj, self.action_out_proj)}
         return {name: [p for m in mods for p in m.parameters()] for name, mods in groups.items()}
@@ -414,6 +417,14 @@ def from_lerobot_keys(weights: dict[str, torch.Tensor], num_vlm_layers: int, tie
     return out
 
 
+def to_lerobot_key(key: str) -> str:
+    """The LeRobot name of one of our parameter names (for error messages)."""
+    for theirs, ours in LEROBOT_PREFIXES:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
+
+
 def _int(raw: dict, key: str, default: int, where: str, low: int = 1) -> int:
     v = raw.get(key, default)
     if type(v) is not int or v < low:
@@ -525,15 +536,17 @@ def load_smolvla(directory: str | Path) -> SmolVLAPolicy:
                         f"{vlm_config.text_config.vocab_size}: it belongs to another model")
     weights = read_safetensors(directory / "model.safetensors")
     stats, eps = read_mean_std(directory, weights)
+    norms = []
     for key, dim in ((STATE_KEY, cfg.state_dim), (ACTION_KEY, cfg.action_dim)):
-        for stat in ("mean", "std"):
-            if tuple(stats[f"{key}.{stat}"].shape) != (dim,):
-                raise UserError(f"{directory}: normaliser {key}.{stat} has shape {list(stats[f'{key}.{stat}'].shape)}"
-                                f" but config.json gives {key} {dim} dims")
-    model = SmolVLAPolicy(cfg, vlm_config, MeanStdNormalizer(stats[f"{STATE_KEY}.mean"], stats[f"{STATE_KEY}.std"], eps),
-                          MeanStdNormalizer(stats[f"{ACTION_KEY}.mean"], stats[f"{ACTION_KEY}.std"], eps), tokenizer)
+        mean, std = stats[f"{key}.mean"], stats[f"{key}.std"]
+        if tuple(mean.shape) != (dim,) or tuple(std.shape) != (dim,):
+            raise UserError(f"{directory}: normaliser {key} statistics have shapes {list(mean.shape)}/"
+                            f"{list(std.shape)} but config.json gives {key} {dim} dims")
+        norms.append(MeanStdNormalizer(mean, std, eps))
+    model = SmolVLAPolicy(cfg, vlm_config, *norms, tokenizer)
     tied = bool(vlm_config.tie_word_embeddings or vlm_config.text_config.tie_word_embeddings)
     tensors = from_lerobot_keys(weights, cfg.num_vlm_layers, tied)
-    check_state_dict(model, tensors, str(directory / "model.safetensors"), skip=("state_norm.", "action_norm."))
+    check_state_dict(model, tensors, str(directory / "model.safetensors"), skip=("state_norm.", "action_norm."),
+                     name=to_lerobot_key)
     model.load_state_dict(tensors, strict=False)
     return model.eval()

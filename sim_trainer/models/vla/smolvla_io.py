@@ -7,6 +7,7 @@ UserError of one line, so the CLIs can print it and exit 2.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,15 +44,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], where: str,
-                     skip: tuple[str, ...] = ()) -> None:
+                     skip: tuple[str, ...] = (), name: Callable[[str], str] = str) -> None:
     """Refuse weights that do not fit the model, naming every missing, unexpected and wrong-shape key at once.
 
-    `skip`: names of the model's state (e.g. normaliser buffers) that the file is not expected to hold.
+    `skip`: names of the model's state (e.g. normaliser buffers) that the file is not expected to hold; `name`: the
+    key as the file spells it (the error shows the user's names, not ours).
     """
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(skip)}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(f"{k} (file {list(tensors[k].shape)}, model {list(expected[k])})"
+    missing = sorted(name(k) for k in set(expected) - set(tensors))
+    unexpected = sorted(name(k) for k in set(tensors) - set(expected))
+    wrong = sorted(f"{name(k)} (file {list(tensors[k].shape)}, model {list(expected[k])})"
                    for k in set(expected) & set(tensors) if tensors[k].shape != expected[k])
     problems = [f"{label}: {', '.join(keys)}" for label, keys in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
