@@ -144,6 +144,15 @@ def test_bf16_autocast_samples_finite_actions(model, ref, inputs):
     assert chunk.shape == ref["chunk"].shape and torch.isfinite(chunk).all()
 
 
+def test_bf16_weights_stay_close_and_keep_float32_statistics(ref, inputs):
+    model = load_smolvla(POLICY).to(torch.bfloat16)
+    assert model.state_norm.mean.dtype == model.action_norm.std.dtype == torch.float32
+    with torch.no_grad():
+        chunk = model.sample_actions(*inputs, noise=ref["noise"])
+    assert chunk.dtype == torch.float32
+    assert _max_err(chunk, ref["chunk"]) <= 0.05 * ref["chunk"].abs().max().item()
+
+
 def test_a_missing_camera_is_dropped_and_none_is_refused(model, ref, inputs):
     images, state, text = inputs
     with torch.no_grad():

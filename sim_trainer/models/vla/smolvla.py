@@ -259,7 +259,8 @@ class SmolVLAPolicy(nn.Module):
         lang = self.embed_tokens(text)
         embs.append(lang * math.sqrt(lang.shape[-1]))
         valid.append(text != self.pad_id)
-        s = self.state_proj(pad_last(self.state_norm(state), self.cfg.max_state_dim))
+        s = pad_last(self.state_norm(state), self.cfg.max_state_dim)
+        s = self.state_proj(s.to(self.state_proj.weight.dtype))
         embs.append(s[:, None, :])
         valid.append(torch.ones(b, 1, dtype=torch.bool, device=device))
         x, mask = torch.cat(embs, 1), torch.cat(valid, 1)
@@ -293,7 +294,7 @@ class SmolVLAPolicy(nn.Module):
 
     # ----- action expert ------------------------------------------------------------------------------------
     def _embed_suffix(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        a = self.action_in_proj(x)
+        a = self.action_in_proj(x.to(self.action_in_proj.weight.dtype))
         t = time_embedding(tau, a.shape[-1], self.cfg.min_period, self.cfg.max_period).to(a.dtype)
         h = self.action_time_mlp_in(torch.cat([a, t[:, None, :].expand_as(a)], dim=-1))
         return self.action_time_mlp_out(F.silu(h))
@@ -319,7 +320,7 @@ class SmolVLAPolicy(nn.Module):
 
     def expert_forward(self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor,
                        step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Velocity [B, H, A] (A = x's last dim: action_dim or max_action_dim) and the expert's final-normed
+        """Velocity [B, H, A] in float32 (A = x's last dim: action_dim or max_action_dim) and the expert's final-normed
         per-token features [B, H, feature_dim]; x normalised, tau [B] (1 = noise). `step` is ignored (no
         shortcut conditioning)."""
         h = self._embed_suffix(pad_last(x, self.cfg.max_action_dim), tau)
@@ -334,7 +335,7 @@ class SmolVLAPolicy(nn.Module):
             if j is not None:
                 h = self._run(self._expert_layer, i, h, cache.kv[i], pos_self, mask_self, mask_cross)
         feats = self.expert_norm(h)
-        v = self.action_out_proj(feats.to(self.action_out_proj.weight.dtype))
+        v = self.action_out_proj(feats.to(self.action_out_proj.weight.dtype)).float()
         return v[..., : x.shape[-1]], feats
 
     def velocity(self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor,
