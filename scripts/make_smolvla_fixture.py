@@ -167,8 +167,13 @@ def main() -> None:
         ref["chunk_normalised"] = chunk
         ref["chunk"] = post(chunk)
     save_file({k: v.contiguous() for k, v in ref.items()}, out / "reference.safetensors")
+    import lerobot
+    import transformers
+
     meta = {"instructions": INSTRUCTIONS, "cameras": list(CAMERAS), "taus": list(TAUS), "num_steps": config.num_steps,
-            "patched": "nothing: every size comes from the tiny SmolVLM config in policy/smolvlm"}
+            "patched": "nothing: every size comes from the tiny SmolVLM config in policy/smolvlm",
+            "reference": f"lerobot {lerobot.__version__}, transformers {transformers.__version__}, "
+                         f"torch {torch.__version__}"}
     (out / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
     print("patched: nothing in LeRobot (sizes come from the tiny SmolVLM backbone config policy/smolvlm/config.json)")
     print(f"wrote {out}: {sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.2f} MB")
