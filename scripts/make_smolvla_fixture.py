@@ -12,7 +12,8 @@ It writes, under OUT:
   reference.safetensors  fixed inputs (raw uint8 images, raw state, raw actions, noise, x, tau) and the reference's
                     outputs: token ids and mask of LeRobot's preprocessor, velocities at several tau through the
                     cached prefix, the training loss at fixed noise and time, the K=10 sampled chunk
-  reference.json    the instructions, the camera names and what was patched
+  reference.json    the instructions, the camera names, what was patched and the reference's versions
+and the same for two other layouts under OUT/variants/ (an expert with half the layers; self-attention only).
 
 SmolVLA takes every size from its backbone's config (`vlm_model_name`), so nothing in LeRobot is patched: the tiny
 sizes live in the SmolVLM config written here (8 attention heads, 2 key/value heads, as the real model's grouped
@@ -91,18 +92,36 @@ def perturb_norms(policy: torch.nn.Module, gen: torch.Generator) -> None:
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
 
 
+# (sub-directory, LeRobot config overrides): the default layout of smolvla_base, then the other layouts LeRobot can
+# run: an expert with half the layers (cross-attention everywhere, as LeRobot needs for unpaired layers) and joint
+# self-attention in every layer
+FIXTURES = (("", {}),
+            ("variants/half_expert", {"num_expert_layers": 2, "self_attn_every_n_layers": -1}),
+            ("variants/self_attn", {"attention_mode": "self_attn", "num_vlm_layers": 2}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="tests/fixtures/smolvla", help="fixture directory (replaced)")
     out = Path(ap.parse_args().out).resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    for sub, overrides in FIXTURES:
+        write_fixture(out / sub if sub else out, overrides)
+    print("patched: nothing in LeRobot (sizes come from the tiny SmolVLM backbone config policy/smolvlm/config.json)")
+    print(f"wrote {out}: {sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.2f} MB")
+
+
+def write_fixture(out: Path, overrides: dict) -> None:
+    """One tiny policy under out/policy and the reference's outputs on fixed inputs in out/reference.*."""
+    import lerobot
+    import transformers
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy, make_att_2d_masks
     from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
     from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 
-    if out.exists():
-        shutil.rmtree(out)
     policy_dir = out / "policy"
     (policy_dir / "smolvlm").mkdir(parents=True)
     tiny_backbone(policy_dir / "smolvlm")
@@ -117,8 +136,9 @@ def main() -> None:
         input_features=features,
         output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
         chunk_size=CHUNK, n_action_steps=CHUNK, max_state_dim=8, max_action_dim=8,
-        resize_imgs_with_padding=(32, 32), tokenizer_max_length=16, num_vlm_layers=4, empty_cameras=1,
-        vlm_model_name="smolvlm", load_vlm_weights=False, device="cpu", push_to_hub=False)
+        resize_imgs_with_padding=(32, 32), tokenizer_max_length=16, empty_cameras=1,
+        **{**dict(num_vlm_layers=4, vlm_model_name="smolvlm", load_vlm_weights=False, device="cpu",
+                  push_to_hub=False), **overrides})
     policy = SmolVLAPolicy(config).eval()
     perturb_norms(policy, gen)
     stats = {"observation.state": {"mean": torch.randn(STATE_DIM, generator=gen),
@@ -167,16 +187,12 @@ def main() -> None:
         ref["chunk_normalised"] = chunk
         ref["chunk"] = post(chunk)
     save_file({k: v.contiguous() for k, v in ref.items()}, out / "reference.safetensors")
-    import lerobot
-    import transformers
-
     meta = {"instructions": INSTRUCTIONS, "cameras": list(CAMERAS), "taus": list(TAUS), "num_steps": config.num_steps,
             "patched": "nothing: every size comes from the tiny SmolVLM config in policy/smolvlm",
+            "config_overrides": overrides,
             "reference": f"lerobot {lerobot.__version__}, transformers {transformers.__version__}, "
                          f"torch {torch.__version__}"}
     (out / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print("patched: nothing in LeRobot (sizes come from the tiny SmolVLM backbone config policy/smolvlm/config.json)")
-    print(f"wrote {out}: {sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

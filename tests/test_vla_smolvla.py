@@ -23,6 +23,22 @@ TOL = 1e-4
 WEIGHTS = "model.safetensors"
 
 
+# smolvla_base's layout, then the other layouts LeRobot runs: an expert with half the layers, self-attention only
+LAYOUTS = {"default": FIXTURE, "half_expert": FIXTURE / "variants" / "half_expert",
+           "self_attn": FIXTURE / "variants" / "self_attn"}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def case(request) -> tuple:
+    """(model, reference tensors, metadata, inputs) of one layout's fixture."""
+    d = LAYOUTS[request.param]
+    model = load_smolvla(d / "policy")
+    ref = load_file(str(d / "reference.safetensors"))
+    meta = json.loads((d / "reference.json").read_text())
+    images = {c: ref[f"image.{c}"] for c in meta["cameras"]}
+    return model, ref, meta, (images, ref["state"], model.tokenize(meta["instructions"]))
+
+
 @pytest.fixture(scope="module")
 def ref() -> dict[str, torch.Tensor]:
     return load_file(str(FIXTURE / "reference.safetensors"))
@@ -49,9 +65,10 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----- parity with the reference -------------------------------------------------------------------------------
-def test_tokens_match_lerobot_preprocessor(model, ref, meta):
+def test_tokens_match_lerobot_preprocessor(case):
     """Same ids as LeRobot's preprocessor (newline appended, truncated); ours pads to max_text_len, which changes
     nothing downstream (padding is invisible and does not advance positions)."""
+    model, ref, meta, _ = case
     tokens = model.tokenize(meta["instructions"])
     n = ref["tokens"].shape[1]
     assert tokens.shape == (2, model.cfg.max_text_len)
@@ -60,7 +77,8 @@ def test_tokens_match_lerobot_preprocessor(model, ref, meta):
     assert (tokens[:, n:] == model.pad_id).all()
 
 
-def test_velocity_matches_reference_at_several_tau(model, ref, inputs):
+def test_velocity_matches_reference_at_several_tau(case):
+    model, ref, _, inputs = case
     with torch.no_grad():
         cache = model.encode_prefix(*inputs)
         for i, tau in enumerate(ref["tau"].tolist()):
@@ -68,7 +86,8 @@ def test_velocity_matches_reference_at_several_tau(model, ref, inputs):
             assert _max_err(v, ref["velocity"][i]) <= TOL, f"tau={tau}"
 
 
-def test_sampled_chunk_matches_reference(model, ref, inputs, meta):
+def test_sampled_chunk_matches_reference(case):
+    model, ref, meta, inputs = case
     with torch.no_grad():
         chunk = model.sample_actions(*inputs, noise=ref["noise"])
         normalised = model.denoise(model.encode_prefix(*inputs), ref["noise"], meta["num_steps"])
@@ -77,7 +96,8 @@ def test_sampled_chunk_matches_reference(model, ref, inputs, meta):
     assert _max_err(chunk, ref["chunk"]) <= TOL * ref["chunk"].abs().max().item()
 
 
-def test_training_loss_matches_reference(model, ref, inputs):
+def test_training_loss_matches_reference(case):
+    model, ref, _, inputs = case
     with torch.no_grad():
         loss = model.flow_matching_loss(*inputs, ref["actions"], noise=ref["train_noise"], tau=ref["train_tau"])
     assert abs(loss.item() - ref["train_loss"].item()) <= TOL * max(1.0, ref["train_loss"].item())
