@@ -260,6 +260,7 @@ def test_missing_normaliser_stats(tmp_path):
     ({"num_vlm_layers": 7}, "num_vlm_layers 7 is not within the backbone's 6 layers"),
     ({"num_expert_layers": 3}, "num_vlm_layers 4 is not a multiple of num_expert_layers 3"),
     ({"add_image_special_tokens": True}, "add_image_special_tokens=true is not supported"),
+    ({"num_expert_layers": 2}, "pair a cross-attention expert layer with a self-attention VLM layer"),
     ({"output_features": {}}, "needs the feature 'action'"),
     ({"input_features": {"observation.state": {"type": "STATE", "shape": [6]},
                          "observation.images.top": {"type": "VISUAL", "shape": [3, 24, 40]}}},
