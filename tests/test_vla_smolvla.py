@@ -230,7 +230,7 @@ def test_truncated_weights_file(tmp_path):
     d = _copy(tmp_path)
     data = (d / WEIGHTS).read_bytes()
     (d / WEIGHTS).write_bytes(data[: len(data) // 2])
-    assert f"cannot read {d / WEIGHTS}" in _error(d)
+    assert f"{d / WEIGHTS} is not a readable safetensors file" in _error(d)
 
 
 def test_missing_tokenizer(tmp_path):
@@ -252,7 +252,7 @@ def test_tokenizer_of_another_model(tmp_path):
 def test_missing_normaliser_stats(tmp_path):
     d = _copy(tmp_path)
     (d / "policy_preprocessor_step_5_normalizer_processor.safetensors").unlink()
-    assert "policy_preprocessor_step_5_normalizer_processor.safetensors does not exist" in _error(d)
+    assert "policy_preprocessor_step_5_normalizer_processor.safetensors is missing" in _error(d)
 
 
 @pytest.mark.parametrize(("change", "expected"), [

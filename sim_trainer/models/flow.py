@@ -13,6 +13,8 @@ step d = 2^-SHORTCUT_LEVELS, plus self-consistency: one 2d-step is the mean of t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -59,3 +61,23 @@ def self_consistency_target(velocity, x: torch.Tensor, tau: torch.Tensor, d: tor
     v1 = velocity(x, tau, d)
     v2 = velocity(x - d.view(-1, 1, 1) * v1, tau - d, d)
     return (v1 + v2) / 2
+
+
+def euler_denoise(velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                  num_steps: int) -> torch.Tensor:
+    """K Euler steps from x_0 = noise (tau = 1) to a normalised chunk (tau = 0); velocity(x, tau, d) gets tau and the
+    step size d = 1/K as [B] tensors (at least float32: bf16 flow times would be coarse)."""
+    x, dt = noise, 1.0 / num_steps
+    for tau_k in time_grid(num_steps).tolist():
+        tau = torch.full((x.shape[0],), tau_k, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        x = x - dt * velocity(x, tau, torch.full_like(tau, dt))
+    return x
+
+
+def masked_mse(v: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over valid chunk steps (padding past an episode's end excluded)."""
+    err = (v - target).pow(2).mean(-1)  # [B, H]
+    if valid is None:
+        return err.mean()
+    w = valid.to(err.dtype)
+    return (err * w).sum() / w.sum().clamp_min(1.0)

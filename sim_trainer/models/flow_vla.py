@@ -26,11 +26,12 @@ from sim_trainer.models.config import ModelConfig
 from sim_trainer.models.flow import (
     FINEST_STEP,
     SHORTCUT_LEVELS,
+    euler_denoise,
     interpolate,
+    masked_mse,
     sample_consistency_steps,
     sample_tau,
     self_consistency_target,
-    time_grid,
 )
 from sim_trainer.models.interface import PrefixCache
 from sim_trainer.models.tokenizer import PAD, VOCAB_SIZE, tokenize_batch
@@ -231,7 +232,7 @@ class FlowVLA(nn.Module):
             tau = sample_tau(a.shape[0], generator).to(a)
         x_tau, target = interpolate(a, noise, tau)
         v = self.velocity(self.encode_prefix(images, state, text), x_tau, tau, torch.full_like(tau, FINEST_STEP))
-        return _masked_mse(v, target, valid)
+        return masked_mse(v, target, valid)
 
     def shortcut_loss(self, images, state, text, actions, valid: torch.Tensor | None = None,
                       consistency_fraction: float = 0.25, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -254,17 +255,13 @@ class FlowVLA(nn.Module):
                 target_sc = self_consistency_target(lambda x, t, s: self.velocity(part, x, t, s), x_tau[:n],
                                                     tau_sc, d)
             target = torch.cat([target_sc, target[n:]])
-        return _masked_mse(self.velocity(cache, x_tau, tau, step), target, valid)
+        return masked_mse(self.velocity(cache, x_tau, tau, step), target, valid)
 
     # ----- sampling -----------------------------------------------------------------------------
     def denoise(self, cache: PrefixCache, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
         """K Euler steps from x_0 = noise (tau = 1) to a normalised action chunk (tau = 0); a shortcut model
         is told the step size d = 1/K (a constant in an exported graph)."""
-        x, dt = noise, 1.0 / num_steps
-        for tau_k in time_grid(num_steps).tolist():
-            tau = torch.full((x.shape[0],), tau_k, dtype=x.dtype, device=x.device)
-            x = x - dt * self.velocity(cache, x, tau, torch.full_like(tau, dt))
-        return x
+        return euler_denoise(lambda x, tau, d: self.velocity(cache, x, tau, d), noise, num_steps)
 
     def sample_actions(self, images, state, text, noise: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
         """Raw (unnormalised) action chunk [B, H, A]; the noise is an explicit input (deterministic, exportable)."""
@@ -280,12 +277,3 @@ class FlowVLA(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def _masked_mse(v: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error over valid chunk steps (padding past an episode's end excluded)."""
-    err = (v - target).pow(2).mean(-1)  # [B, H]
-    if valid is None:
-        return err.mean()
-    w = valid.float()
-    return (err * w).sum() / w.sum().clamp_min(1.0)

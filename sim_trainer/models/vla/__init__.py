@@ -1,4 +1,5 @@
-"""Real flow VLAs (pi0, pi0.5) written on transformers' building blocks, loaded from LeRobot policy directories.
+"""Real flow VLAs (pi0, pi0.5, SmolVLA) written on transformers' building blocks, loaded from LeRobot policy
+directories.
 
 `load_vla(path_or_repo_id)` dispatches on config.json's "type"; `register_vla(type, builder)` adds a type.
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 from sim_trainer.models.vla.loader import build_paligemma_policy, load_vla, register_vla
 from sim_trainer.models.vla.pi0 import Pi0
 from sim_trainer.models.vla.pi05 import Pi05
+from sim_trainer.models.vla.smolvla import SmolVLAPolicy, load_smolvla
 
 
 def _build_pi0(directory: Path, config: dict) -> Pi0:
@@ -23,5 +25,6 @@ def _build_pi05(directory: Path, config: dict) -> Pi05:
 
 register_vla("pi0", _build_pi0)
 register_vla("pi05", _build_pi05)
+register_vla("smolvla", lambda directory, config: load_smolvla(directory))
 
-__all__ = ["Pi0", "Pi05", "load_vla", "register_vla"]
+__all__ = ["Pi0", "Pi05", "SmolVLAPolicy", "load_vla", "register_vla"]

@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GemmaConfig, SiglipVisionConfig, SiglipVisionModel
 from transformers.models.gemma.modeling_gemma import GemmaMLP, GemmaRMSNorm
 
-from sim_trainer.models.flow import interpolate, sample_tau, time_grid
-from sim_trainer.models.flow_vla import PrefixCache, _masked_mse
+from sim_trainer.models.flow import euler_denoise, interpolate, masked_mse, sample_tau
+from sim_trainer.models.interface import PrefixCache
 
 MASK_VALUE = -2.3819763e38  # masked attention logits (pi0's value; finite, so no NaN rows)
 RMS_EPS = 1e-6
@@ -410,15 +410,11 @@ class PaliGemmaFlowPolicy(nn.Module):
         x_tau, target = interpolate(pad_last(a, noise.shape[-1]), noise, tau)
         v = self.velocity(self.encode_prefix(images, state, text), x_tau, tau)
         dims = actions.shape[-1]
-        return _masked_mse(v[..., :dims], target[..., :dims], valid)
+        return masked_mse(v[..., :dims], target[..., :dims], valid)
 
     def denoise(self, cache: PrefixCache, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
         """K Euler steps from tau = 1 (noise) to tau = 0; the result has the noise's width."""
-        x, dt = noise, 1.0 / num_steps
-        for tau_k in time_grid(num_steps).tolist():
-            tau = torch.full((x.shape[0],), tau_k, dtype=torch.float32, device=x.device)
-            x = x - dt * self.velocity(cache, x, tau)
-        return x
+        return euler_denoise(lambda x, tau, d: self.velocity(cache, x, tau), noise, num_steps)
 
     def sample_actions(self, images, state, text, noise: torch.Tensor, num_steps: int | None = None
                        ) -> torch.Tensor:

@@ -88,7 +88,11 @@ def read_json(path: Path) -> dict:
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    path = directory / "model.safetensors"
+    return read_safetensors(directory / "model.safetensors")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (CPU), or one line naming the file (missing, truncated, corrupt)."""
     if not path.is_file():
         raise UserError(f"{path} is missing")
     try:

@@ -33,17 +33,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sim_trainer.errors import UserError
-from sim_trainer.models.flow import interpolate, sample_tau, time_grid
-from sim_trainer.models.flow_vla import PrefixCache
+from sim_trainer.models.flow import euler_denoise, interpolate, sample_tau
+from sim_trainer.models.interface import PrefixCache
+from sim_trainer.models.vla.loader import read_json, read_weights
 from sim_trainer.models.vla.smolvla_io import (
     ACTION_KEY,
     STATE_KEY,
     MeanStdNormalizer,
     SmolVLATokenizer,
     check_state_dict,
-    read_json,
     read_mean_std,
-    read_safetensors,
     resolve_backbone,
 )
 
@@ -364,11 +363,7 @@ class SmolVLAPolicy(nn.Module):
     # ----- sampling -----------------------------------------------------------------------------------------
     def denoise(self, cache: PrefixCache, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
         """K Euler steps from noise (tau = 1) to a normalised chunk with noise's shape (tau = 0)."""
-        x, dt = noise, 1.0 / num_steps
-        for tau_k in time_grid(num_steps).tolist():
-            tau = torch.full((x.shape[0],), tau_k, dtype=torch.float32, device=x.device)
-            x = x - dt * self.velocity(cache, x, tau)
-        return x
+        return euler_denoise(lambda x, tau, d: self.velocity(cache, x, tau), noise, num_steps)
 
     def sample_actions(self, images, state, text, noise: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
         """Raw action chunk [B, H, action_dim]; noise [B, H, action_dim or max_action_dim] is an explicit input."""
@@ -535,7 +530,7 @@ def load_smolvla(directory: str | Path) -> SmolVLAPolicy:
     if tokenizer.vocab_size > vlm_config.text_config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the backbone's embedding has "
                         f"{vlm_config.text_config.vocab_size}: it belongs to another model")
-    weights = read_safetensors(directory / "model.safetensors")
+    weights = read_weights(directory)
     stats, eps = read_mean_std(directory, weights)
     norms = []
     for key, dim in ((STATE_KEY, cfg.state_dim), (ACTION_KEY, cfg.action_dim)):

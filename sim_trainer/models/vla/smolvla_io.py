@@ -6,7 +6,6 @@ UserError of one line, so the CLIs can print it and exit 2.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,33 +13,9 @@ import torch
 from torch import nn
 
 from sim_trainer.errors import UserError
+from sim_trainer.models.vla.loader import read_json, read_safetensors
 
 STATE_KEY, ACTION_KEY = "observation.state", "action"
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from disk, or a UserError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file (CPU), or a UserError naming the file (missing, truncated, corrupt)."""
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types (and OSError) for damaged files
-        raise UserError(f"cannot read {path}: {' '.join(str(e).split())}") from None
 
 
 def check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], where: str,
