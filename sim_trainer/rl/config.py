@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from policy_runtime.hub import is_hub_path, parse_hub_path
 from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
 from sim_trainer.config_flags import option
 from sim_trainer.errors import UserError
@@ -42,7 +43,7 @@ RL_LIMITS = {
 class RLConfig:
     """Every RL option: a preset key and a flag (`num_envs` -> `--num-envs`), help text as written here."""
 
-    ckpt: str = option("", "SFT checkpoint to start from")
+    ckpt: str = option("", "SFT checkpoint to start from: a directory or hf://owner/repo[@revision][/subdir]")
     out: str = option("", "run directory (becomes a checkpoint; trainer state, metrics and TensorBoard in it)")
     task: str | None = option(None, "task (default: the checkpoint's)")
     algorithm: str = option("ppo", "ppo (value head + GAE), grpo (group-normalised returns, no critic) or sac_flow "
@@ -137,6 +138,8 @@ class RLConfig:
             self._check_sac_flow()
         elif not self.ckpt:
             raise UserError("give the SFT checkpoint to start from with --ckpt")
+        elif is_hub_path(self.ckpt):
+            parse_hub_path(self.ckpt)  # the form, before any work; the trainer downloads it
         else:
             _check_dir("checkpoint", self.ckpt)
         if not self.out:
