@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from policy_runtime.errors import OneLineParser, UserError, run_command
+from policy_runtime.hub import local_dir
 from policy_runtime.openpi_server import API_KEY_ENV
 from policy_runtime.protocol import DEFAULT_ENDPOINT, Limits
 
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="serve an export directory (or a checkpoint with --backend torch)")
-    s.add_argument("model_dir", help="export directory (policy.onnx + manifest.json)")
+    s.add_argument("model_dir", help="export directory (policy.onnx + manifest.json), or "
+                                     "hf://owner/repo[@revision][/subdir] (needs the [hub] extra)")
     s.add_argument("--bind", default=None, help=f"ZeroMQ endpoint (default {DEFAULT_ENDPOINT})")
     s.add_argument("--no-zmq", action="store_true", help="no ZeroMQ endpoint: serve openpi clients only")
     s.add_argument("--openpi-port", type=int, default=None,
@@ -74,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true")
 
     c = sub.add_parser("check", help="re-verify an export on this machine (hash, session, determinism, latency)")
-    c.add_argument("export_dir")
+    c.add_argument("export_dir", help="export directory, or hf://owner/repo[@revision][/subdir]")
     c.add_argument("--providers", nargs="+", default=None)
     c.add_argument("--require-gpu", action="store_true")
     c.add_argument("--threads", type=int, default=0)
@@ -167,6 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
         from policy_runtime.curve import check_clients_dir, load_keypair
         load_keypair(curve.secret_file, need_secret=True)
         check_clients_dir(curve.clients_dir)
+    args.model_dir = str(local_dir(args.model_dir))  # an hf:// path: downloaded, or from the local cache offline
     if not Path(args.model_dir).exists():
         raise UserError(f"{args.model_dir} does not exist")
     if not Path(args.model_dir).is_dir():
@@ -220,7 +223,7 @@ def _check(args: argparse.Namespace) -> int:
     from policy_runtime.check import check_export
 
     _check_numbers(args)
-    report = check_export(args.export_dir, _onnx_options(args))
+    report = check_export(local_dir(args.export_dir), _onnx_options(args))
     for line in report.lines:
         print(line)
     for p in report.problems:

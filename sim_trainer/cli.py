@@ -56,15 +56,37 @@ def cmd_import_lerobot(a: argparse.Namespace) -> int:
     return 0
 
 
+def _check_push(a: argparse.Namespace) -> None:
+    if a.push_to_hub is not None:
+        from policy_runtime.hub import check_push_target
+
+        check_push_target(a.push_to_hub)
+
+
+def _push(a: argparse.Namespace, out: Path, what: str) -> None:
+    """--push-to-hub, under the output's lock (no run may write it meanwhile); the directory is only read."""
+    if a.push_to_hub is not None:
+        from policy_runtime.artifacts import OutputLock
+        from policy_runtime.hub import push_dir
+
+        with OutputLock(out):
+            url = push_dir(out, a.push_to_hub, what)
+        print(f"pushed {out} to {url}")
+
+
 def cmd_sft(a: argparse.Namespace) -> int:
     from sim_trainer.config_check import check_threads
     from sim_trainer.config_flags import config_from_args
     from sim_trainer.sft.trainer import SFTConfig, train_sft
+    from sim_trainer.tracking import wandb_settings
 
     cfg = config_from_args(SFTConfig, a)
+    wandb = wandb_settings(a)
+    _check_push(a)
     _set_threads(check_threads(a.threads))
-    out = train_sft(cfg, force=a.force)
+    out = train_sft(cfg, force=a.force, wandb=wandb)
     print(f"checkpoint written to {out}")
+    _push(a, out, "checkpoint")
     return 0
 
 
@@ -73,15 +95,22 @@ def cmd_rl(a: argparse.Namespace) -> int:
     from sim_trainer.config_flags import config_from_args
     from sim_trainer.rl.config import RLConfig
     from sim_trainer.rl.trainer import train_rl
+    from sim_trainer.tracking import wandb_settings
 
     cfg = config_from_args(RLConfig, a)
+    wandb = wandb_settings(a)
+    _check_push(a)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     _set_threads(check_threads(a.threads) or max(1, (os.cpu_count() or 1) // world_size))
-    out = train_rl(cfg, force=a.force)
+    out = train_rl(cfg, force=a.force, wandb=wandb)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports and pushes
+        return 0
     if cfg.algorithm == "sac_flow":  # from-scratch SAC Flow state, not a model checkpoint that eval/export read
         print(f"SAC Flow run written to {out} (trainer state, replay, metrics.jsonl, tb/)")
+        _push(a, out, "SAC Flow run")
     else:
         print(f"RL checkpoint written to {out}")
+        _push(a, out, "RL checkpoint")
     return 0
 
 
@@ -172,6 +201,7 @@ def _new_run_dir(base: str) -> Path:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from policy_runtime.artifacts import OutputLock, claim_output_dir
+    from policy_runtime.hub import local_dir
     from sim_trainer.envs.spec import EnvConfig
     from sim_trainer.evaluate.report import format_table, write_report
     from sim_trainer.evaluate.rollout import evaluate
@@ -180,19 +210,20 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     _check_eval_args(a)
     _set_threads(a.threads)
-    if a.ckpt is not None:
-        loaded = load_checkpoint(a.ckpt)
+    ckpt, export = (None if p is None else local_dir(p) for p in (a.ckpt, a.export))  # hf:// is downloaded
+    if ckpt is not None:
+        loaded = load_checkpoint(ckpt)
         policy = ChunkPolicy(loaded.model, loaded.spec, num_steps=a.steps, device=a.device)
     else:
-        _check_export_dir(Path(a.export))
-        policy = BackendPolicy.from_export(a.export, threads=a.threads or 0)
+        _check_export_dir(export)
+        policy = BackendPolicy.from_export(export, threads=a.threads or 0)
     spec = policy.spec
     task = a.task or spec.task
     env_cfg = EnvConfig.for_policy(spec, task, sim_backend=a.sim_backend, max_episode_steps=a.max_steps,
                                    cameras=_camera_overrides(a.camera_config), domain=a.domain)
     # The output is checked and claimed before the (long) evaluation, so its results cannot be lost at the end.
     out = _new_run_dir(a.out) if a.new_run_dir else claim_output_dir(a.out, force=a.force,
-                                                                     inputs=(a.ckpt, a.export))
+                                                                     inputs=(ckpt, export))
     with OutputLock(out):
         result = evaluate(policy, env_cfg, a.episodes, a.envs, seed_start=a.seed_start)
         paths = write_report(result, out, str(a.ckpt or a.export), spec.control_hz)
@@ -202,13 +233,16 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    from policy_runtime.hub import local_dir
     from sim_trainer.export.onnx_export import export_onnx
 
-    result = export_onnx(a.ckpt, a.out, a.steps, force=a.force)
+    _check_push(a)
+    result = export_onnx(local_dir(a.ckpt), a.out, a.steps, force=a.force)
     m = result.manifest
     print(f"exported {a.ckpt} with K={m['num_steps']} to {result.out / m['model_file']} "
           f"(opset {m['onnx']['opset']}, IR {m['onnx']['ir_version']}, parity max |err| "
           f"{m['parity']['max_abs_err']:.1e} <= {m['parity']['tolerance']:.0e})")
+    _push(a, result.out, "export")
     return 0
 
 
@@ -232,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sim_trainer.evaluate.rollout import EVAL_SEED_START
     from sim_trainer.rl.config import RLConfig
     from sim_trainer.sft.trainer import SFTConfig
+    from sim_trainer.tracking import add_push_flag, add_tracking_flags
 
     p = OneLineParser(prog="sim-trainer", description=(
         "Train and evaluate flow-matching VLA policies in ManiSkill3. Typical flow: `demos` (motion-planned "
@@ -280,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the flow VLA on one or more episode datasets. Options come from a YAML "
                                    "preset (--config); flags override it. The output directory is a checkpoint.")
     add_config_flags(s, SFTConfig, "configs/sft_pushcube_rgb_small.yaml")
+    add_tracking_flags(s, "checkpoint directory")
     s.set_defaults(func=cmd_sft)
 
     r = sub.add_parser("rl", help="RL: PPO or GRPO fine-tuning (Flow-Noise, Flow-SDE or ReinFlow noise), or SAC Flow",
@@ -289,11 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "YAML preset (--config); flags override it. "
                                    "Multi-process: torchrun --nproc-per-node N -m sim_trainer.cli rl ...")
     add_config_flags(r, RLConfig, "configs/rl_pushcube_state_cpu.yaml")
+    add_tracking_flags(r, "run directory")
     r.set_defaults(func=cmd_rl)
 
     e = sub.add_parser("eval", help="closed-loop evaluation with a Wilson interval, JSON report and video")
-    e.add_argument("--ckpt", help="checkpoint directory (PyTorch)")
-    e.add_argument("--export", help="export directory (ONNX Runtime, CPU), instead of --ckpt")
+    e.add_argument("--ckpt", help="checkpoint directory (PyTorch), or hf://owner/repo[@revision][/subdir]")
+    e.add_argument("--export", help="export directory (ONNX Runtime, CPU), instead of --ckpt; or an hf:// path")
     e.add_argument("--task", help="task to evaluate on (default: the checkpoint's task)")
     e.add_argument("--episodes", type=int, default=100)
     e.add_argument("--envs", type=int, default=2, help="parallel envs (CPU: one process each)")
@@ -314,12 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write policy.onnx (prefix encoding + K unrolled Euler steps, noise as an input, "
                                    "normalisation inside, dynamic batch) and manifest.json (the serving contract, "
                                    "with the ONNX-vs-PyTorch parity measured now; above 1e-4 the export fails).")
-    x.add_argument("--ckpt", required=True, help="checkpoint directory")
+    x.add_argument("--ckpt", required=True, help="checkpoint directory, or hf://owner/repo[@revision][/subdir]")
     x.add_argument("--steps", type=int, default=4, help="denoising steps K to unroll, 1-64 (1-4 are the fast ones)")
     x.add_argument("--out", required=True, help="export directory (not the checkpoint's); a non-empty one needs "
                                                 "--force")
     x.add_argument("--force", action="store_true", help="replace the export in a non-empty --out (built aside "
                                                         "first: a failed export leaves the old one intact)")
+    add_push_flag(x, "export directory")
     x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="evaluate the shipped checkpoint and write a report (what `make demo` runs)")

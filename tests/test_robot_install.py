@@ -210,3 +210,12 @@ def test_the_robot_model_takes_the_robots_own_urdf(robot_python, tmp_path):
     refusal, joints = r.stdout.splitlines()
     assert "give the robot's URDF as the urdf parameter" in refusal and "[train]" in refusal
     assert int(joints) >= 7
+
+
+def test_an_hf_path_on_the_robot_names_the_hub_extra(robot_python, tmp_path):
+    """huggingface_hub is not in the base (it brings tqdm, httpx and a compiled hf-xet): the [hub] extra adds it."""
+    r = subprocess.run([str(robot_python.parent / "policy-runtime"), "serve", "hf://someone/tiny-policy/export"],
+                       cwd=tmp_path, env=_robot_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "needs huggingface_hub" in r.stderr and "pip install 'vla-rl-stack[hub]'" in r.stderr

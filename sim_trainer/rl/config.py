@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from policy_runtime.hub import is_hub_path, parse_hub_path
 from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_limit
 from sim_trainer.config_flags import option
 from sim_trainer.data.sources import source_path
@@ -44,7 +45,7 @@ RL_LIMITS = {
 class RLConfig:
     """Every RL option: a preset key and a flag (`num_envs` -> `--num-envs`), help text as written here."""
 
-    ckpt: str = option("", "SFT checkpoint to start from")
+    ckpt: str = option("", "SFT checkpoint to start from: a directory or hf://owner/repo[@revision][/subdir]")
     out: str = option("", "run directory (becomes a checkpoint; trainer state, metrics and TensorBoard in it)")
     task: str | None = option(None, "task (default: the checkpoint's)")
     algorithm: str = option("ppo", "ppo (value head + GAE), grpo (group-normalised returns, no critic) or sac_flow "
@@ -144,6 +145,8 @@ class RLConfig:
             self._check_sac_flow()
         elif not self.ckpt:
             raise UserError("give the SFT checkpoint to start from with --ckpt")
+        elif is_hub_path(self.ckpt):
+            parse_hub_path(self.ckpt)  # the form, before any work; the trainer downloads it
         else:
             _check_dir("checkpoint", self.ckpt)
         if not self.out:
@@ -184,7 +187,10 @@ class RLConfig:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("sac_flow runs in one process; start it without torchrun")
         if self.ckpt:
-            _check_dir("checkpoint", self.ckpt)
+            if is_hub_path(self.ckpt):
+                parse_hub_path(self.ckpt)
+            else:
+                _check_dir("checkpoint", self.ckpt)
             if self.velocity not in BACKBONE_VELOCITIES:
                 raise UserError(f"sac_flow from a checkpoint wraps its velocity with {' or '.join(BACKBONE_VELOCITIES)}"
                                 f", not {self.velocity}")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from policy_runtime.hub import local_dir
 from policy_runtime.stats import wilson_interval
 from sim_trainer.data.normalize import NormStats
 from sim_trainer.envs.spec import EnvConfig
@@ -38,6 +39,7 @@ from sim_trainer.rl.replay import NStepWindow, ReplayBuffer
 from sim_trainer.rl.rollout import TRAIN_SEED_START
 from sim_trainer.rl.sac import SAC, SACSettings
 from sim_trainer.run_dir import CHECKPOINT_ENTRIES, RunDir
+from sim_trainer.tracking import ScalarLog, WandbSettings
 from sim_trainer.trainer_state import applying, check_same_run, load_training, read_meta, save_training
 
 STATE, REPLAY = "sac_state", "replay"
@@ -66,8 +68,8 @@ def _where_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> tor
 
 
 class SACFlowTrainer:
-    def __init__(self, cfg: RLConfig, force: bool = False):
-        self.cfg = cfg.validate()
+    def __init__(self, cfg: RLConfig, force: bool = False, wandb: WandbSettings | None = None):
+        self.cfg, self.wandb = cfg.validate(), wandb
         self.run_dir = RunDir(cfg.out, what="an RL run", force=force, resume=cfg.resume, state_file=f"{STATE}.json",
                               replaceable=SAC_ENTRIES, inputs=(cfg.ckpt or None,))
         self.out = self.run_dir.path
@@ -89,7 +91,8 @@ class SACFlowTrainer:
     def _load_start(self) -> LoadedPolicy:
         """The SFT checkpoint, its model at the run's K and C and, for flow_g, with a velocity gate at z = 1."""
         cfg = self.cfg
-        loaded = load_checkpoint(cfg.ckpt)
+        ckpt = local_dir(cfg.ckpt)  # an hf:// checkpoint is downloaded (or found in the cache) here
+        loaded = load_checkpoint(ckpt)
         if loaded.spec.obs_mode != "state":
             raise UserError(f"sac_flow from a checkpoint needs a state-observation policy; {cfg.ckpt} observes "
                             f"{loaded.spec.obs_mode}")
@@ -100,7 +103,7 @@ class SACFlowTrainer:
                                 f"H={model.cfg.horizon} of {cfg.ckpt}")
             model.cfg.exec_steps = cfg.exec_steps
         model.cfg.num_steps = cfg.num_steps  # the saved checkpoint evaluates and exports at the trained K
-        self.norm = NormStats.load(Path(cfg.ckpt) / "norm_stats.json")
+        self.norm = NormStats.load(ckpt / "norm_stats.json")
         if cfg.velocity == "flow_g":
             model = with_velocity_gate(model, self.norm)
         return replace(loaded, model=model)
@@ -205,15 +208,13 @@ class SACFlowTrainer:
                 self._build(spec.state_dim, torch.tensor(spec.action_low), torch.tensor(spec.action_high))
                 if cfg.resume and (self.out / f"{STATE}.json").exists():
                     self.load()
-                return self._loop(venv)
+                with ScalarLog(self.out, "rl", asdict(cfg), self.wandb) as scalars:
+                    return self._loop(venv, scalars)
             finally:
                 venv.close()
 
-    def _loop(self, venv) -> Path:
+    def _loop(self, venv, scalars: ScalarLog) -> Path:
         cfg = self.cfg
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(str(self.out / "tb"))
         log_path = self.out / "metrics.jsonl"
         bar = progress_bar(total=self.num_iterations * self.steps_per_iteration,
                            initial=self.iteration * self.steps_per_iteration, desc=f"rl sac_flow/{cfg.velocity}",
@@ -252,8 +253,7 @@ class SACFlowTrainer:
             if episodes:
                 metrics |= {"train_success_once": float(np.mean([s for s, _ in episodes])),
                             "train_return": float(np.mean([r for _, r in episodes]))}
-            for k, v in metrics.items():
-                tb.add_scalar(f"rl/{k}", v, self.env_steps)
+            scalars.log({f"rl/{k}": v for k, v in metrics.items()}, self.env_steps)
             with log_path.open("a") as f:
                 f.write(json.dumps({"update": self.iteration, "env_steps": self.env_steps, **metrics}) + "\n")
             bar.update(self.steps_per_iteration)
@@ -263,9 +263,8 @@ class SACFlowTrainer:
             if last or self.iteration % cfg.save_every == 0:
                 self.save()
             if last or (cfg.eval_every and self.iteration % cfg.eval_every == 0):
-                self._log_eval(tb, log_path)
+                self._log_eval(scalars, log_path)
         bar.close()
-        tb.close()
         return self.out
 
     def _learn(self, gen: torch.Generator) -> dict[str, float]:
@@ -319,14 +318,14 @@ class SACFlowTrainer:
                 "success_once_wilson95": list(wilson_interval(k, len(successes))),
                 "mean_return": float(np.mean(returns))}
 
-    def _log_eval(self, tb, log_path: Path) -> None:
+    def _log_eval(self, scalars: ScalarLog, log_path: Path) -> None:
         summary = self.evaluate(self.cfg.eval_episodes)
-        tb.add_scalar("eval/success_once", summary["success_once"], self.env_steps)
+        scalars.log({"eval/success_once": summary["success_once"]}, self.env_steps)
         tqdm.write(f"iteration {self.iteration} ({self.env_steps} env steps): eval success_once "
                    f"{summary['success_once']:.2f} over {summary['episodes']} episodes")
         with log_path.open("a") as f:
             f.write(json.dumps({"update": self.iteration, "env_steps": self.env_steps, "eval": summary}) + "\n")
 
 
-def train_sac_flow(cfg: RLConfig, force: bool = False) -> Path:
-    return SACFlowTrainer(cfg, force=force).run()
+def train_sac_flow(cfg: RLConfig, force: bool = False, wandb: WandbSettings | None = None) -> Path:
+    return SACFlowTrainer(cfg, force=force, wandb=wandb).run()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from policy_runtime.hub import local_dir
 from sim_trainer.data.normalize import NormStats
 from sim_trainer.data.sources import dataset_spec, load_dataset, source_path
 from sim_trainer.envs.make import probe_spec
@@ -37,6 +38,7 @@ from sim_trainer.rl.policy import RLPolicy, SamplerSettings
 from sim_trainer.rl.rollout import Collector
 from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler
+from sim_trainer.tracking import ScalarLog, WandbSettings
 from sim_trainer.trainer_state import applying, check_same_run, load_training, read_meta, save_training
 
 STATE = "rl_state"
@@ -72,16 +74,18 @@ def _seed_for(cfg: RLConfig, rank: int, update: int) -> tuple[np.random.Generato
 
 
 class RLTrainer:
-    def __init__(self, cfg: RLConfig, world: World | None = None, force: bool = False):
-        self.cfg, self.world = cfg.validate(), world or World()
+    def __init__(self, cfg: RLConfig, world: World | None = None, force: bool = False,
+                 wandb: WandbSettings | None = None):
+        self.cfg, self.world, self.wandb = cfg.validate(), world or World(), wandb
+        ckpt = str(local_dir(cfg.ckpt))  # an hf:// checkpoint is downloaded (or found in the cache) here
         # every rank checks --out (nothing is written before the first barrier, so all see the same); rank 0 locks
         self.run_dir = RunDir(cfg.out, what="an RL run", force=force, resume=cfg.resume,
-                              inputs=(cfg.ckpt, cfg.cotrain_data and source_path(cfg.cotrain_data)),
+                              inputs=(ckpt, cfg.cotrain_data and source_path(cfg.cotrain_data)),
                               state_file=f"{STATE}.json")
         self.out = self.run_dir.path
         if cfg.resume and (self.out / f"{STATE}.json").exists():
             self._check_resumable()
-        loaded = load_checkpoint(cfg.ckpt)
+        loaded = load_checkpoint(ckpt)
         self.spec, model = loaded.spec, loaded.model
         if cfg.exec_steps is not None:
             if cfg.exec_steps > model.cfg.horizon:
@@ -89,7 +93,7 @@ class RLTrainer:
                                 f"H={model.cfg.horizon} of {cfg.ckpt}")
             model.cfg.exec_steps = cfg.exec_steps
         model.cfg.num_steps = cfg.num_steps  # the saved checkpoint evaluates and exports at the trained K
-        self.norm = NormStats.load(Path(cfg.ckpt) / "norm_stats.json")
+        self.norm = NormStats.load(Path(ckpt) / "norm_stats.json")
         self.env_cfg = EnvConfig.for_policy(self.spec, cfg.task, reward_mode=cfg.reward, sim_backend=cfg.sim_backend,
                                             max_episode_steps=cfg.max_episode_steps)
         _check_risk_scale(cfg, self.env_cfg.horizon)
@@ -190,22 +194,19 @@ class RLTrainer:
                 check_compatible(self.spec, venv.spec, cfg.ckpt)
                 collector = Collector(venv, self.policy, self.text, self.chunk, cfg.gamma, self.episodic,
                                       cfg.group_size)
-                return self._loop(collector)
+                with ScalarLog(self.out, "rl", asdict(cfg), self.wandb) if world.is_main else nullcontext() as scalars:
+                    return self._loop(collector, scalars)
             finally:
                 venv.close()
 
-    def _loop(self, collector: Collector) -> Path:
+    def _loop(self, collector: Collector, scalars: ScalarLog | None) -> Path:
+        """The updates; `scalars` is rank 0's (None on the others)."""
         cfg, world = self.cfg, self.world
-        tb = None
-        if world.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(str(self.out / "tb"))
         log_path = self.out / "metrics.jsonl"
         bar = progress_bar(total=self.num_updates * self.steps_per_update, initial=self.update * self.steps_per_update,
                            desc=f"rl {cfg.algorithm}/{cfg.noise}", unit="step", unit_scale=True, show=world.is_main)
         if self.update == 0 and world.is_main:
-            self._log_eval(tb, log_path, cfg.eval_episodes)
+            self._log_eval(scalars, log_path, cfg.eval_episodes)
         while self.update < self.num_updates:
             rng, gen = _seed_for(cfg, world.rank, self.update)
             self._anneal_noise()
@@ -229,9 +230,7 @@ class RLTrainer:
                 metrics |= {"train_success_once": float(tot[1] / tot[0]),
                             "train_success_at_end": float(tot[2] / tot[0]), "train_return": float(tot[3] / tot[0])}
             if world.is_main:
-                for k, v in metrics.items():
-                    if not math.isnan(v):
-                        tb.add_scalar(f"rl/{k}", v, self.env_steps)
+                scalars.log({f"rl/{k}": v for k, v in metrics.items() if not math.isnan(v)}, self.env_steps)
                 with log_path.open("a") as f:
                     f.write(json.dumps({"update": self.update, "env_steps": self.env_steps, **metrics}) + "\n")
                 bar.update(self.steps_per_update)
@@ -241,11 +240,9 @@ class RLTrainer:
                 if last or self.update % cfg.save_every == 0:
                     self.save()
                 if last or (cfg.eval_every and self.update % cfg.eval_every == 0):
-                    self._log_eval(tb, log_path, cfg.eval_episodes)
+                    self._log_eval(scalars, log_path, cfg.eval_episodes)
             world.barrier()
         bar.close()
-        if tb is not None:
-            tb.close()
         return self.out
 
     def _param_spread(self) -> float:
@@ -256,14 +253,14 @@ class RLTrainer:
         per_rank = self.world.sum(per_rank)
         return float(per_rank.max() - per_rank.min())
 
-    def _log_eval(self, tb, log_path: Path, episodes: int) -> None:
+    def _log_eval(self, scalars: ScalarLog, log_path: Path, episodes: int) -> None:
         keys = ("episodes", "success_once", "success_once_wilson95", "success_at_end", "mean_return")
         row: dict = {"update": self.update, "env_steps": self.env_steps}
         runs = [("eval", self.env_cfg)] + ([("eval_domain", self.eval_domain_cfg)] if self.eval_domain_cfg else [])
         for name, env_cfg in runs:
             s = self.evaluate(episodes, env_cfg)
-            tb.add_scalar(f"{name}/success_once", s["success_once"], self.env_steps)
-            tb.add_scalar(f"{name}/success_at_end", s["success_at_end"], self.env_steps)
+            scalars.log({f"{name}/success_once": s["success_once"], f"{name}/success_at_end": s["success_at_end"]},
+                        self.env_steps)
             row[name] = {k: s[k] for k in keys} | ({"domain": env_cfg.domain} if env_cfg.domain else {})
             tqdm.write(f"update {self.update} ({self.env_steps} env steps): {name} "
                        f"{env_cfg.domain or 'sim'} success_once {s['success_once']:.2f} over {s['episodes']} "
@@ -272,13 +269,14 @@ class RLTrainer:
             f.write(json.dumps(row) + "\n")
 
 
-def train_rl(cfg: RLConfig, force: bool = False) -> Path:
+def train_rl(cfg: RLConfig, force: bool = False, wandb: WandbSettings | None = None) -> Path:
+    """Any algorithm's run into cfg.out; scalars to TensorBoard, and to W&B with `wandb` (rank 0)."""
     if cfg.algorithm == "sac_flow":  # off-policy, single process: its own trainer
         from sim_trainer.rl.sac_trainer import train_sac_flow
 
-        return train_sac_flow(cfg, force=force)
+        return train_sac_flow(cfg, force=force, wandb=wandb)
     world = World.init()
     try:
-        return RLTrainer(cfg, world, force=force).run()
+        return RLTrainer(cfg, world, force=force, wandb=wandb).run()
     finally:
         world.close()

@@ -1,5 +1,5 @@
 """Flow-matching (or shortcut, see models/flow.py) SFT: AdamW, warmup + cosine LR, EMA weights, gradient clipping,
-dataset mixing, TensorBoard, periodic closed-loop evaluation, checkpoints and resume.
+dataset mixing, TensorBoard (and W&B, sim_trainer/tracking.py), periodic closed-loop evaluation, checkpoints and resume.
 
 The output directory is itself a checkpoint (EMA weights) that `sim-trainer eval` and RL load, plus
 trainer_state.{json,safetensors} (raw weights, EMA, AdamW moments, RNG states: no pickle) for resuming.
@@ -27,6 +27,7 @@ from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.progress import progress_bar
 from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler, random_shift
+from sim_trainer.tracking import ScalarLog, WandbSettings
 from sim_trainer.trainer_state import applying, check_same_run, load_training, read_meta, save_training
 
 # Every number's allowed range: a typo (a negative or NaN rate, a batch of a million) is refused before work.
@@ -161,8 +162,9 @@ def _check_resumable(out: Path, cfg: SFTConfig) -> None:
                             "choose a new --out")
 
 
-def train_sft(cfg: SFTConfig, force: bool = False) -> Path:
-    """Train into cfg.out; everything a user can get wrong is checked before the first step."""
+def train_sft(cfg: SFTConfig, force: bool = False, wandb: WandbSettings | None = None) -> Path:
+    """Train into cfg.out (scalars to TensorBoard, and W&B with `wandb`); everything a user can get wrong is checked
+    before the first step."""
     cfg.validate()
     specs = [dataset_spec(d) for d in cfg.data]
     spec = specs[0]
@@ -205,19 +207,16 @@ def train_sft(cfg: SFTConfig, force: bool = False) -> Path:
         if cfg.resume and (out / f"{STATE}.json").exists():
             _check_resumable(out, cfg)  # again under the lock: the run may have moved on since
             start = _load_trainer_state(out, model, ema, opt, sampler, gen)
-        _train(cfg, out, start, model, model_cfg, spec, norm, datasets, sampler, opt, ema, gen)
+        with ScalarLog(out, "sft", asdict(cfg), wandb) as scalars:
+            _train(cfg, out, start, model, model_cfg, spec, norm, datasets, sampler, opt, ema, gen, scalars)
     return out
 
 
 def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, datasets, sampler, opt, ema,
-           gen) -> None:
+           gen, scalars: ScalarLog) -> None:
     info = {"trained_by": "sim-trainer sft", "sft_config": asdict(cfg),
             "datasets": {d: len(eps) for d, eps in zip(cfg.data, datasets, strict=True)}}
     run = _run_identity(cfg)
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    tb = SummaryWriter(str(out / "tb"))
     bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", unit="step")
     t_log, n_log = time.perf_counter(), 0
     model.train()
@@ -240,10 +239,8 @@ def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, 
         n_log += cfg.batch_size
         if (step + 1) % cfg.log_every == 0:
             rate = n_log / (time.perf_counter() - t_log)
-            tb.add_scalar("sft/loss", loss.item(), step + 1)
-            tb.add_scalar("sft/grad_norm", grad_norm.item(), step + 1)
-            tb.add_scalar("sft/lr", lr_at(cfg, step), step + 1)
-            tb.add_scalar("sft/samples_per_s", rate, step + 1)
+            scalars.log({"sft/loss": loss.item(), "sft/grad_norm": grad_norm.item(), "sft/lr": lr_at(cfg, step),
+                         "sft/samples_per_s": rate}, step + 1)
             bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
             t_log, n_log = time.perf_counter(), 0
         last = step + 1 == cfg.steps
@@ -251,11 +248,10 @@ def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, 
             save_checkpoint(out, model, spec, norm, {**info, "step": step + 1}, state_dict=ema.shadow)
             _save_trainer_state(out, step + 1, model, ema, opt, sampler, gen, run)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-            _periodic_eval(cfg, model_cfg, norm, spec, ema, tb, step + 1)
-    tb.close()
+            _periodic_eval(cfg, model_cfg, norm, spec, ema, scalars, step + 1)
 
 
-def _periodic_eval(cfg: SFTConfig, model_cfg, norm, spec, ema: EMA, tb, step: int) -> None:
+def _periodic_eval(cfg: SFTConfig, model_cfg, norm, spec, ema: EMA, scalars: ScalarLog, step: int) -> None:
     from sim_trainer.evaluate.rollout import evaluate
     from sim_trainer.policy import ChunkPolicy
 
@@ -264,6 +260,5 @@ def _periodic_eval(cfg: SFTConfig, model_cfg, norm, spec, ema: EMA, tb, step: in
     res = evaluate(ChunkPolicy(ema_model, spec), EnvConfig.for_policy(spec), cfg.eval_episodes, cfg.eval_envs,
                    record_video=False, progress=False)
     s = res.summary()
-    tb.add_scalar("eval/success_once", s["success_once"], step)
-    tb.add_scalar("eval/success_at_end", s["success_at_end"], step)
+    scalars.log({"eval/success_once": s["success_once"], "eval/success_at_end": s["success_at_end"]}, step)
     tqdm.write(f"step {step}: eval success {s['success_once']:.2f} over {s['episodes']} episodes")
