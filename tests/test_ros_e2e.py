@@ -169,6 +169,48 @@ def test_sim_trials_through_the_whole_stack(server, tmp_path):
         assert ep.success == (end["outcome"] == "success") and ep.source == "sim" and len(ep) > 10
         assert ep.images["base_camera"].shape[1:] == (64, 64, 3) and ep.state.shape[1] == 25
         assert np.abs(ep.actions).max() < 10 and ep.provenance["seed"] == end["seed"]
+    check_trial_bags(out, ends, episodes, tmp_path)
+
+
+def check_trial_bags(out, ends: list[dict], episodes: list, tmp_path) -> None:
+    """Each trial's rosbag2 (MCAP) is read back by rosbags, and `dataset import-rosbag` rebuilds its episode exactly."""
+    import subprocess
+    import sys
+
+    from rosbags.rosbag2 import Reader
+
+    from policy_runtime.episodes import list_episodes, read_episode
+    from tests.ros_fixtures import ROOT, subprocess_env
+
+    bag_events = [e for e in read_journal(out / "journal.jsonl") if e["event"] == "bag"]
+    assert [e["trial"] for e in bag_events] == [e["trial"] for e in ends]
+    assert all(e["error"] is None and e["dropped"] == 0 and e["messages"] > 0 for e in bag_events), bag_events
+    bags = [out / e["bag"] for e in bag_events]
+    for bag in bags:
+        assert (bag / "metadata.yaml").is_file() and list(bag.glob("*.mcap"))
+        with Reader(bag) as reader:
+            counts = {c.topic: c.msgcount for c in reader.connections}
+            types = {c.topic: c.msgtype for c in reader.connections}
+        for topic, msgtype in (("/camera/camera/color/image_raw", "sensor_msgs/msg/Image"),
+                               ("/joint_states", "sensor_msgs/msg/JointState"),
+                               ("/vla/policy/action", "sensor_msgs/msg/JointState"),
+                               ("/joint_trajectory_controller/joint_trajectory", "trajectory_msgs/msg/JointTrajectory"),
+                               ("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray"),
+                               ("/vla/eval/events", "std_msgs/msg/String")):
+            assert types.get(topic) == msgtype and counts[topic] > 0, (topic, types)
+    data = tmp_path / "from_bags"
+    r = subprocess.run([sys.executable, "-m", "sim_trainer.cli", "dataset", "import-rosbag", *map(str, bags),
+                        "--out", str(data)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    imported = [read_episode(p) for p in list_episodes(data)]
+    assert len(imported) == len(episodes)
+    for got, want in zip(imported, episodes, strict=True):
+        assert (got.instruction, got.success, got.source, got.task) == (want.instruction, want.success, want.source,
+                                                                        want.task)
+        np.testing.assert_array_equal(got.state, want.state)
+        np.testing.assert_array_equal(got.actions, want.actions)
+        np.testing.assert_array_equal(got.images["base_camera"], want.images["base_camera"])
+        np.testing.assert_array_equal(got.timestamps, want.timestamps)
 
 
 def test_server_loss_holds_the_arm_and_eval_manager_survives_kill_9(server, tmp_path):
