@@ -19,6 +19,7 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray, String
+from trajectory_msgs.msg import JointTrajectory
 from vla_ros import topics
 from vla_ros.actions import PANDA_ARM, PANDA_FINGERS
 
@@ -79,7 +80,8 @@ def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
         Parameter("runtime_endpoint", value=server.endpoint), Parameter("camera_topics", value=["/test/image"]),
         Parameter("inference_wait_s", value=0.5), Parameter("diagnostics_hz", value=10.0),
         # a busy host delays fresh frames and chunks beyond the defaults; the stale frame here is 1 s old
-        Parameter("max_obs_age_s", value=0.5), Parameter("max_chunk_age_s", value=2.0)])
+        Parameter("max_obs_age_s", value=0.5), Parameter("max_chunk_age_s", value=2.0),
+        Parameter("publish_chunks", value=True)])
     executor = MultiThreadedExecutor(num_threads=3)
     executor.add_node(node)
     threading.Thread(target=executor.spin, daemon=True).start()
@@ -87,6 +89,7 @@ def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
     try:
         actions = probe.collect(JointState, topics.POLICY_ACTION, topics.COMMAND_QOS)
         steps = probe.collect(Float64MultiArray, topics.POLICY_STEP, topics.COMMAND_QOS)
+        chunks = probe.collect(JointTrajectory, topics.POLICY_CHUNK, topics.COMMAND_QOS)
         spec = probe.collect(String, topics.POLICY_SPEC, topics.LATCHED_QOS)
         js_pub = probe.node.create_publisher(JointState, topics.JOINT_STATES, 10)
         img_pub = probe.node.create_publisher(Image, "/test/image", topics.SENSOR_QOS)
@@ -116,6 +119,14 @@ def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
         np.testing.assert_allclose(state[:9], REST, atol=1e-6)  # in the model's order, whatever the driver's
         tcp = RobotModel(base_pose=[-0.615, 0, 0, 1, 0, 0, 0]).tcp_pose_world(dict(zip(NAMES, REST, strict=True)))
         np.testing.assert_allclose(state[18:], tcp, atol=1e-5)
+        # publish_chunks: each chunk as it starts, exec_steps points a control period apart, the actions to come
+        wait_for(lambda: len(chunks) >= 2, 60, "two chunks")
+        assert all(len(c.points) == announced.exec_steps for c in chunks)
+        offsets = [p.time_from_start.nanosec for p in chunks[0].points]  # under 1 s: C = 8 at 20 Hz
+        assert offsets == [50_000_000 * k for k in range(len(offsets))]
+        planned = {tuple(p.positions) for c in list(chunks) for p in c.points}
+        first = next(i for i, a in enumerate(actions) if tuple(a.position) == tuple(chunks[0].points[0].positions))
+        assert all(tuple(a.position) in planned for a in list(actions)[first:first + 2 * announced.exec_steps])
     finally:
         probe.close()
         executor.shutdown()

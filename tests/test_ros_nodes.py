@@ -434,8 +434,11 @@ def test_eval_manager_services_journal_and_redo(ros, tmp_path):
     assert probe.call(Trigger, "/eval_manager/quit").success
     wait_for(lambda: state() == "DONE", 20, "DONE")
     events = [json.loads(line) for line in (tmp_path / "out" / "journal.jsonl").read_text().splitlines()]
+    bags = [e for e in events if e["event"] == "bag"]  # written when the bag is closed: after the end, any time
+    events = [e for e in events if e["event"] != "bag"]
     assert [(e["event"], e.get("outcome")) for e in events] == [("start", None), ("end", "success"), ("redo", None)]
     assert events[1]["episode"] is None  # no policy ran, so there was nothing to record
+    assert [(b["trial"], b["bag"], b["error"]) for b in bags] == [(0, "bags/trial_0000", None)]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["judged"] == 0
     sent = [m.data for m in sources]
     seen = [k for k, _ in itertools.groupby(sent)]  # the source is re-sent as a heartbeat (the safety lease)
@@ -742,3 +745,52 @@ def test_a_message_from_an_unknown_publisher_does_not_stall_the_authoritys_heart
     values = safety()
     assert "count/source_lease_lapsed" not in values, values  # the heartbeats kept the lease alive meanwhile
     assert values["source"] == "hold" and "unidentified" in values["message"], values
+
+
+def test_safety_filter_sends_a_whole_chunk_as_one_timed_trajectory_and_a_hold_replaces_it(ros):
+    """send_whole_chunk: one JointTrajectory per chunk, a point per control step, every point within the per-step
+    limits; a NaN point ends the trajectory before it; an e-stop replaces the running trajectory by a hold at the
+    point the arm has reached on it (not at its end)."""
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+    from vla_ros.robot import RobotModel
+
+    probe, cmds, act, moved, safety = _filter_rig(ros, control_authority=PROBE, send_whole_chunk=True)
+    publish_spec(probe)
+    hand_control(probe, "policy")
+    wait_for(lambda: safety().get("source") == "policy" and safety().get("contract") == "ok", 30, "policy in control")
+    chunk_pub = probe.node.create_publisher(JointTrajectory, topics.POLICY_CHUNK, topics.COMMAND_QOS)
+
+    def send_chunk(rows) -> JointTrajectory:
+        """Publish a chunk; returns the trajectory the filter sent for it."""
+        n = len(cmds)
+        chunk_pub.publish(JointTrajectory(joint_names=list(PANDA_ARM) + ["gripper"], points=[
+            JointTrajectoryPoint(positions=[float(x) for x in r]) for r in rows]))
+        return wait_for(lambda: next((m for m in list(cmds)[n:] if len(m.points) > 1), None), 30, "a trajectory")
+
+    _keep_acting(act, 0.5)  # in this mode a step's action only proves the policy alive: nothing moves
+    assert not moved()
+    traj = send_chunk([[1.0] + [0.0] * 7] * 8)  # joint 1 at the policy's largest step, +0.1 rad per step
+    times = [p.time_from_start.sec + 1e-9 * p.time_from_start.nanosec for p in traj.points]
+    np.testing.assert_allclose(times, 0.05 * np.arange(1, 9), atol=1e-9)
+    j1 = np.array([p.positions[0] for p in traj.points])
+    np.testing.assert_allclose(j1, REST[0] + 0.1 * np.arange(1, 9), atol=1e-9)
+    limits = RobotModel().limits
+    for a, b in itertools.pairwise(traj.points):
+        for j, p0, p1, v in zip(traj.joint_names, a.positions, b.positions, b.velocities, strict=True):
+            vmax = limits[j].velocity * 0.95  # the default velocity_margin
+            assert abs(p1 - p0) <= vmax * 0.05 + 1e-9 and abs(v) <= vmax + 1e-9, (j, p0, p1, v)
+    assert len([m for m in list(cmds) if len(m.points) > 1]) == 1  # one message for the whole chunk
+
+    rows = [[0.5] + [0.0] * 7] * 6
+    rows[3] = [float("nan")] * 8
+    assert len(send_chunk(rows).points) == 3  # the validated remainder: the points before the NaN
+    wait_for(lambda: int(safety().get("count/non_finite", 0)) >= 1, 30, "the NaN point counted")
+
+    traj = send_chunk([[0.05] + [0.0] * 7] * 100)  # 5 s of slow motion
+    time.sleep(0.3)
+    n = len(cmds)
+    probe.node.create_publisher(Bool, topics.ESTOP, topics.COMMAND_QOS).publish(Bool(data=True))
+    hold = wait_for(lambda: next(iter(list(cmds)[n:]), None), 30, "the e-stop's hold")
+    assert len(hold.points) == 1 and not any(hold.points[0].velocities)
+    on_path = [p.positions[0] for p in traj.points]
+    assert hold.points[0].positions[0] in on_path and hold.points[0].positions[0] < on_path[-1]

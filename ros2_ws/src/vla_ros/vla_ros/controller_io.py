@@ -36,7 +36,7 @@ class ControllerSpec:
         return JointTrajectory if self.kind == "joint_trajectory" else Float64MultiArray
 
 
-def _duration(seconds: float) -> Duration:
+def duration(seconds: float) -> Duration:
     ns = int(round(seconds * 1e9))
     return Duration(sec=ns // 10**9, nanosec=ns % 10**9)
 
@@ -50,7 +50,18 @@ def arm_message(spec: ControllerSpec, targets: dict[str, float], velocities: dic
     msg.joint_names = list(spec.joints)
     msg.points = [JointTrajectoryPoint(positions=[float(targets[j]) for j in spec.joints],
                                        velocities=[float(velocities.get(j, 0.0)) for j in spec.joints],
-                                       time_from_start=_duration(dt))]
+                                       time_from_start=duration(dt))]
+    return msg
+
+
+def trajectory_message(spec: ControllerSpec, points: list, stamp, dt: float) -> JointTrajectory:
+    """One timed trajectory: point k (a Decision: targets and velocities) is reached (k + 1) * dt after `stamp`."""
+    msg = JointTrajectory()
+    msg.header.stamp = stamp
+    msg.joint_names = list(spec.joints)
+    msg.points = [JointTrajectoryPoint(positions=[float(d.targets[j]) for j in spec.joints],
+                                       velocities=[float(d.velocities.get(j, 0.0)) for j in spec.joints],
+                                       time_from_start=duration((k + 1) * dt)) for k, d in enumerate(points)]
     return msg
 
 
