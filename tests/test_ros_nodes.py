@@ -794,3 +794,75 @@ def test_safety_filter_sends_a_whole_chunk_as_one_timed_trajectory_and_a_hold_re
     assert len(hold.points) == 1 and not any(hold.points[0].velocities)
     on_path = [p.positions[0] for p in traj.points]
     assert hold.points[0].positions[0] in on_path and hold.points[0].positions[0] < on_path[-1]
+
+
+@pytest.fixture(scope="module")
+def control_msgs_built(tmp_path_factory):
+    """control_msgs' FollowJointTrajectory built from its interface files (CONTROL_MSGS_SRC: control_msgs' folder
+    with action/ and msg/) by vla_ros.build_control_msgs, on the path; skipped where neither is at hand."""
+    import os
+    import sys
+
+    try:
+        from control_msgs.action import FollowJointTrajectory  # noqa: F401  (a ROS 2 install has it)
+        return
+    except ImportError:
+        pass
+    src = os.environ.get("CONTROL_MSGS_SRC")
+    if not src:
+        pytest.skip("control_msgs not installed and CONTROL_MSGS_SRC not set")
+    from vla_ros.build_control_msgs import build_control_msgs
+
+    out = tmp_path_factory.mktemp("control_msgs")
+    build_control_msgs(src, out)
+    sys.path.insert(0, str(out))
+
+
+def test_whole_chunks_and_holds_go_as_follow_joint_trajectory_goals(ros, control_msgs_built):
+    """trajectory_action: the chunk's trajectory, then the e-stop's hold, reach a FollowJointTrajectory server as goals
+    over DDS; until the server is up the filter reports it and sends nothing."""
+    import threading
+
+    from control_msgs.action import FollowJointTrajectory
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from rclpy.action import ActionServer
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    name = "/joint_trajectory_controller/follow_joint_trajectory"
+    add(SafetyFilterNode("safety_filter", parameter_overrides=params(
+        trajectory_action=name, send_whole_chunk=True, control_authority=PROBE, late_action_s=5.0, diagnostics_hz=10.0,
+        source_lease_s=0.0, **RELAXED)))
+    probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
+    start_joint_states(probe)
+    publish_spec(probe)
+    hand_control(probe, "policy")
+
+    def safety() -> dict:
+        return diag_values(probe, "safety_filter")
+
+    wait_for(lambda: "no FollowJointTrajectory action server" in safety().get("message", ""), 30, "the missing server")
+    assert safety()["level"] == DiagnosticStatus.ERROR
+    goals, lock = [], threading.Lock()
+
+    def execute(handle):
+        with lock:
+            goals.append(handle.request.trajectory)
+        handle.succeed()
+        return FollowJointTrajectory.Result(error_code=FollowJointTrajectory.Result.SUCCESSFUL)
+
+    ActionServer(probe.node, FollowJointTrajectory, name, execute)
+    wait_for(lambda: safety().get("controller") == "ok" and safety().get("source") == "policy", 30, "the server found")
+    chunk = probe.node.create_publisher(JointTrajectory, topics.POLICY_CHUNK, topics.COMMAND_QOS)
+    n = len(goals)
+    chunk.publish(JointTrajectory(joint_names=list(PANDA_ARM) + ["gripper"], points=[
+        JointTrajectoryPoint(positions=[0.5] + [0.0] * 7) for _ in range(6)]))
+    goal = wait_for(lambda: next((g for g in goals[n:] if len(g.points) > 1), None), 30, "the chunk's goal")
+    assert len(goal.points) == 6 and list(goal.joint_names) == NAMES
+    np.testing.assert_allclose([p.positions[0] for p in goal.points], REST[0] + 0.05 * np.arange(1, 7), atol=1e-9)
+    n = len(goals)
+    probe.node.create_publisher(Bool, topics.ESTOP, topics.COMMAND_QOS).publish(Bool(data=True))
+    hold = wait_for(lambda: next(iter(goals[n:]), None), 30, "the hold's goal")
+    assert len(hold.points) == 1 and not any(hold.points[0].velocities)
+    assert int(safety().get("goals_rejected", -1)) == 0

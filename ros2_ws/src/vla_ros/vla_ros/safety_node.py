@@ -23,6 +23,9 @@ Whole chunks (`send_whole_chunk`, joint_trajectory controllers): each chunk the 
 through the same checks as a single action (SafetyFilter.policy_chunk); the per-step actions then only prove
 the policy alive (the late-action watchdog). A new chunk replaces the trajectory; every hold replaces it with
 a single point where the arm is on it now, so the filter still holds on every fault.
+With `trajectory_action` every arm command (trajectory, hold, teleop) is a FollowJointTrajectory goal to that
+action server instead of a topic message (control_msgs; built for the PyPI wheels by vla_ros.build_control_msgs);
+until the server answers nothing is sent, and the diagnostics say so at error level.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from policy_runtime.protocol import Contract, ProtocolError
 from vla_ros import topics
 from vla_ros.actions import ActionSemantics
 from vla_ros.controller_io import ControllerSpec, arm_message, gripper_message, trajectory_message
-from vla_ros.params import declare, require, run_node_main
+from vla_ros.params import ParamError, declare, require, run_node_main
 from vla_ros.robot import RobotModel
 from vla_ros.ros_util import JointStateCache, diagnostic
 from vla_ros.safety import Decision, SafetyConfig, SafetyFilter
@@ -79,6 +82,8 @@ DEFAULTS = {
     "verify_controller_joints": True,         # forward_command: publish nothing until the joint order is verified
     "dry_run": False,
     "diagnostics_hz": 2.0,
+    "trajectory_action": "",                  # e.g. /joint_trajectory_controller/follow_joint_trajectory: commands
+                                              # as FollowJointTrajectory goals instead of the topic (control_msgs)
     "send_whole_chunk": False,                # joint_trajectory: each chunk as one timed trajectory (policy node's
                                               # publish_chunks), not one point per control step
 }
@@ -132,6 +137,9 @@ class SafetyFilterNode(Node):
         self.trajectory: tuple[float, list[dict[str, float]]] | None = None  # (sent at, targets per point)
         if self.whole_chunk:
             self.create_subscription(JointTrajectory, topics.POLICY_CHUNK, self._on_chunk, topics.COMMAND_QOS)
+        self.action_client = None
+        if p["trajectory_action"] and not self.dry_run:  # a dry run never reaches a controller: the topic stays
+            self._start_action_client(p["trajectory_action"])
         self.gripper_pub = None
         if self.ctrl.gripper_topic:
             self.gripper_pub = self.create_publisher(Float64MultiArray, self._out(self.ctrl.gripper_topic),
@@ -206,8 +214,45 @@ class SafetyFilterNode(Node):
             if reasons or len(points) < len(msg.points):
                 self.get_logger().warning(f"chunk: {', '.join(reasons) or 'limited'}; {len(points)} of "
                                           f"{len(msg.points)} points sent", throttle_duration_sec=1.0)
-            self.pub.publish(trajectory_message(self.ctrl, points, self.get_clock().now().to_msg(), self.dt))
+            self._send_arm(trajectory_message(self.ctrl, points, self.get_clock().now().to_msg(), self.dt))
             self.trajectory = (self._now(), [d.targets for d in points])
+
+    def _start_action_client(self, name: str) -> None:
+        """Commands as FollowJointTrajectory goals; until the controller's action server answers, nothing is sent."""
+        require(self.ctrl.kind == "joint_trajectory", "trajectory_action needs controller_type joint_trajectory")
+        try:
+            from control_msgs.action import FollowJointTrajectory
+        except ImportError:
+            raise ParamError("trajectory_action needs control_msgs (from your ROS 2 install, or built for the PyPI "
+                             "wheels: python -m vla_ros.build_control_msgs, docs/ros2.md)") from None
+        from rclpy.action import ActionClient
+
+        self.goal_type = FollowJointTrajectory.Goal
+        self.action_client, self.action_name = ActionClient(self, FollowJointTrajectory, name), name
+        self.goals_rejected = 0
+        self.controller_problem = f"no FollowJointTrajectory action server at {name} yet"
+        self.action_timer = self.create_timer(0.5, self._check_action_server)
+
+    def _check_action_server(self) -> None:
+        if self.action_client.server_is_ready():
+            self.action_timer.cancel()
+            self.get_logger().info(f"FollowJointTrajectory server {self.action_name} ready")
+            self.controller_problem = None
+            self._publish_diag()
+
+    def _send_arm(self, msg) -> None:
+        """To the controller: on its topic, or as a goal (a new goal preempts the running one, as a message does)."""
+        if self.action_client is None:
+            self.pub.publish(msg)
+            return
+        self.action_client.send_goal_async(self.goal_type(trajectory=msg)).add_done_callback(self._on_goal_response)
+
+    def _on_goal_response(self, future) -> None:
+        handle = future.result() if not future.exception() else None
+        if handle is None or not handle.accepted:
+            self.goals_rejected += 1
+            self.get_logger().error("the controller rejected a trajectory goal; the arm keeps its previous one",
+                                    throttle_duration_sec=1.0)
 
     def _hold(self, measured, reason: str, intervention: bool = True):
         """The filter's hold, at the point the arm has reached on a running trajectory (not at its end)."""
@@ -468,7 +513,7 @@ class SafetyFilterNode(Node):
                                       throttle_duration_sec=1.0)
         if d.targets is None:
             return
-        self.pub.publish(arm_message(self.ctrl, d.targets, d.velocities, self.get_clock().now().to_msg(), self.dt))
+        self._send_arm(arm_message(self.ctrl, d.targets, d.velocities, self.get_clock().now().to_msg(), self.dt))
         if self.gripper_pub is not None:
             g = gripper_message(self.ctrl, d.targets)
             if g is not None:
@@ -490,7 +535,8 @@ class SafetyFilterNode(Node):
                   "lease_lapsed": self.lease_lapsed, "armed": self.armed, "authority": self.authority,
                   "unauthorised": self.intrusion or "", "controller": self.controller_problem or "ok",
                   "contract": "ok" if self.contract_ok else (self.contract_problem or "none yet"),
-                  "interventions": sum(f.counts.values()), **{f"count/{k}": v for k, v in sorted(f.counts.items())}}
+                  "interventions": sum(f.counts.values()), **{f"count/{k}": v for k, v in sorted(f.counts.items())},
+                  **({"goals_rejected": self.goals_rejected} if self.action_client is not None else {})}
         self.diag_pub.publish(diagnostic(self.get_name(), level, msg, values, self.get_clock().now().to_msg()))
 
 
