@@ -72,9 +72,6 @@ def generate(src: Path, work: Path, prefix: Path) -> None:
     idl = work / "idl"
     for name in INTERFACES:
         suffix = ".action" if name.startswith("action/") else ".msg"
-        f = src / f"{name}{suffix}"
-        if not f.is_file():
-            raise BuildError(f"{f} not found: --src must be control_msgs' folder with action/ and msg/")
         with contextlib.redirect_stdout(io.StringIO()):  # it reports every file it reads and writes
             convert_to_idl(src, PACKAGE, Path(f"{name}{suffix}"), idl)
     includes = [str(prefix / "share" / d) for d in DEPENDENCIES]
@@ -148,6 +145,10 @@ def compile_package(work: Path, prefix: Path, out: Path) -> Path:
 def build_control_msgs(src: str | Path, out: str | Path, prefix: str | Path = sys.prefix) -> Path:
     """Build into out/control_msgs (replacing it); returns the package directory."""
     src, out, prefix = Path(src), Path(out), Path(prefix)
+    for name in INTERFACES:
+        f = src / f"{name}{'.action' if name.startswith('action/') else '.msg'}"
+        if not f.is_file():
+            raise BuildError(f"{f} not found: --src must be control_msgs' folder with action/ and msg/")
     if not (prefix / "share" / "trajectory_msgs").is_dir():
         raise BuildError(f"{prefix} has no ROS 2 interface wheels (share/trajectory_msgs): pip install -e '.[ros]'")
     out.mkdir(parents=True, exist_ok=True)
