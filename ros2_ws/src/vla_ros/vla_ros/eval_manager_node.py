@@ -60,8 +60,9 @@ DEFAULTS = {
     "max_aborts": 3,             # aborted trials of one plan entry before it is given up
     "record_bag": True,          # each trial also as a rosbag2 directory (MCAP) under results_dir/bags
     "bag_topics": ["/camera/camera/color/image_raw", topics.JOINT_STATES, topics.POLICY_ACTION, topics.POLICY_STEP,
-                   topics.POLICY_OBS_IMAGE, topics.TELEOP_COMMAND, "/joint_trajectory_controller/joint_trajectory",
-                   topics.CONTROL_SOURCE, topics.INSTRUCTION, topics.EVAL_STATE, topics.ESTOP, topics.DIAGNOSTICS],
+                   topics.POLICY_OBS_IMAGE, topics.POLICY_CHUNK, topics.TELEOP_COMMAND,
+                   "/joint_trajectory_controller/joint_trajectory", topics.CONTROL_SOURCE, topics.INSTRUCTION,
+                   topics.EVAL_STATE, topics.ESTOP, topics.DIAGNOSTICS],
     "bag_queue_mb": 256.0,       # messages waiting for the disk beyond this are dropped (and counted), never waited for
 }
 
