@@ -85,3 +85,14 @@ def parse_arm_message(spec: ControllerSpec, msg) -> dict[str, float]:
     if len(point.positions) != len(msg.joint_names):
         raise ValueError("trajectory point positions do not match joint_names")
     return dict(zip(msg.joint_names, (float(v) for v in point.positions), strict=True))
+
+
+def trajectory_points(msg) -> list[tuple[float, dict[str, float]]] | None:
+    """(seconds after the stamp, joint targets by name) of each point of a multi-point trajectory, else None."""
+    if not isinstance(msg, JointTrajectory) or len(msg.points) < 2:
+        return None
+    for p in msg.points:
+        if len(p.positions) != len(msg.joint_names):
+            raise ValueError("trajectory point positions do not match joint_names")
+    return [(p.time_from_start.sec + 1e-9 * p.time_from_start.nanosec,
+             dict(zip(msg.joint_names, (float(v) for v in p.positions), strict=True))) for p in msg.points]
