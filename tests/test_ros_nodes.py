@@ -866,3 +866,37 @@ def test_whole_chunks_and_holds_go_as_follow_joint_trajectory_goals(ros, control
     hold = wait_for(lambda: next(iter(goals[n:]), None), 30, "the hold's goal")
     assert len(hold.points) == 1 and not any(hold.points[0].velocities)
     assert int(safety().get("goals_rejected", -1)) == 0
+
+
+def test_a_bag_that_cannot_be_written_never_stops_the_trial(ros, tmp_path):
+    """results_dir/bags is a file: the trial runs and is judged as always; the journal's `bag` event says why there
+    is no bag."""
+    from vla_ros.eval_manager_node import EvalManagerNode
+
+    add, probe = ros
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push\ncount: 2\nseed_start: 40\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bags").write_text("not a directory")
+    states = probe.collect(String, topics.EVAL_STATE, topics.LATCHED_QOS)
+    add(EvalManagerNode("eval_manager", parameter_overrides=params(
+        plan=str(plan), results_dir=str(out), console=False, trial_timeout_s=60.0, ready_s=0.1)))
+
+    def state() -> dict:
+        return json.loads(states[-1].data) if states else {}
+
+    wait_for(lambda: state().get("state") == "RESET", 20, "RESET")
+    assert probe.call(Trigger, "/eval_manager/start").success
+    wait_for(lambda: state().get("state") == "RUNNING", 20, "RUNNING")
+    assert probe.call(Trigger, "/eval_manager/success").success
+    wait_for(lambda: state().get("state") == "RESET" and state().get("plan_index") == 1, 20, "the next trial")
+
+    def bag_events() -> list[dict]:
+        events = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+        return [e for e in events if e["event"] == "bag"]
+
+    (bag,) = wait_for(bag_events, 30, "the bag's report")
+    assert bag["trial"] == 0 and bag["messages"] == 0 and "bags" in bag["error"]
+    assert [e["outcome"] for e in map(json.loads, (out / "journal.jsonl").read_text().splitlines())
+            if e["event"] == "end"] == ["success"]

@@ -97,7 +97,7 @@ class EvalManagerNode(Node):
         if p["record_bag"]:
             require(p["bag_queue_mb"] > 0, "bag_queue_mb must be > 0")
             self.bags = BagRecorder(self.get_logger().error, self._on_bag_closed, int(p["bag_queue_mb"] * 2**20))
-            TopicTap(self, self.bags, list(p["bag_topics"]))
+            self.tap = TopicTap(self, self.bags, list(p["bag_topics"]))
         self.interventions = 0
         self.trial_interventions_start = 0
         self.joint_positions: dict[str, float] = {}
@@ -283,9 +283,9 @@ class EvalManagerNode(Node):
         episode = self._save_episode(outcome, reason) if outcome != "aborted" else None
         kept = self.recorder.kept_steps([c.name for c in self.spec.cameras]) if self.spec else []
         self._append({"event": "end", "trial": self.trial["trial"], "plan_index": self.trial["plan_index"],
-                             "seed": self.trial["seed"], "outcome": outcome, "reason": reason, "steps": steps,
-                             "interventions": self.interventions - self.trial_interventions_start,
-                             "episode": episode, "episode_steps": [kept[0], kept[-1]] if kept else None})
+                      "seed": self.trial["seed"], "outcome": outcome, "reason": reason, "steps": steps,
+                      "interventions": self.interventions - self.trial_interventions_start,
+                      "episode": episode, "episode_steps": [kept[0], kept[-1]] if kept else None})
         self.get_logger().info(f"trial {self.trial['trial']} (plan {self.trial['plan_index']}, seed "
                                f"{self.trial['seed']}): {outcome} ({reason}), {steps} steps")
         self._close_bag()
