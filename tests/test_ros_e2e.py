@@ -209,8 +209,12 @@ def test_a_sim_trial_with_whole_chunk_trajectories(server, tmp_path):
         sent = [store.deserialize_cdr(raw, c.msgtype) for c, _, raw in reader.messages()
                 if c.topic == "/joint_trajectory_controller/joint_trajectory"]
         chunks = sum(c.msgcount for c in reader.connections if c.topic == topics.POLICY_CHUNK)
+        reports = [{kv.key: kv.value for kv in st.values} for c, _, raw in reader.messages()
+                   if c.topic == topics.DIAGNOSTICS
+                   for st in store.deserialize_cdr(raw, c.msgtype).status if st.name == "vla/safety_filter"]
     lengths = [len(m.points) for m in sent]
     assert chunks >= 2 and sum(n > 1 for n in lengths) >= 2 and max(lengths) == 8, lengths  # C = 8 points a chunk
+    assert reports and not any("count/no_chunk" in r for r in reports)  # every step's action came with its chunk
 
 
 def check_trial_bags(out, ends: list[dict], episodes: list, tmp_path) -> None:

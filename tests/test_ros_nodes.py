@@ -754,7 +754,8 @@ def test_safety_filter_sends_a_whole_chunk_as_one_timed_trajectory_and_a_hold_re
     from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
     from vla_ros.robot import RobotModel
 
-    probe, cmds, act, moved, safety = _filter_rig(ros, control_authority=PROBE, send_whole_chunk=True)
+    probe, cmds, act, moved, safety = _filter_rig(ros, control_authority=PROBE, send_whole_chunk=True,
+                                                  late_action_s=2.0)
     publish_spec(probe)
     hand_control(probe, "policy")
     wait_for(lambda: safety().get("source") == "policy" and safety().get("contract") == "ok", 30, "policy in control")
@@ -767,8 +768,9 @@ def test_safety_filter_sends_a_whole_chunk_as_one_timed_trajectory_and_a_hold_re
             JointTrajectoryPoint(positions=[float(x) for x in r]) for r in rows]))
         return wait_for(lambda: next((m for m in list(cmds)[n:] if len(m.points) > 1), None), 30, "a trajectory")
 
-    _keep_acting(act, 0.5)  # in this mode a step's action only proves the policy alive: nothing moves
+    _keep_acting(act, 3.0)  # steps' actions without chunks for late_action_s (no publish_chunks): held, reported
     assert not moved()
+    wait_for(lambda: int(safety().get("count/no_chunk", 0)) >= 1, 30, "the missing chunks reported")
     traj = send_chunk([[1.0] + [0.0] * 7] * 8)  # joint 1 at the policy's largest step, +0.1 rad per step
     times = [p.time_from_start.sec + 1e-9 * p.time_from_start.nanosec for p in traj.points]
     np.testing.assert_allclose(times, 0.05 * np.arange(1, 9), atol=1e-9)

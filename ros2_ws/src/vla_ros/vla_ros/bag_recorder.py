@@ -54,6 +54,7 @@ class BagRecorder:
     # ----- any thread --------------------------------------------------------------------------------------------
     def open(self, path: Path, info: dict) -> None:
         """Start a bag at `path` (a new directory); `info` is passed through to the report."""
+        self.close()  # a bag still open is finished first, never left without its metadata
         with self.lock:
             self.recording, self.dropped = True, 0
         self.queue.put(("open", Path(path), info))

@@ -135,6 +135,8 @@ class SafetyFilterNode(Node):
                 "send_whole_chunk needs controller_type joint_trajectory with the gripper on the same controller "
                 "(no gripper_topic): a timed trajectory cannot be split across two controllers")
         self.trajectory: tuple[float, list[dict[str, float]]] | None = None  # (sent at, targets per point)
+        self.chunk_until = -math.inf  # when the last chunk's actions end: a step's action after that had no chunk
+        self.unchunked_since: float | None = None  # the first such action (its chunk may still be on its way)
         if self.whole_chunk:
             self.create_subscription(JointTrajectory, topics.POLICY_CHUNK, self._on_chunk, topics.COMMAND_QOS)
         self.action_client = None
@@ -186,10 +188,24 @@ class SafetyFilterNode(Node):
         if list(msg.name) != names:
             self._emit(self._hold(self._measured()[0], "bad_action_names"))
             return
-        if self.whole_chunk:
-            return  # the chunk's trajectory is running: this step's action only shows the policy is alive
+        if self.whole_chunk:  # the chunk's trajectory is running: this step's action only shows the policy is alive
+            self._check_chunked()
+            return
         measured, age = self._measured()
         self._emit(self.filter.policy_action(np.asarray(msg.position, float), measured, age))
+
+    def _check_chunked(self) -> None:
+        """Actions without chunks for `late_action_s` (the policy node does not publish them) make the arm hold."""
+        now = self._now()
+        if now <= self.chunk_until:
+            self.unchunked_since = None
+        elif self.unchunked_since is None:
+            self.unchunked_since = now  # the chunk may still be on its way (another topic)
+        elif now - self.unchunked_since > self.late_s:
+            self.get_logger().error(f"policy actions without a chunk on {topics.POLICY_CHUNK} (send_whole_chunk "
+                                    "needs policy_node publish_chunks: true); holding", throttle_duration_sec=2.0)
+            self._emit(self._hold(self._measured()[0], "no_chunk"))
+            self.unchunked_since = now  # one intervention per late period, as late_action
 
     def _on_chunk(self, msg: JointTrajectory) -> None:
         """A chunk starting now: its validated remainder as one timed trajectory (replacing the running one)."""
@@ -205,6 +221,7 @@ class SafetyFilterNode(Node):
             return
         measured, age = self._measured()
         self._cut_trajectory()
+        self.chunk_until, self.unchunked_since = self._now() + (len(msg.points) + 1) * self.dt + self.late_s, None
         points = self.filter.policy_chunk(np.asarray([p.positions for p in msg.points], float), measured, age)
         if points[0].hold:
             self._emit(points[0])
