@@ -29,6 +29,7 @@ from policy_runtime.protocol import Contract, ProtocolError
 from policy_runtime.yaml_io import load_yaml_mapping
 
 STEP, OBS_IMAGE, SPEC, EVENTS = "/vla/policy/step", "/vla/policy/obs_image", "/vla/policy/spec", "/vla/eval/events"
+TRIAL_TOPICS = (STEP, OBS_IMAGE, SPEC, EVENTS)
 IMAGE_ENCODINGS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4}
 MAP_KEYS = {"cameras", "state", "action", "control_hz", "instruction", "task", "control_mode", "source", "success",
             "action_low", "action_high"}
@@ -40,8 +41,9 @@ def _typestore():
     return get_typestore(Stores.ROS2_KILTED)
 
 
-def read_bag(path: Path) -> dict[str, list[tuple[int, object]]]:
-    """topic -> [(receive time ns, message)], every message of the bag, in time order."""
+def read_bag(path: Path, wanted: set[str]) -> dict[str, list[tuple[int, object]]]:
+    """topic -> [(receive time ns, message)] in time order, for every topic of the bag; only the `wanted` topics'
+    messages are read (a long recording's other cameras are never decoded)."""
     from rosbags.rosbag2 import Reader
 
     if not path.exists():
@@ -52,9 +54,10 @@ def read_bag(path: Path) -> dict[str, list[tuple[int, object]]]:
     out: dict[str, list[tuple[int, object]]] = {}
     try:
         with Reader(path) as reader:
-            for con, stamp, raw in reader.messages():
-                if con.msgtype in store.types:
-                    out.setdefault(con.topic, []).append((stamp, store.deserialize_cdr(raw, con.msgtype)))
+            out = {con.topic: [] for con in reader.connections}
+            read = [con for con in reader.connections if con.topic in wanted and con.msgtype in store.types]
+            for con, stamp, raw in reader.messages(connections=read) if read else ():
+                out[con.topic].append((stamp, store.deserialize_cdr(raw, con.msgtype)))
     except UserError:
         raise
     except Exception as e:  # rosbags raises its own error types for every kind of damage
@@ -75,7 +78,7 @@ def image_rgb(msg) -> np.ndarray:
 # ----- the eval manager's bags ----------------------------------------------------------------------------------
 def trial_episode(path: Path, msgs: dict) -> tuple[PolicySpec, Episode] | str:
     """The trial's episode with its spec, or why the bag holds none."""
-    missing = [t for t in (STEP, OBS_IMAGE, SPEC, EVENTS) if t not in msgs]
+    missing = [t for t in TRIAL_TOPICS if not msgs.get(t)]
     if missing:
         raise UserError(f"bag {path} has no {', '.join(missing)}: not an eval manager trial; give --topic-map")
     try:
@@ -187,7 +190,7 @@ def _action_vector(msg, joints: tuple[str, ...], what: str) -> np.ndarray:
 def mapped_episode(path: Path, msgs: dict, tm: TopicMap) -> Episode | str:
     """Sample the mapped streams at control_hz on the receive times (see the module docstring)."""
     streams = {**{f"camera {c}": t for c, t in tm.cameras.items()}, "state": tm.state_topic, "action": tm.action_topic}
-    missing = [f"{what} topic {topic}" for what, topic in streams.items() if topic not in msgs]
+    missing = [f"{what} topic {topic}" for what, topic in streams.items() if not msgs.get(topic)]
     if missing:
         raise UserError(f"bag {path} has no {', '.join(missing)} (it has {', '.join(sorted(msgs))})")
     times = {t: np.asarray([s for s, _ in msgs[t]], np.int64) for t in streams.values()}
@@ -239,7 +242,7 @@ def import_rosbags(bags: list[str | Path], out: str | Path, topic_map: str | Pat
     tm = load_topic_map(topic_map) if topic_map else None
     specs, episodes, skipped = [], [], []
     for bag in map(Path, bags):
-        msgs = read_bag(bag)
+        msgs = read_bag(bag, {tm.state_topic, tm.action_topic, *tm.cameras.values()} if tm else set(TRIAL_TOPICS))
         got = mapped_episode(bag, msgs, tm) if tm else trial_episode(bag, msgs)
         if isinstance(got, str):
             skipped.append(f"{bag}: {got}")
