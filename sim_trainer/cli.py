@@ -260,6 +260,16 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return cmd_eval(args)
 
 
+def cmd_import_rosbag(a: argparse.Namespace) -> int:
+    from sim_trainer.data.rosbag_import import import_rosbags
+
+    r = import_rosbags(a.bags, a.out, a.topic_map, force=a.force)
+    for why in r["skipped"]:
+        print(f"skipped {why}")
+    print(f"imported {r['episodes']} episode(s), {r['steps']} steps, into {a.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sim_trainer.config_flags import add_config_flags
     from sim_trainer.envs.tasks import CONTROL_MODES, OBS_MODES, TASKS
@@ -359,6 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "first: a failed export leaves the old one intact)")
     add_push_flag(x, "export directory")
     x.set_defaults(func=cmd_export)
+
+    ds = sub.add_parser("dataset", help="convert episode datasets from and to other formats")
+    dsub = ds.add_subparsers(dest="dataset_command", required=True)
+    rb = dsub.add_parser("import-rosbag", help="rosbag2 recordings (the eval manager's trials, or any bag with a "
+                                               "topic map) -> an episode dataset",
+                         description="Each bag (a rosbag2 directory, MCAP or SQLite) becomes one episode. The eval "
+                                     "manager's trial bags need no map; another recording needs --topic-map naming "
+                                     "its image, state and action topics (docs/ros2.md).")
+    rb.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 directories")
+    rb.add_argument("--out", required=True, help="new dataset directory (an existing one is never changed)")
+    rb.add_argument("--topic-map", help="YAML naming the image, state and action topics of a bag not recorded by "
+                                        "the eval manager")
+    rb.add_argument("--force", action="store_true", help="replace the episode dataset already in --out")
+    rb.set_defaults(func=cmd_import_rosbag)
 
     m = sub.add_parser("demo", help="evaluate the shipped checkpoint and write a report (what `make demo` runs)")
     m.add_argument("--ckpt", default=str(DEFAULT_CHECKPOINT))

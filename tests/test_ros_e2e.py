@@ -19,6 +19,7 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray, String
+from trajectory_msgs.msg import JointTrajectory
 from vla_ros import topics
 from vla_ros.actions import PANDA_ARM, PANDA_FINGERS
 
@@ -79,7 +80,8 @@ def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
         Parameter("runtime_endpoint", value=server.endpoint), Parameter("camera_topics", value=["/test/image"]),
         Parameter("inference_wait_s", value=0.5), Parameter("diagnostics_hz", value=10.0),
         # a busy host delays fresh frames and chunks beyond the defaults; the stale frame here is 1 s old
-        Parameter("max_obs_age_s", value=0.5), Parameter("max_chunk_age_s", value=2.0)])
+        Parameter("max_obs_age_s", value=0.5), Parameter("max_chunk_age_s", value=2.0),
+        Parameter("publish_chunks", value=True)])
     executor = MultiThreadedExecutor(num_threads=3)
     executor.add_node(node)
     threading.Thread(target=executor.spin, daemon=True).start()
@@ -87,6 +89,7 @@ def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
     try:
         actions = probe.collect(JointState, topics.POLICY_ACTION, topics.COMMAND_QOS)
         steps = probe.collect(Float64MultiArray, topics.POLICY_STEP, topics.COMMAND_QOS)
+        chunks = probe.collect(JointTrajectory, topics.POLICY_CHUNK, topics.COMMAND_QOS)
         spec = probe.collect(String, topics.POLICY_SPEC, topics.LATCHED_QOS)
         js_pub = probe.node.create_publisher(JointState, topics.JOINT_STATES, 10)
         img_pub = probe.node.create_publisher(Image, "/test/image", topics.SENSOR_QOS)
@@ -116,6 +119,14 @@ def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
         np.testing.assert_allclose(state[:9], REST, atol=1e-6)  # in the model's order, whatever the driver's
         tcp = RobotModel(base_pose=[-0.615, 0, 0, 1, 0, 0, 0]).tcp_pose_world(dict(zip(NAMES, REST, strict=True)))
         np.testing.assert_allclose(state[18:], tcp, atol=1e-5)
+        # publish_chunks: each chunk as it starts, exec_steps points a control period apart, the actions to come
+        wait_for(lambda: len(chunks) >= 2, 60, "two chunks")
+        assert all(len(c.points) == announced.exec_steps for c in chunks)
+        offsets = [p.time_from_start.nanosec for p in chunks[0].points]  # under 1 s: C = 8 at 20 Hz
+        assert offsets == [50_000_000 * k for k in range(len(offsets))]
+        planned = {tuple(p.positions) for c in list(chunks) for p in c.points}
+        first = next(i for i, a in enumerate(actions) if tuple(a.position) == tuple(chunks[0].points[0].positions))
+        assert all(tuple(a.position) in planned for a in list(actions)[first:first + 2 * announced.exec_steps])
     finally:
         probe.close()
         executor.shutdown()
@@ -169,6 +180,82 @@ def test_sim_trials_through_the_whole_stack(server, tmp_path):
         assert ep.success == (end["outcome"] == "success") and ep.source == "sim" and len(ep) > 10
         assert ep.images["base_camera"].shape[1:] == (64, 64, 3) and ep.state.shape[1] == 25
         assert np.abs(ep.actions).max() < 10 and ep.provenance["seed"] == end["seed"]
+    check_trial_bags(out, ends, episodes, tmp_path)
+
+
+def test_a_sim_trial_with_whole_chunk_trajectories(server, tmp_path):
+    """publish_chunks + send_whole_chunk through the whole stack: the twin follows each chunk's timed trajectory (as a
+    joint_trajectory_controller does), the trial is judged, and its bag holds the multi-point trajectories sent."""
+    from rosbags.rosbag2 import Reader
+    from rosbags.typesys import Stores, get_typestore
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push the cube to the red and white target\ncount: 1\nseed_start: 100000\n")
+    out = tmp_path / "results"
+    proc = stack_process(CONFIG / "sim_eval.yaml", tmp_path / "stack.log", "--nodes",
+                         "sim_twin,policy_node,safety_filter,eval_manager,scripted_operator",
+                         "--plan", str(plan), "--results-dir", str(out), "--runtime", server.endpoint, *FAST,
+                         "--set", "policy_node.publish_chunks=true", "--set", "safety_filter.send_whole_chunk=true")
+    try:
+        assert proc.wait(timeout=400) == 0, (tmp_path / "stack.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["judged"], summary["aborted"]) == (1, 0)
+    (bag,) = [e["bag"] for e in read_journal(out / "journal.jsonl") if e["event"] == "bag"]
+    store = get_typestore(Stores.ROS2_KILTED)
+    with Reader(out / bag) as reader:
+        sent = [store.deserialize_cdr(raw, c.msgtype) for c, _, raw in reader.messages()
+                if c.topic == "/joint_trajectory_controller/joint_trajectory"]
+        chunks = sum(c.msgcount for c in reader.connections if c.topic == topics.POLICY_CHUNK)
+        reports = [{kv.key: kv.value for kv in st.values} for c, _, raw in reader.messages()
+                   if c.topic == topics.DIAGNOSTICS
+                   for st in store.deserialize_cdr(raw, c.msgtype).status if st.name == "vla/safety_filter"]
+    lengths = [len(m.points) for m in sent]
+    assert chunks >= 2 and sum(n > 1 for n in lengths) >= 2 and max(lengths) == 8, lengths  # C = 8 points a chunk
+    assert reports and not any("count/no_chunk" in r for r in reports)  # every step's action came with its chunk
+
+
+def check_trial_bags(out, ends: list[dict], episodes: list, tmp_path) -> None:
+    """Each trial's rosbag2 (MCAP) is read back by rosbags, and `dataset import-rosbag` rebuilds its episode exactly."""
+    import subprocess
+    import sys
+
+    from rosbags.rosbag2 import Reader
+
+    from policy_runtime.episodes import list_episodes, read_episode
+    from tests.ros_fixtures import ROOT, subprocess_env
+
+    bag_events = [e for e in read_journal(out / "journal.jsonl") if e["event"] == "bag"]
+    assert [e["trial"] for e in bag_events] == [e["trial"] for e in ends]
+    assert all(e["error"] is None and e["dropped"] == 0 and e["messages"] > 0 for e in bag_events), bag_events
+    bags = [out / e["bag"] for e in bag_events]
+    for bag in bags:
+        assert (bag / "metadata.yaml").is_file() and list(bag.glob("*.mcap"))
+        with Reader(bag) as reader:
+            counts = {c.topic: c.msgcount for c in reader.connections}
+            types = {c.topic: c.msgtype for c in reader.connections}
+        for topic, msgtype in (("/camera/camera/color/image_raw", "sensor_msgs/msg/Image"),
+                               ("/joint_states", "sensor_msgs/msg/JointState"),
+                               ("/vla/policy/action", "sensor_msgs/msg/JointState"),
+                               ("/joint_trajectory_controller/joint_trajectory", "trajectory_msgs/msg/JointTrajectory"),
+                               ("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray"),
+                               ("/vla/eval/events", "std_msgs/msg/String")):
+            assert types.get(topic) == msgtype and counts[topic] > 0, (topic, types)
+    data = tmp_path / "from_bags"
+    r = subprocess.run([sys.executable, "-m", "sim_trainer.cli", "dataset", "import-rosbag", *map(str, bags),
+                        "--out", str(data)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    imported = [read_episode(p) for p in list_episodes(data)]
+    assert len(imported) == len(episodes)
+    for got, want in zip(imported, episodes, strict=True):
+        assert (got.instruction, got.success, got.source, got.task) == (want.instruction, want.success, want.source,
+                                                                        want.task)
+        np.testing.assert_array_equal(got.state, want.state)
+        np.testing.assert_array_equal(got.actions, want.actions)
+        np.testing.assert_array_equal(got.images["base_camera"], want.images["base_camera"])
+        np.testing.assert_array_equal(got.timestamps, want.timestamps)
 
 
 def test_server_loss_holds_the_arm_and_eval_manager_survives_kill_9(server, tmp_path):

@@ -434,8 +434,11 @@ def test_eval_manager_services_journal_and_redo(ros, tmp_path):
     assert probe.call(Trigger, "/eval_manager/quit").success
     wait_for(lambda: state() == "DONE", 20, "DONE")
     events = [json.loads(line) for line in (tmp_path / "out" / "journal.jsonl").read_text().splitlines()]
+    bags = [e for e in events if e["event"] == "bag"]  # written when the bag is closed: after the end, any time
+    events = [e for e in events if e["event"] != "bag"]
     assert [(e["event"], e.get("outcome")) for e in events] == [("start", None), ("end", "success"), ("redo", None)]
     assert events[1]["episode"] is None  # no policy ran, so there was nothing to record
+    assert [(b["trial"], b["bag"], b["error"]) for b in bags] == [(0, "bags/trial_0000", None)]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["judged"] == 0
     sent = [m.data for m in sources]
     seen = [k for k, _ in itertools.groupby(sent)]  # the source is re-sent as a heartbeat (the safety lease)
@@ -742,3 +745,160 @@ def test_a_message_from_an_unknown_publisher_does_not_stall_the_authoritys_heart
     values = safety()
     assert "count/source_lease_lapsed" not in values, values  # the heartbeats kept the lease alive meanwhile
     assert values["source"] == "hold" and "unidentified" in values["message"], values
+
+
+def test_safety_filter_sends_a_whole_chunk_as_one_timed_trajectory_and_a_hold_replaces_it(ros):
+    """send_whole_chunk: one JointTrajectory per chunk, a point per control step, every point within the per-step
+    limits; a NaN point ends the trajectory before it; an e-stop replaces the running trajectory by a hold at the
+    point the arm has reached on it (not at its end)."""
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+    from vla_ros.robot import RobotModel
+
+    probe, cmds, act, moved, safety = _filter_rig(ros, control_authority=PROBE, send_whole_chunk=True,
+                                                  late_action_s=2.0)
+    publish_spec(probe)
+    hand_control(probe, "policy")
+    wait_for(lambda: safety().get("source") == "policy" and safety().get("contract") == "ok", 30, "policy in control")
+    chunk_pub = probe.node.create_publisher(JointTrajectory, topics.POLICY_CHUNK, topics.COMMAND_QOS)
+
+    def send_chunk(rows) -> JointTrajectory:
+        """Publish a chunk; returns the trajectory the filter sent for it."""
+        n = len(cmds)
+        chunk_pub.publish(JointTrajectory(joint_names=list(PANDA_ARM) + ["gripper"], points=[
+            JointTrajectoryPoint(positions=[float(x) for x in r]) for r in rows]))
+        return wait_for(lambda: next((m for m in list(cmds)[n:] if len(m.points) > 1), None), 30, "a trajectory")
+
+    _keep_acting(act, 3.0)  # steps' actions without chunks for late_action_s (no publish_chunks): held, reported
+    assert not moved()
+    wait_for(lambda: int(safety().get("count/no_chunk", 0)) >= 1, 30, "the missing chunks reported")
+    traj = send_chunk([[1.0] + [0.0] * 7] * 8)  # joint 1 at the policy's largest step, +0.1 rad per step
+    times = [p.time_from_start.sec + 1e-9 * p.time_from_start.nanosec for p in traj.points]
+    np.testing.assert_allclose(times, 0.05 * np.arange(1, 9), atol=1e-9)
+    j1 = np.array([p.positions[0] for p in traj.points])
+    np.testing.assert_allclose(j1, REST[0] + 0.1 * np.arange(1, 9), atol=1e-9)
+    limits = RobotModel().limits
+    for a, b in itertools.pairwise(traj.points):
+        for j, p0, p1, v in zip(traj.joint_names, a.positions, b.positions, b.velocities, strict=True):
+            vmax = limits[j].velocity * 0.95  # the default velocity_margin
+            assert abs(p1 - p0) <= vmax * 0.05 + 1e-9 and abs(v) <= vmax + 1e-9, (j, p0, p1, v)
+    assert len([m for m in list(cmds) if len(m.points) > 1]) == 1  # one message for the whole chunk
+
+    rows = [[0.5] + [0.0] * 7] * 6
+    rows[3] = [float("nan")] * 8
+    assert len(send_chunk(rows).points) == 3  # the validated remainder: the points before the NaN
+    wait_for(lambda: int(safety().get("count/non_finite", 0)) >= 1, 30, "the NaN point counted")
+
+    traj = send_chunk([[0.05] + [0.0] * 7] * 100)  # 5 s of slow motion
+    time.sleep(0.3)
+    n = len(cmds)
+    probe.node.create_publisher(Bool, topics.ESTOP, topics.COMMAND_QOS).publish(Bool(data=True))
+    hold = wait_for(lambda: next(iter(list(cmds)[n:]), None), 30, "the e-stop's hold")
+    assert len(hold.points) == 1 and not any(hold.points[0].velocities)
+    on_path = [p.positions[0] for p in traj.points]
+    assert hold.points[0].positions[0] in on_path and hold.points[0].positions[0] < on_path[-1]
+
+
+@pytest.fixture(scope="module")
+def control_msgs_built(tmp_path_factory):
+    """control_msgs' FollowJointTrajectory built from its interface files (CONTROL_MSGS_SRC: control_msgs' folder
+    with action/ and msg/) by vla_ros.build_control_msgs, on the path; skipped where neither is at hand."""
+    import os
+    import sys
+
+    try:
+        from control_msgs.action import FollowJointTrajectory  # noqa: F401  (a ROS 2 install has it)
+        return
+    except ImportError:
+        pass
+    src = os.environ.get("CONTROL_MSGS_SRC")
+    if not src:
+        pytest.skip("control_msgs not installed and CONTROL_MSGS_SRC not set")
+    from vla_ros.build_control_msgs import build_control_msgs
+
+    out = tmp_path_factory.mktemp("control_msgs")
+    build_control_msgs(src, out)
+    sys.path.insert(0, str(out))
+
+
+def test_whole_chunks_and_holds_go_as_follow_joint_trajectory_goals(ros, control_msgs_built):
+    """trajectory_action: the chunk's trajectory, then the e-stop's hold, reach a FollowJointTrajectory server as goals
+    over DDS; until the server is up the filter reports it and sends nothing."""
+    import threading
+
+    from control_msgs.action import FollowJointTrajectory
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from rclpy.action import ActionServer
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+    from vla_ros.safety_node import SafetyFilterNode
+
+    add, probe = ros
+    name = "/joint_trajectory_controller/follow_joint_trajectory"
+    add(SafetyFilterNode("safety_filter", parameter_overrides=params(
+        trajectory_action=name, send_whole_chunk=True, control_authority=PROBE, late_action_s=5.0, diagnostics_hz=10.0,
+        source_lease_s=0.0, **RELAXED)))
+    probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
+    start_joint_states(probe)
+    publish_spec(probe)
+    hand_control(probe, "policy")
+
+    def safety() -> dict:
+        return diag_values(probe, "safety_filter")
+
+    wait_for(lambda: "no FollowJointTrajectory action server" in safety().get("message", ""), 30, "the missing server")
+    assert safety()["level"] == DiagnosticStatus.ERROR
+    goals, lock = [], threading.Lock()
+
+    def execute(handle):
+        with lock:
+            goals.append(handle.request.trajectory)
+        handle.succeed()
+        return FollowJointTrajectory.Result(error_code=FollowJointTrajectory.Result.SUCCESSFUL)
+
+    ActionServer(probe.node, FollowJointTrajectory, name, execute)
+    wait_for(lambda: safety().get("controller") == "ok" and safety().get("source") == "policy", 30, "the server found")
+    chunk = probe.node.create_publisher(JointTrajectory, topics.POLICY_CHUNK, topics.COMMAND_QOS)
+    n = len(goals)
+    chunk.publish(JointTrajectory(joint_names=list(PANDA_ARM) + ["gripper"], points=[
+        JointTrajectoryPoint(positions=[0.5] + [0.0] * 7) for _ in range(6)]))
+    goal = wait_for(lambda: next((g for g in goals[n:] if len(g.points) > 1), None), 30, "the chunk's goal")
+    assert len(goal.points) == 6 and list(goal.joint_names) == NAMES
+    np.testing.assert_allclose([p.positions[0] for p in goal.points], REST[0] + 0.05 * np.arange(1, 7), atol=1e-9)
+    n = len(goals)
+    probe.node.create_publisher(Bool, topics.ESTOP, topics.COMMAND_QOS).publish(Bool(data=True))
+    hold = wait_for(lambda: next(iter(goals[n:]), None), 30, "the hold's goal")
+    assert len(hold.points) == 1 and not any(hold.points[0].velocities)
+    assert int(safety().get("goals_rejected", -1)) == 0
+
+
+def test_a_bag_that_cannot_be_written_never_stops_the_trial(ros, tmp_path):
+    """results_dir/bags is a file: the trial runs and is judged as always; the journal's `bag` event says why there
+    is no bag."""
+    from vla_ros.eval_manager_node import EvalManagerNode
+
+    add, probe = ros
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push\ncount: 2\nseed_start: 40\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bags").write_text("not a directory")
+    states = probe.collect(String, topics.EVAL_STATE, topics.LATCHED_QOS)
+    add(EvalManagerNode("eval_manager", parameter_overrides=params(
+        plan=str(plan), results_dir=str(out), console=False, trial_timeout_s=60.0, ready_s=0.1)))
+
+    def state() -> dict:
+        return json.loads(states[-1].data) if states else {}
+
+    wait_for(lambda: state().get("state") == "RESET", 20, "RESET")
+    assert probe.call(Trigger, "/eval_manager/start").success
+    wait_for(lambda: state().get("state") == "RUNNING", 20, "RUNNING")
+    assert probe.call(Trigger, "/eval_manager/success").success
+    wait_for(lambda: state().get("state") == "RESET" and state().get("plan_index") == 1, 20, "the next trial")
+
+    def bag_events() -> list[dict]:
+        events = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+        return [e for e in events if e["event"] == "bag"]
+
+    (bag,) = wait_for(bag_events, 30, "the bag's report")
+    assert bag["trial"] == 0 and bag["messages"] == 0 and "bags" in bag["error"]
+    assert [e["outcome"] for e in map(json.loads, (out / "journal.jsonl").read_text().splitlines())
+            if e["event"] == "end"] == ["success"]

@@ -36,7 +36,7 @@ class ControllerSpec:
         return JointTrajectory if self.kind == "joint_trajectory" else Float64MultiArray
 
 
-def _duration(seconds: float) -> Duration:
+def duration(seconds: float) -> Duration:
     ns = int(round(seconds * 1e9))
     return Duration(sec=ns // 10**9, nanosec=ns % 10**9)
 
@@ -50,7 +50,18 @@ def arm_message(spec: ControllerSpec, targets: dict[str, float], velocities: dic
     msg.joint_names = list(spec.joints)
     msg.points = [JointTrajectoryPoint(positions=[float(targets[j]) for j in spec.joints],
                                        velocities=[float(velocities.get(j, 0.0)) for j in spec.joints],
-                                       time_from_start=_duration(dt))]
+                                       time_from_start=duration(dt))]
+    return msg
+
+
+def trajectory_message(spec: ControllerSpec, points: list, stamp, dt: float) -> JointTrajectory:
+    """One timed trajectory: point k (a Decision: targets and velocities) is reached (k + 1) * dt after `stamp`."""
+    msg = JointTrajectory()
+    msg.header.stamp = stamp
+    msg.joint_names = list(spec.joints)
+    msg.points = [JointTrajectoryPoint(positions=[float(d.targets[j]) for j in spec.joints],
+                                       velocities=[float(d.velocities.get(j, 0.0)) for j in spec.joints],
+                                       time_from_start=duration((k + 1) * dt)) for k, d in enumerate(points)]
     return msg
 
 
@@ -74,3 +85,14 @@ def parse_arm_message(spec: ControllerSpec, msg) -> dict[str, float]:
     if len(point.positions) != len(msg.joint_names):
         raise ValueError("trajectory point positions do not match joint_names")
     return dict(zip(msg.joint_names, (float(v) for v in point.positions), strict=True))
+
+
+def trajectory_points(msg) -> list[tuple[float, dict[str, float]]] | None:
+    """(seconds after the stamp, joint targets by name) of each point of a multi-point trajectory, else None."""
+    if not isinstance(msg, JointTrajectory) or len(msg.points) < 2:
+        return None
+    for p in msg.points:
+        if len(p.positions) != len(msg.joint_names):
+            raise ValueError("trajectory point positions do not match joint_names")
+    return [(p.time_from_start.sec + 1e-9 * p.time_from_start.nanosec,
+             dict(zip(msg.joint_names, (float(v) for v in p.positions), strict=True))) for p in msg.points]

@@ -8,7 +8,9 @@ safety filter reports it): faults abort it. A trial starts only while the safety
 error, and not while the policy's contract (latched on /vla/policy/spec) states another `control_hz` than this
 robot's; episodes are recorded with the contract's PolicySpec. A plan entry aborted `max_aborts` times is
 given up (journaled, and listed in the summary) instead of being retried forever. Outcomes go to the
-append-only journal, the summary and an episode per trial.
+append-only journal, the summary and an episode per trial; with `record_bag` each trial is also a rosbag2
+directory (MCAP) under `bags/` with the `bag_topics` as received, the trial's journal events and the policy's
+contract, written on a thread of its own (vla_ros.bag_recorder); each bag's outcome is journaled as a `bag` event.
 Driven by std_srvs/Trigger services (~/start, ~/success, ~/failure, ~/abort, ~/redo, ~/quit) and, when
 run in a terminal, by single keys: s start, y success, n failure, a abort, r redo, q quit.
 """
@@ -29,6 +31,7 @@ from policy_runtime.contract import PolicySpec
 from policy_runtime.episodes import EpisodeWriter
 from policy_runtime.protocol import Contract, ProtocolError
 from vla_ros import console, topics
+from vla_ros.bag_recorder import EVENTS_TOPIC, BagRecorder, TopicTap
 from vla_ros.params import ParamError, declare, end_spin, require, run_node_main
 from vla_ros.recorder import TrialRecorder
 from vla_ros.ros_util import image_to_rgb
@@ -55,6 +58,12 @@ DEFAULTS = {
     "control_hz": 20.0,          # the robot's control rate (the tick of homing): the policy's contract must agree
     "source_heartbeat_hz": 5.0,  # the control source is re-sent this often: the safety filter's lease
     "max_aborts": 3,             # aborted trials of one plan entry before it is given up
+    "record_bag": True,          # each trial also as a rosbag2 directory (MCAP) under results_dir/bags
+    "bag_topics": ["/camera/camera/color/image_raw", topics.JOINT_STATES, topics.POLICY_ACTION, topics.POLICY_STEP,
+                   topics.POLICY_OBS_IMAGE, topics.POLICY_CHUNK, topics.TELEOP_COMMAND,
+                   "/joint_trajectory_controller/joint_trajectory", topics.CONTROL_SOURCE, topics.INSTRUCTION,
+                   topics.EVAL_STATE, topics.ESTOP, topics.DIAGNOSTICS],
+    "bag_queue_mb": 256.0,       # messages waiting for the disk beyond this are dropped (and counted), never waited for
 }
 
 
@@ -83,6 +92,12 @@ class EvalManagerNode(Node):
         self.contract_problem: str | None = None  # a policy contract this robot disagrees with: no trial starts
         self.writer: EpisodeWriter | None = None
         self.recorder = TrialRecorder()
+        self.spec_wire: str | None = None       # the policy's contract as received, for the bags
+        self.bags: BagRecorder | None = None
+        if p["record_bag"]:
+            require(p["bag_queue_mb"] > 0, "bag_queue_mb must be > 0")
+            self.bags = BagRecorder(self.get_logger().error, self._on_bag_closed, int(p["bag_queue_mb"] * 2**20))
+            self.tap = TopicTap(self, self.bags, list(p["bag_topics"]))
         self.interventions = 0
         self.trial_interventions_start = 0
         self.joint_positions: dict[str, float] = {}
@@ -249,6 +264,7 @@ class EvalManagerNode(Node):
         self.outcome = None
         self.trial_interventions_start = self.interventions
         self.recorder.start()
+        self._open_bag()
         self._set_source("policy")
         self._set_state("RUNNING")
 
@@ -265,15 +281,47 @@ class EvalManagerNode(Node):
         outcome, reason = self.outcome
         steps = len(self.recorder)
         episode = self._save_episode(outcome, reason) if outcome != "aborted" else None
-        self.journal.append({"event": "end", "trial": self.trial["trial"], "plan_index": self.trial["plan_index"],
-                             "seed": self.trial["seed"], "outcome": outcome, "reason": reason, "steps": steps,
-                             "interventions": self.interventions - self.trial_interventions_start,
-                             "episode": episode})
+        kept = self.recorder.kept_steps([c.name for c in self.spec.cameras]) if self.spec else []
+        self._append({"event": "end", "trial": self.trial["trial"], "plan_index": self.trial["plan_index"],
+                      "seed": self.trial["seed"], "outcome": outcome, "reason": reason, "steps": steps,
+                      "interventions": self.interventions - self.trial_interventions_start,
+                      "episode": episode, "episode_steps": [kept[0], kept[-1]] if kept else None})
         self.get_logger().info(f"trial {self.trial['trial']} (plan {self.trial['plan_index']}, seed "
                                f"{self.trial['seed']}): {outcome} ({reason}), {steps} steps")
+        self._close_bag()
         self.trial = None
         self._write_summary()
         self._enter_reset()
+
+    def _append(self, event: dict) -> dict:
+        """A journal event, also into the trial's bag."""
+        event = self.journal.append(event)
+        if self.bags is not None:
+            self.bags.add_text(EVENTS_TOPIC, self.get_clock().now().nanoseconds, json.dumps(event, sort_keys=True))
+        return event
+
+    def _open_bag(self) -> None:
+        if self.bags is None:
+            return
+        now = self.get_clock().now().nanoseconds
+        self.bags.open(self.dir / "bags" / f"trial_{self.trial['trial']:04d}", {"trial": self.trial["trial"]})
+        self.bags.add_text(EVENTS_TOPIC, now, json.dumps({"event": "recording", "producer": "vla_ros eval_manager",
+                                                           "episode_source": self.p["episode_source"]}))
+        self.bags.add_text(EVENTS_TOPIC, now, json.dumps(self.trial, sort_keys=True))
+        if self.spec_wire is not None:
+            self.bags.add_text(topics.POLICY_SPEC, now, self.spec_wire)
+
+    def _close_bag(self) -> None:
+        if self.bags is not None:
+            self.bags.close()
+
+    def _on_bag_closed(self, report: dict) -> None:
+        """Journal where each trial's bag is and what became of it (a bag that failed says why)."""
+        path = Path(report["path"])
+        bag = str(path.relative_to(self.dir)) if path.is_relative_to(self.dir) else str(path)
+        with self.lock:
+            self.journal.append({"event": "bag", "trial": report["trial"], "bag": bag, "messages": report["messages"],
+                                 "dropped": report["dropped"], "error": report["error"]})
 
     def _save_episode(self, outcome: str, reason: str) -> str | None:
         if self.spec is None:
@@ -326,7 +374,7 @@ class EvalManagerNode(Node):
         else:
             mismatch = contract.controller.mismatches(control_hz=self.p["control_hz"])
             problem = mismatch[0] if mismatch else None
-            self.spec = spec
+            self.spec, self.spec_wire = spec, msg.data
         if problem and problem != self.contract_problem:
             self.get_logger().error(f"{problem}: no trial starts")
         self.contract_problem = problem
@@ -367,6 +415,8 @@ class EvalManagerNode(Node):
 
     def close(self) -> None:
         console.close()
+        if self.bags is not None:
+            self.bags.shutdown()
 
 
 def main(args: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension, String
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from policy_runtime.chunking import ChunkRequest, make_executor
 from policy_runtime.client import ClientError, Expectation, PolicyClient
@@ -39,6 +40,7 @@ from policy_runtime.contract import PANDA_ARM_JOINTS, PANDA_FINGER_JOINTS
 from policy_runtime.protocol import Contract
 from vla_ros import topics
 from vla_ros.actions import GRIPPER_ACTION
+from vla_ros.controller_io import duration
 from vla_ros.observation import ObservationError, StateBuilder, check_timing, fit_image
 from vla_ros.params import declare, require, run_node_main
 from vla_ros.robot import RobotModel
@@ -64,6 +66,8 @@ DEFAULTS = {
     "max_skew_s": 0.1,
     "max_chunk_age_s": 0.3,   # observation -> chunk arrival; older chunks are dropped (<= the filter's late_action_s)
     "diagnostics_hz": 2.0,
+    "publish_chunks": False,  # sync executor: each chunk, as it starts, on /vla/policy/chunk (the filter's
+                              # send_whole_chunk sends it to the controller as one timed trajectory)
 }
 
 
@@ -85,6 +89,8 @@ class PolicyNode(Node):
         require(p["max_chunk_age_s"] > 0, "max_chunk_age_s must be > 0")
         require(p["executor"] in ("sync", "ensemble", "async-switch", "async-crossfade", "async-rtc"),
                 f"unknown executor {p['executor']!r}")
+        require(not p["publish_chunks"] or p["executor"] == "sync",
+                "publish_chunks needs executor sync (the others blend chunks step by step)")
         self.p = p
         self.robot = RobotModel(p["urdf"], p["base_link"], p["tcp_link"], list(p["base_pose"]))
         self.client = PolicyClient(p["runtime_endpoint"], timeout_ms=p["timeout_ms"],
@@ -102,6 +108,8 @@ class PolicyNode(Node):
         self.step_pub = self.create_publisher(Float64MultiArray, topics.POLICY_STEP, topics.COMMAND_QOS)
         self.obs_pub = self.create_publisher(Image, topics.POLICY_OBS_IMAGE, topics.COMMAND_QOS)
         self.spec_pub = self.create_publisher(String, topics.POLICY_SPEC, topics.LATCHED_QOS)
+        self.chunk_pub = self.create_publisher(JointTrajectory, topics.POLICY_CHUNK, topics.COMMAND_QOS) \
+            if p["publish_chunks"] else None
         self.diag_pub = self.create_publisher(DiagnosticArray, topics.DIAGNOSTICS, 10)
 
         self.contract = None
@@ -295,7 +303,26 @@ class PolicyNode(Node):
             if action is None:
                 self.counts["holds"] += 1
                 return
+            chunk = self._starting_chunk(step)
+        if chunk is not None:
+            self._publish_chunk(chunk)
         self._publish_action(action, obs, step)
+
+    def _starting_chunk(self, step: int) -> np.ndarray | None:
+        """With publish_chunks, the actions the sync executor will send from this step on, if a chunk starts now."""
+        if self.chunk_pub is None or self.chunker.executed != 1:
+            return None
+        first = step - self.chunker.chunk.start
+        return self.chunker.chunk.actions[first:first + self.chunker.exec_steps]
+
+    def _publish_chunk(self, actions: np.ndarray) -> None:
+        msg = JointTrajectory()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.joint_names = list(self.contract.action_joints)
+        dt = 1.0 / self.control_hz
+        msg.points = [JointTrajectoryPoint(positions=[float(x) for x in a], time_from_start=duration(k * dt))
+                      for k, a in enumerate(actions)]
+        self.chunk_pub.publish(msg)
 
     def _drain(self) -> None:
         """Apply the worker's replies to the executor (the caller holds the lock)."""

@@ -46,12 +46,17 @@ class TrialRecorder:
     def __len__(self) -> int:
         return len(self.steps)
 
+    def kept_steps(self, cameras: list[str]) -> list[int]:
+        """The step numbers an episode keeps: those with every camera's image, in order."""
+        with self.lock:
+            return [s for s in sorted(self.steps) if all((c, s) in self.images for c in cameras)]
+
     def episode(self, spec: PolicySpec, instruction: str, success: bool, source: str,
                 provenance: dict) -> Episode:
         """Steps that have every camera's image, in order (a record whose image was lost is dropped)."""
         cams = [c.name for c in spec.cameras]
+        order = self.kept_steps(cams)
         with self.lock:
-            order = [s for s in sorted(self.steps) if all((c, s) in self.images for c in cams)]
             stamps = np.asarray([self.steps[s][0] for s in order], np.float64)
             state = np.stack([self.steps[s][1] for s in order]) if order else np.zeros((0, spec.state_dim), np.float32)
             actions = np.stack([self.steps[s][2] for s in order]) if order else np.zeros((0, spec.action_dim),

@@ -179,6 +179,36 @@ class SafetyFilter:
             targets[j] = min(max(targets[j], lo), hi)
         return self._check_targets(targets, measured, reasons)
 
+    def policy_chunk(self, actions: np.ndarray, measured: dict[str, float] | None,
+                     state_age_s: float) -> list[Decision]:
+        """A chunk of normalised actions -> one safe target per control step, for one timed trajectory.
+
+        Every point passes the same checks as `policy_action`, against the previous point's target as the
+        position the arm will be at (the trajectory controller tracks it; the first point against the measured
+        position). The trajectory stops before the first point the checks reject (counted, as a hold would be):
+        the validated remainder. A chunk that cannot start (stale state, e-stop, a rejected first point) is a hold.
+        """
+        pre = self._precheck(measured, state_age_s)
+        if pre is not None:
+            return [pre]
+        a = np.asarray(actions, dtype=np.float64)
+        if a.ndim != 2 or not len(a):
+            return [self.hold(measured, "bad_action_shape")]
+        points: list[Decision] = []
+        at = dict(measured)
+        for action in a:
+            d = self.policy_action(action, at, 0.0)
+            if d.hold:
+                return points or [d]
+            points.append(d)
+            at.update(d.targets)
+        return points
+
+    def cut(self, targets: dict[str, float]) -> None:
+        """A trajectory sent ahead is being replaced while the arm is at `targets`: hold there, not at its end."""
+        self.last_safe = self.last_command = dict(targets)
+        self.last_velocity = {}
+
     def joint_command(self, targets: dict[str, float], measured: dict[str, float] | None,
                       state_age_s: float) -> Decision:
         """Absolute joint targets by name (teleop, going home) -> safe joint targets, or a hold.

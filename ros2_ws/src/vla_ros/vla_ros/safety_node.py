@@ -18,6 +18,14 @@ policy node received) has a control mode this filter executes, this robot's acti
 controller's `control_hz`; the action bounds and the scaling of each action onto the joints are then the
 contract's. With a forward_command controller nothing is published until the controller's `joints` parameter
 equals `controller_joints` (a wrong order would drive the wrong joints, even when holding).
+Whole chunks (`send_whole_chunk`, joint_trajectory controllers): each chunk the policy node starts executing
+(`/vla/policy/chunk`) goes to the controller as one timed JointTrajectory, a point per control step, each point
+through the same checks as a single action (SafetyFilter.policy_chunk); the per-step actions then only prove
+the policy alive (the late-action watchdog). A new chunk replaces the trajectory; every hold replaces it with
+a single point where the arm is on it now, so the filter still holds on every fault.
+With `trajectory_action` every arm command (trajectory, hold, teleop) is a FollowJointTrajectory goal to that
+action server instead of a topic message (control_msgs; built for the PyPI wheels by vla_ros.build_control_msgs);
+until the server answers nothing is sent, and the diagnostics say so at error level.
 """
 
 from __future__ import annotations
@@ -35,13 +43,14 @@ from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
 
 from policy_runtime.contract import PANDA_ARM_JOINTS, PANDA_FINGER_JOINTS
 from policy_runtime.protocol import Contract, ProtocolError
 from vla_ros import topics
 from vla_ros.actions import ActionSemantics
-from vla_ros.controller_io import ControllerSpec, arm_message, gripper_message
-from vla_ros.params import declare, require, run_node_main
+from vla_ros.controller_io import ControllerSpec, arm_message, gripper_message, trajectory_message
+from vla_ros.params import ParamError, declare, require, run_node_main
 from vla_ros.robot import RobotModel
 from vla_ros.ros_util import JointStateCache, diagnostic
 from vla_ros.safety import Decision, SafetyConfig, SafetyFilter
@@ -73,6 +82,10 @@ DEFAULTS = {
     "verify_controller_joints": True,         # forward_command: publish nothing until the joint order is verified
     "dry_run": False,
     "diagnostics_hz": 2.0,
+    "trajectory_action": "",                  # e.g. /joint_trajectory_controller/follow_joint_trajectory: commands
+                                              # as FollowJointTrajectory goals instead of the topic (control_msgs)
+    "send_whole_chunk": False,                # joint_trajectory: each chunk as one timed trajectory (policy node's
+                                              # publish_chunks), not one point per control step
 }
 
 
@@ -117,6 +130,18 @@ class SafetyFilterNode(Node):
         self.contract_ok, self.contract_problem = False, None
         self.controller_problem = self._start_controller_check(p)
         self.pub = self.create_publisher(self.ctrl.message_type, self._out(self.ctrl.topic), topics.COMMAND_QOS)
+        self.whole_chunk = bool(p["send_whole_chunk"])
+        require(not self.whole_chunk or (self.ctrl.kind == "joint_trajectory" and not self.ctrl.gripper_topic),
+                "send_whole_chunk needs controller_type joint_trajectory with the gripper on the same controller "
+                "(no gripper_topic): a timed trajectory cannot be split across two controllers")
+        self.trajectory: tuple[float, list[dict[str, float]]] | None = None  # (sent at, targets per point)
+        self.chunk_until = -math.inf  # when the last chunk's actions end: a step's action after that had no chunk
+        self.unchunked_since: float | None = None  # the first such action (its chunk may still be on its way)
+        if self.whole_chunk:
+            self.create_subscription(JointTrajectory, topics.POLICY_CHUNK, self._on_chunk, topics.COMMAND_QOS)
+        self.action_client = None
+        if p["trajectory_action"] and not self.dry_run:  # a dry run never reaches a controller: the topic stays
+            self._start_action_client(p["trajectory_action"])
         self.gripper_pub = None
         if self.ctrl.gripper_topic:
             self.gripper_pub = self.create_publisher(Float64MultiArray, self._out(self.ctrl.gripper_topic),
@@ -157,21 +182,114 @@ class SafetyFilterNode(Node):
         self.last_action_time = self._now()
         if not self.contract_ok:  # never execute actions whose meaning was not agreed
             reason = "policy_contract" if self.contract_problem else "no_policy_contract"
-            self._emit(self.filter.hold(self._measured()[0], reason))
+            self._emit(self._hold(self._measured()[0], reason))
             return
         names = list(self.filter.cfg.semantics.action_names)
         if list(msg.name) != names:
-            self._emit(self.filter.hold(self._measured()[0], "bad_action_names"))
+            self._emit(self._hold(self._measured()[0], "bad_action_names"))
+            return
+        if self.whole_chunk:  # the chunk's trajectory is running: this step's action only shows the policy is alive
+            self._check_chunked()
             return
         measured, age = self._measured()
         self._emit(self.filter.policy_action(np.asarray(msg.position, float), measured, age))
+
+    def _check_chunked(self) -> None:
+        """Actions without chunks for `late_action_s` (the policy node does not publish them) make the arm hold."""
+        now = self._now()
+        if now <= self.chunk_until:
+            self.unchunked_since = None
+        elif self.unchunked_since is None:
+            self.unchunked_since = now  # the chunk may still be on its way (another topic)
+        elif now - self.unchunked_since > self.late_s:
+            self.get_logger().error(f"policy actions without a chunk on {topics.POLICY_CHUNK} (send_whole_chunk "
+                                    "needs policy_node publish_chunks: true); holding", throttle_duration_sec=2.0)
+            self._emit(self._hold(self._measured()[0], "no_chunk"))
+            self.unchunked_since = now  # one intervention per late period, as late_action
+
+    def _on_chunk(self, msg: JointTrajectory) -> None:
+        """A chunk starting now: its validated remainder as one timed trajectory (replacing the running one)."""
+        if self.source != "policy":
+            return
+        self.last_action_time = self._now()
+        if not self.contract_ok:
+            self._emit(self._hold(self._measured()[0], "policy_contract" if self.contract_problem else
+                                  "no_policy_contract"))
+            return
+        if list(msg.joint_names) != list(self.filter.cfg.semantics.action_names) or not msg.points:
+            self._emit(self._hold(self._measured()[0], "bad_action_names"))
+            return
+        measured, age = self._measured()
+        self._cut_trajectory()
+        self.chunk_until, self.unchunked_since = self._now() + (len(msg.points) + 1) * self.dt + self.late_s, None
+        points = self.filter.policy_chunk(np.asarray([p.positions for p in msg.points], float), measured, age)
+        if points[0].hold:
+            self._emit(points[0])
+            return
+        if self.controller_problem is None:
+            reasons = sorted({r for d in points for r in d.reasons})
+            if reasons or len(points) < len(msg.points):
+                self.get_logger().warning(f"chunk: {', '.join(reasons) or 'limited'}; {len(points)} of "
+                                          f"{len(msg.points)} points sent", throttle_duration_sec=1.0)
+            self._send_arm(trajectory_message(self.ctrl, points, self.get_clock().now().to_msg(), self.dt))
+            self.trajectory = (self._now(), [d.targets for d in points])
+
+    def _start_action_client(self, name: str) -> None:
+        """Commands as FollowJointTrajectory goals; until the controller's action server answers, nothing is sent."""
+        require(self.ctrl.kind == "joint_trajectory", "trajectory_action needs controller_type joint_trajectory")
+        try:
+            from control_msgs.action import FollowJointTrajectory
+        except ImportError:
+            raise ParamError("trajectory_action needs control_msgs (from your ROS 2 install, or built for the PyPI "
+                             "wheels: python -m vla_ros.build_control_msgs, docs/ros2.md)") from None
+        from rclpy.action import ActionClient
+
+        self.goal_type = FollowJointTrajectory.Goal
+        self.action_client, self.action_name = ActionClient(self, FollowJointTrajectory, name), name
+        self.goals_rejected = 0
+        self.controller_problem = f"no FollowJointTrajectory action server at {name} yet"
+        self.action_timer = self.create_timer(0.5, self._check_action_server)
+
+    def _check_action_server(self) -> None:
+        if self.action_client.server_is_ready():
+            self.action_timer.cancel()
+            self.get_logger().info(f"FollowJointTrajectory server {self.action_name} ready")
+            self.controller_problem = None
+            self._publish_diag()
+
+    def _send_arm(self, msg) -> None:
+        """To the controller: on its topic, or as a goal (a new goal preempts the running one, as a message does)."""
+        if self.action_client is None:
+            self.pub.publish(msg)
+            return
+        self.action_client.send_goal_async(self.goal_type(trajectory=msg)).add_done_callback(self._on_goal_response)
+
+    def _on_goal_response(self, future) -> None:
+        handle = future.result() if not future.exception() else None
+        if handle is None or not handle.accepted:
+            self.goals_rejected += 1
+            self.get_logger().error("the controller rejected a trajectory goal; the arm keeps its previous one",
+                                    throttle_duration_sec=1.0)
+
+    def _hold(self, measured, reason: str, intervention: bool = True):
+        """The filter's hold, at the point the arm has reached on a running trajectory (not at its end)."""
+        self._cut_trajectory()
+        return self.filter.hold(measured, reason, intervention=intervention)
+
+    def _cut_trajectory(self) -> None:
+        if self.trajectory is None:
+            return
+        sent, targets = self.trajectory
+        self.trajectory = None
+        k = min(len(targets) - 1, max(0, int((self._now() - sent) / self.dt)))  # the point being approached
+        self.filter.cut(targets[k])
 
     def _on_teleop(self, msg: JointState) -> None:
         if self.source != "teleop":
             return
         measured, age = self._measured()
         if len(msg.name) != len(msg.position):
-            self._emit(self.filter.hold(measured, "bad_teleop_command"))
+            self._emit(self._hold(measured, "bad_teleop_command"))
             return
         targets = dict(zip(msg.name, (float(v) for v in msg.position), strict=True))
         self._emit(self.filter.joint_command(targets, measured, age))
@@ -241,7 +359,7 @@ class SafetyFilterNode(Node):
         self.get_logger().error(f"unauthorised control source {why}; holding until {self.authority} sends hold "
                                 "or teleop", throttle_duration_sec=1.0)
         self._switch("hold")
-        self._emit(self.filter.hold(self._measured()[0], "unauthorised_source"))
+        self._emit(self._hold(self._measured()[0], "unauthorised_source"))
         self._publish_diag()
 
     def _rearm(self, by: str) -> None:
@@ -253,12 +371,13 @@ class SafetyFilterNode(Node):
         """Change the control source; a hold caused by a fault is counted as an intervention for that reason."""
         if source != self.source:
             measured, _ = self._measured()
+            self._cut_trajectory()
             if measured is not None:
                 self.filter.rebase(measured)
             self.get_logger().info(f"control source {self.source} -> {source}")
             self.source, self.last_action_time = source, None
             if source == "hold":
-                self._emit(self.filter.hold(measured, fault or "source_hold", intervention=fault is not None))
+                self._emit(self._hold(measured, fault or "source_hold", intervention=fault is not None))
 
     def _on_estop_topic(self, msg: Bool) -> None:
         if msg.data:
@@ -319,7 +438,7 @@ class SafetyFilterNode(Node):
                                        f"{list(ctrl.action_high)}]")
         self.contract_ok, self.contract_problem = problem is None, problem
         if problem and self.source == "policy":
-            self._emit(self.filter.hold(self._measured()[0], "policy_contract"))
+            self._emit(self._hold(self._measured()[0], "policy_contract"))
         self._publish_diag()
 
     def _contract_problem(self, ctrl) -> str | None:
@@ -379,7 +498,7 @@ class SafetyFilterNode(Node):
     def _estop(self, why: str) -> None:
         self.filter.trigger_estop(why)
         self.get_logger().error(f"E-STOP latched ({why}); holding until ~/reset_estop")
-        self._emit(self.filter.hold(self._measured()[0], "estop_latched"))
+        self._emit(self._hold(self._measured()[0], "estop_latched"))
         self._publish_diag()
 
     # ----- watchdog and output -----------------------------------------------------------------------------------
@@ -387,12 +506,12 @@ class SafetyFilterNode(Node):
         self._resolve_sources()
         measured, age = self._measured()
         if self.filter.estop_reason is not None:
-            self._emit(self.filter.hold(measured, "estop_latched"))
+            self._emit(self._hold(measured, "estop_latched"))
         elif measured is not None and age > self.filter.cfg.stale_state_s and self.source != "hold":
-            self._emit(self.filter.hold(measured, "stale_joint_state"))
+            self._emit(self._hold(measured, "stale_joint_state"))
         elif self.source == "policy" and self.last_action_time is not None \
                 and self._now() - self.last_action_time > self.late_s:
-            self._emit(self.filter.hold(measured, "late_action"))
+            self._emit(self._hold(measured, "late_action"))
             self.last_action_time = self._now()  # one intervention per late period, not per tick
         if self.lease_s > 0 and self.source != "hold" and self.last_source_msg is not None \
                 and self._now() - self.last_source_msg > self.lease_s:
@@ -411,7 +530,7 @@ class SafetyFilterNode(Node):
                                       throttle_duration_sec=1.0)
         if d.targets is None:
             return
-        self.pub.publish(arm_message(self.ctrl, d.targets, d.velocities, self.get_clock().now().to_msg(), self.dt))
+        self._send_arm(arm_message(self.ctrl, d.targets, d.velocities, self.get_clock().now().to_msg(), self.dt))
         if self.gripper_pub is not None:
             g = gripper_message(self.ctrl, d.targets)
             if g is not None:
@@ -433,7 +552,8 @@ class SafetyFilterNode(Node):
                   "lease_lapsed": self.lease_lapsed, "armed": self.armed, "authority": self.authority,
                   "unauthorised": self.intrusion or "", "controller": self.controller_problem or "ok",
                   "contract": "ok" if self.contract_ok else (self.contract_problem or "none yet"),
-                  "interventions": sum(f.counts.values()), **{f"count/{k}": v for k, v in sorted(f.counts.items())}}
+                  "interventions": sum(f.counts.values()), **{f"count/{k}": v for k, v in sorted(f.counts.items())},
+                  **({"goals_rejected": self.goals_rejected} if self.action_client is not None else {})}
         self.diag_pub.publish(diagnostic(self.get_name(), level, msg, values, self.get_clock().now().to_msg()))
 
 

@@ -11,7 +11,9 @@ the command answering the last observation, as the simulator does during `sim-tr
 the stack's correctness from the host's speed (the full-stack vs direct-eval benchmark uses it).
 
 Physics runs under ManiSkill's `pd_joint_pos` controller: the commanded joint targets are absolute, exactly
-what the real joint_trajectory_controller receives.
+what the real joint_trajectory_controller receives. A trajectory of several points (the safety filter's
+`send_whole_chunk`) is followed on the sim clock, as a joint_trajectory_controller does: each physics step
+targets the point due at its end; a new command replaces it. Lockstep does not wait while one runs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from std_srvs.srv import Trigger
 
 from policy_runtime.contract import GRIPPER_RANGE
 from vla_ros import topics
-from vla_ros.controller_io import ControllerSpec, parse_arm_message
+from vla_ros.controller_io import ControllerSpec, parse_arm_message, trajectory_points
 from vla_ros.params import declare, require, run_node_main
 from vla_ros.ros_util import rgb_to_image
 
@@ -79,6 +81,7 @@ class SimTwinNode(Node):
         self.sim_ns = 0
         self.lock = threading.Lock()
         self.target: dict[str, float] = {}
+        self.trajectory: list[tuple[int, dict[str, float]]] = []  # (due at, sim/node clock ns; targets)
         self.trial_seed: int | None = None
         self.reset_request: tuple[int, threading.Event] | None = None
         self.steps = 0
@@ -124,6 +127,7 @@ class SimTwinNode(Node):
     def _on_command(self, msg) -> None:
         try:
             targets = parse_arm_message(self.ctrl, msg)
+            timed = trajectory_points(msg)
         except ValueError as e:
             self.get_logger().error(f"ignored malformed command: {e}")
             return
@@ -132,8 +136,29 @@ class SimTwinNode(Node):
             self.get_logger().error(f"ignored command for unknown joints {unknown}")
             return
         with self.lock:
-            self.target.update(targets)
+            if timed is None:
+                self.trajectory = []
+                self.target.update(targets)
+            else:
+                start = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec or self._now_ns()
+                self.trajectory = [(start + int(round(t * 1e9)), point) for t, point in timed]
         self.command_arrived.set()
+
+    def _now_ns(self) -> int:
+        return self.sim_ns if self.publish_clock else self.get_clock().now().nanoseconds
+
+    def _follow_trajectory(self) -> bool:
+        """Target the running trajectory's point due at the end of this physics step; False when none runs."""
+        with self.lock:
+            end = self._now_ns() + self.period_ns - self.period_ns // 2  # half a period for clock rounding
+            while len(self.trajectory) > 1 and self.trajectory[0][0] < end:
+                self.trajectory.pop(0)
+            if not self.trajectory:
+                return False
+            self.target.update(self.trajectory[0][1])
+            if self.trajectory[0][0] < end:
+                self.trajectory = []  # its last point: held from now on
+            return True
 
     def _on_source(self, msg: String) -> None:
         self.policy_in_control = msg.data == "policy"
@@ -164,6 +189,7 @@ class SimTwinNode(Node):
         q = raw["agent"]["qpos"][0].numpy().astype(float)
         with self.lock:
             self.target = dict(zip(self.joint_names, q, strict=True))
+            self.trajectory = []
         return raw
 
     def _action(self) -> np.ndarray:
@@ -186,8 +212,9 @@ class SimTwinNode(Node):
                 self.get_logger().info(f"scene reset, seed {req[0]}")
                 req[1].set()
             else:
-                if self.lockstep_s > 0 and self.policy_in_control:
+                if not self._follow_trajectory() and self.lockstep_s > 0 and self.policy_in_control:
                     self.command_arrived.wait(self.lockstep_s)
+                    self._follow_trajectory()  # the command that arrived may be a trajectory
                 raw, _r, _term, _trunc, info = self.env.step(torch.as_tensor(self._action()))
                 self.last_raw, self.last_success = raw, bool(info["success"][0])
             self.steps += 1

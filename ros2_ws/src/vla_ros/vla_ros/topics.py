@@ -8,6 +8,8 @@ JOINT_STATES = "/joint_states"
 POLICY_ACTION = "/vla/policy/action"        # sensor_msgs/JointState: normalised action, names = action dims
 POLICY_STEP = "/vla/policy/step"            # std_msgs/Float64MultiArray: [step, stamp, state..., action...]
 POLICY_OBS_IMAGE = "/vla/policy/obs_image"  # sensor_msgs/Image: the resized image the model saw
+POLICY_CHUNK = "/vla/policy/chunk"          # trajectory_msgs/JointTrajectory: the normalised actions of the chunk
+                                            # starting now, a point per control step (names = action dims)
 POLICY_SPEC = "/vla/policy/spec"            # std_msgs/String (JSON hello contract), latched
 TELEOP_COMMAND = "/vla/teleop/command"      # sensor_msgs/JointState: absolute joint targets by name
 CONTROL_SOURCE = "/vla/control_source"      # std_msgs/String: policy | teleop | hold, latched
