@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ds = sub.add_parser("dataset", help="convert episode datasets to and from other formats",
                         description="Convert between the project's episode datasets and LeRobotDataset v3.0 "
-                                    "(docs/datasets.md).")
+                                    "(docs/datasets.md), and turn rosbag2 recordings into episodes (docs/ros2.md).")
     dsub = ds.add_subparsers(dest="dataset_command", required=True)
     de = dsub.add_parser("export-lerobot", help="write an episode dataset as a LeRobotDataset v3.0",
                          description="Write DATA as a LeRobotDataset v3.0 (parquet, camera frames as lossless PNG "
@@ -320,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--source", default="real", choices=("sim", "real-proxy", "real"),
                     help="source label of episodes recorded with LeRobot (ours carry their own)")
     di.set_defaults(func=cmd_import_lerobot)
+    rb = dsub.add_parser("import-rosbag", help="rosbag2 recordings (the eval manager's trials, or any bag with a "
+                                               "topic map) -> an episode dataset",
+                         description="Each bag (a rosbag2 directory, MCAP or SQLite) becomes one episode. The eval "
+                                     "manager's trial bags need no map; another recording needs --topic-map naming "
+                                     "its image, state and action topics (docs/ros2.md).")
+    rb.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 directories")
+    rb.add_argument("--out", required=True, help="new dataset directory (an existing one is never changed)")
+    rb.add_argument("--topic-map", help="YAML naming the image, state and action topics of a bag not recorded by "
+                                        "the eval manager")
+    rb.add_argument("--force", action="store_true", help="replace the episode dataset already in --out")
+    rb.set_defaults(func=cmd_import_rosbag)
 
     s = sub.add_parser("sft", help="flow-matching supervised fine-tuning",
                        description="Train the flow VLA on one or more episode datasets. Options come from a YAML "
@@ -369,20 +380,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "first: a failed export leaves the old one intact)")
     add_push_flag(x, "export directory")
     x.set_defaults(func=cmd_export)
-
-    ds = sub.add_parser("dataset", help="convert episode datasets from and to other formats")
-    dsub = ds.add_subparsers(dest="dataset_command", required=True)
-    rb = dsub.add_parser("import-rosbag", help="rosbag2 recordings (the eval manager's trials, or any bag with a "
-                                               "topic map) -> an episode dataset",
-                         description="Each bag (a rosbag2 directory, MCAP or SQLite) becomes one episode. The eval "
-                                     "manager's trial bags need no map; another recording needs --topic-map naming "
-                                     "its image, state and action topics (docs/ros2.md).")
-    rb.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 directories")
-    rb.add_argument("--out", required=True, help="new dataset directory (an existing one is never changed)")
-    rb.add_argument("--topic-map", help="YAML naming the image, state and action topics of a bag not recorded by "
-                                        "the eval manager")
-    rb.add_argument("--force", action="store_true", help="replace the episode dataset already in --out")
-    rb.set_defaults(func=cmd_import_rosbag)
 
     m = sub.add_parser("demo", help="evaluate the shipped checkpoint and write a report (what `make demo` runs)")
     m.add_argument("--ckpt", default=str(DEFAULT_CHECKPOINT))
