@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import time
@@ -161,8 +162,10 @@ def main() -> None:
     results = {"machine": machine_info(), "command": command_line(), "date": datetime.date.today().isoformat(),
                "preset": preset, "budget": a.budget, "raw_env_steps_per_s": raw, "seeds": a.seeds, "cells": {}}
     before_json = out / "eval_sft" / "eval.json"
-    results["before"] = (json.loads(before_json.read_text())["summary"] if before_json.exists()
-                         else evaluate(preset["ckpt"], k, a.episodes, out / "eval_sft"))
+    with (out / ".eval_sft.lock").open("w") as lock:  # one seed per process: the first evaluates, the rest wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results["before"] = (json.loads(before_json.read_text())["summary"] if before_json.exists()
+                             else evaluate(preset["ckpt"], k, a.episodes, out / "eval_sft"))
     for seed in a.seeds:  # seed-major: an interrupted sweep still has every method at the first seeds
         for name in a.methods:
             results["cells"][f"{name}_seed{seed}"] = run_one(name, seed, a, k, raw, out)
