@@ -111,3 +111,15 @@ def test_pretrained_weights_learn_at_the_backbone_rate_and_new_parts_at_the_acto
     assert "actor_loss" in metrics
     assert not torch.equal(before["model.velocity_gate.weight"], named["model.velocity_gate.weight"])
     assert not torch.equal(before["model.action_out.weight"], named["model.action_out.weight"])
+
+
+def test_default_target_entropy_is_the_chains_entropy_at_the_middle_of_the_noise_band():
+    """The default is a reachable target: the entropy when every step's std is at the band's geometric middle
+    (checked by Monte Carlo)."""
+    actor = _actor(std_min=0.02, std_max=0.16)
+    with torch.no_grad():  # log-std head output 0: sigma = sqrt(0.02 * 0.16) everywhere
+        actor.log_std[-1].weight.zero_()
+        actor.log_std[-1].bias.zero_()
+        logp = actor(torch.randn(4000, S), generator=torch.Generator().manual_seed(0))[2]
+    assert float(-logp.mean()) == pytest.approx(actor.default_target_entropy(), abs=4 * float(logp.std()) / 63)
+    assert SAC(actor, S, 2, SACSettings(hidden=16)).target_entropy == actor.default_target_entropy()

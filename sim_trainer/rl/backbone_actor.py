@@ -92,6 +92,15 @@ class BackboneFlowActor(nn.Module):
         """log |du / dx_K| of u = mean + std * x_K for one chunk: H * sum log std."""
         return self.horizon * torch.log(self.model.action_norm.std).sum()
 
+    def default_target_entropy(self) -> float:
+        """The chain's entropy when every step's noise std sits at the geometric middle of its band: x_0's,
+        K Gaussian steps' and the de-normalisation's. (-H * D, the from-scratch default, is far below any entropy
+        this chain can have: its x_0 alone carries n / 2 log(2 pi e), so the temperature would grow without end.)"""
+        n = self.horizon * self.action_dim
+        gauss = 0.5 * math.log(2 * math.pi * math.e)
+        log_sigma = (self.log_std_min + self.log_std_max) / 2
+        return n * gauss + self.num_steps * n * (log_sigma + gauss) + float(self._denorm_log_det())
+
     def to_actions(self, x: torch.Tensor) -> torch.Tensor:
         """Executed chunk: the de-normalised x_K clipped into the action bounds."""
         return torch.maximum(torch.minimum(self.model.action_norm.inverse(x), self.action_high), self.action_low)

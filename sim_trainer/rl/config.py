@@ -116,7 +116,9 @@ class RLConfig:
     policy_delay: int = option(2, "sac_flow: critic updates per actor and temperature update")
     n_step: int = option(1, "sac_flow: chunk steps summed in each TD target (n-step return)")
     learning_starts: int = option(1000, "sac_flow: chunk transitions of uniformly random chunks before learning")
-    target_entropy: float | None = option(None, "sac_flow: entropy target of the temperature (default: -H*D)")
+    target_entropy: float | None = option(None, "sac_flow: entropy target of the temperature (default: -H*D "
+                                                           "from scratch; from --ckpt the chain's entropy with its "
+                                                           "noise std at the middle of its band)")
     alpha_init: float = option(0.2, "sac_flow: initial entropy temperature")
     sac_std_min: float = option(0.01, "sac_flow: smallest per-step noise std of the flow chain")
     sac_std_max: float = option(1.0, "sac_flow: largest per-step noise std of the flow chain")

@@ -37,7 +37,7 @@ class SACSettings:
     critic_lr: float = 1e-3
     alpha_lr: float = 3e-4
     alpha_init: float = 0.2
-    target_entropy: float | None = None  # None: -(H * D), minus one nat per action number of the chunk
+    target_entropy: float | None = None  # None: the actor's default_target_entropy(), else -(H * D)
     policy_delay: int = 2  # critic updates per actor (and temperature) update
     max_grad_norm: float = 10.0
     hidden: int = 256
@@ -78,8 +78,9 @@ class SAC:
         self.critic = TwinQ(obs_dim, exec_steps * actor.action_dim, settings.hidden).to(actor.action_mid.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(settings.alpha_init), device=actor.action_mid.device))
-        self.target_entropy = (settings.target_entropy if settings.target_entropy is not None
-                               else -float(actor.horizon * actor.action_dim))
+        default = (actor.default_target_entropy() if hasattr(actor, "default_target_entropy")
+                   else -float(actor.horizon * actor.action_dim))
+        self.target_entropy = settings.target_entropy if settings.target_entropy is not None else default
         self.opt = torch.optim.Adam([
             *_actor_groups(actor, settings),
             {"params": list(self.critic.parameters()), "lr": settings.critic_lr},
