@@ -124,7 +124,14 @@ def vulkan_problem() -> str | None:
     """Why SAPIEN cannot render here (no Vulkan loader, or no driver manifest), or None."""
     import ctypes.util
 
-    if ctypes.util.find_library("vulkan") is None:
+    bundled = False  # SAPIEN's wheel carries a loader of its own
+    try:
+        import sapien
+
+        bundled = any((Path(sapien.__file__).parent / "vulkan_library").glob("libvulkan.so*"))
+    except ImportError:
+        pass
+    if ctypes.util.find_library("vulkan") is None and not bundled:
         return "no Vulkan loader (libvulkan.so.1) found, SAPIEN cannot render"
     if not vulkan_icds():
         return "no Vulkan ICD manifest found, SAPIEN cannot render"
