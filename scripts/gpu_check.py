@@ -420,7 +420,7 @@ def part_inference(ctx: Context) -> list[Row]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         ckpt = random_model(Path(tmp), ctx.model_size)
-        backends = {k: TorchBackend(ckpt, TorchOptions(device=device, num_steps=k)) for k in (10, 4)}
+        backends = {k: TorchBackend(ckpt, TorchOptions(device=device, num_steps=k, warmup_runs=1)) for k in (10, 4)}
         feeds = zero_feeds(backends[10].contract(), 1)
         params = sum(p.numel() for p in backends[10].model.parameters()) / 1e6
         rows.append(Row("model", f"`{ctx.model_size}` FlowVLA, random weights, {params:.1f} M parameters, batch 1, "
@@ -441,8 +441,6 @@ def ort_cuda_row(ckpt: Path, tmp: Path, ctx: Context, base: dict) -> Row:
     import onnxruntime as ort
 
     from policy_runtime.backends.onnx_backend import CUDA, OnnxBackend, OnnxOptions, onnxruntime_distributions
-    from policy_runtime.contract import zero_feeds
-    from sim_trainer.export.onnx_export import export_onnx
 
     item = "ONNX Runtime CUDA provider K=4 (IOBinding)"
     if CUDA not in ort.get_available_providers():
@@ -451,6 +449,9 @@ def ort_cuda_row(ckpt: Path, tmp: Path, ctx: Context, base: dict) -> Row:
                    "(scripts/install_gpu_runtime.sh installs onnxruntime-gpu)", "skip")
     if not ctx.cuda:
         return Row(item, "skipped: no CUDA device", "skip")
+    from policy_runtime.contract import zero_feeds
+    from sim_trainer.export.onnx_export import export_onnx
+
     res = export_onnx(ckpt, tmp / "export_k4", 4)
     backend = OnnxBackend(res.out, OnnxOptions(providers=(CUDA,), require_gpu=True, iobinding=True))
     try:
@@ -581,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, Context(**json.loads(args.ctx)), Path(args.result))
         return 0
     if min(args.num_envs, args.sim_steps, args.rl_updates, args.calls or 1) < 1:
-        p.error("--num-envs, --sim-steps, --rl-updates and --calls must be >= 1")
+        print("error: --num-envs, --sim-steps, --rl-updates and --calls must be >= 1", file=sys.stderr)
+        return 2
 
     out = Path(args.out)
     try:
