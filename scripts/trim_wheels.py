@@ -3,9 +3,9 @@
 
 The GPU box gets the wheelhouse and the project's files in one transfer of at most 60 MiB, and the two wheels
 as published are 150 MB. Dropped:
-- mani-skill: every asset but the Panda arm's (URDF/SRDF and franka_description meshes), the table scene and the
-  grid floor texture, which PickCube/PushCube/StackCube/PullCube-v1 load (other robots, the wrist camera's
-  RealSense mesh, scenes and environment maps go);
+- mani-skill: every asset but the Panda arm's (URDF/SRDF, franka_description meshes, the wrist camera's RealSense
+  mesh), the table scene and the grid floor texture, which PickCube/PushCube/StackCube/PullCube-v1 load (other
+  robots, scenes and environment maps go);
 - sapien: the OpenImageDenoise libraries (loaded only if present; used only by the ray-tracing denoiser), the C++
   headers, the stereo-depth sensor's IR patterns and the macOS Vulkan loader.
 Python code is never dropped. Each wheel is rewritten in place with its RECORD updated; `--report` lists what
@@ -24,6 +24,7 @@ MESH_OR_IMAGE = (".glb", ".gltf", ".obj", ".stl", ".dae", ".ply", ".png", ".jpg"
                  ".mtl", ".ttf")
 MANISKILL_KEEP = ("mani_skill/assets/robots/panda/*.urdf", "mani_skill/assets/robots/panda/*.srdf",
                   "mani_skill/assets/robots/panda/franka_description/*",
+                  "mani_skill/assets/robots/panda/realsense2_description/meshes/d415.stl",  # StackCube's wrist camera
                   "mani_skill/assets/partnet_mobility/meta/*", "mani_skill/utils/building/assets/grid_texture.png",
                   "mani_skill/utils/scene_builder/table/assets/*")
 SAPIEN_DROP = ("sapien/oidn_library/*", "sapien/include/*", "sapien/sensor/assets/patterns/*",
