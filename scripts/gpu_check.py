@@ -314,7 +314,8 @@ def nccl_worker() -> None:
     torch.cuda.synchronize()
     assert float(x[0]) == dist.get_world_size(), float(x[0])
     dist.destroy_process_group()
-    print(f"nccl ok: world {x[0]:.0f}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
+    version = torch.cuda.nccl.version()
+    print(f"nccl ok: world {x[0]:.0f}, NCCL {'.'.join(map(str, version)) if isinstance(version, tuple) else version}")
 
 
 def torchrun(*args: str) -> list[str]:
