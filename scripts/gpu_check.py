@@ -43,7 +43,6 @@ NEEDS_CUDA = {"grpo_seeding": "physx_cuda batches envs in one process (physx_cpu
               "rl": "the preset's physx_cuda envs"}
 TIMEOUTS = {"environment": 60, "sim": 180, "grpo_seeding": 120, "nccl": 90, "rl": 330, "inference": 150, "vla": 120}
 RGB_GPU_PRESET = ROOT / "configs" / "rl_pushcube_rgb_gpu.yaml"
-STEPS_PER_UPDATE = 256 * 8 * 8  # the preset's num_envs x rollout_chunks x exec_steps
 
 
 @dataclass
@@ -357,7 +356,7 @@ def rl_config(ctx: Context, out: Path) -> Path:
     from policy_runtime.yaml_io import dump_yaml, load_yaml_mapping
 
     cfg = load_yaml_mapping(RGB_GPU_PRESET)
-    per_update = cfg["num_envs"] * cfg["rollout_chunks"] * 8
+    per_update = cfg["num_envs"] * cfg["rollout_chunks"] * 8  # x the checkpoint's 8 executed actions per chunk
     cfg.update(ckpt=str(ROOT / cfg["ckpt"]), total_env_steps=ctx.rl_updates * per_update, eval_every=0,
                eval_episodes=8, eval_envs=8, save_every=10**6)
     if not ctx.cuda:  # --rl-on-cpu: the same code path on a CPU host, tiny
