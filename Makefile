@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: setup demo demo-sim test lint gpu-runtime clean-venv
+.PHONY: setup demo demo-sim test lint gpu-runtime gpu-check clean-venv
 
 setup: $(STAMP)
 
@@ -31,6 +31,20 @@ lint: setup
 # GPU serving: onnxruntime-gpu in place of onnxruntime (the two must never be installed side by side).
 gpu-runtime: setup
 	bash scripts/install_gpu_runtime.sh $(VENV)
+
+# The GPU acceptance check (docs/gpu.md). No setup step: a GPU box runs it with the Python that holds its torch.
+# WHEELHOUSE=DIR (scripts/wheelhouse.sh) installs the missing packages offline into GPU_SITE first.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_SITE ?= .gpu-site
+GPU_CHECK_OUT ?= outputs/gpu_check
+GPU_CHECK_ARGS ?=
+WHEELHOUSE ?=
+gpu-check:
+ifneq ($(WHEELHOUSE),)
+	PYTHON=$(GPU_PYTHON) bash scripts/wheelhouse.sh --install $(WHEELHOUSE) --target $(GPU_SITE)
+endif
+	PYTHONPATH=$(if $(WHEELHOUSE),$(abspath $(GPU_SITE)):)$(CURDIR) $(GPU_PYTHON) scripts/gpu_check.py \
+		--out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV) .venv-robot

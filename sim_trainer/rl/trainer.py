@@ -216,6 +216,7 @@ class RLTrainer:
             t_roll = time.perf_counter() - t0
             self.policy.train()
             metrics = self.learner.learn(rollout, gen, self.update)
+            t_update = time.perf_counter() - t0  # rollout + learning: the whole update's wall clock
             self.update += 1
             self.env_steps += rollout.env_steps * world.size
             eps = rollout.episodes
@@ -225,7 +226,7 @@ class RLTrainer:
             means = world.mean(torch.tensor(list(metrics.values()), dtype=torch.float64))  # one collective
             metrics = dict(zip(metrics, means.tolist(), strict=True))
             metrics |= {"rank_param_spread": self._param_spread(), "env_steps_per_s": float(tot[4]),
-                        "rollout_s": t_roll, "episodes": float(tot[0])}
+                        "rollout_s": t_roll, "update_s": t_update, "episodes": float(tot[0])}
             if tot[0] > 0:
                 metrics |= {"train_success_once": float(tot[1] / tot[0]),
                             "train_success_at_end": float(tot[2] / tot[0]), "train_return": float(tot[3] / tot[0])}
