@@ -212,6 +212,17 @@ def test_actor_update_leaves_the_critics_and_follows_policy_delay():
     assert all(torch.equal(a, b) for a, b in zip(critic_before, sac.critic.parameters(), strict=True))
 
 
+def test_critic_warmup_holds_the_actor_for_its_first_updates():
+    sac = _sac(policy_delay=1, critic_warmup=3)
+    batch = _batch(32)
+    actor_before = [p.clone() for p in sac.actor.parameters()]
+    for i in range(1, 5):
+        metrics = sac.update(batch)
+        assert ("actor_loss" in metrics) == (i == 4)
+        moved = any(not torch.equal(a, b) for a, b in zip(actor_before, sac.actor.parameters(), strict=True))
+        assert moved == (i == 4)
+
+
 def test_bootstrap_on_truncation_only():
     """A done (success or failure) transition's target is its reward; a truncated or running one adds
     gamma^steps times the soft value of its next observation."""

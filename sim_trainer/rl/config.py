@@ -81,7 +81,8 @@ class RLConfig:
     lr: float = option(1e-4, "actor (action expert, noise head) learning rate")
     value_lr: float = option(1e-3, "value head learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    critic_warmup: int = option(0, "updates that train only the value head (PPO; ignored with a warning for GRPO)")
+    critic_warmup: int = option(0, "updates that train only the value head (PPO; ignored with a warning for GRPO); "
+                                   "sac_flow: critic updates before the first actor update")
     epochs: int = option(4, "passes over each rollout")
     minibatch: int = option(64, "chunk samples per gradient step")
     target_kl: float | None = option(None, "stop an update's remaining epochs once an epoch's mean approx KL "

@@ -39,6 +39,8 @@ class SACSettings:
     alpha_init: float = 0.2
     target_entropy: float | None = None  # None: the actor's default_target_entropy(), else -(H * D)
     policy_delay: int = 2  # critic updates per actor (and temperature) update
+    critic_warmup: int = 0  # critic updates before the first actor update (a pretrained actor must not follow an
+    #                         untrained critic's gradients)
     max_grad_norm: float = 10.0
     hidden: int = 256
     backbone_lr: float = 1e-5  # a pretrained backbone's own weights (BackboneFlowActor); its new gate: actor_lr
@@ -121,7 +123,7 @@ class SAC:
         metrics = {"critic_loss": float(critic_loss.detach()), "q_mean": float(q1.detach().mean()),
                    "critic_grad_norm": self._step(critic_loss, *[list(self.critic.parameters())] * 2)}
         self.critic_updates += 1
-        if self.critic_updates % self.s.policy_delay == 0:
+        if self.critic_updates > self.s.critic_warmup and self.critic_updates % self.s.policy_delay == 0:
             metrics |= self._update_actor(obs, generator)
         polyak(self.critic_target, self.critic, self.s.tau)
         return metrics

@@ -60,7 +60,8 @@ def _memory_bytes() -> int:
 def _settings(cfg: RLConfig) -> SACSettings:
     return SACSettings(gamma=cfg.gamma, tau=cfg.tau, actor_lr=cfg.lr, critic_lr=cfg.value_lr, alpha_lr=cfg.lr,
                        alpha_init=cfg.alpha_init, target_entropy=cfg.target_entropy, policy_delay=cfg.policy_delay,
-                       max_grad_norm=cfg.max_grad_norm, hidden=cfg.sac_hidden, backbone_lr=cfg.sac_backbone_lr)
+                       max_grad_norm=cfg.max_grad_norm, hidden=cfg.sac_hidden, backbone_lr=cfg.sac_backbone_lr,
+                       critic_warmup=cfg.critic_warmup)
 
 
 def _where_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
