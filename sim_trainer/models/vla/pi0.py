@@ -25,7 +25,7 @@ class Pi0(PaliGemmaFlowPolicy):
         self.action_time_mlp_in = nn.Linear(2 * we, we)
         self.action_time_mlp_out = nn.Linear(we, we)
 
-    def prompt(self, instructions: list[str], state: torch.Tensor | None) -> list[str]:
+    def prompt(self, instructions: list[str]) -> list[str]:
         return [t if t.endswith("\n") else t + "\n" for t in instructions]
 
     def state_tokens(self, state_normed: torch.Tensor) -> torch.Tensor:
