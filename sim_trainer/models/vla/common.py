@@ -450,6 +450,7 @@ class PaliGemmaFlowPolicy(nn.Module):
         from peft import LoraConfig, inject_adapter_in_model
         config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=list(LORA_TARGETS))
         inject_adapter_in_model(config, self.lm)
+        self.lora_scale = (alpha or rank) / rank  # what merging the adapters into the weights multiplies B A by
         for name, p in self.lm.named_parameters():
             p.requires_grad_("lora_" in name)
 
