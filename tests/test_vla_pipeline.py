@@ -109,6 +109,15 @@ def test_a_damaged_backbone_checkpoint_is_one_line(tmp_path, damage, fragment):
                       fragment)
 
 
+@pytest.mark.parametrize("tool", ["sim-trainer", "policy-runtime"])
+def test_export_and_serving_of_a_backbone_are_refused_until_the_contract_carries_its_tokenizer(tmp_path, tool):
+    """Not silently wrong: the byte tokenizer's ids fed to a pi0 would give actions for a garbage instruction."""
+    d = _backbone_checkpoint(tmp_path)
+    args = (["export", "--ckpt", d, "--steps", "2", "--out", tmp_path / "x"] if tool == "sim-trainer"
+            else ["serve", d, "--backend", "torch", "--bind", "tcp://127.0.0.1:0"])
+    assert_user_error(run_cli(tool, args), "not supported yet")
+
+
 def test_a_lerobot_policy_is_fitted_to_our_dataset():
     """Our camera takes the first image slot (the others masked), our dims replace its own, and the normaliser
     holds our dataset's statistics in the policy's own mode (pi0.5: quantiles)."""

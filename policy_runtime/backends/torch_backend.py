@@ -54,8 +54,11 @@ class TorchBackend:
             raise UserError(f"device {options.device} requested but CUDA is not available")
         if options.cuda_graph and self.device.type != "cuda":
             raise UserError("CUDA-graph capture needs a CUDA device")
+        from sim_trainer.models.backbones import refuse_byte_contract
+
         try:
             loaded = load_checkpoint(ckpt_dir, map_location="cpu")
+            refuse_byte_contract(loaded.model, "serving")
         except TrainerUserError as e:
             raise UserError(str(e)) from None
         self.model = loaded.model.to(self.device).eval()

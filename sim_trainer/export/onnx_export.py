@@ -33,6 +33,7 @@ from policy_runtime.contract import (
     graph_input_names,
 )
 from sim_trainer.errors import UserError
+from sim_trainer.models.backbones import refuse_byte_contract
 from sim_trainer.models.checkpoint import LoadedPolicy, file_sha256, load_checkpoint
 from sim_trainer.models.interface import FlowPolicy
 
@@ -89,6 +90,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int, force: bool =
                         f"copy of the action expert into the graph), got {num_steps}")
     ckpt, out = Path(ckpt), Path(out)
     loaded = load_checkpoint(ckpt)
+    refuse_byte_contract(loaded.model, "ONNX export")
     if len({(c.height, c.width) for c in loaded.spec.cameras}) > 1:
         raise UserError("cameras of different sizes are not supported by the exporter")
     created = not os.path.lexists(out)  # (os.path, unlike Path, answers False for a name too long)

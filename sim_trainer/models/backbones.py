@@ -37,6 +37,16 @@ def backbone_type(model: torch.nn.Module) -> str | None:
     return next((name for name, cls in CLASSES.items() if type(model) is cls), None)
 
 
+def refuse_byte_contract(model: torch.nn.Module, what: str) -> None:
+    """The serving contract tokenises instructions with our byte tokenizer; a backbone's graph takes its own
+    tokenizer's ids, so exporting or serving one would feed it the wrong tokens: refused until the contract
+    carries the backbone's tokenizer."""
+    kind = backbone_type(model)
+    if kind is not None:
+        raise UserError(f"{what} of a {kind} checkpoint is not supported yet: the serving contract would tokenise "
+                        "instructions with the byte tokenizer, not the model's own (evaluate it with sim-trainer eval)")
+
+
 def char_tokenizer():
     """A character-level tokenizer with PaliGemma's conventions (<pad> = 0, <bos> first): the tiny configs'."""
     from tokenizers import Tokenizer, models, processors
