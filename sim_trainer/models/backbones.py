@@ -37,14 +37,15 @@ def backbone_type(model: torch.nn.Module) -> str | None:
     return next((name for name, cls in CLASSES.items() if type(model) is cls), None)
 
 
-def refuse_byte_contract(model: torch.nn.Module, what: str) -> None:
-    """The serving contract tokenises instructions with our byte tokenizer; a backbone's graph takes its own
-    tokenizer's ids, so exporting or serving one would feed it the wrong tokens: refused until the contract
-    carries the backbone's tokenizer."""
+def manifest_text(model: torch.nn.Module, instruction: str) -> dict | None:
+    """The manifest's text field of a backbone (its tokenizer.json beside the model, its prompt rule, its pad id,
+    the default instruction's ids as the model makes them); None for our FlowVLA (the byte rule)."""
     kind = backbone_type(model)
-    if kind is not None:
-        raise UserError(f"{what} of a {kind} checkpoint is not supported yet: the serving contract would tokenise "
-                        "instructions with the byte tokenizer, not the model's own (evaluate it with sim-trainer eval)")
+    if kind is None:
+        return None
+    return {"input": "text", "tokenizer": "tokenizer.json", "file": "tokenizer.json", "prompt": kind,
+            "pad_id": model.cfg.pad_token_id, "max_len": model.cfg.max_text_len, "instruction": instruction,
+            "tokens": model.tokenize([instruction])[0].tolist()}
 
 
 def char_tokenizer():

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from policy_runtime.contract import PROMPTS
 from sim_trainer.errors import UserError
 from sim_trainer.models.vla.common import PaliGemmaFlowPolicy, VLAConfig, pad_last, sincos_time
 
@@ -90,7 +91,7 @@ class Pi05(PaliGemmaFlowPolicy):
 
     def prompt(self, instructions: list[str]) -> list[str]:
         """The instruction's part of LeRobot's prompt; the state and the end are added in prompt_tokens."""
-        return [f"Task: {clean_instruction(t)}, State:" for t in instructions]
+        return [PROMPTS["pi05"](t) for t in instructions]
 
     def full_prompt(self, instructions: list[str], state: torch.Tensor) -> list[str]:
         """LeRobot's whole prompt as text (what prompt_tokens builds as ids)."""
