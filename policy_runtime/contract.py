@@ -94,7 +94,11 @@ PROMPTS = {
 
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(path: str):
-    from tokenizers import Tokenizer  # a small Rust wheel, no torch: the robot-side install has it
+    try:
+        from tokenizers import Tokenizer  # a small Rust wheel, no torch
+    except ImportError:
+        raise UserError("this export tokenises instructions with its own tokenizer.json: install the [vla] extra "
+                        "(the tokenizers package)") from None
     tok = Tokenizer.from_file(path)
     tok.no_truncation()
     tok.no_padding()
@@ -345,6 +349,8 @@ def _text_tokenizer(text: dict, where: str) -> dict:
         raise UserError(f"{where}: manifest text.prompt {prompt!r} is not one of {', '.join(PROMPTS)}")
     try:
         _load_tokenizer(str(path.resolve()))
+    except UserError:
+        raise
     except Exception as e:  # the tokenizers library raises its own exception type
         raise UserError(f"{where}: cannot read the tokenizer {name}: {' '.join(str(e).split())[:160]}") from None
     return {"tokenizer_file": str(path.resolve()), "prompt": prompt, "text_pad_id": int(text["pad_id"])}
