@@ -89,6 +89,7 @@ def _clean(text: str) -> str:
 PROMPTS = {
     "pi0": lambda t: t if t.endswith("\n") else t + "\n",  # the instruction and a newline (BOS from the tokenizer)
     "pi05": lambda t: f"Task: {_clean(t)}, State:",  # the state's part is built inside the graph
+    "smolvla": lambda t: t if t.endswith("\n") else t + "\n",
 }
 
 

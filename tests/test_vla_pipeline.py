@@ -193,6 +193,45 @@ def test_the_ratio_is_exactly_one_on_the_first_minibatch(name, algorithm, method
         assert math.isfinite(metrics["policy_loss"])
 
 
+def test_a_smolvla_policy_fitted_saves_loads_exports_and_serves(tmp_path):
+    """SmolVLA through our checkpoint (its SmolVLM config and tokenizer travel with it), the ONNX export (parity
+    checked at export) and the torch server, which tokenises the instruction with SmolVLA's own tokenizer."""
+    from policy_runtime.backends.torch_backend import TorchBackend, TorchOptions
+    from policy_runtime.client import PolicyClient
+    from policy_runtime.server import PolicyServer, ServerConfig
+    from sim_trainer.export.onnx_export import export_onnx
+    from sim_trainer.models.vla import SmolVLAPolicy
+    from tests.test_runtime_server import free_port
+
+    rng = np.random.default_rng(0)
+    norm = NormStats(Stats.of(rng.normal(size=(64, 3))), Stats.of(rng.normal(size=(64, 2))))
+    model = fit_to_dataset(load_vla(FIXTURES / "smolvla" / "policy"), ("base_camera",), 3, 2, 6, 3, 2, norm).eval()
+    small = PolicySpec("PickCube-v1", "pd_ee_delta_pose", "rgb", (CameraSpec("base_camera", 32, 32),),
+                       (("qpos", 3),), 2, (-1.0,) * 2, (1.0,) * 2, 20.0, INSTRUCTION)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, small, norm)
+    loaded = load_checkpoint(ckpt).model
+    assert type(loaded) is SmolVLAPolicy and loaded.cfg.camera_names[0] == "base_camera"
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    state = rng.standard_normal(3).astype(np.float32)
+    noise = np.random.default_rng(7).standard_normal((6, 2), dtype=np.float32)
+    with torch.no_grad():
+        args = ({"base_camera": torch.from_numpy(image)[None]}, torch.from_numpy(state)[None])
+        want = model.sample_actions(*args, model.tokenize(["open the drawer"]), torch.from_numpy(noise)[None], 2)
+        got = loaded.sample_actions(*args, loaded.tokenize(["open the drawer"]), torch.from_numpy(noise)[None], 2)
+    assert torch.equal(want, got)
+    m = export_onnx(ckpt, tmp_path / "export", num_steps=2).manifest
+    assert m["parity"]["max_abs_err"] <= 1e-4 and m["text"]["prompt"] == "smolvla"
+    server = PolicyServer(TorchBackend(str(ckpt), TorchOptions(num_steps=2)),
+                          ServerConfig(bind=f"tcp://127.0.0.1:{free_port()}"))
+    server.start_background()
+    try:
+        with PolicyClient(server.endpoint, timeout_ms=20000, handshake_timeout_ms=20000) as client:
+            served = client.infer({"base_camera": image}, state, instruction="open the drawer", noise_seed=7).actions
+    finally:
+        server.stop()
+    assert np.abs(served - want[0].clamp(-1, 1).numpy()).max() <= 1e-4
+
+
 def _ok(result) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -1,15 +1,17 @@
-"""pi0 / pi0.5 as backbones of the pipeline: built tiny and random (tests, CPU), taken from a LeRobot policy and
-fitted to our dataset, and saved in / loaded from our checkpoint directory.
+"""pi0 / pi0.5 / SmolVLA as backbones of the pipeline: built tiny and random (pi0, pi0.5: tests, CPU), taken from
+a LeRobot policy and fitted to our dataset, and saved in / loaded from our checkpoint directory.
 
 In a checkpoint, config.json's "backbone" names the type and "model" holds the backbone's config in LeRobot's
 config.json vocabulary (cameras, state/action dims, chunking, normalisation modes, prompt settings); sizes are read
 back from the weights' shapes exactly as for a LeRobot directory. model.safetensors holds our parameter names
 (normaliser buffers included), norm_stats.json the statistics of the dataset it was fitted to, tokenizer.json the
-backbone's own tokenizer.
+backbone's own tokenizer (SmolVLA: also tokenizer_config.json naming its pad token, and smolvlm/config.json, the
+SmolVLM backbone's config, with sizes read from it as LeRobot does).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,11 @@ from sim_trainer.models.vla.common import GemmaDims, PaliGemmaFlowPolicy, StatsN
 from sim_trainer.models.vla.loader import check_and_load, key_problems, paligemma_config, read_tokenizer
 from sim_trainer.models.vla.pi0 import Pi0
 from sim_trainer.models.vla.pi05 import Pi05
+from sim_trainer.models.vla.smolvla import SmolVLAPolicy, config_from_lerobot
+from sim_trainer.models.vla.smolvla_io import MeanStdNormalizer, SmolVLATokenizer, check_state_dict
 
-CLASSES = {"pi0": Pi0, "pi05": Pi05}
+CLASSES = {"pi0": Pi0, "pi05": Pi05, "smolvla": SmolVLAPolicy}
+SMOLVLM_DIR = "smolvlm"  # the SmolVLM backbone's config.json inside a SmolVLA checkpoint
 TINY = {"pi0-tiny": "pi0", "pi05-tiny": "pi05"}
 NORM_KEYS = ("state_norm.", "action_norm.")
 # pi0's normalisation is LeRobot's MEAN_STD, pi0.5's QUANTILES (each model's own)
@@ -43,8 +48,9 @@ def manifest_text(model: torch.nn.Module, instruction: str) -> dict | None:
     kind = backbone_type(model)
     if kind is None:
         return None
+    pad = model.tokenizer.pad_id if kind == "smolvla" else model.cfg.pad_token_id
     return {"input": "text", "tokenizer": "tokenizer.json", "file": "tokenizer.json", "prompt": kind,
-            "pad_id": model.cfg.pad_token_id, "max_len": model.cfg.max_text_len, "instruction": instruction,
+            "pad_id": pad, "max_len": model.cfg.max_text_len, "instruction": instruction,
             "tokens": model.tokenize([instruction])[0].tolist()}
 
 
@@ -98,7 +104,7 @@ def fit_to_dataset(model: PaliGemmaFlowPolicy, cameras: tuple[str, ...], state_d
     cfg = model.cfg
     kind = backbone_type(model)
     if kind is None:
-        raise UserError(f"--backbone: a {type(model).__name__} policy cannot be fine-tuned here (pi0, pi05)")
+        raise UserError(f"--backbone: a {type(model).__name__} policy cannot be fine-tuned here (pi0, pi05, smolvla)")
     slots = len(cfg.camera_names) + cfg.empty_cameras
     if len(cameras) > slots:
         raise UserError(f"the dataset has {len(cameras)} cameras but the backbone has {slots} image slots")
@@ -108,7 +114,12 @@ def fit_to_dataset(model: PaliGemmaFlowPolicy, cameras: tuple[str, ...], state_d
     cfg.camera_names = tuple(cameras) + tuple(cfg.camera_names[len(cameras):])
     cfg.state_dim, cfg.action_dim, cfg.horizon, cfg.exec_steps, cfg.num_steps = (
         state_dim, action_dim, horizon, exec_steps, num_steps)
-    model.state_norm, model.action_norm = normalizers(model.state_norm.mode, norm)
+    if kind == "smolvla":  # LeRobot's MEAN_STD with the checkpoint's eps
+        eps = model.state_norm.eps
+        model.state_norm, model.action_norm = (MeanStdNormalizer(fitted_stats(st)["mean"], fitted_stats(st)["std"], eps)
+                                               for st in (norm.state, norm.actions))
+    else:
+        model.state_norm, model.action_norm = normalizers(model.state_norm.mode, norm)
     return model
 
 
@@ -116,6 +127,8 @@ def lerobot_config(model: PaliGemmaFlowPolicy) -> dict:
     """The model's settings in LeRobot's config.json vocabulary (what loading reads back; sizes come from the
     weights)."""
     cfg, kind = model.cfg, backbone_type(model)
+    if kind == "smolvla":
+        return smolvla_config(model)
     mode = {"mean_std": "MEAN_STD", "quantiles": "QUANTILES", "identity": "IDENTITY"}[model.state_norm.mode]
     images = {f"observation.images.{c}": {"type": "VISUAL", "shape": [3, cfg.image_size, cfg.image_size]}
               for c in cfg.camera_names}
@@ -133,6 +146,27 @@ def lerobot_config(model: PaliGemmaFlowPolicy) -> dict:
     if kind == "pi05":
         config["state_prompt_dims"] = cfg.extra.get("state_prompt_dims", "padded")
     return config
+
+
+def smolvla_config(model: SmolVLAPolicy) -> dict:
+    """A SmolVLA's settings in LeRobot's vocabulary (what smolvla.config_from_lerobot reads back)."""
+    cfg = model.cfg
+    images = {f"observation.images.{c}": {"type": "VISUAL", "shape": [3, cfg.image_size, cfg.image_size]}
+              for c in cfg.camera_names}
+    return {
+        "type": "smolvla",
+        "input_features": {**images, "observation.state": {"type": "STATE", "shape": [cfg.state_dim]}},
+        "output_features": {"action": {"type": "ACTION", "shape": [cfg.action_dim]}},
+        "chunk_size": cfg.horizon, "n_action_steps": cfg.exec_steps, "num_steps": cfg.num_steps,
+        "tokenizer_max_length": cfg.max_text_len, "max_state_dim": cfg.max_state_dim,
+        "max_action_dim": cfg.max_action_dim, "resize_imgs_with_padding": list(cfg.resize) if cfg.resize else None,
+        "empty_cameras": cfg.empty_cameras, "num_vlm_layers": cfg.num_vlm_layers,
+        "num_expert_layers": cfg.num_expert_layers, "self_attn_every_n_layers": cfg.self_attn_every_n_layers,
+        "attention_mode": "cross_attn" if cfg.cross_attention else "self_attn",
+        "expert_width_multiplier": cfg.expert_width_multiplier, "min_period": cfg.min_period,
+        "max_period": cfg.max_period, "vlm_model_name": SMOLVLM_DIR,
+        "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
+    }
 
 
 def merged_lora(weights: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
@@ -154,6 +188,12 @@ def merged_lora(weights: dict[str, torch.Tensor], scale: float) -> dict[str, tor
 def write_backbone_files(path: Path, model: PaliGemmaFlowPolicy) -> None:
     """The tokenizer, so the checkpoint directory is complete on its own."""
     from policy_runtime.artifacts import atomic_write_text
+    if backbone_type(model) == "smolvla":  # its tokenizer (pad token named beside it) and SmolVLM's config
+        (path / SMOLVLM_DIR).mkdir(exist_ok=True)
+        atomic_write_text(path / SMOLVLM_DIR / "config.json", model.vlm_config.to_json_string())
+        atomic_write_text(path / "tokenizer_config.json", json.dumps({"pad_token": model.tokenizer.pad_token}))
+        atomic_write_text(path / "tokenizer.json", model.tokenizer.backend.to_str())
+        return
     tok = model.tokenizer
     tok.no_truncation()
     tok.no_padding()
@@ -165,6 +205,8 @@ def load_backbone(path: Path, kind: str, config: dict, norm: NormStats,
     """A backbone saved by save_checkpoint: sizes from the weights, settings from `config`, every key checked."""
     if kind not in CLASSES:
         raise UserError(f"checkpoint {path}: backbone {kind!r} is not supported; supported: {', '.join(CLASSES)}")
+    if kind == "smolvla":
+        return _load_smolvla(path, config, weights)
     where = path / "config.json"
     ours = {k: v for k, v in weights.items() if not k.startswith(NORM_KEYS)}
     tokenizer = read_tokenizer(path)
@@ -184,4 +226,27 @@ def load_backbone(path: Path, kind: str, config: dict, norm: NormStats,
         raise UserError(f"checkpoint {path}: weights do not fit its config.json: {'; '.join(problems)}")
     check_and_load(model, ours, path)
     model.load_state_dict(norm_state, strict=False)
+    return model
+
+
+def _load_smolvla(path: Path, config: dict, weights: dict[str, torch.Tensor]) -> SmolVLAPolicy:
+    from transformers import SmolVLMConfig
+
+    from sim_trainer.models.vla.loader import read_json
+    where = str(path / "config.json")
+    try:
+        vlm_config = SmolVLMConfig(**read_json(path / SMOLVLM_DIR / "config.json"))
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{path / SMOLVLM_DIR / 'config.json'} is not a SmolVLM config: {e}") from None
+    cfg = config_from_lerobot(config, vlm_config, where)
+    tokenizer = SmolVLATokenizer(path / "tokenizer.json", cfg.max_text_len)
+    norms = []
+    for name in NORM_KEYS:
+        mean, std = weights.get(f"{name}mean"), weights.get(f"{name}std")
+        if mean is None or std is None:
+            raise UserError(f"checkpoint {path}: model.safetensors has no {name}mean / {name}std")
+        norms.append(MeanStdNormalizer(mean, std, 1e-8))
+    model = SmolVLAPolicy(cfg, vlm_config, *norms, tokenizer)
+    check_state_dict(model, weights, f"checkpoint {path}: model.safetensors")
+    model.load_state_dict(weights, strict=True)
     return model

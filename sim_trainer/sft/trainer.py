@@ -44,8 +44,8 @@ SFT_LIMITS = {
     "consistency_fraction": Range(0, 1, hi_open=True), "lora_rank": Range(0, 1024),
 }
 BACKBONE_HELP = ("start from a flow VLA instead of our own model: pi0-tiny / pi05-tiny (tiny, random: tests and CPU "
-                 "smoke runs), or lerobot:DIR / lerobot:hf://owner/name (a saved LeRobot pi0 / pi0.5 policy); its "
-                 "normalisation statistics are replaced by the dataset's")
+                 "smoke runs), or lerobot:DIR / lerobot:hf://owner/name (a saved LeRobot pi0 / pi0.5 / SmolVLA "
+                 "policy); its normalisation statistics are replaced by the dataset's")
 OBJECTIVES = ("flow", "shortcut")
 # What makes a resumed run the same run: the model, the data and how they are sampled.
 RESUME_KEYS = ("data", "mix", "size", "backbone", "expert_only", "freeze_vision", "lora_rank",
@@ -247,6 +247,8 @@ def _build_model(cfg: SFTConfig, model_cfg: ModelConfig, spec, norm: NormStats):
         from sim_trainer.models.vla import load_vla
         model = fit_to_dataset(load_vla(local_dir(cfg.backbone.removeprefix("lerobot:"))), *shape)
     if cfg.lora_rank:
+        if not hasattr(model, "enable_lora"):
+            raise UserError(f"--lora-rank: LoRA is available on pi0 / pi0.5, not on {type(model).__name__}")
         model.enable_lora(rank=cfg.lora_rank)
     frozen = ("vision", "language") if cfg.expert_only else ("vision",) if cfg.freeze_vision else ()
     groups = model.parameter_groups()
