@@ -39,7 +39,7 @@ TINY_VISION = VisionDims(32, 2, 64, num_heads=2, patch_size=8, image_size=32)  #
 
 def backbone_type(model: torch.nn.Module) -> str | None:
     """"pi0" / "pi05" for a backbone, None for our own FlowVLA."""
-    return next((name for name, cls in CLASSES.items() if type(model) is cls), None)
+    return next((name for name, cls in CLASSES.items() if isinstance(model, cls)), None)  # FSDP subclasses too
 
 
 def manifest_text(model: torch.nn.Module, instruction: str) -> dict | None:

@@ -7,8 +7,11 @@ trainer_state.{json,safetensors} (raw weights, EMA, AdamW moments, RNG states: n
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from sim_trainer.models.config import SIZES, ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.models.interface import freeze_groups
 from sim_trainer.progress import progress_bar
+from sim_trainer.rl.distributed import World, full_tensors, shard_model
 from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler, random_shift
 from sim_trainer.tracking import ScalarLog, WandbSettings
@@ -66,6 +70,8 @@ class SFTConfig:
     backbone: str = option("", BACKBONE_HELP)
     expert_only: bool = option(False, "train the action expert and heads only (vision and language frozen)")
     freeze_vision: bool = option(False, "freeze the vision encoder")
+    fsdp: bool = option(False, "under torchrun: shard the model over the processes (FSDP, fully_shard; gloo on CPU, "
+                               "NCCL on GPUs), each training on its own samples (no --resume, no --eval-every)")
     lora_rank: int = option(0, "LoRA adapters of this rank on a backbone's language model, which is frozen (0: off; "
                                "merged into the weights in the checkpoint)")
     image_grid: int | None = option(None, "camera tokens per side, finer localisation (default: the size's, 4 "
@@ -112,6 +118,9 @@ class SFTConfig:
             raise UserError(f"unknown --backbone {self.backbone!r}; choose {', '.join(TINY)} or lerobot:DIR")
         if self.backbone and self.objective != "flow":
             raise UserError("--backbone trains with the flow objective only (no shortcut)")
+        if self.fsdp and (self.resume or self.eval_every):
+            raise UserError("--fsdp runs write no resumable trainer state and no periodic evaluation: drop --resume "
+                            "/ --eval-every")
         if self.lora_rank and not self.backbone:
             raise UserError("--lora-rank needs a --backbone (our own model has no language model to adapt)")
         return self
@@ -183,8 +192,16 @@ def _check_resumable(out: Path, cfg: SFTConfig) -> None:
 
 def train_sft(cfg: SFTConfig, force: bool = False, wandb: WandbSettings | None = None) -> Path:
     """Train into cfg.out (scalars to TensorBoard, and W&B with `wandb`); everything a user can get wrong is checked
-    before the first step."""
+    before the first step. With --fsdp under torchrun the processes share the model (rank 0 writes)."""
     cfg.validate()
+    world = World.init() if cfg.fsdp else World()
+    try:
+        return _train_sft(cfg, world, force, wandb)
+    finally:
+        world.close()
+
+
+def _train_sft(cfg: SFTConfig, world: World, force: bool, wandb: WandbSettings | None) -> Path:
     specs = [dataset_spec(d) for d in cfg.data]
     spec = specs[0]
     for d, s in zip(cfg.data[1:], specs[1:], strict=True):
@@ -214,7 +231,11 @@ def train_sft(cfg: SFTConfig, force: bool = False, wandb: WandbSettings | None =
     gen = torch.Generator().manual_seed(cfg.seed)
     model = _build_model(cfg, model_cfg, spec, norm)
     sampler = MixedSampler([ChunkSource(eps, cfg.horizon, model.tokenize) for eps in datasets], ratios,
-                           seed=cfg.seed)
+                           seed=cfg.seed + 1000 * world.rank)
+    if cfg.fsdp:
+        shard_model(model, ("flow_matching_loss",))
+        if world.is_main:
+            print(f"fsdp: the model sharded over {world.size} processes", file=sys.stderr)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -223,14 +244,22 @@ def train_sft(cfg: SFTConfig, force: bool = False, wandb: WandbSettings | None =
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     ema = EMA(model, cfg.ema)
-    with run_dir:
+    with run_dir if world.is_main else contextlib.nullcontext():  # rank 0 locks and writes
+        world.barrier()
         start = 0
         if cfg.resume and (out / f"{STATE}.json").exists():
             _check_resumable(out, cfg)  # again under the lock: the run may have moved on since
             start = _load_trainer_state(out, model, ema, opt, sampler, gen)
-        with ScalarLog(out, "sft", asdict(cfg), wandb) as scalars:
-            _train(cfg, out, start, model, model_cfg, spec, norm, datasets, sampler, opt, ema, gen, scalars)
+        with ScalarLog(out, "sft", asdict(cfg), wandb) if world.is_main else _NoLog() as scalars:
+            _train(cfg, out, start, model, model_cfg, spec, norm, datasets, sampler, opt, ema, gen, scalars, world)
     return out
+
+
+class _NoLog(contextlib.nullcontext):
+    """The scalar log of a rank that does not write."""
+
+    def log(self, scalars: dict, step: int) -> None:
+        pass
 
 
 def _build_model(cfg: SFTConfig, model_cfg: ModelConfig, spec, norm: NormStats):
@@ -258,7 +287,7 @@ def _build_model(cfg: SFTConfig, model_cfg: ModelConfig, spec, norm: NormStats):
 
 
 def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, datasets, sampler, opt, ema,
-           gen, scalars: ScalarLog) -> None:
+           gen, scalars: ScalarLog, world: World) -> None:
     info = {"trained_by": "sim-trainer sft", "sft_config": asdict(cfg),
             "datasets": {d: len(eps) for d, eps in zip(cfg.data, datasets, strict=True)}}
     run = _run_identity(cfg)
@@ -279,6 +308,7 @@ def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         opt.step()
         ema.update(model, step)
         n_log += cfg.batch_size
@@ -289,11 +319,24 @@ def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, 
             bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
             t_log, n_log = time.perf_counter(), 0
         last = step + 1 == cfg.steps
-        if last or (step + 1) % cfg.save_every == 0:
+        if (last or (step + 1) % cfg.save_every == 0) and cfg.fsdp:
+            _save_sharded(out, model, spec, norm, {**info, "step": step + 1}, ema, world)
+        elif last or (step + 1) % cfg.save_every == 0:
             save_checkpoint(out, model, spec, norm, {**info, "step": step + 1}, state_dict=ema.shadow)
             _save_trainer_state(out, step + 1, model, ema, opt, sampler, gen, run)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
             _periodic_eval(cfg, model, spec, ema, scalars, step + 1)
+
+
+def _save_sharded(out: Path, model, spec, norm: NormStats, info: dict, ema: EMA, world: World) -> None:
+    """Gather the EMA weights whole on every rank (a collective), check the ranks agree, rank 0 writes."""
+    weights = full_tensors(ema.shadow)
+    digest = hashlib.sha256(b"".join(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+                                     for _, v in sorted(weights.items()))).hexdigest()
+    print(f"fsdp rank {world.rank}: gathered weights sha256 {digest}", flush=True)
+    if world.is_main:
+        save_checkpoint(out, model, spec, norm, info, state_dict=weights)
+    world.barrier()
 
 
 def _periodic_eval(cfg: SFTConfig, model, spec, ema: EMA, scalars: ScalarLog, step: int) -> None:
