@@ -38,7 +38,7 @@ TINY_VISION = VisionDims(32, 2, 64, num_heads=2, patch_size=8, image_size=32)  #
 
 
 def backbone_type(model: torch.nn.Module) -> str | None:
-    """"pi0" / "pi05" for a backbone, None for our own FlowVLA."""
+    """"pi0" / "pi05" / "smolvla" for a backbone, None for our own FlowVLA."""
     return next((name for name, cls in CLASSES.items() if isinstance(model, cls)), None)  # FSDP subclasses too
 
 
@@ -115,9 +115,9 @@ def fit_to_dataset(model: PaliGemmaFlowPolicy, cameras: tuple[str, ...], state_d
     cfg.state_dim, cfg.action_dim, cfg.horizon, cfg.exec_steps, cfg.num_steps = (
         state_dim, action_dim, horizon, exec_steps, num_steps)
     if kind == "smolvla":  # LeRobot's MEAN_STD with the checkpoint's eps
-        eps = model.state_norm.eps
-        model.state_norm, model.action_norm = (MeanStdNormalizer(fitted_stats(st)["mean"], fitted_stats(st)["std"], eps)
-                                               for st in (norm.state, norm.actions))
+        fitted = [fitted_stats(st) for st in (norm.state, norm.actions)]
+        model.state_norm, model.action_norm = (MeanStdNormalizer(f["mean"], f["std"], model.state_norm.eps)
+                                               for f in fitted)
     else:
         model.state_norm, model.action_norm = normalizers(model.state_norm.mode, norm)
     return model
