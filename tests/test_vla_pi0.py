@@ -337,3 +337,23 @@ def test_the_full_size_checkpoint_layout_fits_our_model(kind):
     assert key_problems(model, ours) == []
     billions = sum(p.numel() for p in model.parameters()) / 1e9
     assert 3.2 < billions < 3.4
+
+
+def test_pi05_with_a_tokenizer_the_state_table_does_not_fit_retokenises_the_whole_prompt(tmp_path):
+    """A tokenizer that merges ": " (across the boundary before the first number): the table would give other ids
+    than LeRobot's prompt, so the model tokenises the whole prompt on the host."""
+    d = tmp_path / "pi05"
+    shutil.copytree(FIXTURES / "pi05", d)
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["model"]["vocab"][": "] = 100
+    tok["model"]["merges"] = [[":", " "]]
+    tok["decoder"] = {"type": "Fuse"}  # decoding gives the text back (the real tokenizers' decoders do)
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    model = load_vla(d)
+    ref, meta = reference("pi05")
+    assert not model.state_table_exact
+    ids, valid = model.prompt_tokens(model.tokenize(meta["tasks"]), ref["state"])
+    whole = model.tokenizer.encode_batch(model.full_prompt(meta["tasks"], ref["state"]))
+    for row, ok, want in zip(ids, valid, whole, strict=True):
+        assert row[ok].tolist() == [i for i, m in zip(want.ids, want.attention_mask, strict=True) if m]
+    assert 100 in ids[0].tolist()  # the merged token is there, as in the whole prompt's ids

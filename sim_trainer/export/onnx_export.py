@@ -94,6 +94,9 @@ def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int, force: bool =
                         f"copy of the action expert into the graph), got {num_steps}")
     ckpt, out = Path(ckpt), Path(out)
     loaded = load_checkpoint(ckpt)
+    if not getattr(loaded.model, "state_table_exact", True):
+        raise UserError(f"{ckpt}: this pi0.5 tokenizer does not split the prompt at the state's numbers, so the "
+                        "state prompt cannot be part of the graph; serve the checkpoint with --backend torch")
     if len({(c.height, c.width) for c in loaded.spec.cameras}) > 1:
         raise UserError("cameras of different sizes are not supported by the exporter")
     created = not os.path.lexists(out)  # (os.path, unlike Path, answers False for a name too long)

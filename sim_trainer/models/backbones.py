@@ -56,12 +56,13 @@ def manifest_text(model: torch.nn.Module, instruction: str) -> dict | None:
 
 def char_tokenizer():
     """A character-level tokenizer with PaliGemma's conventions (<pad> = 0, <bos> first): the tiny configs'."""
-    from tokenizers import Tokenizer, models, processors
+    from tokenizers import Tokenizer, decoders, models, processors
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     tok.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>"])
+    tok.decoder = decoders.Fuse()  # decoding gives the text back
     return tok
 
 
