@@ -257,6 +257,19 @@ def test_fsdp_sft_over_two_gloo_ranks_keeps_the_ranks_identical(state_demos, tmp
     assert type(load_checkpoint(tmp_path / "fsdp").model) is Pi0
 
 
+@pytest.mark.parametrize("flags,fragment", [
+    (["--backbone", "pi7-huge"], "unknown --backbone 'pi7-huge'"),
+    (["--lora-rank", "4"], "--lora-rank needs a --backbone"),
+    (["--backbone", "lerobot:/no/such/policy"], "/no/such/policy"),
+    (["--backbone", "lerobot:" + str(FIXTURES / "smolvla" / "policy"), "--lora-rank", "4"], "LoRA is available on"),
+    (["--backbone", "pi0-tiny", "--fsdp", "--eval-every", "5"], "--fsdp runs write no resumable"),
+])
+def test_bad_backbone_options_are_one_line_and_write_nothing(state_demos, tmp_path, flags, fragment):
+    args = ["sft", "--data", state_demos, "--out", tmp_path / "out", "--steps", "1", *flags]
+    assert_user_error(run_cli("sim-trainer", args), fragment)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def _ok(result) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 

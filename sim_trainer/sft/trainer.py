@@ -48,7 +48,7 @@ SFT_LIMITS = {
     "consistency_fraction": Range(0, 1, hi_open=True), "lora_rank": Range(0, 1024),
 }
 BACKBONE_HELP = ("start from a flow VLA instead of our own model: pi0-tiny / pi05-tiny (tiny, random: tests and CPU "
-                 "smoke runs), or lerobot:DIR / lerobot:hf://owner/name (a saved LeRobot pi0 / pi0.5 / SmolVLA "
+                 "smoke runs), or lerobot:DIR / hf://owner/name (a saved LeRobot pi0 / pi0.5 / SmolVLA "
                  "policy); its normalisation statistics are replaced by the dataset's")
 OBJECTIVES = ("flow", "shortcut")
 # What makes a resumed run the same run: the model, the data and how they are sampled.
@@ -114,8 +114,8 @@ class SFTConfig:
             raise UserError(f"--mix needs one ratio per dataset ({len(self.data)}), got {len(self.mix)}")
         if self.exec_steps > self.horizon:
             raise UserError(f"exec_steps C={self.exec_steps} cannot exceed the chunk horizon H={self.horizon}")
-        if self.backbone and self.backbone not in TINY and not self.backbone.startswith("lerobot:"):
-            raise UserError(f"unknown --backbone {self.backbone!r}; choose {', '.join(TINY)} or lerobot:DIR")
+        if self.backbone and self.backbone not in TINY and not self.backbone.startswith(("lerobot:", "hf://")):
+            raise UserError(f"unknown --backbone {self.backbone!r}; choose {', '.join(TINY)}, lerobot:DIR or hf://...")
         if self.backbone and self.objective != "flow":
             raise UserError("--backbone trains with the flow objective only (no shortcut)")
         if self.fsdp and (self.resume or self.eval_every):
@@ -213,6 +213,7 @@ def _train_sft(cfg: SFTConfig, world: World, force: bool, wandb: WandbSettings |
         raise UserError(f"all cameras must share one square resolution, got {sorted(sizes)}")
     if cfg.image_grid and spec.cameras and cfg.image_grid > spec.cameras[0].height:
         raise UserError(f"image_grid {cfg.image_grid} exceeds the {spec.cameras[0].height}-pixel camera images")
+    backbone_dir = _backbone_dir(cfg)
     run_dir = RunDir(cfg.out, what="an SFT run", force=force, resume=cfg.resume,
                      inputs=tuple(source_path(d) for d in cfg.data), state_file=f"{STATE}.json")
     out = run_dir.path
@@ -229,7 +230,7 @@ def _train_sft(cfg: SFTConfig, world: World, force: bool, wandb: WandbSettings |
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = _build_model(cfg, model_cfg, spec, norm)
+    model = _build_model(cfg, model_cfg, spec, norm, backbone_dir)
     sampler = MixedSampler([ChunkSource(eps, cfg.horizon, model.tokenize) for eps in datasets], ratios,
                            seed=cfg.seed + 1000 * world.rank)
     if cfg.fsdp:
@@ -262,7 +263,19 @@ class _NoLog(contextlib.nullcontext):
         pass
 
 
-def _build_model(cfg: SFTConfig, model_cfg: ModelConfig, spec, norm: NormStats):
+def _backbone_dir(cfg: SFTConfig) -> Path | None:
+    """The LeRobot policy directory --backbone names (a directory, hf://..., or a Hub repo id), found before any
+    work: a wrong name is one line and leaves no output directory behind."""
+    if not cfg.backbone or cfg.backbone in TINY:
+        return None
+    from policy_runtime.hub import local_dir
+    from sim_trainer.models.vla.loader import read_json, resolve
+    directory = resolve(local_dir(cfg.backbone.removeprefix("lerobot:")))
+    read_json(directory / "config.json")
+    return directory
+
+
+def _build_model(cfg: SFTConfig, model_cfg: ModelConfig, spec, norm: NormStats, backbone_dir: Path | None):
     """Our FlowVLA, or the --backbone fitted to the dataset (cameras, dims, chunking, its normaliser re-fitted),
     with the groups the options freeze frozen."""
     if not cfg.backbone:
@@ -272,12 +285,12 @@ def _build_model(cfg: SFTConfig, model_cfg: ModelConfig, spec, norm: NormStats):
     if cfg.backbone in TINY:
         model = tiny_backbone(cfg.backbone, *shape, seed=cfg.seed)
     else:
-        from policy_runtime.hub import local_dir
         from sim_trainer.models.vla import load_vla
-        model = fit_to_dataset(load_vla(local_dir(cfg.backbone.removeprefix("lerobot:"))), *shape)
-    if cfg.lora_rank:
-        if not hasattr(model, "enable_lora"):
+        model = load_vla(backbone_dir)
+        if cfg.lora_rank and not hasattr(model, "enable_lora"):
             raise UserError(f"--lora-rank: LoRA is available on pi0 / pi0.5, not on {type(model).__name__}")
+        model = fit_to_dataset(model, *shape)
+    if cfg.lora_rank:
         model.enable_lora(rank=cfg.lora_rank)
     frozen = ("vision", "language") if cfg.expert_only else ("vision",) if cfg.freeze_vision else ()
     groups = model.parameter_groups()
