@@ -257,14 +257,25 @@ def test_fsdp_sft_over_two_gloo_ranks_keeps_the_ranks_identical(state_demos, tmp
     assert type(load_checkpoint(tmp_path / "fsdp").model) is Pi0
 
 
+@pytest.mark.parametrize("fields,fragment", [
+    ({"backbone": "pi7-huge"}, "unknown --backbone 'pi7-huge'"),
+    ({"lora_rank": 4}, "--lora-rank needs a --backbone"),
+    ({"backbone": "pi0-tiny", "fsdp": True, "eval_every": 5}, "--fsdp runs write no resumable"),
+    ({"backbone": "pi0-tiny", "objective": "shortcut"}, "flow objective only"),
+])
+def test_bad_backbone_settings_are_refused_before_work(fields, fragment):
+    from sim_trainer.errors import UserError
+    from sim_trainer.sft.trainer import SFTConfig
+
+    with pytest.raises(UserError, match=fragment.replace("'", ".")):
+        SFTConfig(data=["d"], out="o", **fields).validate()
+
+
 @pytest.mark.parametrize("flags,fragment", [
-    (["--backbone", "pi7-huge"], "unknown --backbone 'pi7-huge'"),
-    (["--lora-rank", "4"], "--lora-rank needs a --backbone"),
     (["--backbone", "lerobot:/no/such/policy"], "/no/such/policy"),
     (["--backbone", "lerobot:" + str(FIXTURES / "smolvla" / "policy"), "--lora-rank", "4"], "LoRA is available on"),
-    (["--backbone", "pi0-tiny", "--fsdp", "--eval-every", "5"], "--fsdp runs write no resumable"),
 ])
-def test_bad_backbone_options_are_one_line_and_write_nothing(state_demos, tmp_path, flags, fragment):
+def test_a_bad_backbone_is_one_line_and_writes_nothing(state_demos, tmp_path, flags, fragment):
     args = ["sft", "--data", state_demos, "--out", tmp_path / "out", "--steps", "1", *flags]
     assert_user_error(run_cli("sim-trainer", args), fragment)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
