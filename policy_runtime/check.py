@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from policy_runtime.backends.onnx_backend import OnnxBackend, OnnxOptions
-from policy_runtime.contract import graph_feeds, tokenize
+from policy_runtime.contract import graph_feeds, instruction_tokens
 
 DETERMINISM_TOL = 1e-6
 BATCH_TOL = 1e-4  # same order as the exporter's parity tolerance
@@ -40,7 +40,7 @@ def _inputs(backend: OnnxBackend, batch: int, seed: int) -> dict[str, np.ndarray
     if mean.shape != (c.state_dim,) or std.shape != (c.state_dim,):
         mean, std = np.zeros(c.state_dim, np.float32), np.ones(c.state_dim, np.float32)
     return graph_feeds(images, (mean + std * rng.standard_normal((batch, c.state_dim))).astype(np.float32),
-                       np.tile(tokenize(c.default_instruction, c.text_max_len), (batch, 1)),
+                       np.tile(instruction_tokens(c, c.default_instruction), (batch, 1)),
                        rng.standard_normal((batch, c.horizon, c.action_dim), dtype=np.float32))
 
 

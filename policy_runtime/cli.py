@@ -181,7 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
         from policy_runtime.export_dir import load_export
 
         export = load_export(args.model_dir, verify_hash=False)
-        _openpi_map(args, contract_from_manifest(export.manifest, "onnx", "none", where=str(args.model_dir)))
+        _openpi_map(args, contract_from_manifest(export.manifest, "onnx", "none", where=str(export.path)))
     if args.backend == "torch":
         try:
             from policy_runtime.backends.torch_backend import TorchBackend, TorchOptions

@@ -14,8 +14,10 @@ Torch-free (numpy only): the robot side imports this module. Any change to a fie
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
@@ -50,7 +52,7 @@ def zero_feeds(contract, batch: int) -> dict[str, np.ndarray]:
     """Inputs of the right dtypes and shapes for a warm-up run (the default instruction, zero noise)."""
     return graph_feeds({c.name: np.zeros((batch, c.height, c.width, 3), np.uint8) for c in contract.cameras},
                        np.zeros((batch, contract.state_dim), np.float32),
-                       np.tile(tokenize(contract.default_instruction, contract.text_max_len), (batch, 1)),
+                       np.tile(instruction_tokens(contract, contract.default_instruction), (batch, 1)),
                        np.zeros((batch, contract.horizon, contract.action_dim), np.float32))
 
 
@@ -76,6 +78,46 @@ def tokenize(text: str, max_len: int) -> np.ndarray:
     """
     ids = [BOS] + [b + 2 for b in text.encode("utf-8", "surrogatepass")][: max_len - 1]
     return np.asarray(ids + [PAD] * (max_len - len(ids)), dtype=np.int64)
+
+
+# A backbone (pi0, pi0.5) ships its own tokenizer.json in the export; its prompt rule says what text it encodes.
+# The models use these same functions, so training, export and serving tokenise alike.
+def _clean(text: str) -> str:
+    return text.strip().replace("_", " ").replace("\n", " ")
+
+
+PROMPTS = {
+    "pi0": lambda t: t if t.endswith("\n") else t + "\n",  # the instruction and a newline (BOS from the tokenizer)
+    "pi05": lambda t: f"Task: {_clean(t)}, State:",  # the state's part is built inside the graph
+    "smolvla": lambda t: t if t.endswith("\n") else t + "\n",
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str):
+    try:
+        from tokenizers import Tokenizer  # a small Rust wheel, no torch
+    except ImportError:
+        raise UserError("this export tokenises instructions with its own tokenizer.json: install the [vla] extra "
+                        "(the tokenizers package)") from None
+    tok = Tokenizer.from_file(path)
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def tokenize_with_file(path: str | Path, prompt: str, pad_id: int, text: str, max_len: int) -> np.ndarray:
+    """[max_len] int64 ids of PROMPTS[prompt](text) under tokenizer.json at `path`, truncated, right-padded."""
+    ids = _load_tokenizer(str(path)).encode(PROMPTS[prompt](text)).ids[:max_len]
+    return np.asarray(ids + [pad_id] * (max_len - len(ids)), dtype=np.int64)
+
+
+def instruction_tokens(contract, text: str) -> np.ndarray:
+    """The graph's text input for `text` under the served model's tokenizer (the byte rule, or its own file)."""
+    if not contract.tokenizer_file:
+        return tokenize(text, contract.text_max_len)
+    return tokenize_with_file(contract.tokenizer_file, contract.prompt, contract.text_pad_id, text,
+                              contract.text_max_len)
 
 
 # ----- policy spec ----------------------------------------------------------------------------------------------------
@@ -235,7 +277,7 @@ NORM_STATS_FILE = "norm_stats.json"
 
 def build_manifest(spec: PolicySpec, controller: ControllerSemantics, *, model_file: str, model_sha256: str,
                    horizon: int, exec_steps: int, num_steps: int, max_text_len: int, norm_stats: dict,
-                   norm_sha256: str, extra: dict) -> dict:
+                   norm_sha256: str, extra: dict, text: dict | None = None) -> dict:
     """The manifest of an export: the spec and controller as the robot side reads them, plus model facts.
 
     `extra` holds provenance (checkpoint, ONNX versions, parity) that no reader acts on.
@@ -258,8 +300,8 @@ def build_manifest(spec: PolicySpec, controller: ControllerSemantics, *, model_f
                      "dtype": "uint8", "layout": "HWC RGB"} for c in spec.cameras],
         "state": {"input": STATE_INPUT, "dim": spec.state_dim, "layout": [list(x) for x in spec.state_layout],
                   "dtype": "float32", "normalised_in_graph": True},
-        "text": {"input": TEXT_INPUT, "tokenizer": TOKENIZER_RULE, "max_len": max_text_len,
-                 "instruction": spec.instruction, "tokens": tokenize(spec.instruction, max_text_len).tolist()},
+        "text": text or {"input": TEXT_INPUT, "tokenizer": TOKENIZER_RULE, "max_len": max_text_len,
+                         "instruction": spec.instruction, "tokens": tokenize(spec.instruction, max_text_len).tolist()},
         "noise": {"input": NOISE_INPUT, "shape": [horizon, spec.action_dim], "dtype": "float32",
                   "distribution": "standard normal, flow time tau = 1"},
         "output": {"name": ACTIONS_OUTPUT, "shape": [horizon, spec.action_dim], "dtype": "float32",
@@ -292,6 +334,29 @@ def _pair(v: object, default: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
+def _text_tokenizer(text: dict, where: str) -> dict:
+    """The contract's tokenizer fields: none for the byte rule, else the model's tokenizer.json in the export
+    (or checkpoint) directory `where`, its prompt rule and pad id."""
+    name = text.get("file")
+    if name is None:
+        return {}
+    if not isinstance(name, str) or Path(name).name != name:
+        raise UserError(f"{where}: manifest text.file {name!r} is not a file name")
+    path = Path(where) / name
+    if not path.is_file():
+        raise UserError(f"{where}: {name} is missing (the manifest's text.file names the model's tokenizer)")
+    prompt = text.get("prompt")
+    if prompt not in PROMPTS:
+        raise UserError(f"{where}: manifest text.prompt {prompt!r} is not one of {', '.join(PROMPTS)}")
+    try:
+        _load_tokenizer(str(path.resolve()))
+    except UserError:
+        raise
+    except Exception as e:  # the tokenizers library raises its own exception type
+        raise UserError(f"{where}: cannot read the tokenizer {name}: {' '.join(str(e).split())[:160]}") from None
+    return {"tokenizer_file": str(path.resolve()), "prompt": prompt, "text_pad_id": int(text["pad_id"])}
+
+
 def contract_from_manifest(m: dict, backend: str, provider: str, where: str = "export",
                            clip_actions: bool = RUNTIME_CLIPS_ACTIONS):
     """The hello-reply contract of an export; raises UserError naming the first missing or malformed field.
@@ -315,7 +380,8 @@ def contract_from_manifest(m: dict, backend: str, provider: str, where: str = "e
             text_max_len=int(m["text"]["max_len"]), default_instruction=str(m["text"]["instruction"]),
             task=str(m.get("task", "")), obs_mode=str((m.get("spec") or {}).get("obs_mode", "")),
             action_joints=tuple(str(j) for j in a.get("joints") or default_action_joints(control_mode, action_dim)),
-            arm_delta=_pair(a.get("arm_delta"), ARM_DELTA), gripper_range=_pair(a.get("gripper_range"), GRIPPER_RANGE))
+            arm_delta=_pair(a.get("arm_delta"), ARM_DELTA), gripper_range=_pair(a.get("gripper_range"), GRIPPER_RANGE),
+            **_text_tokenizer(m["text"], where))
     except KeyError as e:
         raise UserError(f"{where}: manifest.json lacks field {e}") from None
     except (TypeError, ValueError, AttributeError) as e:

@@ -364,6 +364,10 @@ class Contract:
     arm_delta: tuple[float, float] = ARM_DELTA          # controller scaling (see contract.ControllerSemantics)
     gripper_range: tuple[float, float] = GRIPPER_RANGE
     obs_mode: str = ""  # the PolicySpec's obs_mode; "" from a server that does not state it
+    # the served model's own tokenizer (server side only, never on the wire): "" = the byte rule (TOKENIZER)
+    tokenizer_file: str = ""
+    prompt: str = ""  # contract.PROMPTS rule applied before tokenizer_file
+    text_pad_id: int = 0
 
     @functools.cached_property
     def camera_names(self) -> frozenset[str]:
@@ -405,7 +409,9 @@ class Contract:
             "state": {"dim": self.state_dim, "layout": [[n, k] for n, k in self.state_layout], "dtype": "float32"},
             "normalisation_sha256": self.normalisation_sha256,
             "instruction": {"max_bytes": self.instruction_max_bytes, "max_tokens": self.text_max_len,
-                            "default": self.default_instruction, "tokenizer": TOKENIZER},
+                            "default": self.default_instruction,
+                            "tokenizer": f"tokenizer.json, {self.prompt} prompt" if self.tokenizer_file
+                            else TOKENIZER},
             "max_batch": self.max_batch, "max_array_bytes": self.max_array_bytes, "rtc": self.rtc,
         }
 

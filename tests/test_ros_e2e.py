@@ -183,6 +183,50 @@ def test_sim_trials_through_the_whole_stack(server, tmp_path):
     check_trial_bags(out, ends, episodes, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def pi0_export_dir(tmp_path_factory):
+    """A tiny random pi0 with the shipped checkpoint's contract (its 64 x 64 camera resized to pi0's 32 x 32),
+    exported with its own tokenizer: what a robot serves after fine-tuning a pi0."""
+    import subprocess
+    import sys
+
+    from sim_trainer.data.normalize import NormStats
+    from sim_trainer.models.backbones import tiny_backbone
+    from sim_trainer.models.checkpoint import load_checkpoint, save_checkpoint
+    from tests.ros_fixtures import CHECKPOINT, ROOT
+
+    shipped = load_checkpoint(CHECKPOINT)
+    norm, spec = NormStats.load(CHECKPOINT / "norm_stats.json"), shipped.spec
+    model = tiny_backbone("pi0-tiny", tuple(c.name for c in spec.cameras), spec.state_dim, spec.action_dim,
+                          shipped.model.cfg.horizon, shipped.model.cfg.exec_steps, 2, norm)
+    root = tmp_path_factory.mktemp("pi0_export")
+    save_checkpoint(root / "ckpt", model, spec, norm)
+    subprocess.run([sys.executable, "-m", "sim_trainer.cli", "export", "--ckpt", str(root / "ckpt"), "--steps", "2",
+                    "--out", str(root / "export")], check=True, cwd=ROOT, capture_output=True)
+    return root / "export"
+
+
+def test_a_sim_trial_with_a_tiny_pi0_export(pi0_export_dir, tmp_path):
+    """The ROS 2 stack runs a trial on a pi0 export: the server tokenises the plan's instruction with pi0's
+    tokenizer.json, the twin executes its chunks, the trial is judged."""
+    server = ServerProcess(pi0_export_dir, tmp_path).start()
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: push the cube to the red and white target\ncount: 1\nseed_start: 100000\n")
+    out = tmp_path / "results"
+    proc = stack_process(CONFIG / "sim_eval.yaml", tmp_path / "stack.log", "--nodes",
+                         "sim_twin,policy_node,safety_filter,eval_manager,scripted_operator",
+                         "--plan", str(plan), "--results-dir", str(out), "--runtime", server.endpoint, *FAST)
+    try:
+        assert proc.wait(timeout=400) == 0, (tmp_path / "stack.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["judged"], summary["aborted"]) == (1, 0)
+    assert [e["seed"] for e in read_journal(out / "journal.jsonl") if e["event"] == "end"] == [100000]
+
+
 def test_a_sim_trial_with_whole_chunk_trajectories(server, tmp_path):
     """publish_chunks + send_whole_chunk through the whole stack: the twin follows each chunk's timed trajectory (as a
     joint_trajectory_controller does), the trial is judged, and its bag holds the multi-point trajectories sent."""

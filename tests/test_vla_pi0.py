@@ -23,6 +23,7 @@ from sim_trainer.models.vla.loader import key_problems, paligemma_config, palige
 FIXTURES = Path(__file__).parent / "fixtures"
 KINDS = ("pi0", "pi05")
 TOL = 1e-4
+TASKS = ["pick up the red cube and put it in the bowl", "open_the drawer"]  # the fixtures' instructions
 
 
 def reference(kind: str) -> tuple[dict, dict]:
@@ -50,19 +51,35 @@ def test_loads_as_the_right_class(loaded):
 
 
 def test_tokenize_matches_the_reference_prompt(loaded):
+    """The prefix's ids (pi0.5: the instruction's ids completed by the state table inside the model) are the
+    reference's prompt ids once the padding is dropped."""
     _, model, ref, meta = loaded
-    ids = model.tokenize(meta["tasks"], ref["state"])
-    assert torch.equal(ids, ref["tokens"])
-    assert torch.equal(ids != model.cfg.pad_token_id, ref["token_mask"])
+    ids, valid = model.prompt_tokens(model.tokenize(meta["tasks"]), ref["state"])
+    for row, ok, want, want_ok in zip(ids, valid, ref["tokens"], ref["token_mask"], strict=True):
+        assert row[ok].tolist() == want[want_ok].tolist()
+
+
+def test_pi05_state_part_of_the_prompt_is_built_from_the_state_tensor(loaded):
+    kind, model, ref, meta = loaded
+    if kind != "pi05":
+        pytest.skip("pi0 has no state in its prompt")
+    text = model.tokenize(meta["tasks"])
+    assert torch.equal(text, model.tokenize(meta["tasks"]))  # no state: the robot tokenises once
+    for state in (ref["state"], ref["state"] * 3 - 1):
+        ids, valid = model.prompt_tokens(text, state)
+        full = model.tokenizer.encode_batch(model.full_prompt(meta["tasks"], state))
+        for row, ok, want in zip(ids, valid, full, strict=True):
+            assert row[ok].tolist() == [i for i, m in zip(want.ids, want.attention_mask, strict=True) if m]
 
 
 def test_velocity_matches_the_reference(loaded):
     _, model, ref, _ = loaded
     images, state = inputs(ref)
+    text = model.tokenize(TASKS)
     noise = ref["noise"]
     actions = torch.nn.functional.pad(model.action_norm(ref["actions"]), (0, noise.shape[-1] - 7))
     with torch.no_grad():
-        cache = model.encode_prefix(images, state, ref["tokens"])
+        cache = model.encode_prefix(images, state, text)
         for tau, v_ref in zip(ref["taus"].tolist(), ref["velocities"], strict=True):
             x = tau * noise + (1 - tau) * actions
             v, feats = model.expert_forward(cache, x, torch.full((2,), tau))
@@ -73,11 +90,12 @@ def test_velocity_matches_the_reference(loaded):
 def test_sampled_chunk_and_loss_match_the_reference(loaded):
     _, model, ref, meta = loaded
     images, state = inputs(ref)
+    text = model.tokenize(TASKS)
     with torch.no_grad():
-        cache = model.encode_prefix(images, state, ref["tokens"])
+        cache = model.encode_prefix(images, state, text)
         chunk = model.denoise(cache, ref["noise"], meta["num_steps"])
-        raw = model.sample_actions(images, state, ref["tokens"], ref["noise"], num_steps=meta["num_steps"])
-        loss = model.flow_matching_loss(images, state, ref["tokens"], ref["actions"], noise=ref["noise"],
+        raw = model.sample_actions(images, state, text, ref["noise"], num_steps=meta["num_steps"])
+        loss = model.flow_matching_loss(images, state, text, ref["actions"], noise=ref["noise"],
                                         tau=ref["loss_tau"])
     assert (chunk - ref["chunk_normalised"]).abs().max() <= TOL
     assert (raw - ref["chunk_raw"]).abs().max() <= TOL
@@ -91,7 +109,7 @@ def test_every_interface_method_on_the_tiny_config(loaded):
     for name in ("horizon", "action_dim", "state_dim", "num_steps", "exec_steps", "camera_names", "image_size",
                  "max_text_len"):
         assert getattr(cfg, name) is not None
-    text = model.tokenize(meta["tasks"], state)
+    text = model.tokenize(meta["tasks"])
     cache = model.encode_prefix(images, state, text)
     assert cache.pooled.shape == (2, model.pooled_dim) and cache.mask.dtype == torch.bool
     x, tau = torch.randn(2, cfg.horizon, cfg.action_dim), torch.rand(2)
@@ -116,25 +134,27 @@ def test_every_interface_method_on_the_tiny_config(loaded):
 def test_images_of_another_size_are_resized_with_padding(loaded):
     _, model, ref, _ = loaded
     images, state = inputs(ref)
+    text = model.tokenize(TASKS)
     double = {k: v.repeat_interleave(2, 1).repeat_interleave(2, 2) for k, v in images.items()}  # 64 x 64
     wide = {k: torch.nn.functional.pad(v, (0, 0, 8, 8)) for k, v in images.items()}  # 32 x 48
     with torch.no_grad():
-        same = model.encode_prefix(images, state, ref["tokens"]).pooled
+        same = model.encode_prefix(images, state, text).pooled
         # a 2x upsampled image halves back exactly (bilinear, half-pixel centres)
-        assert torch.allclose(model.encode_prefix(double, state, ref["tokens"]).pooled, same, atol=1e-6)
-        padded = model.encode_prefix(wide, state, ref["tokens"]).pooled
+        assert torch.allclose(model.encode_prefix(double, state, text).pooled, same, atol=1e-6)
+        padded = model.encode_prefix(wide, state, text).pooled
     assert torch.isfinite(padded).all() and not torch.allclose(padded, same)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(loaded):
     _, model, ref, _ = loaded
     images, state = inputs(ref)
+    text = model.tokenize(TASKS)
 
     def grads(flag: bool) -> list[torch.Tensor]:
         model.cfg.gradient_checkpointing = flag
         model.train()
         model.zero_grad(set_to_none=True)
-        model.flow_matching_loss(images, state, ref["tokens"], ref["actions"], noise=ref["noise"],
+        model.flow_matching_loss(images, state, text, ref["actions"], noise=ref["noise"],
                                  tau=ref["loss_tau"]).backward()
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -239,8 +259,9 @@ def test_unknown_type_and_offline_repo_id(tmp_path, monkeypatch):
 def test_bf16_autocast_samples_close_to_fp32(loaded):
     _, model, ref, meta = loaded
     images, state = inputs(ref)
+    text = model.tokenize(TASKS)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        raw = model.sample_actions(images, state, ref["tokens"], ref["noise"], num_steps=meta["num_steps"])
+        raw = model.sample_actions(images, state, text, ref["noise"], num_steps=meta["num_steps"])
     assert raw.dtype == torch.float32 and torch.isfinite(raw).all()
     scale = ref["chunk_raw"].abs().max()
     assert (raw - ref["chunk_raw"]).abs().max() <= 0.1 * scale
@@ -252,7 +273,7 @@ def test_pi05_state_prompt_of_the_robot_dims_only(loaded):
         pytest.skip("pi0 has no state in its prompt")
     model.cfg.extra["state_prompt_dims"] = "robot"
     try:
-        prompt = model.prompt(meta["tasks"][:1], ref["state"][:1])[0]
+        prompt = model.full_prompt(meta["tasks"][:1], ref["state"][:1])[0]
     finally:
         model.cfg.extra["state_prompt_dims"] = "padded"
     assert len(prompt.split("State: ")[1].split(";")[0].split()) == model.cfg.state_dim
@@ -263,24 +284,25 @@ def test_lora_on_the_language_model_trains_only_the_adapters():
     model = load_vla(FIXTURES / "pi0")
     ref, _ = reference("pi0")
     images, state = inputs(ref)
+    text = model.tokenize(TASKS)
     with torch.no_grad():
-        before = model.sample_actions(images, state, ref["tokens"], ref["noise"], num_steps=2)
+        before = model.sample_actions(images, state, text, ref["noise"], num_steps=2)
     model.enable_lora(rank=4)
     groups = model.parameter_groups()
     assert groups["lora"] and all(p.requires_grad for p in groups["lora"])
     assert not any(p.requires_grad for p in groups["language"])
     lm_before = [p.detach().clone() for p in groups["language"]]
     with torch.no_grad():  # B starts at zero: nothing changes until the adapters train
-        assert torch.allclose(model.sample_actions(images, state, ref["tokens"], ref["noise"], num_steps=2), before)
+        assert torch.allclose(model.sample_actions(images, state, text, ref["noise"], num_steps=2), before)
     opt = torch.optim.SGD(groups["lora"], lr=0.5)
     for _ in range(2):
         opt.zero_grad()
-        model.flow_matching_loss(images, state, ref["tokens"], ref["actions"], noise=ref["noise"],
+        model.flow_matching_loss(images, state, text, ref["actions"], noise=ref["noise"],
                                  tau=ref["loss_tau"]).backward()
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(lm_before, groups["language"], strict=True))
     with torch.no_grad():
-        after = model.sample_actions(images, state, ref["tokens"], ref["noise"], num_steps=2)
+        after = model.sample_actions(images, state, text, ref["noise"], num_steps=2)
     assert not torch.allclose(after, before)
 
 
@@ -290,7 +312,7 @@ def test_bf16_weights_sample_close_to_fp32(kind):
     ref, meta = reference(kind)
     images, state = inputs(ref)
     with torch.no_grad():
-        raw = model.sample_actions(images, state, model.tokenize(meta["tasks"], state), ref["noise"])
+        raw = model.sample_actions(images, state, model.tokenize(meta["tasks"]), ref["noise"])
     assert raw.dtype == torch.float32 and torch.isfinite(raw).all()
     assert (raw - ref["chunk_raw"]).abs().max() <= 0.05 * ref["chunk_raw"].abs().max()
 
@@ -315,3 +337,23 @@ def test_the_full_size_checkpoint_layout_fits_our_model(kind):
     assert key_problems(model, ours) == []
     billions = sum(p.numel() for p in model.parameters()) / 1e9
     assert 3.2 < billions < 3.4
+
+
+def test_pi05_with_a_tokenizer_the_state_table_does_not_fit_retokenises_the_whole_prompt(tmp_path):
+    """A tokenizer that merges ": " (across the boundary before the first number): the table would give other ids
+    than LeRobot's prompt, so the model tokenises the whole prompt on the host."""
+    d = tmp_path / "pi05"
+    shutil.copytree(FIXTURES / "pi05", d)
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["model"]["vocab"][": "] = 100
+    tok["model"]["merges"] = [[":", " "]]
+    tok["decoder"] = {"type": "Fuse"}  # decoding gives the text back (the real tokenizers' decoders do)
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    model = load_vla(d)
+    ref, meta = reference("pi05")
+    assert not model.state_table_exact
+    ids, valid = model.prompt_tokens(model.tokenize(meta["tasks"]), ref["state"])
+    whole = model.tokenizer.encode_batch(model.full_prompt(meta["tasks"], ref["state"]))
+    for row, ok, want in zip(ids, valid, whole, strict=True):
+        assert row[ok].tolist() == [i for i, m in zip(want.ids, want.attention_mask, strict=True) if m]
+    assert 100 in ids[0].tolist()  # the merged token is there, as in the whole prompt's ids

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from policy_runtime.backends import ChunkResult
-from policy_runtime.contract import graph_feeds, tokenize
+from policy_runtime.contract import graph_feeds, instruction_tokens
 from policy_runtime.protocol import NON_FINITE_OUTPUT, Contract, InferRequest
 
 
@@ -36,10 +36,10 @@ class NoiseSource:
 
 def batch_inputs(requests: Sequence[InferRequest], contract: Contract, noise: NoiseSource) -> dict[str, np.ndarray]:
     """Graph inputs keyed by their ONNX names (image.<camera>, state, text, noise), batch on axis 0."""
-    default = tokenize(contract.default_instruction, contract.text_max_len)
+    default = instruction_tokens(contract, contract.default_instruction)
     return graph_feeds({c.name: np.stack([r.images[c.name] for r in requests]) for c in contract.cameras},
                        np.stack([r.state for r in requests]).astype(np.float32, copy=False),
-                       np.stack([default if r.instruction is None else tokenize(r.instruction, contract.text_max_len)
+                       np.stack([default if r.instruction is None else instruction_tokens(contract, r.instruction)
                                  for r in requests]),
                        np.stack([noise.draw(r.noise_seed) for r in requests]))
 

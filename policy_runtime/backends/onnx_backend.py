@@ -25,7 +25,7 @@ from policy_runtime.contract import (
     TOKENIZER,
     contract_from_manifest,
     graph_shapes,
-    tokenize,
+    instruction_tokens,
     zero_feeds,
 )
 from policy_runtime.errors import UserError
@@ -150,9 +150,9 @@ class OnnxBackend:
         for node in (*self.session.get_inputs(), *self.session.get_outputs()):
             self._check_dims(node.name, node.shape, shapes[node.name])
         tokens = m["text"].get("tokens")
-        if tokens is not None and tokenize(c.default_instruction, c.text_max_len).tolist() != list(tokens):
+        if tokens is not None and instruction_tokens(c, c.default_instruction).tolist() != list(tokens):
             raise UserError(f"export {self.export.path}: the manifest's instruction tokens do not follow the "
-                            f"{TOKENIZER} rule this runtime implements")
+                            f"{'tokenizer' if c.tokenizer_file else TOKENIZER} rule this runtime implements")
 
     def _check_dims(self, name: str, graph: list, manifest: tuple[int, ...]) -> None:
         """Fixed graph dimensions (after the batch axis) must equal the manifest's; symbolic ones are free."""

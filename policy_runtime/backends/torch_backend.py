@@ -54,6 +54,8 @@ class TorchBackend:
             raise UserError(f"device {options.device} requested but CUDA is not available")
         if options.cuda_graph and self.device.type != "cuda":
             raise UserError("CUDA-graph capture needs a CUDA device")
+        from sim_trainer.models.backbones import manifest_text
+
         try:
             loaded = load_checkpoint(ckpt_dir, map_location="cpu")
         except TrainerUserError as e:
@@ -67,7 +69,8 @@ class TorchBackend:
             spec, ControllerSemantics.of(spec), model_file="model.safetensors",
             model_sha256=file_sha256(Path(ckpt_dir) / "model.safetensors"), horizon=cfg.horizon,
             exec_steps=cfg.exec_steps, num_steps=self.num_steps, max_text_len=cfg.max_text_len, norm_stats={},
-            norm_sha256=normalisation_sha256(norm_file), extra={})
+            norm_sha256=normalisation_sha256(norm_file), extra={},
+            text=manifest_text(self.model, spec.instruction))
         provider = str(self.device) + (" (cuda graph)" if options.cuda_graph else "")
         self._contract = replace(contract_from_manifest(manifest, self.name, provider, where=str(ckpt_dir),
                                                         clip_actions=options.clip_actions), rtc=True)

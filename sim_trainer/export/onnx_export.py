@@ -33,6 +33,7 @@ from policy_runtime.contract import (
     graph_input_names,
 )
 from sim_trainer.errors import UserError
+from sim_trainer.models.backbones import manifest_text
 from sim_trainer.models.checkpoint import LoadedPolicy, file_sha256, load_checkpoint
 from sim_trainer.models.interface import FlowPolicy
 
@@ -41,16 +42,20 @@ PARITY_TOLERANCE = 1e-4  # max |onnx - torch| in raw action units, fp32 on CPU
 # K is unrolled: graph size and export time grow with it (1-4 are the fast ones); beyond this it is a typo
 # (--steps 1000000000 once took 3.3 GB in 5 s).
 MAX_EXPORT_STEPS = 64
-EXPORT_FILES = ("policy.onnx", NORM_STATS_FILE, MANIFEST_FILE)  # the manifest last: see _publish
+EXTERNAL_DATA_FILE, TOKENIZER_FILE = "policy.onnx.data", "tokenizer.json"
+# protobuf cannot hold a model over 2 GiB: above this the weights go to EXTERNAL_DATA_FILE beside the graph
+EXTERNAL_DATA_BYTES = 1 << 30
+# the manifest last: see _publish; the weights file and the tokenizer only where the export has them
+EXPORT_FILES = ("policy.onnx", EXTERNAL_DATA_FILE, TOKENIZER_FILE, NORM_STATS_FILE, MANIFEST_FILE)
 
 
 class UnrolledSampler(torch.nn.Module):
     """(images..., state, text, noise) -> actions, with K fixed at construction."""
 
-    def __init__(self, model: FlowPolicy, num_steps: int):
+    def __init__(self, model: FlowPolicy, num_steps: int, cameras: list[str]):
         super().__init__()
         self.model, self.num_steps = model, num_steps
-        self.cameras = list(model.cfg.camera_names)
+        self.cameras = cameras
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         n = len(self.cameras)
@@ -89,6 +94,9 @@ def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int, force: bool =
                         f"copy of the action expert into the graph), got {num_steps}")
     ckpt, out = Path(ckpt), Path(out)
     loaded = load_checkpoint(ckpt)
+    if not getattr(loaded.model, "state_table_exact", True):
+        raise UserError(f"{ckpt}: this pi0.5 tokenizer does not split the prompt at the state's numbers, so the "
+                        "state prompt cannot be part of the graph; serve the checkpoint with --backend torch")
     if len({(c.height, c.width) for c in loaded.spec.cameras}) > 1:
         raise UserError("cameras of different sizes are not supported by the exporter")
     created = not os.path.lexists(out)  # (os.path, unlike Path, answers False for a name too long)
@@ -126,14 +134,17 @@ def _staging_dir(out: Path) -> Path:
 def _build(loaded: LoadedPolicy, ckpt: Path, staging: Path, num_steps: int) -> dict:
     """Write policy.onnx, norm_stats.json and manifest.json into `staging`; returns the manifest."""
     model = loaded.model.eval()
-    names = graph_input_names(list(model.cfg.camera_names))
-    sampler = UnrolledSampler(model, num_steps).eval()
+    cameras = [c.name for c in loaded.spec.cameras]  # a backbone's unused image slots stay masked in the graph
+    names = graph_input_names(cameras)
+    sampler = UnrolledSampler(model, num_steps, cameras).eval()
     onnx_path = staging / "policy.onnx"
     worst, ir_version = _export_and_verify(sampler, loaded, names, onnx_path)
     if not worst <= PARITY_TOLERANCE:
         raise UserError(f"ONNX output differs from PyTorch by {worst:.2e} > {PARITY_TOLERANCE:.0e}; export refused")
     # norm_stats.json travels byte for byte, so its sha256 can be recomputed by any client.
     shutil.copyfile(ckpt / NORM_STATS_FILE, staging / NORM_STATS_FILE)
+    if manifest_text(model, loaded.spec.instruction) is not None:  # the backbone's own tokenizer travels with it
+        shutil.copyfile(ckpt / TOKENIZER_FILE, staging / TOKENIZER_FILE)
     norm = json.loads((staging / NORM_STATS_FILE).read_text())
     manifest = _manifest(loaded, ckpt, onnx_path, staging, num_steps, worst, ir_version, norm)
     atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2))
@@ -145,7 +156,8 @@ def _publish(staging: Path, out: Path) -> None:
     never holds a manifest that describes other files (a reader sees the old export, none, or the new one)."""
     (out / MANIFEST_FILE).unlink(missing_ok=True)
     for name in EXPORT_FILES:
-        os.replace(staging / name, out / name)
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
     fd = os.open(out, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -166,7 +178,12 @@ def _export_and_verify(sampler: UnrolledSampler, loaded: LoadedPolicy, names: li
                           output_names=[ACTIONS_OUTPUT], opset_version=OPSET, dynamo=False,
                           dynamic_axes={n: {0: "batch"} for n in [*names, ACTIONS_OUTPUT]})
     graph = onnx.load(str(tmp))
-    onnx.checker.check_model(graph)
+    if sum(len(t.raw_data) for t in graph.graph.initializer) > EXTERNAL_DATA_BYTES:
+        # one weights file beside the graph (ONNX Runtime finds it relative to policy.onnx)
+        onnx.save_model(graph, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    onnx.checker.check_model(str(tmp))  # by path: also for a graph whose weights are external
+    graph = onnx.load(str(tmp), load_external_data=False)
     control_flow = sorted({n.op_type for n in graph.graph.node} & {"Loop", "If", "Scan"})
     if control_flow:
         raise RuntimeError(f"exported graph contains control flow {control_flow}; the unroll failed")
@@ -188,7 +205,9 @@ def _manifest(loaded: LoadedPolicy, ckpt: Path, onnx_path: Path, out: Path, num_
     import onnx
 
     cfg, spec = loaded.model.cfg, loaded.spec
+    data = out / EXTERNAL_DATA_FILE
     provenance = {
+        **({"model_data": {"file": data.name, "sha256": file_sha256(data)}} if data.exists() else {}),
         "checkpoint": {"name": ckpt.name, "weights_sha256": file_sha256(ckpt / "model.safetensors")},
         "onnx": {"opset": OPSET, "ir_version": ir_version, "exporter": "torch.onnx (TorchScript)",
                  "torch": torch.__version__, "onnx": onnx.__version__},
@@ -198,4 +217,5 @@ def _manifest(loaded: LoadedPolicy, ckpt: Path, onnx_path: Path, out: Path, num_
     return build_manifest(spec, ControllerSemantics.of(spec), model_file=onnx_path.name,
                           model_sha256=file_sha256(onnx_path), horizon=cfg.horizon, exec_steps=cfg.exec_steps,
                           num_steps=num_steps, max_text_len=cfg.max_text_len, norm_stats=norm,
-                          norm_sha256=file_sha256(out / NORM_STATS_FILE), extra=provenance)
+                          norm_sha256=file_sha256(out / NORM_STATS_FILE), extra=provenance,
+                          text=manifest_text(loaded.model, spec.instruction))

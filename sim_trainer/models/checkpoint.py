@@ -1,6 +1,8 @@
 """The checkpoint directory training writes and eval/export read: config.json, model.safetensors, norm_stats.json.
 
-No pickle.
+No pickle. A pi0 / pi0.5 backbone (version 2) also records its type in config.json ("backbone"), its settings in
+LeRobot's vocabulary ("model") and keeps its tokenizer.json beside the weights (see models/backbones.py); our own
+FlowVLA checkpoints are written and read as before (version 1).
 
 Optional trainer state for resuming (trainer_state.json + trainer_state.safetensors) lives beside them.
 """
@@ -21,12 +23,19 @@ from policy_runtime.contract import PolicySpec
 from policy_runtime.export_dir import file_sha256
 from sim_trainer.data.normalize import NormStats
 from sim_trainer.errors import UserError
+from sim_trainer.models.backbones import (
+    backbone_type,
+    lerobot_config,
+    load_backbone,
+    merged_lora,
+    write_backbone_files,
+)
 from sim_trainer.models.config import ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.models.interface import FlowPolicy
 
 CHECKPOINT_FORMAT = "flow-vla-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: a backbone checkpoint; FlowVLA checkpoints are still written as version 1
 
 
 @dataclass
@@ -42,14 +51,18 @@ def save_checkpoint(path: str | Path, model: FlowPolicy, spec: PolicySpec, norm:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+    kind = backbone_type(model)
+    if kind is not None:  # LoRA adapters are merged into the weights they adapt: the checkpoint is a plain model
+        weights = merged_lora(weights, getattr(model, "lora_scale", 1.0))
+        write_backbone_files(path, model)
     tmp = path / "model.safetensors.tmp"
     save_file(weights, str(tmp))
     os.replace(tmp, path / "model.safetensors")
     norm.save(path / "norm_stats.json")
+    head = {"format": CHECKPOINT_FORMAT, "version": 1, "model": model.cfg.to_dict()} if kind is None else \
+        {"format": CHECKPOINT_FORMAT, "version": 2, "backbone": kind, "model": lerobot_config(model)}
     config = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "model": model.cfg.to_dict(),
+        **head,
         "spec": spec.to_dict(),
         "info": info or {},
         "weights_sha256": file_sha256(path / "model.safetensors"),
@@ -103,8 +116,16 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _check_consistent(cfg: ModelConfig, spec: PolicySpec, where: str) -> None:
+def _check_consistent(cfg, spec: PolicySpec, where: str) -> None:
     """The model's sizes and the spec it was trained for must agree, or the first forward pass would crash."""
+    if not isinstance(cfg, ModelConfig):  # a backbone: resizes its images, may have more camera slots
+        pairs = [("state size", cfg.state_dim, spec.state_dim), ("action size", cfg.action_dim, spec.action_dim),
+                 ("cameras", [c.name for c in spec.cameras], list(cfg.camera_names[:len(spec.cameras)]))]
+        for what, model, contract in pairs:
+            if model != contract:
+                raise UserError(f"{where}: config.json disagrees with itself on the {what}: model {model}, "
+                                f"spec {contract}")
+        return
     pairs = [("state size", cfg.state_dim, spec.state_dim), ("action size", cfg.action_dim, spec.action_dim),
              ("action bounds", cfg.action_dim, len(spec.action_low)),
              ("action bounds", cfg.action_dim, len(spec.action_high)),
@@ -123,6 +144,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedPolicy
     _check_layout(path)
     config = _read_config(path)
     where = f"checkpoint {path}"
+    if "backbone" in config:
+        return _load_backbone_checkpoint(path, config, map_location)
     try:
         cfg = ModelConfig.from_dict(config["model"])
         spec = PolicySpec.from_dict(config["spec"])
@@ -132,15 +155,33 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedPolicy
     norm = NormStats.load(path / "norm_stats.json")
     norm.check_dims(cfg.state_dim, cfg.action_dim, f"{where}: norm_stats.json")
     model = FlowVLA(cfg, norm)
-    try:
-        weights = load_file(str(path / "model.safetensors"), device=map_location)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{where}: model.safetensors is corrupt ({e})") from None
+    weights = _read_weights(path, map_location)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0][:200]
         raise UserError(f"{where}: weights do not match its config.json ({first})") from None
+    return LoadedPolicy(model.eval(), spec, config.get("info", {}))
+
+
+def _read_weights(path: Path, map_location: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / "model.safetensors"), device=map_location)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint {path}: model.safetensors is corrupt ({e})") from None
+
+
+def _load_backbone_checkpoint(path: Path, config: dict, map_location: str) -> LoadedPolicy:
+    """A pi0 / pi0.5 checkpoint: built from its recorded settings and the weights' shapes, every key checked."""
+    where = f"checkpoint {path}"
+    try:
+        spec = PolicySpec.from_dict(config["spec"])
+    except UserError as e:
+        raise UserError(f"{where}: config.json {e}") from None
+    norm = NormStats.load(path / "norm_stats.json")
+    model = load_backbone(path, str(config["backbone"]), config["model"], norm, _read_weights(path, map_location))
+    norm.check_dims(model.cfg.state_dim, model.cfg.action_dim, f"{where}: norm_stats.json")
+    _check_consistent(model.cfg, spec, where)
     return LoadedPolicy(model.eval(), spec, config.get("info", {}))
 
 

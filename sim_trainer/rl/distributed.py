@@ -81,3 +81,19 @@ class World:
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def shard_model(model: torch.nn.Module, methods: tuple[str, ...]) -> None:
+    """FSDP (torch.distributed.fsdp.fully_shard) over the world, as one unit: each rank holds 1/N of the
+    parameters, gradients and optimizer state at rest and gathers the weights while one of `methods` runs (the
+    backbones' layers are called through their own methods, not forward, so they cannot be units of their own)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    fully_shard(model)
+    for name in methods:
+        register_fsdp_forward_method(model, name)
+
+
+def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every sharded tensor gathered whole (a collective: every rank calls it)."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}

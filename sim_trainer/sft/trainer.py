@@ -7,7 +7,11 @@ trainer_state.{json,safetensors} (raw weights, EMA, AdamW moments, RNG states: n
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +25,13 @@ from sim_trainer.data.normalize import NormStats
 from sim_trainer.data.sources import dataset_spec, episode_count, load_dataset, source_path
 from sim_trainer.envs.spec import EnvConfig
 from sim_trainer.errors import UserError
+from sim_trainer.models.backbones import TINY, fit_to_dataset, tiny_backbone
 from sim_trainer.models.checkpoint import save_checkpoint
 from sim_trainer.models.config import SIZES, ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
+from sim_trainer.models.interface import freeze_groups
 from sim_trainer.progress import progress_bar
+from sim_trainer.rl.distributed import World, full_tensors, shard_model
 from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler, random_shift
 from sim_trainer.tracking import ScalarLog, WandbSettings
@@ -38,11 +45,15 @@ SFT_LIMITS = {
     "augment_pad": Range(0, 32), "seed": Range(0, SEED_MAX), "log_every": Range(1, 10**8),
     "save_every": Range(1, 10**8), "eval_every": Range(0, 10**8), "eval_episodes": Range(1, 10_000),
     "eval_envs": Range(1, cpu_process_limit()), "image_grid": Range(1, 16), "mix": Range(0, 1e6, lo_open=True),
-    "consistency_fraction": Range(0, 1, hi_open=True),
+    "consistency_fraction": Range(0, 1, hi_open=True), "lora_rank": Range(0, 1024),
 }
+BACKBONE_HELP = ("start from a flow VLA instead of our own model: pi0-tiny / pi05-tiny (tiny, random: tests and CPU "
+                 "smoke runs), or lerobot:DIR / hf://owner/name (a saved LeRobot pi0 / pi0.5 / SmolVLA "
+                 "policy); its normalisation statistics are replaced by the dataset's")
 OBJECTIVES = ("flow", "shortcut")
 # What makes a resumed run the same run: the model, the data and how they are sampled.
-RESUME_KEYS = ("data", "mix", "size", "image_grid", "horizon", "exec_steps", "num_steps", "batch_size", "seed",
+RESUME_KEYS = ("data", "mix", "size", "backbone", "expert_only", "freeze_vision", "lora_rank",
+               "image_grid", "horizon", "exec_steps", "num_steps", "batch_size", "seed",
                "objective", "consistency_fraction")
 STATE = "trainer_state"
 
@@ -56,6 +67,13 @@ class SFTConfig:
     out: str = option("", "output checkpoint directory (new or empty; see --resume and --force)")
     mix: list[float] = option([], "sampling ratio per dataset, e.g. --mix 0.5 0.5 (default: proportional to size)")
     size: str = option("small", f"model size: {', '.join(SIZES)}")
+    backbone: str = option("", BACKBONE_HELP)
+    expert_only: bool = option(False, "train the action expert and heads only (vision and language frozen)")
+    freeze_vision: bool = option(False, "freeze the vision encoder")
+    fsdp: bool = option(False, "under torchrun: shard the model over the processes (FSDP, fully_shard; gloo on CPU, "
+                               "NCCL on GPUs), each training on its own samples (no --resume, no --eval-every)")
+    lora_rank: int = option(0, "LoRA adapters of this rank on a backbone's language model, which is frozen (0: off; "
+                               "merged into the weights in the checkpoint)")
     image_grid: int | None = option(None, "camera tokens per side, finer localisation (default: the size's, 4 "
                                           "for small)")
     horizon: int = option(16, "chunk length H")
@@ -96,6 +114,15 @@ class SFTConfig:
             raise UserError(f"--mix needs one ratio per dataset ({len(self.data)}), got {len(self.mix)}")
         if self.exec_steps > self.horizon:
             raise UserError(f"exec_steps C={self.exec_steps} cannot exceed the chunk horizon H={self.horizon}")
+        if self.backbone and self.backbone not in TINY and not self.backbone.startswith(("lerobot:", "hf://")):
+            raise UserError(f"unknown --backbone {self.backbone!r}; choose {', '.join(TINY)}, lerobot:DIR or hf://...")
+        if self.backbone and self.objective != "flow":
+            raise UserError("--backbone trains with the flow objective only (no shortcut)")
+        if self.fsdp and (self.resume or self.eval_every):
+            raise UserError("--fsdp runs write no resumable trainer state and no periodic evaluation: drop --resume "
+                            "/ --eval-every")
+        if self.lora_rank and not self.backbone:
+            raise UserError("--lora-rank needs a --backbone (our own model has no language model to adapt)")
         return self
 
 
@@ -154,7 +181,8 @@ def _check_resumable(out: Path, cfg: SFTConfig) -> None:
     if not isinstance(saved.get("config"), dict):
         raise UserError(f"cannot resume {out}: {STATE}.json does not record the run's configuration")
     # a run saved before the shortcut objective existed trained with the flow objective
-    was = {"objective": "flow", "consistency_fraction": SFTConfig.consistency_fraction, **saved["config"]}
+    was = {"objective": "flow", "consistency_fraction": SFTConfig.consistency_fraction, "backbone": "",
+           "expert_only": False, "freeze_vision": False, "lora_rank": 0, **saved["config"]}
     check_same_run(out, was, asdict(cfg), RESUME_KEYS, path_keys=("data",))
     for d, was, now in zip(cfg.data, saved.get("episodes") or [], _run_identity(cfg)["episodes"], strict=False):
         if was != now:
@@ -164,8 +192,16 @@ def _check_resumable(out: Path, cfg: SFTConfig) -> None:
 
 def train_sft(cfg: SFTConfig, force: bool = False, wandb: WandbSettings | None = None) -> Path:
     """Train into cfg.out (scalars to TensorBoard, and W&B with `wandb`); everything a user can get wrong is checked
-    before the first step."""
+    before the first step. With --fsdp under torchrun the processes share the model (rank 0 writes)."""
     cfg.validate()
+    world = World.init() if cfg.fsdp else World()
+    try:
+        return _train_sft(cfg, world, force, wandb)
+    finally:
+        world.close()
+
+
+def _train_sft(cfg: SFTConfig, world: World, force: bool, wandb: WandbSettings | None) -> Path:
     specs = [dataset_spec(d) for d in cfg.data]
     spec = specs[0]
     for d, s in zip(cfg.data[1:], specs[1:], strict=True):
@@ -177,6 +213,7 @@ def train_sft(cfg: SFTConfig, force: bool = False, wandb: WandbSettings | None =
         raise UserError(f"all cameras must share one square resolution, got {sorted(sizes)}")
     if cfg.image_grid and spec.cameras and cfg.image_grid > spec.cameras[0].height:
         raise UserError(f"image_grid {cfg.image_grid} exceeds the {spec.cameras[0].height}-pixel camera images")
+    backbone_dir = _backbone_dir(cfg)
     run_dir = RunDir(cfg.out, what="an SFT run", force=force, resume=cfg.resume,
                      inputs=tuple(source_path(d) for d in cfg.data), state_file=f"{STATE}.json")
     out = run_dir.path
@@ -193,27 +230,77 @@ def train_sft(cfg: SFTConfig, force: bool = False, wandb: WandbSettings | None =
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = FlowVLA(model_cfg, norm)
+    model = _build_model(cfg, model_cfg, spec, norm, backbone_dir)
     sampler = MixedSampler([ChunkSource(eps, cfg.horizon, model.tokenize) for eps in datasets], ratios,
-                           seed=cfg.seed)
+                           seed=cfg.seed + 1000 * world.rank)
+    if cfg.fsdp:
+        shard_model(model, ("flow_matching_loss",))
+        if world.is_main:
+            print(f"fsdp: the model sharded over {world.size} processes", file=sys.stderr)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.ndim < 2 or "pos" in name or "embed" in name else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     ema = EMA(model, cfg.ema)
-    with run_dir:
+    with run_dir if world.is_main else contextlib.nullcontext():  # rank 0 locks and writes
+        world.barrier()
         start = 0
         if cfg.resume and (out / f"{STATE}.json").exists():
             _check_resumable(out, cfg)  # again under the lock: the run may have moved on since
             start = _load_trainer_state(out, model, ema, opt, sampler, gen)
-        with ScalarLog(out, "sft", asdict(cfg), wandb) as scalars:
-            _train(cfg, out, start, model, model_cfg, spec, norm, datasets, sampler, opt, ema, gen, scalars)
+        with ScalarLog(out, "sft", asdict(cfg), wandb) if world.is_main else _NoLog() as scalars:
+            _train(cfg, out, start, model, model_cfg, spec, norm, datasets, sampler, opt, ema, gen, scalars, world)
     return out
 
 
+class _NoLog(contextlib.nullcontext):
+    """The scalar log of a rank that does not write."""
+
+    def log(self, scalars: dict, step: int) -> None:
+        pass
+
+
+def _backbone_dir(cfg: SFTConfig) -> Path | None:
+    """The LeRobot policy directory --backbone names (a directory, hf://..., or a Hub repo id), found before any
+    work: a wrong name is one line and leaves no output directory behind."""
+    if not cfg.backbone or cfg.backbone in TINY:
+        return None
+    from policy_runtime.hub import local_dir
+    from sim_trainer.models.vla.loader import read_json, resolve
+    directory = resolve(local_dir(cfg.backbone.removeprefix("lerobot:")))
+    read_json(directory / "config.json")
+    return directory
+
+
+def _build_model(cfg: SFTConfig, model_cfg: ModelConfig, spec, norm: NormStats, backbone_dir: Path | None):
+    """Our FlowVLA, or the --backbone fitted to the dataset (cameras, dims, chunking, its normaliser re-fitted),
+    with the groups the options freeze frozen."""
+    if not cfg.backbone:
+        return FlowVLA(model_cfg, norm)
+    shape = (tuple(c.name for c in spec.cameras), spec.state_dim, spec.action_dim, cfg.horizon, cfg.exec_steps,
+             cfg.num_steps, norm)
+    if cfg.backbone in TINY:
+        model = tiny_backbone(cfg.backbone, *shape, seed=cfg.seed)
+    else:
+        from sim_trainer.models.vla import load_vla
+        model = load_vla(backbone_dir)
+        if cfg.lora_rank and not hasattr(model, "enable_lora"):
+            raise UserError(f"--lora-rank: LoRA is available on pi0 / pi0.5, not on {type(model).__name__}")
+        model = fit_to_dataset(model, *shape)
+    if cfg.lora_rank:
+        model.enable_lora(rank=cfg.lora_rank)
+    frozen = ("vision", "language") if cfg.expert_only else ("vision",) if cfg.freeze_vision else ()
+    groups = model.parameter_groups()
+    lora = groups.pop("lora", [])
+    freeze_groups(groups, frozen + (("language",) if lora else ()))
+    return model.train()
+
+
 def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, datasets, sampler, opt, ema,
-           gen, scalars: ScalarLog) -> None:
+           gen, scalars: ScalarLog, world: World) -> None:
     info = {"trained_by": "sim-trainer sft", "sft_config": asdict(cfg),
             "datasets": {d: len(eps) for d, eps in zip(cfg.data, datasets, strict=True)}}
     run = _run_identity(cfg)
@@ -233,7 +320,8 @@ def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, 
                                             generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         opt.step()
         ema.update(model, step)
         n_log += cfg.batch_size
@@ -244,18 +332,31 @@ def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, 
             bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
             t_log, n_log = time.perf_counter(), 0
         last = step + 1 == cfg.steps
-        if last or (step + 1) % cfg.save_every == 0:
+        if (last or (step + 1) % cfg.save_every == 0) and cfg.fsdp:
+            _save_sharded(out, model, spec, norm, {**info, "step": step + 1}, ema, world)
+        elif last or (step + 1) % cfg.save_every == 0:
             save_checkpoint(out, model, spec, norm, {**info, "step": step + 1}, state_dict=ema.shadow)
             _save_trainer_state(out, step + 1, model, ema, opt, sampler, gen, run)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-            _periodic_eval(cfg, model_cfg, norm, spec, ema, scalars, step + 1)
+            _periodic_eval(cfg, model, spec, ema, scalars, step + 1)
 
 
-def _periodic_eval(cfg: SFTConfig, model_cfg, norm, spec, ema: EMA, scalars: ScalarLog, step: int) -> None:
+def _save_sharded(out: Path, model, spec, norm: NormStats, info: dict, ema: EMA, world: World) -> None:
+    """Gather the EMA weights whole on every rank (a collective), check the ranks agree, rank 0 writes."""
+    weights = full_tensors(ema.shadow)
+    digest = hashlib.sha256(b"".join(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+                                     for _, v in sorted(weights.items()))).hexdigest()
+    print(f"fsdp rank {world.rank}: gathered weights sha256 {digest}", flush=True)
+    if world.is_main:
+        save_checkpoint(out, model, spec, norm, info, state_dict=weights)
+    world.barrier()
+
+
+def _periodic_eval(cfg: SFTConfig, model, spec, ema: EMA, scalars: ScalarLog, step: int) -> None:
     from sim_trainer.evaluate.rollout import evaluate
     from sim_trainer.policy import ChunkPolicy
 
-    ema_model = FlowVLA(model_cfg, norm)
+    ema_model = copy.deepcopy(model)
     ema_model.load_state_dict(ema.shadow)
     res = evaluate(ChunkPolicy(ema_model, spec), EnvConfig.for_policy(spec), cfg.eval_episodes, cfg.eval_envs,
                    record_video=False, progress=False)

@@ -274,8 +274,13 @@ class PaliGemmaFlowPolicy(nn.Module):
         self.feature_dim, self.pooled_dim = we, cfg.lm.width
 
     # ----- hooks for the subclasses ------------------------------------------------------------------------------
-    def prompt(self, instructions: list[str], state: torch.Tensor | None) -> list[str]:
+    def prompt(self, instructions: list[str]) -> list[str]:
         raise NotImplementedError
+
+    def prompt_tokens(self, text: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix's token ids and their validity from the instruction ids and the raw state (pi0.5 writes
+        the state in here); padding may sit anywhere, as positions count only valid tokens."""
+        return text, text != self.cfg.pad_token_id
 
     def state_tokens(self, state_normed: torch.Tensor) -> torch.Tensor | None:
         """Expert-stream tokens [B, n, We] that follow the prefix and precede the actions, or None."""
@@ -286,15 +291,16 @@ class PaliGemmaFlowPolicy(nn.Module):
         raise NotImplementedError
 
     # ----- text --------------------------------------------------------------------------------------------------
-    def tokenize(self, instructions: list[str], state: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [B, max_text_len] of the model's prompt, right-padded with the pad id (the model's own
-        tokenizer, loaded from the checkpoint directory)."""
+    def tokenize(self, instructions: list[str]) -> torch.Tensor:
+        """Token ids [B, max_text_len] of the instruction's part of the prompt, right-padded with the pad id (the
+        model's own tokenizer, loaded from the checkpoint directory). Nothing here depends on the state, so a
+        robot tokenises an instruction once."""
         if self.tokenizer is None:
             raise ValueError("this model was built without a tokenizer")
         tok = self.tokenizer
         tok.enable_truncation(self.cfg.max_text_len)
         tok.enable_padding(length=self.cfg.max_text_len, pad_id=self.cfg.pad_token_id, direction="right")
-        enc = tok.encode_batch(self.prompt(list(instructions), state))
+        enc = tok.encode_batch(self.prompt(list(instructions)))
         return torch.tensor([e.ids for e in enc], dtype=torch.long)
 
     # ----- prefix ------------------------------------------------------------------------------------------------
@@ -324,9 +330,9 @@ class PaliGemmaFlowPolicy(nn.Module):
         """images: uint8 [B, H, W, 3] per camera name (missing ones are masked); state: raw [B, S]; text: ids."""
         b, device = state.shape[0], state.device
         embs, masks = self._embed_images(images, b, device)
-        text = text.to(device)
-        embs.append(self.lm.embed_tokens(text) * math.sqrt(self.cfg.lm.width))
-        masks.append(text != self.cfg.pad_token_id)
+        ids, text_valid = self.prompt_tokens(text.to(device), state)
+        embs.append(self.lm.embed_tokens(ids) * math.sqrt(self.cfg.lm.width))
+        masks.append(text_valid)
         x, valid = torch.cat(embs, 1), torch.cat(masks, 1)
         positions = torch.cumsum(valid.long(), 1) - 1
         mask = valid[:, None, :] & valid[:, :, None]
@@ -444,6 +450,7 @@ class PaliGemmaFlowPolicy(nn.Module):
         from peft import LoraConfig, inject_adapter_in_model
         config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=list(LORA_TARGETS))
         inject_adapter_in_model(config, self.lm)
+        self.lora_scale = (alpha or rank) / rank  # what merging the adapters into the weights multiplies B A by
         for name, p in self.lm.named_parameters():
             p.requires_grad_("lora_" in name)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from policy_runtime.contract import PROMPTS
 from sim_trainer.models.vla.common import PaliGemmaFlowPolicy, VLAConfig, sincos_time
 
 
@@ -25,8 +26,8 @@ class Pi0(PaliGemmaFlowPolicy):
         self.action_time_mlp_in = nn.Linear(2 * we, we)
         self.action_time_mlp_out = nn.Linear(we, we)
 
-    def prompt(self, instructions: list[str], state: torch.Tensor | None) -> list[str]:
-        return [t if t.endswith("\n") else t + "\n" for t in instructions]
+    def prompt(self, instructions: list[str]) -> list[str]:
+        return [PROMPTS["pi0"](t) for t in instructions]
 
     def state_tokens(self, state_normed: torch.Tensor) -> torch.Tensor:
         return self.state_proj(state_normed.to(self.state_proj.weight.dtype))[:, None, :]

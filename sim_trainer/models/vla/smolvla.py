@@ -164,6 +164,7 @@ class SmolVLAPolicy(nn.Module):
 
         super().__init__()
         self.cfg, self.tokenizer, self.gradient_checkpointing = cfg, tokenizer, False
+        self.vlm_config = vlm_config  # saved with a checkpoint of this model (models/backbones.py)
         self.state_norm, self.action_norm = state_norm, action_norm
         text = vlm_config.text_config
         vision_config = copy.deepcopy(vlm_config.vision_config)
