@@ -12,6 +12,7 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,21 +157,27 @@ def test_policy_node_ticks_on_its_own_thread_while_a_callback_blocks_the_executo
         rclpy.try_shutdown()
 
 
-def test_sim_trials_through_the_whole_stack(server, tmp_path):
-    from policy_runtime.episodes import list_episodes, read_episode
-
+def run_sim_trials(endpoint: str, tmp_path, count: int, *extra: str) -> tuple[Path, dict]:
+    """The whole stack (twin, policy node, safety filter, eval manager, scripted operator) runs `count` trials from
+    seed 100000 against the server at `endpoint`; the results dir and its summary."""
     plan = tmp_path / "plan.yaml"
-    plan.write_text("instruction: push the cube to the red and white target\ncount: 2\nseed_start: 100000\n")
+    plan.write_text(f"instruction: push the cube to the red and white target\ncount: {count}\nseed_start: 100000\n")
     out = tmp_path / "results"
     proc = stack_process(CONFIG / "sim_eval.yaml", tmp_path / "stack.log", "--nodes",
                          "sim_twin,policy_node,safety_filter,eval_manager,scripted_operator",
-                         "--plan", str(plan), "--results-dir", str(out), "--runtime", server.endpoint, *FAST)
+                         "--plan", str(plan), "--results-dir", str(out), "--runtime", endpoint, *FAST, *extra)
     try:
         assert proc.wait(timeout=400) == 0, (tmp_path / "stack.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    summary = json.loads((out / "summary.json").read_text())
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def test_sim_trials_through_the_whole_stack(server, tmp_path):
+    from policy_runtime.episodes import list_episodes, read_episode
+
+    out, summary = run_sim_trials(server.endpoint, tmp_path, 2)
     assert (summary["judged"], summary["aborted"]) == (2, 0)
     ends = [e for e in read_journal(out / "journal.jsonl") if e["event"] == "end"]
     assert [e["seed"] for e in ends] == [100000, 100001]
@@ -210,19 +217,10 @@ def test_a_sim_trial_with_a_tiny_pi0_export(pi0_export_dir, tmp_path):
     """The ROS 2 stack runs a trial on a pi0 export: the server tokenises the plan's instruction with pi0's
     tokenizer.json, the twin executes its chunks, the trial is judged."""
     server = ServerProcess(pi0_export_dir, tmp_path).start()
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("instruction: push the cube to the red and white target\ncount: 1\nseed_start: 100000\n")
-    out = tmp_path / "results"
-    proc = stack_process(CONFIG / "sim_eval.yaml", tmp_path / "stack.log", "--nodes",
-                         "sim_twin,policy_node,safety_filter,eval_manager,scripted_operator",
-                         "--plan", str(plan), "--results-dir", str(out), "--runtime", server.endpoint, *FAST)
     try:
-        assert proc.wait(timeout=400) == 0, (tmp_path / "stack.log").read_text()[-3000:]
+        out, summary = run_sim_trials(server.endpoint, tmp_path, 1)
     finally:
-        if proc.poll() is None:
-            proc.kill()
         server.stop()
-    summary = json.loads((out / "summary.json").read_text())
     assert (summary["judged"], summary["aborted"]) == (1, 0)
     assert [e["seed"] for e in read_journal(out / "journal.jsonl") if e["event"] == "end"] == [100000]
 
@@ -233,19 +231,8 @@ def test_a_sim_trial_with_whole_chunk_trajectories(server, tmp_path):
     from rosbags.rosbag2 import Reader
     from rosbags.typesys import Stores, get_typestore
 
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("instruction: push the cube to the red and white target\ncount: 1\nseed_start: 100000\n")
-    out = tmp_path / "results"
-    proc = stack_process(CONFIG / "sim_eval.yaml", tmp_path / "stack.log", "--nodes",
-                         "sim_twin,policy_node,safety_filter,eval_manager,scripted_operator",
-                         "--plan", str(plan), "--results-dir", str(out), "--runtime", server.endpoint, *FAST,
-                         "--set", "policy_node.publish_chunks=true", "--set", "safety_filter.send_whole_chunk=true")
-    try:
-        assert proc.wait(timeout=400) == 0, (tmp_path / "stack.log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary = run_sim_trials(server.endpoint, tmp_path, 1, "--set", "policy_node.publish_chunks=true",
+                                  "--set", "safety_filter.send_whole_chunk=true")
     assert (summary["judged"], summary["aborted"]) == (1, 0)
     (bag,) = [e["bag"] for e in read_journal(out / "journal.jsonl") if e["event"] == "bag"]
     store = get_typestore(Stores.ROS2_KILTED)

@@ -211,3 +211,14 @@ def _check_dir(what: str, path: str) -> None:
         raise UserError(f"{what} {path} does not exist")
     if not p.is_dir():
         raise UserError(f"{what} {path} is a file, not a directory")
+
+
+def set_run_chunking(model, cfg: RLConfig) -> None:
+    """The run's C (if given) and K on the starting checkpoint's model, so the saved checkpoint evaluates and
+    exports as it was trained."""
+    if cfg.exec_steps is not None:
+        if cfg.exec_steps > model.cfg.horizon:
+            raise UserError(f"exec_steps C={cfg.exec_steps} cannot exceed the chunk horizon H={model.cfg.horizon} "
+                            f"of {cfg.ckpt}")
+        model.cfg.exec_steps = cfg.exec_steps
+    model.cfg.num_steps = cfg.num_steps

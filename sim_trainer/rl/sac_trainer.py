@@ -33,7 +33,7 @@ from sim_trainer.evaluate.rollout import EVAL_SEED_START
 from sim_trainer.models.checkpoint import LoadedPolicy, load_checkpoint, save_checkpoint
 from sim_trainer.progress import progress_bar
 from sim_trainer.rl.backbone_actor import BackboneFlowActor, with_velocity_gate
-from sim_trainer.rl.config import RLConfig
+from sim_trainer.rl.config import RLConfig, set_run_chunking
 from sim_trainer.rl.flow_velocity import FlowActor, GaussianActor
 from sim_trainer.rl.replay import NStepWindow, ReplayBuffer
 from sim_trainer.rl.rollout import TRAIN_SEED_START
@@ -98,12 +98,7 @@ class SACFlowTrainer:
             raise UserError(f"sac_flow from a checkpoint needs a state-observation policy; {cfg.ckpt} observes "
                             f"{loaded.spec.obs_mode}")
         model = loaded.model
-        if cfg.exec_steps is not None:
-            if cfg.exec_steps > model.cfg.horizon:
-                raise UserError(f"exec_steps C={cfg.exec_steps} cannot exceed the chunk horizon "
-                                f"H={model.cfg.horizon} of {cfg.ckpt}")
-            model.cfg.exec_steps = cfg.exec_steps
-        model.cfg.num_steps = cfg.num_steps  # the saved checkpoint evaluates and exports at the trained K
+        set_run_chunking(model, cfg)
         self.norm = NormStats.load(ckpt / "norm_stats.json")
         if cfg.velocity == "flow_g":
             model = with_velocity_gate(model, self.norm)

@@ -30,7 +30,7 @@ from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from sim_trainer.models.interface import freeze_groups
 from sim_trainer.progress import progress_bar
-from sim_trainer.rl.config import RLConfig
+from sim_trainer.rl.config import RLConfig, set_run_chunking
 from sim_trainer.rl.distributed import World
 from sim_trainer.rl.heads import annealed_std_max
 from sim_trainer.rl.learner import Learner
@@ -87,12 +87,7 @@ class RLTrainer:
             self._check_resumable()
         loaded = load_checkpoint(ckpt)
         self.spec, model = loaded.spec, loaded.model
-        if cfg.exec_steps is not None:
-            if cfg.exec_steps > model.cfg.horizon:
-                raise UserError(f"exec_steps C={cfg.exec_steps} cannot exceed the chunk horizon "
-                                f"H={model.cfg.horizon} of {cfg.ckpt}")
-            model.cfg.exec_steps = cfg.exec_steps
-        model.cfg.num_steps = cfg.num_steps  # the saved checkpoint evaluates and exports at the trained K
+        set_run_chunking(model, cfg)
         self.norm = NormStats.load(Path(ckpt) / "norm_stats.json")
         self.env_cfg = EnvConfig.for_policy(self.spec, cfg.task, reward_mode=cfg.reward, sim_backend=cfg.sim_backend,
                                             max_episode_steps=cfg.max_episode_steps)
