@@ -136,7 +136,7 @@ class OpenpiServer:
         if request.path == HEALTH_PATH:
             return connection.respond(HTTPStatus.OK, "OK\n")
         if self.config.api_key is not None and not self._authorized(request.headers.get_all("Authorization")):
-            log.warning("refused an openpi connection from %s: missing or wrong API key", connection.remote_address)
+            log.warning("refused an openpi connection from %s: missing or wrong API key", _peer(connection))
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: Api-Key)\n")
         if self._ws is not None and len(self._ws.connections) >= self.config.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE,
@@ -150,10 +150,10 @@ class OpenpiServer:
 
     # ----- one connection (its own thread) ------------------------------------------------------------------------
     def _handle(self, ws: ServerConnection) -> None:
+        peer = _peer(ws)  # now: the socket is gone by the time the handler ends
         sock = self.server.context.socket(zmq.DEALER)
         sock.linger = 0
         sock.connect(self.server.local_endpoint)
-        peer = ws.remote_address  # (the socket is gone by the time the handler ends)
         log.info("openpi client %s connected", peer)
         try:
             ws.send(self.metadata)
@@ -208,3 +208,11 @@ class OpenpiServer:
             ws.close(CloseCode.INTERNAL_ERROR, text[:100])
         except ConnectionClosed:
             pass
+
+
+def _peer(connection: ServerConnection) -> object:
+    """The client's address, for the log; a client may have disconnected before its handler asks (ENOTCONN)."""
+    try:
+        return connection.remote_address
+    except OSError:
+        return "a client that already left"

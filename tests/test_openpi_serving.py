@@ -437,3 +437,23 @@ def test_bad_openpi_options_are_one_line(tiny_export, tmp_path, args, contains):
         values = {"port": free_port(), "busy": busy.getsockname()[1]}
         assert_refused_unchanged("policy-runtime", ["serve", tiny_export[1], *(a.format(**values) for a in args)],
                                  [tiny_export[1]], contains)
+
+
+def test_a_client_gone_before_its_handler_starts_is_logged_not_raised():
+    """getpeername() on a socket whose peer already left raises ENOTCONN; the handler logs that instead of failing
+    (it once failed the connection-cap test under load)."""
+    import socket
+
+    from websockets.server import ServerProtocol
+    from websockets.sync.server import ServerConnection
+
+    from policy_runtime.openpi_server import _peer
+
+    left = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # never connected: getpeername() -> ENOTCONN
+    try:
+        with pytest.raises(OSError):
+            left.getpeername()
+        connection = ServerConnection(left, ServerProtocol(), None)
+        assert _peer(connection) == "a client that already left"
+    finally:
+        left.close()
