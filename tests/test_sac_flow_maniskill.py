@@ -67,7 +67,7 @@ def test_sac_flow_from_the_sft_checkpoint_writes_a_checkpoint_that_eval_reads(tm
                    "--num-envs", "2", "--rollout-chunks", "2", "--max-episode-steps", "24", "--minibatch", "4",
                    "--learning-starts", "2", "--sac-hidden", "32", "--buffer-size", "64", "--eval-episodes", "1",
                    "--eval-envs", "1", "--eval-every", "0", "--save-every", "1", "--threads", "1",
-                   "--total-env-steps", "64", "--sac-bc-coef", "0.1", "--critic-warmup", "0")
+                   "--total-env-steps", "64", "--sac-bc-coef", "0.1", "--critic-warmup", "0", "--utd", "1")
     assert proc.returncode == 0, proc.stderr
     rows, evals = read_metrics(out)
     # 2 envs x 2 chunks x C = 8 actions: 32 env steps per iteration; the SFT policy collects from the start
