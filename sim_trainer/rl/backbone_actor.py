@@ -37,7 +37,7 @@ from sim_trainer.errors import UserError
 from sim_trainer.models.flow import time_grid
 from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.models.interface import FlowPolicy, PrefixCache
-from sim_trainer.rl.flow_velocity import TIME_DIM, gaussian_log_density, mlp, time_embedding
+from sim_trainer.rl.flow_velocity import TIME_DIM, chain_log_density, mlp, sample_chain, time_embedding
 
 
 def with_velocity_gate(model: FlowPolicy, norm: NormStats) -> FlowPolicy:
@@ -113,24 +113,13 @@ class BackboneFlowActor(nn.Module):
             noise = torch.randn((b, self.num_steps + 1, self.horizon, self.action_dim), generator=generator)
             noise = noise.to(obs)
         cache = self.encode(obs)
-        x = noise[:, 0]
-        chain = [x]
-        log_prob = gaussian_log_density(x, torch.zeros_like(x), torch.zeros_like(x))
-        for k in range(self.num_steps):
-            mean, log_std = self.step_stats(cache, x, k)
-            x = mean + torch.exp(log_std) * noise[:, k + 1]
-            log_prob = log_prob + gaussian_log_density(x, mean, log_std)
-            chain.append(x)
-        return self.to_actions(x), torch.stack(chain, dim=1), log_prob - self._denorm_log_det()
+        chain, log_prob = sample_chain(lambda x, k: self.step_stats(cache, x, k), noise, self.num_steps)
+        return self.to_actions(chain[:, -1]), chain, log_prob - self._denorm_log_det()
 
     def log_prob(self, obs: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
         cache = self.encode(obs)
-        x0 = chain[:, 0]
-        total = gaussian_log_density(x0, torch.zeros_like(x0), torch.zeros_like(x0))
-        for k in range(self.num_steps):
-            mean, log_std = self.step_stats(cache, chain[:, k], k)
-            total = total + gaussian_log_density(chain[:, k + 1], mean, log_std)
-        return total - self._denorm_log_det()
+        return chain_log_density(lambda x, k: self.step_stats(cache, x, k), chain, self.num_steps) - \
+            self._denorm_log_det()
 
     def regulariser(self, obs: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
         """bc_coef * mean over steps of || mean_k - mean_k(start) ||^2 on the given chain (0 when off)."""

@@ -33,6 +33,7 @@ Three velocity fields, as in SAC Flow:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -69,6 +70,33 @@ def tanh_log_det(u: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
     """log |d a / d u| of a = mid + half * tanh(u), summed per sample. log(1 - tanh(u)^2) is written as
     2 (log 2 - u - softplus(-2u)): exact, and finite where 1 - tanh(u)^2 rounds to 0 (no epsilon added)."""
     return (torch.log(half) + 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).flatten(1).sum(-1)
+
+
+StepStats = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]  # (x_k, k) -> mean, log-std of x_{k+1}
+
+
+def sample_chain(step_stats: StepStats, noise: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise-augmented chain x_0..x_K from `noise` [B, K+1, ...] (x_0, then eps_0..eps_{K-1}), reparameterised,
+    and the sum of its Gaussian log-densities (x_0's and every step's, -log sigma terms included)."""
+    x = noise[:, 0]
+    chain = [x]
+    log_prob = gaussian_log_density(x, torch.zeros_like(x), torch.zeros_like(x))
+    for k in range(num_steps):
+        mean, log_std = step_stats(x, k)
+        x = mean + torch.exp(log_std) * noise[:, k + 1]
+        log_prob = log_prob + gaussian_log_density(x, mean, log_std)
+        chain.append(x)
+    return torch.stack(chain, dim=1), log_prob
+
+
+def chain_log_density(step_stats: StepStats, chain: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """The same sum for a stored chain [B, K+1, ...], scored anew."""
+    x0 = chain[:, 0]
+    total = gaussian_log_density(x0, torch.zeros_like(x0), torch.zeros_like(x0))
+    for k in range(num_steps):
+        mean, log_std = step_stats(chain[:, k], k)
+        total = total + gaussian_log_density(chain[:, k + 1], mean, log_std)
+    return total
 
 
 class PlainVelocity(nn.Module):
@@ -163,24 +191,13 @@ class FlowActor(nn.Module):
             shape = (b, self.num_steps + 1, self.horizon, self.action_dim)
             where = generator.device if generator is not None else obs.device
             noise = torch.randn(shape, generator=generator, dtype=obs.dtype, device=where).to(obs.device)
-        x = noise[:, 0]
-        chain = [x]
-        log_prob = gaussian_log_density(x, torch.zeros_like(x), torch.zeros_like(x))
-        for k in range(self.num_steps):
-            mean, log_std = self.step_stats(obs, x, k)
-            x = mean + torch.exp(log_std) * noise[:, k + 1]
-            log_prob = log_prob + gaussian_log_density(x, mean, log_std)
-            chain.append(x)
-        log_prob = log_prob - tanh_log_det(x, self.action_half.expand_as(x))
-        return self.squash(x), torch.stack(chain, dim=1), log_prob
+        chain, log_prob = sample_chain(lambda x, k: self.step_stats(obs, x, k), noise, self.num_steps)
+        u = chain[:, -1]
+        return self.squash(u), chain, log_prob - tanh_log_det(u, self.action_half.expand_as(u))
 
     def log_prob(self, obs: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
         """log pi of a given chain [B, K+1, H, D] (x_0..x_K, x_K before the squash): the same sum, scored anew."""
-        x0 = chain[:, 0]
-        total = gaussian_log_density(x0, torch.zeros_like(x0), torch.zeros_like(x0))
-        for k in range(self.num_steps):
-            mean, log_std = self.step_stats(obs, chain[:, k], k)
-            total = total + gaussian_log_density(chain[:, k + 1], mean, log_std)
+        total = chain_log_density(lambda x, k: self.step_stats(obs, x, k), chain, self.num_steps)
         u = chain[:, -1]
         return total - tanh_log_det(u, self.action_half.expand_as(u))
 
