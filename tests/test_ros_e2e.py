@@ -125,9 +125,13 @@ def test_policy_node_maps_joints_by_name_and_refuses_stale_frames(server):
         assert all(len(c.points) == announced.exec_steps for c in chunks)
         offsets = [p.time_from_start.nanosec for p in chunks[0].points]  # under 1 s: C = 8 at 20 Hz
         assert offsets == [50_000_000 * k for k in range(len(offsets))]
-        planned = {tuple(p.positions) for c in list(chunks) for p in c.points}
         first = next(i for i, a in enumerate(actions) if tuple(a.position) == tuple(chunks[0].points[0].positions))
-        assert all(tuple(a.position) in planned for a in list(actions)[first:first + 2 * announced.exec_steps])
+        n = announced.exec_steps
+        wait_for(lambda: len(actions) >= first + n, 60, "a chunk's actions")
+        # the C actions sent from the chunk's start are the ones it announced, in order (after them a late next
+        # chunk lets the executor run on into the old chunk's unannounced remainder: timing, not tested here)
+        executed = [tuple(a.position) for a in list(actions)[first:first + n]]
+        assert executed == [tuple(p.positions) for p in chunks[0].points]
     finally:
         probe.close()
         executor.shutdown()
