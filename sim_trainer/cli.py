@@ -85,6 +85,8 @@ def cmd_sft(a: argparse.Namespace) -> int:
     _check_push(a)
     _set_threads(check_threads(a.threads))
     out = train_sft(cfg, force=a.force, wandb=wandb)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun (--fsdp): rank 0 reports and pushes
+        return 0
     print(f"checkpoint written to {out}")
     _push(a, out, "checkpoint")
     return 0

@@ -726,8 +726,8 @@ def test_a_message_from_an_unknown_publisher_does_not_stall_the_authoritys_heart
 
     add, probe = ros
     node = add(SafetyFilterNode("safety_filter", parameter_overrides=params(
-        controller_type="forward_command", controller_topic="/fcc/commands", source_lease_s=1.0,
-        late_action_s=5.0, diagnostics_hz=10.0, control_authority=PROBE, stale_state_s=5.0, authority_grace_s=3.0)))
+        controller_type="forward_command", controller_topic="/fcc/commands", source_lease_s=2.0,
+        late_action_s=5.0, diagnostics_hz=10.0, control_authority=PROBE, stale_state_s=5.0, authority_grace_s=6.0)))
     probe.add_node("fcc", joints=NAMES)
     publish_spec(probe)
     probe.collect(DiagnosticArray, topics.DIAGNOSTICS)
@@ -739,8 +739,14 @@ def test_a_message_from_an_unknown_publisher_does_not_stall_the_authoritys_heart
         return diag_values(probe, "safety_filter")
 
     wait_for(lambda: safety().get("source") == "policy" and safety().get("level") == b"\x00", 30, "policy in control")
-    # A message whose sender the graph cannot name, delivered through the node's own callback (as DDS would).
-    node._on_source(String(data="teleop"), {"publisher_gid": {"data": b"\x07" * 16}})
+    # A message whose sender the graph cannot name, delivered through the node's own callback on the node's own
+    # executor (as DDS would: never concurrently with its other callbacks). A queue that waited for the sender to
+    # be identified would stall the heartbeats for the whole 6 s grace, three times the 2 s lease.
+    def deliver() -> None:
+        once.cancel()
+        node._on_source(String(data="teleop"), {"publisher_gid": {"data": b"\x07" * 16}})
+
+    once = node.create_timer(0.01, deliver)
     wait_for(lambda: "unidentified" in safety().get("message", ""), 30, "the unidentified message refused")
     values = safety()
     assert "count/source_lease_lapsed" not in values, values  # the heartbeats kept the lease alive meanwhile

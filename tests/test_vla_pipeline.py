@@ -252,8 +252,9 @@ def test_fsdp_sft_over_two_gloo_ranks_keeps_the_ranks_identical(state_demos, tmp
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sharded over 2 processes" in proc.stderr
-    digests = dict(re.findall(r"fsdp rank (\d): gathered weights sha256 (\w+)", proc.stdout))
+    digests = dict(re.findall(r"fsdp rank (\d): gathered weights sha256 ([0-9a-f]{64})", proc.stdout))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    assert proc.stdout.count("checkpoint written to") == 1  # rank 0 reports
     assert type(load_checkpoint(tmp_path / "fsdp").model) is Pi0
 
 

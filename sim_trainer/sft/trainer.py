@@ -346,7 +346,9 @@ def _save_sharded(out: Path, model, spec, norm: NormStats, info: dict, ema: EMA,
     weights = full_tensors(ema.shadow)
     digest = hashlib.sha256(b"".join(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
                                      for _, v in sorted(weights.items()))).hexdigest()
-    print(f"fsdp rank {world.rank}: gathered weights sha256 {digest}", flush=True)
+    # One write per line: the ranks share stdout, and an unbuffered stdout would interleave print's two writes.
+    sys.stdout.write(f"fsdp rank {world.rank}: gathered weights sha256 {digest}\n")
+    sys.stdout.flush()
     if world.is_main:
         save_checkpoint(out, model, spec, norm, info, state_dict=weights)
     world.barrier()
