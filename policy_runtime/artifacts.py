@@ -11,15 +11,20 @@ Torch-free on purpose: the runtime, calibration and the trainers all use it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from policy_runtime.errors import UserError
 
+T = TypeVar("T")
 LOCK_NAME = ".lock"
 PROBE_PREFIX = ".write-probe-"  # a short-lived file that proves a directory writable
 
@@ -134,3 +139,43 @@ class OutputLock:
         if self._fd is not None:
             os.close(self._fd)  # the lock goes with the descriptor; the file stays (harmless, ignored above)
             self._fd = None
+
+
+def remove_if_empty(out: Path) -> None:
+    """A run that created `out` and failed leaves no empty directory behind (its lock file aside, it is empty)."""
+    (out / LOCK_NAME).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        out.rmdir()
+
+
+def build_and_publish(out: Path, created: bool, tag: str, build: Callable[[Path], T],
+                      publish: Callable[[Path, Path], None]) -> T:
+    """Under out's lock, `build` into a fresh directory on out's file system, then `publish(staging, out)`.
+
+    A failure anywhere (an exception, a refused check, Ctrl-C) leaves `out` as it was: the staging directory
+    always goes, and a run that created `out` removes it again. Returns what `build` returned.
+    """
+    try:
+        with OutputLock(out):
+            staging = _staging_dir(out, tag)
+            try:
+                result = build(staging)
+                publish(staging, out)
+                return result
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        if created:
+            remove_if_empty(out)
+        raise
+
+
+def _staging_dir(out: Path, tag: str) -> Path:
+    """A fresh directory on out's file system, so that publishing is a rename: beside `out`, or inside it when
+    its parent is not writable or is another file system (`out` a mount point)."""
+    parent = out.resolve().parent
+    where = parent if os.access(parent, os.W_OK) and os.stat(parent).st_dev == os.stat(out).st_dev else out
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.{tag}-", dir=where))
+    except OSError as e:
+        raise UserError(f"cannot create a build directory in {where}: {e.strerror}") from None

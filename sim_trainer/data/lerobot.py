@@ -10,13 +10,11 @@ dataset without that file (recorded with LeRobot) gets the defaults documented i
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from policy_runtime.artifacts import LOCK_NAME, OutputLock, atomic_write_text, claim_output_dir, is_bookkeeping
+from policy_runtime.artifacts import (
+    atomic_write_text,
+    build_and_publish,
+    claim_output_dir,
+    is_bookkeeping,
+    remove_if_empty,
+)
 from policy_runtime.contract import EPISODE_FORMAT, EPISODE_SOURCES, EPISODE_VERSION, CameraSpec, PolicySpec
 from policy_runtime.episodes import Episode, EpisodeWriter, _dataset_info, list_episodes, read_episode
 from sim_trainer.errors import UserError
@@ -63,36 +67,8 @@ def export_lerobot(data: str | Path, out: str | Path, force: bool = False) -> di
     if foreign:
         raise UserError(f"--force only replaces a LeRobot dataset, but {out} also holds {', '.join(foreign[:3])}; "
                         "remove those or choose another --out")
-    try:
-        with OutputLock(out):
-            staging = _staging_dir(out)
-            try:
-                summary = _write_lerobot(data, info, paths, staging)
-                _publish(staging, out)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        if created:
-            _remove_if_empty(out)
-        raise
-    return summary
-
-
-def _remove_if_empty(out: Path) -> None:
-    """A run that created `out` and failed leaves no empty directory behind (its lock file aside, it is empty)."""
-    (out / LOCK_NAME).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        out.rmdir()
-
-
-def _staging_dir(out: Path) -> Path:
-    """A fresh directory on out's file system: beside it, or inside it when its parent is not writable."""
-    parent = out.resolve().parent
-    where = parent if os.access(parent, os.W_OK) and os.stat(parent).st_dev == os.stat(out).st_dev else out
-    try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.lerobot-", dir=where))
-    except OSError as e:
-        raise UserError(f"cannot create a build directory in {where}: {e.strerror}") from None
+    return build_and_publish(out, created, "lerobot", lambda staging: _write_lerobot(data, info, paths, staging),
+                             _publish)
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -399,7 +375,7 @@ def import_lerobot(src: str | Path, out: str | Path, force: bool = False, source
         data = read_lerobot(src, source=source)
     except BaseException:
         if created:
-            _remove_if_empty(Path(out))
+            remove_if_empty(Path(out))
         raise
     with run_dir as root:
         writer = EpisodeWriter(root, spec=data.spec, meta=data.meta)

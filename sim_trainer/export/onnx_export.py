@@ -10,12 +10,10 @@ at export time; an export whose parity exceeds the tolerance is refused.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policy_runtime.artifacts import LOCK_NAME, OutputLock, atomic_write_text, claim_output_dir
+from policy_runtime.artifacts import atomic_write_text, build_and_publish, claim_output_dir
 from policy_runtime.contract import (
     ACTIONS_OUTPUT,
     MANIFEST_FILE,
@@ -104,31 +102,9 @@ def export_onnx(ckpt: str | Path, out: str | Path, num_steps: int, force: bool =
     if (out / "config.json").is_file():
         raise UserError(f"{out} holds a checkpoint (config.json); an export never replaces a checkpoint's files, "
                         "choose another --out")
-    try:
-        with OutputLock(out):
-            staging = _staging_dir(out)
-            try:
-                manifest = _build(loaded, ckpt, staging, num_steps)
-                _publish(staging, out)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        if created:  # leave no empty export directory behind either
-            (out / LOCK_NAME).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
+    manifest = build_and_publish(out, created, "export", lambda staging: _build(loaded, ckpt, staging, num_steps),
+                                 _publish)
     return ExportResult(out, manifest)
-
-
-def _staging_dir(out: Path) -> Path:
-    """A fresh directory on out's file system (beside it, or inside it when out is a mount point)."""
-    parent = out.resolve().parent
-    where = parent if os.access(parent, os.W_OK) and os.stat(parent).st_dev == os.stat(out).st_dev else out
-    try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.export-", dir=where))
-    except OSError as e:
-        raise UserError(f"cannot create a build directory in {where}: {e.strerror}") from None
 
 
 def _build(loaded: LoadedPolicy, ckpt: Path, staging: Path, num_steps: int) -> dict:
