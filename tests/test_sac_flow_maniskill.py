@@ -49,7 +49,7 @@ def test_sac_flow_runs_from_scratch_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("flags,fragment", [
     (["--velocity", "flow_x"], "unknown velocity"),
-    (["--ckpt", "checkpoints/pushcube_state_fewshot", "--velocity", "flow_t"], "flow_g or plain, not flow_t"),
+    (["--ckpt", "checkpoints/pushcube_state_fewshot", "--velocity", "gaussian"], "flow_g, flow_t, plain, not gaussian"),
     (["--sac-bc-coef", "1"], "give it with --ckpt"),
     (["--ckpt", "no/such/ckpt"], "does not exist"),
     (["--tau", "0"], "tau"),
@@ -61,9 +61,13 @@ def test_bad_sac_flow_configs_get_one_line_errors(tmp_path, flags, fragment):
     assert not out.exists()
 
 
-def test_sac_flow_from_the_sft_checkpoint_writes_a_checkpoint_that_eval_reads(tmp_path):
+@pytest.mark.parametrize("velocity,flag", [("flow_g", "velocity_gate"), ("flow_t", "velocity_decoder")])
+def test_sac_flow_from_the_sft_checkpoint_writes_a_checkpoint_that_eval_reads(tmp_path, velocity, flag):
+    """Flow-G (a gate) or Flow-T (a decoder) wraps the checkpoint's velocity; the run is a checkpoint of a model
+    that carries it, so eval reads it (and, for the decoder, export's parity check passes on it)."""
     out = tmp_path / "run"
     proc = run_cli("rl", "--config", "configs/sac_flow_pushcube_state_sft_cpu.yaml", "--out", str(out),
+                   "--velocity", velocity,
                    "--num-envs", "2", "--rollout-chunks", "2", "--max-episode-steps", "24", "--minibatch", "4",
                    "--learning-starts", "2", "--sac-hidden", "32", "--buffer-size", "64", "--eval-episodes", "1",
                    "--eval-envs", "1", "--eval-every", "0", "--save-every", "1", "--threads", "1",
@@ -74,10 +78,15 @@ def test_sac_flow_from_the_sft_checkpoint_writes_a_checkpoint_that_eval_reads(tm
     assert [r["update"] for r in rows] == [1, 2] and rows[-1]["updates"] > 0 and "actor_loss" in rows[-1]
     assert evals and evals[0]["eval"]["episodes"] == 1
     config = json.loads((out / "config.json").read_text())
-    assert config["model"]["velocity_gate"] is True and config["info"]["start_checkpoint"].endswith("fewshot")
+    assert config["model"][flag] is True and config["info"]["start_checkpoint"].endswith("fewshot")
+    assert set(config["model"]) & {"velocity_gate", "velocity_decoder"} == {flag}
     proc = run_cli("eval", "--ckpt", str(out), "--episodes", "1", "--envs", "1", "--out", str(tmp_path / "ev"))
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads((tmp_path / "ev" / "eval.json").read_text())["episodes"]) == 1
+    if flag == "velocity_decoder":
+        proc = run_cli("export", "--ckpt", str(out), "--steps", "2", "--out", str(tmp_path / "export"))
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads((tmp_path / "export" / "manifest.json").read_text())["parity"]["max_abs_err"] <= 1e-4
 
 
 def test_sac_flow_refuses_torchrun(tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ class ModelConfig:
     mlp_ratio: int = 4
     shortcut: bool = False  # velocity also conditioned on the step size d (shortcut models); old checkpoints: off
     velocity_gate: bool = False  # v = z(features) * v, z in (0, 2): SAC Flow's Flow-G on this model (sac_flow)
+    velocity_decoder: bool = False  # v = v + decoder(features, prefix): SAC Flow's Flow-T on this model (sac_flow)
 
     @classmethod
     def from_size(cls, size: str, **kwargs) -> ModelConfig:
@@ -55,11 +56,13 @@ class ModelConfig:
             raise UserError("max_text_len must be a multiple of text_patch")
         if self.d_model % self.n_heads:
             raise UserError("d_model must be divisible by n_heads")
+        if self.velocity_gate and self.velocity_decoder:
+            raise UserError("a model has a velocity gate (Flow-G) or a velocity decoder (Flow-T), not both")
         return self
 
     def to_dict(self) -> dict:
-        """config.json's model entry; a plain model's has no `shortcut` or `velocity_gate` key, as before these
-        existed (so older software still reads it)."""
+        """config.json's model entry; a plain model's has no `shortcut`, `velocity_gate` or `velocity_decoder` key,
+        as before these existed (so older software still reads it)."""
         d = asdict(self)
         for flag in BOOL_FIELDS:
             if not d[flag]:
@@ -105,7 +108,7 @@ class ModelConfig:
 INT_FIELDS = ("d_model", "n_heads", "prefix_layers", "expert_layers", "image_size", "state_dim", "action_dim",
               "horizon", "exec_steps", "num_steps", "max_text_len", "text_patch", "image_grid", "mlp_ratio")
 MAX_INT_FIELD = 4096
-BOOL_FIELDS = ("shortcut", "velocity_gate")
+BOOL_FIELDS = ("shortcut", "velocity_gate", "velocity_decoder")
 
 
 def _check_int(v: object, name: str) -> None:

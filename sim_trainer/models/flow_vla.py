@@ -9,7 +9,8 @@ Action expert (K times per chunk): a transformer over the H noisy action tokens 
 embedding, attending to the cached prefix; it returns the velocity v(x_tau, tau) and its per-token
 features (hooks for RL noise and value heads). A shortcut model (cfg.shortcut) also embeds the step size d
 (see flow.py); a plain model has no such weights and ignores d. A gated model (cfg.velocity_gate, made by SAC Flow
-from a checkpoint) scales each velocity number by z = 2 sigmoid(gate(features)) in (0, 2). All model inputs and
+from a checkpoint) scales each velocity number by z = 2 sigmoid(gate(features)) in (0, 2); a decoded one
+(cfg.velocity_decoder, SAC Flow's Flow-T) adds a decoder block's output to it. All model inputs and
 outputs are normalised; the Normalizer buffers convert raw state and actions at the boundary.
 """
 
@@ -93,6 +94,24 @@ class ExpertBlock(nn.Module):
         return x + self.mlp(self.ln3(x))
 
 
+class VelocityDecoder(nn.Module):
+    """SAC Flow's Flow-T on a trained expert: one decoder block over the action tokens' features (self-attention
+    across the chunk, cross-attention to the pooled prefix, the observation's embedding) whose output is added to
+    the velocity. Its output layer starts at zero, so a model with a fresh decoder is the model without one."""
+
+    def __init__(self, d: int, heads: int, ratio: int, action_dim: int):
+        super().__init__()
+        self.block, self.ln, self.out = ExpertBlock(d, heads, ratio), nn.LayerNorm(d), nn.Linear(d, action_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feats: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        memory = pooled[:, None, :]
+        k, v = self.block.cross_attn.keys_values(memory)
+        mask = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
+        return self.out(self.ln(self.block(feats, k, v, mask)))
+
+
 class VisionEncoder(nn.Module):
     """Strided CNN, then average-pooled to a grid x grid map: one token per cell, learned 2-D positions."""
 
@@ -160,6 +179,8 @@ class FlowVLA(nn.Module):
             self.velocity_gate = nn.Linear(d, cfg.action_dim)
             nn.init.zeros_(self.velocity_gate.weight)
             nn.init.zeros_(self.velocity_gate.bias)
+        if cfg.velocity_decoder:
+            self.velocity_decoder = VelocityDecoder(d, cfg.n_heads, cfg.mlp_ratio, cfg.action_dim)
 
     # ----- prefix -------------------------------------------------------------------------------
     def tokenize(self, instructions: Sequence[str]) -> torch.Tensor:
@@ -213,6 +234,8 @@ class FlowVLA(nn.Module):
         v = self.action_out(feats)
         if self.cfg.velocity_gate:
             v = 2.0 * torch.sigmoid(self.velocity_gate(feats)) * v
+        if self.cfg.velocity_decoder:
+            v = v + self.velocity_decoder(feats, cache.pooled)
         return v, feats
 
     def velocity(self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor,

@@ -10,8 +10,13 @@ so with no step noise it is exactly the backbone's own sampler. The velocity is 
   (z = 1: the SFT policy). Since v_b = (x - a_hat) / tau, where a_hat is the backbone's estimate of the clean
   chunk, a step is x_{k+1} = x_k + (delta z / tau_k) (a_hat - x_k) with delta / tau_k <= 1: a step towards a_hat that
   never overshoots it by more than it started away (|1 - delta z / tau_k| < 1), the gated, GRU-like update that
-  keeps K-step backpropagation stable. The gate lives in the model (`velocity_gate`), so the fine-tuned
-  checkpoint evaluates, exports and serves like any other.
+  keeps K-step backpropagation stable.
+- flow_t: v = v_b + D(features, o) with D a decoder block (self-attention over the chunk's action tokens,
+  cross-attention to the pooled prefix, the observation's embedding; pre-LayerNorm) and a zero-initialised output
+  layer (D = 0: the SFT policy). The correction is a function of normalised features, not of a sum carried from
+  step to step, which is what keeps the decoded velocity stable over K steps.
+The gate or decoder lives in the model (`velocity_gate` / `velocity_decoder`), so the fine-tuned checkpoint
+evaluates, exports and serves like any other.
 - plain: v = v_b, the backbone fine-tuned as it is (the ablation).
 
 Log-density (exact): the Gaussian transitions of the chain, each with its -log sigma terms, plus the constant
@@ -39,18 +44,29 @@ from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.models.interface import FlowPolicy, PrefixCache
 from sim_trainer.rl.flow_velocity import TIME_DIM, chain_log_density, mlp, sample_chain, time_embedding
 
+# --velocity -> the model config flag that adds its reparameterisation (plain: the backbone as it is)
+VELOCITY_FLAGS = {"flow_g": "velocity_gate", "flow_t": "velocity_decoder"}
 
-def with_velocity_gate(model: FlowPolicy, norm: NormStats) -> FlowPolicy:
-    """The same model with a velocity gate at z = 1 (so the same policy), for flow_g."""
-    if not isinstance(model, FlowVLA):
-        raise UserError(f"--velocity flow_g on a checkpoint needs a model with a velocity gate, which "
-                        f"{type(model).__name__} has not; use --velocity plain")
-    if model.cfg.velocity_gate:
+
+def with_sac_velocity(model: FlowPolicy, norm: NormStats, velocity: str) -> FlowPolicy:
+    """The same model with the velocity reparameterisation of `velocity` added at its identity (a gate at z = 1,
+    a decoder whose output is 0), so the same policy; plain returns the model unchanged."""
+    flag = VELOCITY_FLAGS.get(velocity)
+    if flag is None:
         return model
-    gated = FlowVLA(replace(model.cfg, velocity_gate=True), norm)
-    missing, unexpected = gated.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("velocity_gate.") for k in missing), (missing, unexpected)
-    return gated
+    if not isinstance(model, FlowVLA):
+        raise UserError(f"--velocity {velocity} on a checkpoint needs a model that can carry SAC Flow's {flag}, "
+                        f"which {type(model).__name__} cannot; use --velocity plain")
+    if getattr(model.cfg, flag):
+        return model
+    other = [f for f in VELOCITY_FLAGS.values() if f != flag and getattr(model.cfg, f)]
+    if other:
+        raise UserError(f"--velocity {velocity}: this checkpoint was fine-tuned with a {other[0]}; continue it with "
+                        f"the --velocity it was trained with, or start from its SFT checkpoint")
+    wrapped = FlowVLA(replace(model.cfg, **{flag: True}), norm)
+    missing, unexpected = wrapped.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(f"{flag}.") for k in missing), (missing, unexpected)
+    return wrapped
 
 
 class BackboneFlowActor(nn.Module):

@@ -124,7 +124,8 @@ class RLConfig:
     sac_std_min: float = option(0.01, "sac_flow: smallest per-step noise std of the flow chain")
     sac_std_max: float = option(1.0, "sac_flow: largest per-step noise std of the flow chain")
     sac_backbone_lr: float = option(1e-5, "sac_flow from --ckpt: learning rate of the checkpoint's own weights (0 "
-                                          "freezes them; its new velocity gate and the noise head learn at lr)")
+                                          "freezes them; its new velocity gate or decoder and the noise head learn "
+                                          "at lr)")
     sac_bc_coef: float = option(0.0, "sac_flow from --ckpt: weight of the pull of each flow step's mean towards the "
                                      "starting policy's (0: off)")
 
@@ -195,7 +196,7 @@ class RLConfig:
             else:
                 _check_dir("checkpoint", self.ckpt)
             if self.velocity not in BACKBONE_VELOCITIES:
-                raise UserError(f"sac_flow from a checkpoint wraps its velocity with {' or '.join(BACKBONE_VELOCITIES)}"
+                raise UserError(f"sac_flow from a checkpoint wraps its velocity with {', '.join(BACKBONE_VELOCITIES)}"
                                 f", not {self.velocity}")
         elif self.sac_bc_coef:
             raise UserError("sac_bc_coef pulls towards a starting policy: give it with --ckpt")

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 VELOCITIES = ("flow_g", "flow_t", "plain")
 ACTORS = (*VELOCITIES, "gaussian")  # gaussian: the no-flow SAC baseline (GaussianActor)
-BACKBONE_VELOCITIES = ("flow_g", "plain")  # on a pretrained backbone (backbone_actor.py)
+BACKBONE_VELOCITIES = ("flow_g", "flow_t", "plain")  # on a pretrained backbone (backbone_actor.py)
 TIME_DIM = 16
 LOG_2PI = math.log(2 * math.pi)
 

@@ -58,9 +58,11 @@ class TwinQ(nn.Module):
 
 
 def _actor_groups(actor: nn.Module, s: SACSettings) -> list[dict]:
-    """The actor's new parts (heads, gate) learn at actor_lr; a pretrained backbone's weights at backbone_lr."""
+    """The actor's new parts (heads, gate or decoder) learn at actor_lr; a pretrained backbone's own weights at
+    backbone_lr."""
     backbone = getattr(actor, "model", None)
-    pretrained = ({id(p) for n, p in backbone.named_parameters() if not n.startswith("velocity_gate.")}
+    new = ("velocity_gate.", "velocity_decoder.")
+    pretrained = ({id(p) for n, p in backbone.named_parameters() if not n.startswith(new)}
                   if backbone is not None else set())
     groups = [{"params": [p for p in actor.parameters() if id(p) not in pretrained], "lr": s.actor_lr}]
     if pretrained:

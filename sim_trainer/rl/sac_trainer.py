@@ -32,7 +32,7 @@ from sim_trainer.errors import UserError
 from sim_trainer.evaluate.rollout import EVAL_SEED_START
 from sim_trainer.models.checkpoint import LoadedPolicy, load_checkpoint, save_checkpoint
 from sim_trainer.progress import progress_bar
-from sim_trainer.rl.backbone_actor import BackboneFlowActor, with_velocity_gate
+from sim_trainer.rl.backbone_actor import BackboneFlowActor, with_sac_velocity
 from sim_trainer.rl.config import RLConfig, set_run_chunking
 from sim_trainer.rl.flow_velocity import FlowActor, GaussianActor
 from sim_trainer.rl.replay import NStepWindow, ReplayBuffer
@@ -90,7 +90,8 @@ class SACFlowTrainer:
         self.num_iterations = math.ceil(cfg.total_env_steps / self.steps_per_iteration)
 
     def _load_start(self) -> LoadedPolicy:
-        """The SFT checkpoint, its model at the run's K and C and, for flow_g, with a velocity gate at z = 1."""
+        """The SFT checkpoint, its model at the run's K and C and, for flow_g / flow_t, with a velocity gate at
+        z = 1 / a velocity decoder at 0."""
         cfg = self.cfg
         ckpt = local_dir(cfg.ckpt)  # an hf:// checkpoint is downloaded (or found in the cache) here
         loaded = load_checkpoint(ckpt)
@@ -100,9 +101,7 @@ class SACFlowTrainer:
         model = loaded.model
         set_run_chunking(model, cfg)
         self.norm = NormStats.load(ckpt / "norm_stats.json")
-        if cfg.velocity == "flow_g":
-            model = with_velocity_gate(model, self.norm)
-        return replace(loaded, model=model)
+        return replace(loaded, model=with_sac_velocity(model, self.norm, cfg.velocity))
 
     def _build(self, obs_dim: int, low: torch.Tensor, high: torch.Tensor) -> None:
         cfg = self.cfg
