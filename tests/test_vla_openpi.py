@@ -253,7 +253,9 @@ def test_sft_refuses_a_bad_openpi_backbone_before_work(breakage, fragment, tmp_p
 
 
 def test_sft_from_an_openpi_checkpoint_keeps_openpi_normalisation(tmp_path):
-    """`sft --backbone openpi:DIR#ASSET` trains from it; the checkpoint it writes reloads with openpi's eps."""
+    """`sft --backbone openpi:DIR#ASSET` trains from it; the checkpoint it writes reloads with openpi's eps and
+    exports (the normaliser is in the graph) within the export's parity bound."""
+    from sim_trainer.export.onnx_export import export_onnx
     from sim_trainer.models.checkpoint import load_checkpoint
     d = to_openpi("pi05", tmp_path / "ckpt", assets=("a", "b"))
     result = run_cli("sim-trainer", ["sft", "--data", f"lerobot:{DATASET}", "--out", tmp_path / "out",
@@ -266,3 +268,4 @@ def test_sft_from_an_openpi_checkpoint_keeps_openpi_normalisation(tmp_path):
     model = load_checkpoint(tmp_path / "out").model
     assert type(model) is Pi05 and (model.cfg.state_dim, model.cfg.action_dim) == (3, 2)
     assert (model.action_norm.convention, model.action_norm.eps) == ("openpi", 1e-6)
+    assert export_onnx(tmp_path / "out", tmp_path / "export", num_steps=2).manifest["parity"]["max_abs_err"] <= TOL
