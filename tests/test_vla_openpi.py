@@ -142,6 +142,21 @@ def test_a_bf16_file_loads_into_the_fp32_model(kind, tmp_path):
     assert (raw - ref["chunk_raw"]).abs().max() <= 0.05 * ref["chunk_raw"].abs().max()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_openpi_defaults_for_what_its_config_does_not_write(kind, tmp_path):
+    """Without max_token_len / state_prompt_dims: openpi's 48 (pi0) / 200 (pi0.5) tokens and the robot's state
+    dims in pi0.5's prompt; a "pi05" flag that agrees with the weights is accepted."""
+    d = to_openpi(kind, tmp_path / kind, pi05=kind == "pi05")
+    _edit_json(d / "config.json", lambda c: [c.pop(k, None) for k in ("max_token_len", "state_prompt_dims")])
+    model = load_vla(d)
+    assert model.cfg.max_text_len == {"pi0": 48, "pi05": 200}[kind]
+    if kind == "pi05":
+        assert model.cfg.extra["state_prompt_dims"] == "robot"
+        ref, meta = reference(kind)
+        prompt = model.full_prompt(meta["tasks"][:1], ref["state"][:1])[0]
+        assert len(prompt.split("State: ")[1].split(";")[0].split()) == 8
+
+
 def test_the_token_embedding_may_be_stored_instead_of_lm_head(tmp_path):
     d = to_openpi("pi0", tmp_path / "pi0")
     w = load_file(str(d / "model.safetensors"))

@@ -64,24 +64,26 @@ def choose_asset(directory: Path, asset_id: str | None) -> tuple[str, Path]:
     return next(iter(found.items()))
 
 
-def policy_kind(config: dict, weights: dict[str, torch.Tensor], where: Path) -> str:
+def policy_kind(config: dict, weights: dict[str, torch.Tensor], directory: Path) -> str:
     """"pi0" or "pi05": config.json's "pi05" flag, else what the weights hold (pi0.5: adaRMS expert norms and
     time_mlp_*; pi0: state_proj and action_time_mlp_*)."""
     if "pi05" in config:
         if not isinstance(config["pi05"], bool):
-            raise UserError(f"{where / 'config.json'}: \"pi05\" must be true or false, got {config['pi05']!r}")
+            raise UserError(f"{directory / 'config.json'}: \"pi05\" must be true or false, got {config['pi05']!r}")
         return "pi05" if config["pi05"] else "pi0"
     pi05 = any(_PI05_KEY.match(k) for k in weights)
     pi0 = any(_PI0_KEY.match(k) for k in weights)
     if pi05 == pi0:
-        raise UserError(f"{where / 'model.safetensors'}: cannot tell pi0 from pi0.5 by its weights (it holds "
+        raise UserError(f"{directory / 'model.safetensors'}: cannot tell pi0 from pi0.5 by its weights (it holds "
                         f"{'both' if pi0 else 'neither'}'s time conditioning); set \"pi05\": true or false in "
                         f"config.json")
     return "pi05" if pi05 else "pi0"
 
 
-def _positive_int(config: dict, key: str, default: int, where: Path) -> int:
-    value = config.get(key, default)
+def _positive_int(config: dict, key: str, default: int | None, where: Path) -> int | None:
+    if key not in config:
+        return default
+    value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
     return value
@@ -100,7 +102,7 @@ def settings(config: dict, where: Path) -> dict:
         raise UserError(f"{where}: state_prompt_dims must be \"robot\" or \"padded\", got {prompt_dims!r}")
     return {"model_dim": _positive_int(config, "action_dim", 32, where),
             "horizon": _positive_int(config, "action_horizon", 50, where),
-            "max_token_len": _positive_int(config, "max_token_len", 1, where) if "max_token_len" in config else None,
+            "max_token_len": _positive_int(config, "max_token_len", None, where),
             "state_prompt_dims": prompt_dims}
 
 
