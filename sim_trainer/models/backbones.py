@@ -19,7 +19,14 @@ import torch
 
 from sim_trainer.data.normalize import STD_FLOOR, NormStats, Stats
 from sim_trainer.errors import UserError
-from sim_trainer.models.vla.common import GemmaDims, PaliGemmaFlowPolicy, StatsNormalizer, VisionDims, VLAConfig
+from sim_trainer.models.vla.common import (
+    NORM_EPS,
+    GemmaDims,
+    PaliGemmaFlowPolicy,
+    StatsNormalizer,
+    VisionDims,
+    VLAConfig,
+)
 from sim_trainer.models.vla.loader import check_and_load, key_problems, paligemma_config, read_tokenizer
 from sim_trainer.models.vla.pi0 import Pi0
 from sim_trainer.models.vla.pi05 import Pi05
@@ -75,9 +82,11 @@ def fitted_stats(stats: Stats) -> dict[str, torch.Tensor]:
             (("mean", stats.mean), ("std", std), ("q01", mid - half), ("q99", mid + half))}
 
 
-def normalizers(mode: str, norm: NormStats) -> tuple[StatsNormalizer, StatsNormalizer]:
-    """State and action normalisers in `mode` (mean_std, quantiles, identity) with the dataset's statistics."""
-    return StatsNormalizer(mode, fitted_stats(norm.state)), StatsNormalizer(mode, fitted_stats(norm.actions))
+def normalizers(mode: str, norm: NormStats, convention: str = "lerobot") -> tuple[StatsNormalizer, StatsNormalizer]:
+    """State and action normalisers in `mode` (mean_std, quantiles, identity) with the dataset's statistics, the
+    eps placed as `convention` (lerobot, openpi) places it."""
+    return (StatsNormalizer(mode, fitted_stats(norm.state), convention=convention),
+            StatsNormalizer(mode, fitted_stats(norm.actions), convention=convention))
 
 
 def tiny_backbone(name: str, cameras: tuple[str, ...], state_dim: int, action_dim: int, horizon: int,
@@ -101,7 +110,7 @@ def fit_to_dataset(model: PaliGemmaFlowPolicy, cameras: tuple[str, ...], state_d
                    horizon: int, exec_steps: int, num_steps: int, norm: NormStats) -> PaliGemmaFlowPolicy:
     """A loaded policy re-targeted to our dataset: our cameras take its image slots in order (the slots left
     over are masked), state and actions are our dims (zero-padded to its max dims), and its normaliser
-    statistics are replaced by the dataset's, in the model's own mode."""
+    statistics are replaced by the dataset's, in the model's own mode and eps convention."""
     cfg = model.cfg
     kind = backbone_type(model)
     if kind is None:
@@ -120,7 +129,7 @@ def fit_to_dataset(model: PaliGemmaFlowPolicy, cameras: tuple[str, ...], state_d
         model.state_norm, model.action_norm = (MeanStdNormalizer(f["mean"], f["std"], model.state_norm.eps)
                                                for f in fitted)
     else:
-        model.state_norm, model.action_norm = normalizers(model.state_norm.mode, norm)
+        model.state_norm, model.action_norm = normalizers(model.state_norm.mode, norm, model.state_norm.convention)
     return model
 
 
@@ -146,6 +155,8 @@ def lerobot_config(model: PaliGemmaFlowPolicy) -> dict:
     }
     if kind == "pi05":
         config["state_prompt_dims"] = cfg.extra.get("state_prompt_dims", "padded")
+    if model.state_norm.convention != "lerobot":  # a policy from an openpi checkpoint keeps openpi's eps
+        config["normalization_convention"] = model.state_norm.convention
     return config
 
 
@@ -217,7 +228,10 @@ def load_backbone(path: Path, kind: str, config: dict, norm: NormStats,
     mode = str((config.get("normalization_mapping") or {}).get("STATE", NORM_MODES[kind])).lower()
     if mode not in ("mean_std", "quantiles", "identity"):
         raise UserError(f"{where}: normalisation {mode!r} is not supported")
-    model = CLASSES[kind](cfg, *normalizers(mode, norm), tokenizer)
+    convention = config.get("normalization_convention", "lerobot")
+    if convention not in NORM_EPS:
+        raise UserError(f"{where}: normalization_convention {convention!r} is not one of {', '.join(NORM_EPS)}")
+    model = CLASSES[kind](cfg, *normalizers(mode, norm, convention), tokenizer)
     problems = key_problems(model, ours)
     norm_state = {k: v for k, v in weights.items() if k.startswith(NORM_KEYS)}
     expected_norm = {k for k in model.state_dict() if k.startswith(NORM_KEYS)}

@@ -30,6 +30,7 @@ from sim_trainer.models.checkpoint import save_checkpoint
 from sim_trainer.models.config import SIZES, ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.models.interface import freeze_groups
+from sim_trainer.models.vla.loader import PolicySource, build_vla, locate_vla, split_asset_id
 from sim_trainer.progress import progress_bar
 from sim_trainer.rl.distributed import World, full_tensors, shard_model
 from sim_trainer.run_dir import RunDir
@@ -49,7 +50,9 @@ SFT_LIMITS = {
 }
 BACKBONE_HELP = ("start from a flow VLA instead of our own model: pi0-tiny / pi05-tiny (tiny, random: tests and CPU "
                  "smoke runs), or lerobot:DIR / hf://owner/name (a saved LeRobot pi0 / pi0.5 / SmolVLA "
-                 "policy); its normalisation statistics are replaced by the dataset's")
+                 "policy), or openpi:DIR[#ASSET_ID] (an openpi PyTorch checkpoint; #ASSET_ID picks its "
+                 "assets/ASSET_ID statistics); its normalisation statistics are replaced by the dataset's")
+BACKBONE_PREFIXES = ("lerobot:", "openpi:")  # both read either layout: the directory's files tell which
 OBJECTIVES = ("flow", "shortcut")
 # What makes a resumed run the same run: the model, the data and how they are sampled.
 RESUME_KEYS = ("data", "mix", "size", "backbone", "expert_only", "freeze_vision", "lora_rank",
@@ -114,8 +117,9 @@ class SFTConfig:
             raise UserError(f"--mix needs one ratio per dataset ({len(self.data)}), got {len(self.mix)}")
         if self.exec_steps > self.horizon:
             raise UserError(f"exec_steps C={self.exec_steps} cannot exceed the chunk horizon H={self.horizon}")
-        if self.backbone and self.backbone not in TINY and not self.backbone.startswith(("lerobot:", "hf://")):
-            raise UserError(f"unknown --backbone {self.backbone!r}; choose {', '.join(TINY)}, lerobot:DIR or hf://...")
+        if self.backbone and self.backbone not in TINY and not self.backbone.startswith((*BACKBONE_PREFIXES, "hf://")):
+            raise UserError(f"unknown --backbone {self.backbone!r}; choose {', '.join(TINY)}, lerobot:DIR, "
+                            f"openpi:DIR or hf://...")
         if self.backbone and self.objective != "flow":
             raise UserError("--backbone trains with the flow objective only (no shortcut)")
         if self.fsdp and (self.resume or self.eval_every):
@@ -213,7 +217,7 @@ def _train_sft(cfg: SFTConfig, world: World, force: bool, wandb: WandbSettings |
         raise UserError(f"all cameras must share one square resolution, got {sorted(sizes)}")
     if cfg.image_grid and spec.cameras and cfg.image_grid > spec.cameras[0].height:
         raise UserError(f"image_grid {cfg.image_grid} exceeds the {spec.cameras[0].height}-pixel camera images")
-    backbone_dir = _backbone_dir(cfg)
+    backbone_source = _backbone_source(cfg)
     run_dir = RunDir(cfg.out, what="an SFT run", force=force, resume=cfg.resume,
                      inputs=tuple(source_path(d) for d in cfg.data), state_file=f"{STATE}.json")
     out = run_dir.path
@@ -230,7 +234,7 @@ def _train_sft(cfg: SFTConfig, world: World, force: bool, wandb: WandbSettings |
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = _build_model(cfg, model_cfg, spec, norm, backbone_dir)
+    model = _build_model(cfg, model_cfg, spec, norm, backbone_source)
     sampler = MixedSampler([ChunkSource(eps, cfg.horizon, model.tokenize) for eps in datasets], ratios,
                            seed=cfg.seed + 1000 * world.rank)
     if cfg.fsdp:
@@ -263,19 +267,20 @@ class _NoLog(contextlib.nullcontext):
         pass
 
 
-def _backbone_dir(cfg: SFTConfig) -> Path | None:
-    """The LeRobot policy directory --backbone names (a directory, hf://..., or a Hub repo id), found before any
-    work: a wrong name is one line and leaves no output directory behind."""
+def _backbone_source(cfg: SFTConfig) -> PolicySource | None:
+    """The policy --backbone names (a LeRobot policy or openpi checkpoint directory, hf://..., or a Hub repo id,
+    with an optional #ASSET_ID), found before any work: a wrong name, config or asset choice is one line and
+    leaves no output directory behind."""
     if not cfg.backbone or cfg.backbone in TINY:
         return None
     from policy_runtime.hub import local_dir
-    from sim_trainer.models.vla.loader import read_json, resolve
-    directory = resolve(local_dir(cfg.backbone.removeprefix("lerobot:")))
-    read_json(directory / "config.json")
-    return directory
+    text = next((cfg.backbone.removeprefix(p) for p in BACKBONE_PREFIXES if cfg.backbone.startswith(p)),
+                cfg.backbone)
+    path, asset_id = split_asset_id(text)
+    return locate_vla(local_dir(path), asset_id)
 
 
-def _build_model(cfg: SFTConfig, model_cfg: ModelConfig, spec, norm: NormStats, backbone_dir: Path | None):
+def _build_model(cfg: SFTConfig, model_cfg: ModelConfig, spec, norm: NormStats, backbone_source: PolicySource | None):
     """Our FlowVLA, or the --backbone fitted to the dataset (cameras, dims, chunking, its normaliser re-fitted),
     with the groups the options freeze frozen."""
     if not cfg.backbone:
@@ -285,8 +290,7 @@ def _build_model(cfg: SFTConfig, model_cfg: ModelConfig, spec, norm: NormStats, 
     if cfg.backbone in TINY:
         model = tiny_backbone(cfg.backbone, *shape, seed=cfg.seed)
     else:
-        from sim_trainer.models.vla import load_vla
-        model = load_vla(backbone_dir)
+        model = build_vla(backbone_source)
         if cfg.lora_rank and not hasattr(model, "enable_lora"):
             raise UserError(f"--lora-rank: LoRA is available on pi0 / pi0.5, not on {type(model).__name__}")
         model = fit_to_dataset(model, *shape)

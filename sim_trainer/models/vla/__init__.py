@@ -1,7 +1,8 @@
 """Real flow VLAs (pi0, pi0.5, SmolVLA) written on transformers' building blocks, loaded from LeRobot policy
-directories.
+directories and openpi's PyTorch checkpoints.
 
-`load_vla(path_or_repo_id)` dispatches on config.json's "type"; `register_vla(type, builder)` adds a type.
+`load_vla(path_or_repo_id)` dispatches on config.json's "type" (none, with openpi's fields: an openpi checkpoint);
+`register_vla(type, builder)` adds a type.
 """
 
 from __future__ import annotations

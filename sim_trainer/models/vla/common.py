@@ -79,20 +79,35 @@ class VLAConfig:
         return self.vision.image_size
 
 
-class StatsNormalizer(nn.Module):
-    """LeRobot's normalisations as buffers: mean_std (x - mean) / (std + eps), quantiles to [-1, 1] over
-    [q01, q99], or identity; `inverse` maps model outputs back to raw units."""
+# The eps of each convention: LeRobot divides by std + 1e-8 (a quantile span gets eps only when it is 0) and
+# multiplies back by std alone; openpi adds 1e-6 to std and to the quantile span in both directions.
+NORM_EPS = {"lerobot": 1e-8, "openpi": 1e-6}
 
-    def __init__(self, mode: str, stats: dict[str, torch.Tensor], eps: float = 1e-8):
+
+class StatsNormalizer(nn.Module):
+    """Normalisation as buffers: mean_std (x - mean) / (std + eps), quantiles to [-1, 1] over [q01, q99], or
+    identity; `inverse` maps model outputs back to raw units. `convention` ("lerobot", "openpi") says where the
+    eps goes, so a checkpoint is normalised exactly as the code that trained it did."""
+
+    def __init__(self, mode: str, stats: dict[str, torch.Tensor], eps: float | None = None,
+                 convention: str = "lerobot"):
         super().__init__()
-        self.mode, self.eps = mode, eps
+        if convention not in NORM_EPS:
+            raise ValueError(f"unknown normalisation convention {convention!r}; use one of {', '.join(NORM_EPS)}")
+        self.mode, self.convention = mode, convention
+        self.eps = NORM_EPS[convention] if eps is None else eps
         needs = {"mean_std": ("mean", "std"), "quantiles": ("q01", "q99"), "identity": ()}[mode]
         for k in needs:
             self.register_buffer(k, torch.as_tensor(stats[k], dtype=torch.float32))
 
     def _span(self) -> torch.Tensor:
         d = self.q99 - self.q01
+        if self.convention == "openpi":
+            return d + self.eps
         return torch.where(d == 0, torch.full_like(d, self.eps), d)
+
+    def _inverse_std(self) -> torch.Tensor:
+        return self.std + self.eps if self.convention == "openpi" else self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "mean_std":
@@ -103,7 +118,7 @@ class StatsNormalizer(nn.Module):
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "mean_std":
-            return x * self.std + self.mean
+            return x * self._inverse_std() + self.mean
         if self.mode == "quantiles":
             return (x + 1.0) * self._span() / 2.0 + self.q01
         return x

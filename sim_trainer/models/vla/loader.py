@@ -1,10 +1,12 @@
-"""Load a saved LeRobot policy directory (pi0 / pi0.5; other types register a builder) into our models.
+"""Load a saved LeRobot policy directory (pi0 / pi0.5; other types register a builder) or an openpi PyTorch
+checkpoint (models/vla/openpi.py) into our models.
 
-Layout read: config.json (draccus, with "type"), model.safetensors (LeRobot's key names, with or without the
-`model.` prefix as openpi's PyTorch files have), the normaliser statistics in the processor safetensors named by
-policy_preprocessor.json / policy_postprocessor.json, and tokenizer.json (the model's own tokenizer: copy the
-tokenizer files of the repo named in policy_preprocessor.json into the directory). A Hub repo id is fetched
-with huggingface_hub. Every problem is a one-line UserError; key problems name every key involved.
+LeRobot layout read: config.json (draccus, with "type"), model.safetensors (LeRobot's key names, with or without
+the `model.` prefix), the normaliser statistics in the processor safetensors named by policy_preprocessor.json /
+policy_postprocessor.json, and tokenizer.json (the model's own tokenizer: copy the tokenizer files of the repo
+named in policy_preprocessor.json into the directory). A config.json without "type" that holds openpi's fields
+is an openpi checkpoint. A Hub repo id is fetched with huggingface_hub. Every problem is a one-line UserError;
+key problems name every key involved.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,15 +48,58 @@ def register_vla(policy_type: str, builder: Builder) -> None:
     _BUILDERS[policy_type] = builder
 
 
-def load_vla(path_or_repo_id: str | Path) -> torch.nn.Module:
-    """A policy from a LeRobot policy directory or a Hub repo id, in eval mode."""
-    directory = resolve(path_or_repo_id)
+@dataclass(frozen=True)
+class PolicySource:
+    """A policy directory found and its config read, before any weights are: what `build_vla` builds."""
+
+    directory: Path
+    config: dict
+    asset_id: str | None = None  # openpi: the assets/<asset_id>/norm_stats.json chosen
+
+
+def load_vla(path_or_repo_id: str | Path, asset_id: str | None = None) -> torch.nn.Module:
+    """A policy from a LeRobot policy directory, an openpi PyTorch checkpoint (`asset_id`, or a `#ASSET_ID`
+    suffix, picks its normalisation statistics) or a Hub repo id, in eval mode."""
+    return build_vla(locate_vla(path_or_repo_id, asset_id))
+
+
+def locate_vla(path_or_repo_id: str | Path, asset_id: str | None = None) -> PolicySource:
+    """The directory, its config and (openpi) the asset whose statistics to use; every problem found here (no
+    such directory, unreadable config, unknown type, missing or ambiguous statistics) is one line, before the
+    weights are read."""
+    text, named = split_asset_id(str(path_or_repo_id))
+    directory = resolve(text)
     config = read_json(directory / "config.json")
-    kind = config.get("type")
-    if kind not in _BUILDERS:
-        raise UserError(f"{directory / 'config.json'}: policy type {kind!r} is not supported; "
-                        f"supported: {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[kind](directory, config).eval()
+    asset_id = asset_id or named
+    from sim_trainer.models.vla import openpi  # it builds on this module's readers
+    if openpi.is_openpi_config(config):
+        return PolicySource(directory, config, openpi.locate(directory, config, asset_id))
+    if asset_id:
+        raise UserError(f"{directory}: an asset id ({asset_id!r}) picks the statistics of an openpi checkpoint; "
+                        f"this is a LeRobot policy directory")
+    if config.get("type") not in _BUILDERS:
+        raise UserError(f"{directory / 'config.json'}: policy type {config.get('type')!r} is not supported; "
+                        f"supported: {', '.join(sorted(_BUILDERS))} (LeRobot), or an openpi checkpoint")
+    return PolicySource(directory, config)
+
+
+def build_vla(source: PolicySource) -> torch.nn.Module:
+    """The policy `source` names, weights loaded and checked, in eval mode."""
+    from sim_trainer.models.vla import openpi
+    if openpi.is_openpi_config(source.config):
+        return openpi.build_openpi(source.directory, source.config, source.asset_id).eval()
+    return _BUILDERS[source.config["type"]](source.directory, source.config).eval()
+
+
+def split_asset_id(text: str) -> tuple[str, str | None]:
+    """"DIR#ASSET_ID" -> (DIR, ASSET_ID); a path that exists (even with a '#' in its name) is taken whole."""
+    if "#" not in text or Path(text).exists():
+        return text, None
+    path, _, asset_id = text.rpartition("#")
+    if not asset_id.strip("/"):
+        raise UserError(f"{text}: nothing after '#': write DIR#ASSET_ID (the assets/<ASSET_ID>/norm_stats.json "
+                        f"to use)")
+    return path, asset_id.strip("/")
 
 
 def resolve(path_or_repo_id: str | Path) -> Path:
@@ -285,9 +331,13 @@ def paligemma_config(ours: dict[str, torch.Tensor], config: dict, where: Path, p
     return cfg
 
 
-def build_paligemma_policy(cls, directory: Path, config: dict, extra: dict | None = None):
-    """pi0 / pi0.5 (`cls`) from a LeRobot directory, weights loaded and checked."""
-    ours = paligemma_weights(read_weights(directory), cls.checkpoint_renames)
+def build_paligemma_policy(cls, directory: Path, config: dict, extra: dict | None = None,
+                           weights: dict[str, torch.Tensor] | None = None,
+                           norms: tuple[StatsNormalizer, StatsNormalizer] | None = None):
+    """pi0 / pi0.5 (`cls`) from a directory, weights loaded and checked: `config` in LeRobot's vocabulary,
+    `weights` as read from model.safetensors (read here when None), `norms` the state and action normalisers
+    (LeRobot's processor statistics when None)."""
+    ours = paligemma_weights(read_weights(directory) if weights is None else weights, cls.checkpoint_renames)
     tokenizer = read_tokenizer(directory)
     pad = tokenizer.token_to_id("<pad>")
     cfg = paligemma_config(ours, config, directory / "config.json", 0 if pad is None else pad, extra)
@@ -295,8 +345,10 @@ def build_paligemma_policy(cls, directory: Path, config: dict, extra: dict | Non
     if n_ids > cfg.lm.vocab_size:
         raise UserError(f"{directory / 'tokenizer.json'} has token ids up to {n_ids - 1} but the model's "
                         f"embedding has {cfg.lm.vocab_size} rows: not this model's tokenizer")
-    stats = read_stats(directory)
-    model = cls(cfg, normalizer(config, stats, "observation.state", "STATE", cfg.state_dim, directory),
-                normalizer(config, stats, "action", "ACTION", cfg.action_dim, directory), tokenizer)
+    if norms is None:
+        stats = read_stats(directory)
+        norms = (normalizer(config, stats, "observation.state", "STATE", cfg.state_dim, directory),
+                 normalizer(config, stats, "action", "ACTION", cfg.action_dim, directory))
+    model = cls(cfg, *norms, tokenizer)
     check_and_load(model, ours, directory)
     return model
