@@ -195,11 +195,11 @@ class RLConfig:
         """What a sharded run does not support, refused before any work."""
         if self.algorithm == "sac_flow":
             raise UserError("--fsdp shards PPO/GRPO runs; sac_flow runs in one process")
+        if self.resume:
+            raise UserError("--fsdp runs write no resumable trainer state (the checkpoint only): drop --resume")
         if int(os.environ.get("WORLD_SIZE", "1")) < 2:
             raise UserError("--fsdp shards the policy over torchrun's processes: start the run with "
                             "torchrun --nproc-per-node N (N >= 2) -m sim_trainer.cli rl ...")
-        if self.resume:
-            raise UserError("--fsdp runs write no resumable trainer state (the checkpoint only): drop --resume")
 
     def _check_sac_flow(self) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
