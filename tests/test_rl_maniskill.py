@@ -128,10 +128,13 @@ def test_fsdp_rl_over_two_gloo_ranks_matches_data_parallel(state_demos, tmp_path
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
-    sharded = run(tmp_path / "fsdp", "--fsdp")
+    # saved and evaluated after each update too: the weights are gathered mid-run and sharded again
+    sharded = run(tmp_path / "fsdp", "--fsdp", "--save-every", "1", "--eval-every", "1")
     assert "policy sharded over 2 processes" in sharded.stderr
-    digests = dict(re.findall(r"fsdp rank (\d): update 2 gathered weights sha256 ([0-9a-f]{64})", sharded.stdout))
-    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    digests = re.findall(r"fsdp rank (\d): update (\d) gathered weights sha256 ([0-9a-f]{64})", sharded.stdout)
+    assert sorted((u, r) for r, u, _ in digests) == [("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")]
+    assert all(len({d for _, u, d in digests if u == update}) == 1 for update in "12")
+    assert [e["update"] for e in read_metrics(tmp_path / "fsdp")[1]] == [0, 1, 2]
     assert sharded.stdout.count("RL checkpoint written to") == 1  # rank 0 reports
     loaded = load_checkpoint(tmp_path / "fsdp")
     assert type(loaded.model) is Pi0 and loaded.info["update"] == 2

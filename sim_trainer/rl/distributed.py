@@ -2,7 +2,8 @@
 
 Every rank steps its own envs with its own seeds; gradients are averaged with an explicit all-reduce
 after backward (so the update reads like the single-process one), metrics are averaged, and rank 0 alone
-evaluates and writes checkpoints. Without torchrun's environment this is a world of one.
+evaluates and writes checkpoints. Without torchrun's environment this is a world of one. With --fsdp (SFT and
+RL) the model is sharded over the world instead (shard_model) and FSDP's backward averages the gradients.
 """
 
 from __future__ import annotations
