@@ -62,10 +62,12 @@ def test_list_flags_repeat_or_take_several_values(tmp_path):
 
 
 @pytest.mark.parametrize("preset", sorted(str(p) for p in CONFIGS.glob("[sr][fl]*_*.yaml")))
-def test_shipped_presets_load_with_flags_over_them(preset, tmp_path):
+def test_shipped_presets_load_with_flags_over_them(preset, tmp_path, monkeypatch):
     """Every shipped sft_*/rl_* preset still loads; the flags given replace only their own keys."""
     from policy_runtime.yaml_io import load_yaml_mapping
 
+    if load_yaml_mapping(preset).get("fsdp"):  # a sharded preset loads as one of torchrun's processes
+        monkeypatch.setenv("WORLD_SIZE", "2")
     command, cls = ("sft", SFTConfig) if Path(preset).name.startswith("sft_") else ("rl", RLConfig)
     flags = ["--out", str(tmp_path / "run")]
     if command == "rl":  # the preset's checkpoint, GPU backend and GPU-sized env counts need not fit this host

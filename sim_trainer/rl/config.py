@@ -104,6 +104,9 @@ class RLConfig:
     sim_backend: str = option("physx_cpu", "physx_cpu (one process per env) or physx_cuda (GPU, one process)")
     max_episode_steps: int | None = option(None, "episode horizon (default: the task's)")
     resume: bool = option(False, "continue the run in --out from its last checkpoint")
+    fsdp: bool = option(False, "under torchrun: shard the policy (model and heads) over the processes (FSDP, "
+                               "fully_shard; gloo on CPU, NCCL on GPUs), each stepping its own envs (PPO/GRPO; "
+                               "no --resume)")
     # sac_flow (docs/rl.md, "Off-policy: SAC Flow"); it also reads ckpt (start from an SFT checkpoint; without it,
     # a flow policy from scratch), num_steps, exec_steps (from scratch H = C, default 4), gamma, lr (actor heads and
     # temperature), value_lr (critics), minibatch, max_grad_norm, rollout_chunks (chunk steps per env between logs),
@@ -145,6 +148,8 @@ class RLConfig:
         one_of("reward", self.reward, REWARDS)
         one_of("sim_backend", self.sim_backend, SIM_BACKENDS)
         one_of("velocity", self.velocity, ACTORS)
+        if self.fsdp:
+            self._check_fsdp()
         if self.algorithm == "sac_flow":
             self._check_sac_flow()
         elif not self.ckpt:
@@ -186,6 +191,16 @@ class RLConfig:
             print("warning: value_input=privileged ignored: GRPO has no critic", file=sys.stderr)
             self.value_input = "prefix"
         return self
+
+    def _check_fsdp(self) -> None:
+        """What a sharded run does not support, refused before any work."""
+        if self.algorithm == "sac_flow":
+            raise UserError("--fsdp shards PPO/GRPO runs; sac_flow runs in one process")
+        if self.resume:
+            raise UserError("--fsdp runs write no resumable trainer state (the checkpoint only): drop --resume")
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise UserError("--fsdp shards the policy over torchrun's processes: start the run with "
+                            "torchrun --nproc-per-node N (N >= 2) -m sim_trainer.cli rl ...")
 
     def _check_sac_flow(self) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

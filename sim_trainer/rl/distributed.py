@@ -2,7 +2,8 @@
 
 Every rank steps its own envs with its own seeds; gradients are averaged with an explicit all-reduce
 after backward (so the update reads like the single-process one), metrics are averaged, and rank 0 alone
-evaluates and writes checkpoints. Without torchrun's environment this is a world of one.
+evaluates and writes checkpoints. Without torchrun's environment this is a world of one. With --fsdp (SFT and
+RL) the model is sharded over the world instead (shard_model) and FSDP's backward averages the gradients.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def shard_model(model: torch.nn.Module, methods: tuple[str, ...]) -> None:
         register_fsdp_forward_method(model, name)
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (DTensor) gathered whole, e.g. a gradient norm of sharded gradients (a collective); any
+    other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict with every sharded tensor gathered whole (a collective: every rank calls it)."""
-    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+    return {k: whole(v) for k, v in state.items()}

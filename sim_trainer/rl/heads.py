@@ -83,7 +83,8 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.net(feats).squeeze(-1)
+        # [B, 1] -> [B] as a new tensor, not a view: FSDP hooks the policy's outputs for backward, and warns on views
+        return self.net(feats).sum(-1)
 
 
 class RunningNorm(nn.Module):

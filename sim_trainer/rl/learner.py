@@ -23,7 +23,7 @@ import torch
 
 from sim_trainer.rl.advantages import gae, grpo_advantages, trajectory_weights
 from sim_trainer.rl.config import RLConfig
-from sim_trainer.rl.distributed import World
+from sim_trainer.rl.distributed import World, whole
 from sim_trainer.rl.losses import explained_variance, masked_mean, policy_loss, reduce_log_prob, value_loss
 from sim_trainer.rl.policy import RLPolicy
 from sim_trainer.rl.rollout import Rollout
@@ -90,9 +90,8 @@ class Learner:
         """Flow-matching loss of the policy on one batch of co-training (real) demonstrations."""
         b = self.cotrain.sample(self.cfg.cotrain_batch)
         dev = self.text.device
-        return self.policy.model.flow_matching_loss({k: v.to(dev) for k, v in b.images.items()}, b.state.to(dev),
-                                                    b.text.to(dev), b.actions.to(dev), valid=b.valid.to(dev),
-                                                    generator=self.cotrain_gen)
+        return self.policy.cotrain_loss({k: v.to(dev) for k, v in b.images.items()}, b.state.to(dev), b.text.to(dev),
+                                        b.actions.to(dev), b.valid.to(dev), self.cotrain_gen)
 
     def learn(self, r: Rollout, gen: torch.Generator, update: int) -> dict[str, float]:
         cfg, policy = self.cfg, self.policy
@@ -144,8 +143,9 @@ class Learner:
             self.opt.zero_grad(set_to_none=True)
             if loss.requires_grad:
                 loss.backward()
-            self.world.average_gradients(self.actor_params + self.value_params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.actor_params, cfg.max_grad_norm)
+            if not cfg.fsdp:  # FSDP's backward already reduce-scattered the mean gradient
+                self.world.average_gradients(self.actor_params + self.value_params)
+            grad_norm = whole(torch.nn.utils.clip_grad_norm_(self.actor_params, cfg.max_grad_norm))
             torch.nn.utils.clip_grad_norm_(self.value_params, cfg.max_grad_norm)
             self.opt.step()
             mean_std = masked_mean(ev.std[:, :self.chunk].mean((1, 2)), weight[idx])

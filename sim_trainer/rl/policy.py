@@ -28,6 +28,9 @@ from sim_trainer.rl.samplers import (
 )
 
 VALUE_INPUTS = ("prefix", "expert", "privileged")
+# What the rollout and the learner call on the policy from outside (besides forward, the critic's V(s)): with --fsdp
+# each gathers the sharded weights while it runs. Nothing inside the policy calls them, so gathers never nest.
+FSDP_METHODS = ("sample", "evaluate_chain", "cotrain_loss")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,15 @@ class RLPolicy(nn.Module):
             tau = torch.ones(b, device=x.device)
             feats = self.model.expert_forward(cache, x, tau, self.step_size(tau))[1].mean(1)
         return self.value_head(feats.detach())
+
+    def forward(self, obs: dict, text: torch.Tensor) -> torch.Tensor:
+        """V(s) alone: the rollout's bootstrap values (under FSDP, forward gathers the weights like FSDP_METHODS)."""
+        return self.value(obs, text)
+
+    def cotrain_loss(self, images: dict, state: torch.Tensor, text: torch.Tensor, actions: torch.Tensor,
+                     valid: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """RL-Co: the model's flow-matching loss on demonstrations (called on the policy, so FSDP can gather)."""
+        return self.model.flow_matching_loss(images, state, text, actions, valid=valid, generator=generator)
 
     def step_size(self, tau: torch.Tensor) -> torch.Tensor:
         """d = 1/K for every sample: what a shortcut model is conditioned on (a plain model ignores it)."""

@@ -65,7 +65,7 @@ def _where_rows(mask: torch.Tensor, new: dict, old: dict) -> dict:
 
 def _value_of(policy: RLPolicy, obs: dict, text: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return policy.value(obs, text)
+        return policy(obs, text)  # forward: FSDP gathers the weights for it
 
 
 class Collector:

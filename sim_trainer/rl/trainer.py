@@ -8,6 +8,7 @@ episodes in flight when a run was killed start again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -31,10 +32,10 @@ from sim_trainer.models.checkpoint import check_compatible, load_checkpoint, sav
 from sim_trainer.models.interface import freeze_groups
 from sim_trainer.progress import progress_bar
 from sim_trainer.rl.config import RLConfig, set_run_chunking
-from sim_trainer.rl.distributed import World
+from sim_trainer.rl.distributed import World, full_tensors, shard_model
 from sim_trainer.rl.heads import annealed_std_max
 from sim_trainer.rl.learner import Learner
-from sim_trainer.rl.policy import RLPolicy, SamplerSettings
+from sim_trainer.rl.policy import FSDP_METHODS, RLPolicy, SamplerSettings
 from sim_trainer.rl.rollout import Collector
 from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler
@@ -106,9 +107,17 @@ class RLTrainer:
         self.device = torch.device("cpu")
         if cfg.sim_backend == "physx_cuda":
             self.device = self.world.comm_device if self.world.comm_device.type == "cuda" else torch.device("cuda")
+        if cfg.fsdp and self.device.type != self.world.comm_device.type:
+            raise UserError(f"--fsdp shards over {self.world.comm_device.type.upper()} collectives but the policy "
+                            f"runs on the {self.device.type.upper()} with {cfg.sim_backend}: on GPUs use "
+                            "--sim-backend physx_cuda")
         self.policy.to(self.device)
         _set_trainable(self.policy, cfg)
         self.world.broadcast_parameters(self.policy)
+        if cfg.fsdp:  # before the optimizer: it holds the sharded parameters
+            shard_model(self.policy, FSDP_METHODS)
+            if self.world.is_main:
+                print(f"fsdp: the policy sharded over {self.world.size} processes", file=sys.stderr)
         self.text = model.tokenize([self.spec.instruction]).to(self.device)
         self.learner = Learner(self.policy, cfg, self.text, self.chunk, self.world, self._cotrain_sampler(model))
         self.opt = self.learner.opt
@@ -139,14 +148,29 @@ class RLTrainer:
         return MixedSampler([source], [1.0], seed=self.cfg.seed + 1000 * self.world.rank)
 
     # ----- state on disk ------------------------------------------------------------------------------
+    def _info(self) -> dict:
+        return {"trained_by": "sim-trainer rl", "rl_config": asdict(self.cfg), "update": self.update,
+                "env_steps": self.env_steps, "start_checkpoint": self.cfg.ckpt}
+
     def save(self) -> None:
         """Checkpoint (plain SFT-compatible model dir) plus the trainer state to resume from; rank 0 only."""
-        info = {"trained_by": "sim-trainer rl", "rl_config": asdict(self.cfg), "update": self.update,
-                "env_steps": self.env_steps, "start_checkpoint": self.cfg.ckpt}
-        save_checkpoint(self.out, self.policy.model, self.spec, self.norm, info)
+        save_checkpoint(self.out, self.policy.model, self.spec, self.norm, self._info())
         meta = {"update": self.update, "env_steps": self.env_steps, "config": asdict(self.cfg),
                 "world_size": self.world.size}
         save_training(self.out, STATE, meta, self.opt, policy=self.policy.state_dict())
+
+    def save_sharded(self) -> None:
+        """--fsdp: gather the policy's weights whole on every rank (a collective), print their sha256 (the ranks
+        must agree), and rank 0 writes the model's as the same checkpoint a single process writes."""
+        weights = full_tensors(self.policy.state_dict())
+        digest = hashlib.sha256(b"".join(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+                                         for _, v in sorted(weights.items()))).hexdigest()
+        # One write per line: the ranks share stdout, and an unbuffered stdout would interleave print's two writes.
+        sys.stdout.write(f"fsdp rank {self.world.rank}: update {self.update} gathered weights sha256 {digest}\n")
+        sys.stdout.flush()
+        if self.world.is_main:
+            model = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+            save_checkpoint(self.out, self.policy.model, self.spec, self.norm, self._info(), state_dict=model)
 
     def _check_resumable(self) -> None:
         """Before any work: the run in --out must be this run (same start, task, method, envs and seed)."""
@@ -200,8 +224,8 @@ class RLTrainer:
         log_path = self.out / "metrics.jsonl"
         bar = progress_bar(total=self.num_updates * self.steps_per_update, initial=self.update * self.steps_per_update,
                            desc=f"rl {cfg.algorithm}/{cfg.noise}", unit="step", unit_scale=True, show=world.is_main)
-        if self.update == 0 and world.is_main:
-            self._log_eval(scalars, log_path, cfg.eval_episodes)
+        if self.update == 0:
+            self._evaluate_on_rank0(scalars, log_path)
         while self.update < self.num_updates:
             rng, gen = _seed_for(cfg, world.rank, self.update)
             self._anneal_noise()
@@ -220,8 +244,10 @@ class RLTrainer:
             tot = world.sum(local)
             means = world.mean(torch.tensor(list(metrics.values()), dtype=torch.float64))  # one collective
             metrics = dict(zip(metrics, means.tolist(), strict=True))
-            metrics |= {"rank_param_spread": self._param_spread(), "env_steps_per_s": float(tot[4]),
-                        "rollout_s": t_roll, "update_s": t_update, "episodes": float(tot[0])}
+            if not cfg.fsdp:  # sharded ranks hold different slices; save_sharded compares the gathered weights
+                metrics["rank_param_spread"] = self._param_spread()
+            metrics |= {"env_steps_per_s": float(tot[4]), "rollout_s": t_roll, "update_s": t_update,
+                        "episodes": float(tot[0])}
             if tot[0] > 0:
                 metrics |= {"train_success_once": float(tot[1] / tot[0]),
                             "train_success_at_end": float(tot[2] / tot[0]), "train_return": float(tot[3] / tot[0])}
@@ -232,11 +258,14 @@ class RLTrainer:
                 bar.update(self.steps_per_update)
                 bar.set_postfix(succ=f"{metrics.get('train_success_once', float('nan')):.2f}",
                                 kl=f"{metrics['approx_kl']:.3f}", sps=f"{metrics['env_steps_per_s']:.0f}")
-                last = self.update == self.num_updates
-                if last or self.update % cfg.save_every == 0:
+            last = self.update == self.num_updates
+            if last or self.update % cfg.save_every == 0:
+                if cfg.fsdp:
+                    self.save_sharded()
+                elif world.is_main:
                     self.save()
-                if last or (cfg.eval_every and self.update % cfg.eval_every == 0):
-                    self._log_eval(scalars, log_path, cfg.eval_episodes)
+            if last or (cfg.eval_every and self.update % cfg.eval_every == 0):
+                self._evaluate_on_rank0(scalars, log_path)
             world.barrier()
         bar.close()
         return self.out
@@ -248,6 +277,18 @@ class RLTrainer:
         per_rank[self.world.rank] = total
         per_rank = self.world.sum(per_rank)
         return float(per_rank.max() - per_rank.min())
+
+    def _evaluate_on_rank0(self, scalars: ScalarLog | None, log_path: Path) -> None:
+        """Rank 0 evaluates; with --fsdp every rank first gathers the whole weights for it (a collective; evaluation
+        calls the model's own methods, which FSDP does not hook) and drops them after."""
+        if self.cfg.fsdp:
+            self.policy.unshard()
+        try:
+            if self.world.is_main:
+                self._log_eval(scalars, log_path, self.cfg.eval_episodes)
+        finally:
+            if self.cfg.fsdp:
+                self.policy.reshard()
 
     def _log_eval(self, scalars: ScalarLog, log_path: Path, episodes: int) -> None:
         keys = ("episodes", "success_once", "success_once_wilson95", "success_at_end", "mean_return")
