@@ -90,9 +90,10 @@ class Learner:
         """Flow-matching loss of the policy on one batch of co-training (real) demonstrations."""
         b = self.cotrain.sample(self.cfg.cotrain_batch)
         dev = self.text.device
-        return self.policy.model.flow_matching_loss({k: v.to(dev) for k, v in b.images.items()}, b.state.to(dev),
-                                                    b.text.to(dev), b.actions.to(dev), valid=b.valid.to(dev),
-                                                    generator=self.cotrain_gen)
+        images = {k: v.to(dev) for k, v in b.images.items()}
+        with self.policy.autocast():  # the loss itself is fp32 (masked_mse)
+            return self.policy.model.flow_matching_loss(images, b.state.to(dev), b.text.to(dev), b.actions.to(dev),
+                                                        valid=b.valid.to(dev), generator=self.cotrain_gen)
 
     def learn(self, r: Rollout, gen: torch.Generator, update: int) -> dict[str, float]:
         cfg, policy = self.cfg, self.policy
