@@ -23,6 +23,7 @@ from sim_trainer.rl.config import RLConfig
 from sim_trainer.rl.learner import Learner
 from sim_trainer.rl.policy import RLPolicy, SamplerSettings
 from sim_trainer.rl.rollout import Collector
+from sim_trainer.sft.trainer import EMA
 from tests.bad_input import run_cli
 from tests.test_rl import TargetTask
 from tests.test_vla_pipeline import ACTION_DIM, INSTRUCTION, STATE_DIM, _ok, batch, norm_stats
@@ -75,6 +76,10 @@ def test_frozen_groups_are_stored_in_bf16_trained_in_fp32_and_saved_in_fp32(name
     opt.step()
     assert all(v.dtype == torch.float32 for st in opt.state.values() for v in st.values() if v.is_floating_point())
     assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    ema = EMA(model, 0.999)  # SFT's: a bf16 frozen weight is copied, not averaged in bf16 (which drifts)
+    for step in range(20):
+        ema.update(model, step)
+    assert all(torch.equal(ema.shadow[n], v) for n, v in frozen_before.items())
 
     save_checkpoint(tmp_path / "ckpt", model, spec(), norm_stats())
     saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
