@@ -147,6 +147,8 @@ def _check_eval_args(a: argparse.Namespace) -> None:
     _check_range(a.threads, "--threads", 1, os.cpu_count() or 1, " (this host's CPU cores)")
     if (a.ckpt is None) == (a.export is None):
         raise UserError("give exactly one of --ckpt (PyTorch) and --export (ONNX Runtime)")
+    if a.export is not None and a.precision != "fp32":
+        raise UserError("--precision applies to a --ckpt (PyTorch); an --export runs in ONNX Runtime's fp32")
     if a.export is not None and a.steps is not None:
         raise UserError("--steps is fixed in an export (K is unrolled); export again with another --steps")
     if a.export is not None and a.device != "cpu":
@@ -215,7 +217,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     ckpt, export = (None if p is None else local_dir(p) for p in (a.ckpt, a.export))  # hf:// is downloaded
     if ckpt is not None:
         loaded = load_checkpoint(ckpt)
-        policy = ChunkPolicy(loaded.model, loaded.spec, num_steps=a.steps, device=a.device)
+        policy = ChunkPolicy(loaded.model, loaded.spec, num_steps=a.steps, device=a.device, precision=a.precision)
     else:
         _check_export_dir(export)
         policy = BackendPolicy.from_export(export, threads=a.threads or 0)
@@ -255,8 +257,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     """
     args = argparse.Namespace(ckpt=a.ckpt, export=None, task=None, episodes=a.episodes, envs=a.envs, out=a.out,
                               steps=None, seed_start=a.seed_start, sim_backend="physx_cpu", max_steps=None,
-                              camera_config=None, domain=None, threads=None, device="cpu", force=False,
-                              new_run_dir=True)
+                              camera_config=None, domain=None, threads=None, device="cpu", precision="fp32",
+                              force=False, new_run_dir=True)
     _check_eval_args(args)
     print(f"Evaluating the shipped checkpoint {a.ckpt} on {a.episodes} held-out ManiSkill episodes (CPU)...")
     return cmd_eval(args)
@@ -367,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--domain", help="evaluate in a shifted domain: 'real_proxy' (built-in) or a domain YAML "
                                     "(see docs/domains.md)")
     e.add_argument("--device", default="cpu", help="torch device for the policy")
+    e.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="--ckpt: bf16 runs the policy under bf16 autocast on --device (weights stay as loaded)")
     e.add_argument("--threads", type=int, help="torch CPU threads, at most this host's cores (default: all)")
     e.set_defaults(func=cmd_eval, new_run_dir=False)
 

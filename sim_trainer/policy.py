@@ -7,11 +7,13 @@ import torch
 
 from policy_runtime.contract import PolicySpec
 from sim_trainer.models.interface import FlowPolicy
+from sim_trainer.models.precision import autocast
 
 
 class ChunkPolicy:
-    def __init__(self, model: FlowPolicy, spec: PolicySpec, num_steps: int | None = None, device: str = "cpu"):
-        self.model, self.spec = model.to(device).eval(), spec
+    def __init__(self, model: FlowPolicy, spec: PolicySpec, num_steps: int | None = None, device: str = "cpu",
+                 precision: str = "fp32"):
+        self.model, self.spec, self.precision = model.to(device).eval(), spec, precision
         self.device = torch.device(device)
         self.num_steps = num_steps or model.cfg.num_steps
         self.text = model.tokenize([spec.instruction]).to(self.device)
@@ -34,7 +36,8 @@ class ChunkPolicy:
         images = {k: v.to(self.device) for k, v in obs["images"].items()}
         noise = torch.randn((b, self.horizon, self.spec.action_dim), generator=generator).to(self.device)
         text = self.text.expand(b, -1)
-        chunk = self.model.sample_actions(images, state, text, noise, self.num_steps)
+        with autocast(self.precision, self.device):
+            chunk = self.model.sample_actions(images, state, text, noise, self.num_steps).float()
         return torch.maximum(torch.minimum(chunk, self.high), self.low)
 
 

@@ -33,6 +33,7 @@ from sim_trainer.models.backbones import (
 from sim_trainer.models.config import ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.models.interface import FlowPolicy
+from sim_trainer.models.precision import full_precision
 
 CHECKPOINT_FORMAT = "flow-vla-checkpoint"
 CHECKPOINT_VERSION = 2  # 2: a backbone checkpoint; FlowVLA checkpoints are still written as version 1
@@ -47,10 +48,12 @@ class LoadedPolicy:
 
 def save_checkpoint(path: str | Path, model: FlowPolicy, spec: PolicySpec, norm: NormStats, info: dict | None = None,
                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a checkpoint; `state_dict` overrides the model's own weights (e.g. the EMA weights)."""
+    """Write a checkpoint; `state_dict` overrides the model's own weights (e.g. the EMA weights). The weights are
+    written in fp32 (frozen groups a run stored in bf16 are cast back), so a checkpoint never depends on how it
+    was trained."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+    weights = full_precision({k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()})
     kind = backbone_type(model)
     if kind is not None:  # LoRA adapters are merged into the weights they adapt: the checkpoint is a plain model
         weights = merged_lora(weights, getattr(model, "lora_scale", 1.0))

@@ -75,8 +75,9 @@ def euler_denoise(velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
 
 
 def masked_mse(v: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error over valid chunk steps (padding past an episode's end excluded)."""
-    err = (v - target).pow(2).mean(-1)  # [B, H]
+    """Mean squared error over valid chunk steps (padding past an episode's end excluded), in fp32 (v may come
+    from a bf16 autocast forward)."""
+    err = (v.float() - target.float()).pow(2).mean(-1)  # [B, H]
     if valid is None:
         return err.mean()
     w = valid.to(err.dtype)

@@ -12,6 +12,7 @@ from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_
 from sim_trainer.config_flags import option
 from sim_trainer.data.sources import source_path
 from sim_trainer.errors import UserError
+from sim_trainer.models.precision import FROZEN_DTYPE_HELP, PRECISION_HELP, check_precision
 from sim_trainer.rl.flow_velocity import ACTORS, BACKBONE_VELOCITIES
 from sim_trainer.rl.policy import VALUE_INPUTS
 from sim_trainer.rl.samplers import NOISE_METHODS, SDE_MODES
@@ -94,6 +95,8 @@ class RLConfig:
     cotrain_batch: int = option(32, "RL-Co: real samples per RL minibatch")
     freeze_vision: bool = option(False, "freeze the vision encoder")
     expert_only: bool = option(False, "train the action expert and heads only (prefix encoder frozen)")
+    precision: str = option("fp32", PRECISION_HELP + " (PPO / GRPO)")
+    frozen_dtype: str = option("fp32", FROZEN_DTYPE_HELP)
     eval_every: int = option(0, "updates between evaluations (0: only at the end)")
     eval_episodes: int = option(20, "episodes per evaluation")
     eval_envs: int = option(2, "parallel envs for evaluation")
@@ -150,6 +153,7 @@ class RLConfig:
         one_of("velocity", self.velocity, ACTORS)
         if self.fsdp:
             self._check_fsdp()
+        check_precision(self.precision, self.frozen_dtype, self.frozen_groups(), self.fsdp)
         if self.algorithm == "sac_flow":
             self._check_sac_flow()
         elif not self.ckpt:
@@ -202,7 +206,13 @@ class RLConfig:
             raise UserError("--fsdp shards the policy over torchrun's processes: start the run with "
                             "torchrun --nproc-per-node N (N >= 2) -m sim_trainer.cli rl ...")
 
+    def frozen_groups(self) -> tuple[str, ...]:
+        """--expert-only freezes the backbone's vision and language groups, --freeze-vision its vision group."""
+        return ("vision", "language") if self.expert_only else ("vision",) if self.freeze_vision else ()
+
     def _check_sac_flow(self) -> None:
+        if self.precision != "fp32":
+            raise UserError("sac_flow trains in fp32 only; drop --precision bf16")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("sac_flow runs in one process; start it without torchrun")
         if self.ckpt:

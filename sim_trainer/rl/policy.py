@@ -5,6 +5,10 @@ A rollout stores the whole chain x_0..x_K and which steps were stochastic; the l
 transition densities from the stored x_k with the same time grid. In joint modes all K transitions are
 recomputed in one batched action-expert call; in mixed Flow-SDE only the stochastic one is.
 
+With precision bf16 the model's forward passes (prefix encoding, the action expert) run under bf16 autocast and
+their outputs are cast to fp32 at once: the noise and value heads, the transition means and stds, and every
+log-density are fp32, so the learner's recomputation sees the numbers the rollout saw.
+
 Only `value()` may read obs["privileged"] (the simulator's true state, --value-input privileged): the actor's
 sampling, log-probs, entropy and deterministic actions go through `encode()`, which reads the state and images.
 """
@@ -18,6 +22,7 @@ from torch import nn
 
 from sim_trainer.models.flow import time_grid
 from sim_trainer.models.interface import FlowPolicy, PrefixCache
+from sim_trainer.models.precision import autocast
 from sim_trainer.rl.heads import ObsTimeNoiseHead, PrivilegedValueHead, TokenNoiseHead, ValueHead
 from sim_trainer.rl.samplers import (
     chain_log_prob,
@@ -66,9 +71,9 @@ class ChainEval:
 
 class RLPolicy(nn.Module):
     def __init__(self, model: FlowPolicy, sampler: SamplerSettings, value_input: str, action_low: torch.Tensor,
-                 action_high: torch.Tensor, privileged_dim: int = 0):
+                 action_high: torch.Tensor, privileged_dim: int = 0, precision: str = "fp32"):
         super().__init__()
-        self.model, self.sampler, self.value_input = model, sampler, value_input
+        self.model, self.sampler, self.value_input, self.precision = model, sampler, value_input, precision
         cfg = model.cfg
         if sampler.method == "flow_noise":
             self.noise_head: nn.Module | None = TokenNoiseHead(model.feature_dim, cfg.action_dim, sampler.std_min,
@@ -89,9 +94,20 @@ class RLPolicy(nn.Module):
         self.register_buffer("grid", time_grid(sampler.num_steps))
 
     # ----- pieces ------------------------------------------------------------------------------------
+    def autocast(self):
+        """The context of the model's forward passes: bf16 autocast on the policy's device, or nothing (fp32)."""
+        return autocast(self.precision, self.action_low.device)
+
     def encode(self, obs: dict, text: torch.Tensor) -> PrefixCache:
         state = obs["state"].float()
-        return self.model.encode_prefix(obs["images"], state, text.expand(state.shape[0], -1))
+        with self.autocast():
+            return self.model.encode_prefix(obs["images"], state, text.expand(state.shape[0], -1))
+
+    def expert(self, cache: PrefixCache, x: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The action expert's velocity and per-token features at (x, tau), in fp32."""
+        with self.autocast():
+            v, feats = self.model.expert_forward(cache, x, tau, self.step_size(tau))
+        return v.float(), feats.float()
 
     def value(self, obs: dict, text: torch.Tensor, cache: PrefixCache | None = None) -> torch.Tensor:
         """V(s) on inputs that depend on the observation only (never on the action noise): the simulator's privileged
@@ -101,12 +117,12 @@ class RLPolicy(nn.Module):
         if cache is None:
             cache = self.encode(obs, text)
         if self.value_input == "prefix":
-            feats = cache.pooled
+            feats = cache.pooled.float()
         else:  # the action expert at tau = 1 on the mean of the noise (zeros), mean-pooled over tokens
             b = cache.mask.shape[0]
             x = torch.zeros(b, self.model.cfg.horizon, self.model.cfg.action_dim, device=cache.mask.device)
             tau = torch.ones(b, device=x.device)
-            feats = self.model.expert_forward(cache, x, tau, self.step_size(tau))[1].mean(1)
+            feats = self.expert(cache, x, tau)[1].mean(1)
         return self.value_head(feats.detach())
 
     def forward(self, obs: dict, text: torch.Tensor) -> torch.Tensor:
@@ -115,8 +131,10 @@ class RLPolicy(nn.Module):
 
     def cotrain_loss(self, images: dict, state: torch.Tensor, text: torch.Tensor, actions: torch.Tensor,
                      valid: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """RL-Co: the model's flow-matching loss on demonstrations (called on the policy, so FSDP can gather)."""
-        return self.model.flow_matching_loss(images, state, text, actions, valid=valid, generator=generator)
+        """RL-Co: the model's flow-matching loss on demonstrations (called on the policy, so FSDP can gather), under
+        the run's autocast (the loss itself is fp32: masked_mse)."""
+        with self.autocast():
+            return self.model.flow_matching_loss(images, state, text, actions, valid=valid, generator=generator)
 
     def step_size(self, tau: torch.Tensor) -> torch.Tensor:
         """d = 1/K for every sample: what a shortcut model is conditioned on (a plain model ignores it)."""
@@ -126,14 +144,14 @@ class RLPolicy(nn.Module):
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, std) of the stochastic transition from x at tau, and the plain Euler (ODE) mean."""
         s = self.sampler
-        v, feats = self.model.expert_forward(cache, x, tau, self.step_size(tau))
+        v, feats = self.expert(cache, x, tau)
         ode_mean = x - v / s.num_steps
         if s.method == "flow_sde":
             mean, std = sde_transition(x, v, tau, s.num_steps, s.noise_level)
             return mean, std, ode_mean
         if s.method == "flow_noise":
             return ode_mean, self.noise_head(feats), ode_mean
-        return ode_mean, self.noise_head(cache.pooled, tau), ode_mean
+        return ode_mean, self.noise_head(cache.pooled.float(), tau), ode_mean
 
     def to_actions(self, x: torch.Tensor) -> torch.Tensor:
         raw = self.model.action_norm.inverse(x)
@@ -165,7 +183,9 @@ class RLPolicy(nn.Module):
     def act_deterministic(self, obs: dict, text: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The deployed policy: plain K-step Euler from the given noise (what evaluation and export run)."""
         cache = self.encode(obs, text)
-        return self.to_actions(self.model.denoise(cache, noise, self.sampler.num_steps))
+        with self.autocast():
+            chunk = self.model.denoise(cache, noise, self.sampler.num_steps).float()
+        return self.to_actions(chunk)
 
     # ----- learner -----------------------------------------------------------------------------------
     def evaluate_chain(self, obs: dict, text: torch.Tensor, chain: torch.Tensor,

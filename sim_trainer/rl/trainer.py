@@ -30,6 +30,7 @@ from sim_trainer.envs.vec_env import make_vec_env
 from sim_trainer.errors import UserError
 from sim_trainer.models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from sim_trainer.models.interface import freeze_groups
+from sim_trainer.models.precision import store_frozen
 from sim_trainer.progress import progress_bar
 from sim_trainer.rl.config import RLConfig, set_run_chunking
 from sim_trainer.rl.distributed import World, full_tensors, shard_model
@@ -54,8 +55,7 @@ RISK_SPAN_WARN = 20.0
 def _set_trainable(policy: RLPolicy, cfg: RLConfig) -> None:
     """--expert-only freezes the backbone's vision and language groups, --freeze-vision its vision group; the RL
     heads always train."""
-    frozen = ("vision", "language") if cfg.expert_only else ("vision",) if cfg.freeze_vision else ()
-    freeze_groups(policy.model.parameter_groups(), frozen)
+    freeze_groups(policy.model.parameter_groups(), cfg.frozen_groups())
 
 
 def _check_risk_scale(cfg: RLConfig, horizon: int) -> None:
@@ -102,7 +102,7 @@ class RLTrainer:
         # the critic's state is what a state-observation env of this task observes (one CPU env, for a moment)
         privileged_dim = probe_spec(replace(self.env_cfg, obs_mode="state")).state_dim if self.privileged else 0
         self.policy = RLPolicy(model, sampler, cfg.value_input, torch.tensor(self.spec.action_low),
-                               torch.tensor(self.spec.action_high), privileged_dim)
+                               torch.tensor(self.spec.action_high), privileged_dim, precision=cfg.precision)
         # the policy lives where the simulator's tensors do: this rank's GPU with physx_cuda
         self.device = torch.device("cpu")
         if cfg.sim_backend == "physx_cuda":
@@ -114,6 +114,7 @@ class RLTrainer:
         self.policy.to(self.device)
         _set_trainable(self.policy, cfg)
         self.world.broadcast_parameters(self.policy)
+        store_frozen(model.parameter_groups(), cfg.frozen_groups(), cfg.frozen_dtype)  # after the fp32 broadcast
         if cfg.fsdp:  # before the optimizer: it holds the sharded parameters
             shard_model(self.policy, FSDP_METHODS)
             if self.world.is_main:
@@ -196,7 +197,8 @@ class RLTrainer:
         from sim_trainer.evaluate.rollout import evaluate
         from sim_trainer.policy import ChunkPolicy
 
-        policy = ChunkPolicy(self.policy.model, self.spec, num_steps=self.cfg.num_steps, device=str(self.device))
+        policy = ChunkPolicy(self.policy.model, self.spec, num_steps=self.cfg.num_steps, device=str(self.device),
+                             precision=self.cfg.precision)
         res = evaluate(policy, env_cfg or self.env_cfg, episodes, self.cfg.eval_envs, record_video=False,
                        progress=False)
         self.policy.model.train()

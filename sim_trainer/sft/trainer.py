@@ -30,6 +30,13 @@ from sim_trainer.models.checkpoint import save_checkpoint
 from sim_trainer.models.config import SIZES, ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
 from sim_trainer.models.interface import freeze_groups
+from sim_trainer.models.precision import (
+    FROZEN_DTYPE_HELP,
+    PRECISION_HELP,
+    autocast,
+    check_precision,
+    store_frozen,
+)
 from sim_trainer.models.vla.loader import PolicySource, build_vla, locate_vla, split_asset_id
 from sim_trainer.progress import progress_bar
 from sim_trainer.rl.distributed import World, full_tensors, shard_model
@@ -77,6 +84,8 @@ class SFTConfig:
                                "NCCL on GPUs), each training on its own samples (no --resume, no --eval-every)")
     lora_rank: int = option(0, "LoRA adapters of this rank on a backbone's language model, which is frozen (0: off; "
                                "merged into the weights in the checkpoint)")
+    precision: str = option("fp32", PRECISION_HELP)
+    frozen_dtype: str = option("fp32", FROZEN_DTYPE_HELP)
     image_grid: int | None = option(None, "camera tokens per side, finer localisation (default: the size's, 4 "
                                           "for small)")
     horizon: int = option(16, "chunk length H")
@@ -127,7 +136,14 @@ class SFTConfig:
                             "/ --eval-every")
         if self.lora_rank and not self.backbone:
             raise UserError("--lora-rank needs a --backbone (our own model has no language model to adapt)")
+        check_precision(self.precision, self.frozen_dtype, frozen_groups(self), self.fsdp)
         return self
+
+
+def frozen_groups(cfg: SFTConfig) -> tuple[str, ...]:
+    """The parameter groups the options freeze (a LoRA run's language model too: only its adapters train)."""
+    frozen = ("vision", "language") if cfg.expert_only else ("vision",) if cfg.freeze_vision else ()
+    return frozen + (("language",) if cfg.lora_rank and "language" not in frozen else ())
 
 
 def lr_at(cfg: SFTConfig, step: int) -> float:
@@ -138,7 +154,8 @@ def lr_at(cfg: SFTConfig, step: int) -> float:
 
 
 class EMA:
-    """Exponential moving average of every float tensor of the state dict (weights and buffers)."""
+    """Exponential moving average of every fp32 tensor of the state dict (weights and buffers); the others are copied
+    (integer buffers, and frozen groups stored in bf16: never updated, so their average is themselves)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -148,7 +165,7 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
+            if v.dtype in (torch.float32, torch.float64):
                 self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
             else:
                 self.shadow[k].copy_(v)
@@ -296,10 +313,10 @@ def _build_model(cfg: SFTConfig, model_cfg: ModelConfig, spec, norm: NormStats, 
         model = fit_to_dataset(model, *shape)
     if cfg.lora_rank:
         model.enable_lora(rank=cfg.lora_rank)
-    frozen = ("vision", "language") if cfg.expert_only else ("vision",) if cfg.freeze_vision else ()
     groups = model.parameter_groups()
-    lora = groups.pop("lora", [])
-    freeze_groups(groups, frozen + (("language",) if lora else ()))
+    groups.pop("lora", None)
+    freeze_groups(groups, frozen_groups(cfg))
+    store_frozen(groups, frozen_groups(cfg), cfg.frozen_dtype)
     return model.train()
 
 
@@ -310,18 +327,20 @@ def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, 
     run = _run_identity(cfg)
     bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", unit="step")
     t_log, n_log = time.perf_counter(), 0
+    device = next(model.parameters()).device
     model.train()
     for step in bar:
         batch = sampler.sample(cfg.batch_size)
         images = {k: random_shift(v, cfg.augment_pad, gen) for k, v in batch.images.items()}
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        if cfg.objective == "shortcut":
-            loss = model.shortcut_loss(images, batch.state, batch.text, batch.actions, valid=batch.valid,
-                                       consistency_fraction=cfg.consistency_fraction, generator=gen)
-        else:
-            loss = model.flow_matching_loss(images, batch.state, batch.text, batch.actions, valid=batch.valid,
-                                            generator=gen)
+        with autocast(cfg.precision, device):  # the loss itself is fp32 (masked_mse)
+            if cfg.objective == "shortcut":
+                loss = model.shortcut_loss(images, batch.state, batch.text, batch.actions, valid=batch.valid,
+                                           consistency_fraction=cfg.consistency_fraction, generator=gen)
+            else:
+                loss = model.flow_matching_loss(images, batch.state, batch.text, batch.actions, valid=batch.valid,
+                                                generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
@@ -364,8 +383,8 @@ def _periodic_eval(cfg: SFTConfig, model, spec, ema: EMA, scalars: ScalarLog, st
 
     ema_model = copy.deepcopy(model)
     ema_model.load_state_dict(ema.shadow)
-    res = evaluate(ChunkPolicy(ema_model, spec), EnvConfig.for_policy(spec), cfg.eval_episodes, cfg.eval_envs,
-                   record_video=False, progress=False)
+    res = evaluate(ChunkPolicy(ema_model, spec, precision=cfg.precision), EnvConfig.for_policy(spec),
+                   cfg.eval_episodes, cfg.eval_envs, record_video=False, progress=False)
     s = res.summary()
     scalars.log({"eval/success_once": s["success_once"], "eval/success_at_end": s["success_at_end"]}, step)
     tqdm.write(f"step {step}: eval success {s['success_once']:.2f} over {s['episodes']} episodes")
