@@ -159,3 +159,25 @@ def test_default_target_entropy_is_the_chains_entropy_at_the_middle_of_the_noise
         logp = actor(torch.randn(4000, S), generator=torch.Generator().manual_seed(0))[2]
     assert float(-logp.mean()) == pytest.approx(actor.default_target_entropy(), abs=4 * float(logp.std()) / 63)
     assert SAC(actor, S, 2, SACSettings(hidden=16)).target_entropy == actor.default_target_entropy()
+
+
+def test_plain_velocity_on_a_quantile_normalised_pi05_has_the_exact_density():
+    """The de-normalisation's log-det comes from the model's own normaliser, whatever its mode: pi0.5 maps
+    quantiles (u = q01 + (x + 1)(q99 - q01) / 2), so its Jacobian is (q99 - q01) / 2, not a std."""
+    from sim_trainer.models.backbones import tiny_backbone
+
+    rng = np.random.default_rng(0)
+    norm = NormStats(Stats.of(rng.normal(size=(20, S))), Stats.of(rng.normal(size=(20, A)) * 0.3 + 0.1))
+    model = tiny_backbone("pi05-tiny", (), S, A, H, 2, 1, norm)
+    actor = BackboneFlowActor(model, "push", -torch.ones(A), torch.ones(A), num_steps=1, hidden=16).double()
+    obs = torch.randn(1, S, dtype=torch.float64)
+    noise = torch.randn(1, 2, H, A, dtype=torch.float64)
+    _, _, log_prob = actor(obs, noise=noise)
+
+    def chain_of(flat: torch.Tensor) -> torch.Tensor:
+        c = actor(obs, noise=flat.view_as(noise))[1]
+        return torch.cat([c[:, 0].flatten(), actor.model.action_norm.inverse(c[:, -1]).flatten()])
+
+    jac = torch.autograd.functional.jacobian(chain_of, noise.flatten())
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(noise).sum() - torch.linalg.slogdet(jac).logabsdet
+    assert float(log_prob) == pytest.approx(float(expected), abs=1e-6)

@@ -105,8 +105,11 @@ class BackboneFlowActor(nn.Module):
         return mean, self.log_std_min + (self.log_std_max - self.log_std_min) * (raw + 1) / 2
 
     def _denorm_log_det(self) -> torch.Tensor:
-        """log |du / dx_K| of u = mean + std * x_K for one chunk: H * sum log std."""
-        return self.horizon * torch.log(self.model.action_norm.std).sum()
+        """log |du / dx_K| of the affine de-normalisation u = a + b * x_K for one chunk: H * sum log b, with b read
+        off the model's own normaliser (b = std for mean/std, (q99 - q01) / 2 for quantiles, as it defines them)."""
+        zero = torch.zeros(1, self.action_dim, device=self.action_low.device)
+        scale = self.model.action_norm.inverse(zero + 1.0) - self.model.action_norm.inverse(zero)
+        return self.horizon * torch.log(scale.abs()).sum()
 
     def default_target_entropy(self) -> float:
         """The chain's entropy when every step's noise std sits at the geometric middle of its band: x_0's,
