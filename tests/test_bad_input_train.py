@@ -109,6 +109,7 @@ CASES = [
     ("sft-threads-zero", [*SFT, "--threads", "0"], None, "--threads"),
     ("sft-threads-absurd", [*SFT, "--threads", "100000"], None, "--threads"),
     ("sft-no-out", ["sft", "--data", "{data}"], None, "--out"),
+    ("sft-device-tpu", [*SFT, "--device", "tpu"], None, "unknown --device 'tpu'"),
     # ---- sft / rl: precision (fp32 weights under bf16 autocast; frozen groups optionally stored in bf16)
     ("sft-precision-fp16", [*SFT, "--precision", "fp16"], None, "unknown precision 'fp16'"),
     ("sft-yaml-frozen-dtype-fp8", ["sft", "--config", "{cfg}"], "data: [{data}]\nout: {tmp}/new\nfrozen_dtype: fp8\n",
@@ -347,3 +348,10 @@ def test_a_second_writer_of_one_out_is_refused_while_the_first_runs(world):
     finally:
         first.kill()
         first.wait()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_sft_on_cuda_without_a_gpu_is_one_line(state_demos, tmp_path):
+    assert_refused_unchanged("sim-trainer", ["sft", "--data", str(state_demos), "--out", str(tmp_path / "new"),
+                                             "--device", "cuda"], watched=[state_demos], contains="no CUDA GPU")
+    assert not (tmp_path / "new").exists()

@@ -20,6 +20,10 @@ class Batch:
     text: torch.Tensor  # [B, L] instruction tokens of each sample's own episode
     source: torch.Tensor  # [B] index of the dataset each sample came from
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch({k: v.to(device) for k, v in self.images.items()}, self.state.to(device),
+                     self.actions.to(device), self.valid.to(device), self.text.to(device), self.source.to(device))
+
 
 class ChunkSource:
     """All (episode, t) samples of one dataset held in memory as flat arrays; `tokenize` is the model's own

@@ -13,7 +13,7 @@ import hashlib
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +61,7 @@ BACKBONE_HELP = ("start from a flow VLA instead of our own model: pi0-tiny / pi0
                  "assets/ASSET_ID statistics); its normalisation statistics are replaced by the dataset's")
 BACKBONE_PREFIXES = ("lerobot:", "openpi:")  # both read either layout: the directory's files tell which
 OBJECTIVES = ("flow", "shortcut")
+DEVICES = ("auto", "cuda", "cpu")
 # What makes a resumed run the same run: the model, the data and how they are sampled.
 RESUME_KEYS = ("data", "mix", "size", "backbone", "expert_only", "freeze_vision", "lora_rank",
                "image_grid", "horizon", "exec_steps", "num_steps", "batch_size", "seed",
@@ -84,6 +85,8 @@ class SFTConfig:
                                "NCCL on GPUs), each training on its own samples (no --resume, no --eval-every)")
     lora_rank: int = option(0, "LoRA adapters of this rank on a backbone's language model, which is frozen (0: off; "
                                "merged into the weights in the checkpoint)")
+    device: str = option("auto", "where the model trains: auto (this process's GPU when CUDA is available, else the "
+                                 "CPU), cuda or cpu")
     precision: str = option("fp32", PRECISION_HELP)
     frozen_dtype: str = option("fp32", FROZEN_DTYPE_HELP)
     image_grid: int | None = option(None, "camera tokens per side, finer localisation (default: the size's, 4 "
@@ -136,8 +139,19 @@ class SFTConfig:
                             "/ --eval-every")
         if self.lora_rank and not self.backbone:
             raise UserError("--lora-rank needs a --backbone (our own model has no language model to adapt)")
+        if self.device not in DEVICES:
+            raise UserError(f"unknown --device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: this machine has no CUDA GPU that torch can use; use --device cpu")
         check_precision(self.precision, self.frozen_dtype, frozen_groups(self), self.fsdp)
         return self
+
+
+def train_device(cfg: SFTConfig, world: World) -> torch.device:
+    """cpu, or the GPU of this process (torchrun's local rank) when asked for or available."""
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return world.comm_device if world.comm_device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
 
 
 def frozen_groups(cfg: SFTConfig) -> tuple[str, ...]:
@@ -251,7 +265,7 @@ def _train_sft(cfg: SFTConfig, world: World, force: bool, wandb: WandbSettings |
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = _build_model(cfg, model_cfg, spec, norm, backbone_source)
+    model = _build_model(cfg, model_cfg, spec, norm, backbone_source).to(train_device(cfg, world))
     sampler = MixedSampler([ChunkSource(eps, cfg.horizon, model.tokenize) for eps in datasets], ratios,
                            seed=cfg.seed + 1000 * world.rank)
     if cfg.fsdp:
@@ -331,7 +345,9 @@ def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, 
     model.train()
     for step in bar:
         batch = sampler.sample(cfg.batch_size)
-        images = {k: random_shift(v, cfg.augment_pad, gen) for k, v in batch.images.items()}
+        batch = replace(batch, images={k: random_shift(v, cfg.augment_pad, gen) for k, v in batch.images.items()})
+        batch = batch.to(device)
+        images = batch.images
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         with autocast(cfg.precision, device):  # the loss itself is fp32 (masked_mse)
@@ -383,7 +399,8 @@ def _periodic_eval(cfg: SFTConfig, model, spec, ema: EMA, scalars: ScalarLog, st
 
     ema_model = copy.deepcopy(model)
     ema_model.load_state_dict(ema.shadow)
-    res = evaluate(ChunkPolicy(ema_model, spec, precision=cfg.precision), EnvConfig.for_policy(spec),
+    device = str(next(model.parameters()).device)
+    res = evaluate(ChunkPolicy(ema_model, spec, device=device, precision=cfg.precision), EnvConfig.for_policy(spec),
                    cfg.eval_episodes, cfg.eval_envs, record_video=False, progress=False)
     s = res.summary()
     scalars.log({"eval/success_once": s["success_once"], "eval/success_at_end": s["success_at_end"]}, step)
