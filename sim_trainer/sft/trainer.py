@@ -47,8 +47,8 @@ SFT_LIMITS = {
     "eval_envs": Range(1, cpu_process_limit()), "image_grid": Range(1, 16), "mix": Range(0, 1e6, lo_open=True),
     "consistency_fraction": Range(0, 1, hi_open=True), "lora_rank": Range(0, 1024),
 }
-BACKBONE_HELP = ("start from a flow VLA instead of our own model: pi0-tiny / pi05-tiny (tiny, random: tests and CPU "
-                 "smoke runs), or lerobot:DIR / hf://owner/name (a saved LeRobot pi0 / pi0.5 / SmolVLA "
+BACKBONE_HELP = ("start from a flow VLA instead of our own model: pi0-tiny / pi05-tiny / smolvla-tiny (tiny, random: "
+                 "tests and CPU smoke runs), or lerobot:DIR / hf://owner/name (a saved LeRobot pi0 / pi0.5 / SmolVLA "
                  "policy); its normalisation statistics are replaced by the dataset's")
 OBJECTIVES = ("flow", "shortcut")
 # What makes a resumed run the same run: the model, the data and how they are sampled.
@@ -123,6 +123,8 @@ class SFTConfig:
                             "/ --eval-every")
         if self.lora_rank and not self.backbone:
             raise UserError("--lora-rank needs a --backbone (our own model has no language model to adapt)")
+        if self.lora_rank and TINY.get(self.backbone) == "smolvla":
+            raise UserError("--lora-rank: LoRA is available on pi0 / pi0.5, not on SmolVLA")
         return self
 
 
