@@ -92,7 +92,7 @@ def normalizers(mode: str, norm: NormStats) -> tuple[StatsNormalizer, StatsNorma
 
 def tiny_backbone(name: str, cameras: tuple[str, ...], state_dim: int, action_dim: int, horizon: int,
                   exec_steps: int, num_steps: int, norm: NormStats, seed: int = 0) -> PaliGemmaFlowPolicy:
-    """A randomly initialised tiny pi0 / pi0.5 / SmolVLA (about 160 K parameters) for CPU tests and smoke runs."""
+    """A randomly initialised tiny pi0 / pi0.5 / SmolVLA (160 to 210 K parameters) for CPU tests and smoke runs."""
     kind = TINY[name]
     if kind == "smolvla":
         return _tiny_smolvla(cameras, state_dim, action_dim, horizon, exec_steps, num_steps, norm, seed)
