@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""CPU throughput of the tiny pi0 / pi0.5 backbones next to our small FlowVLA: SFT samples/s and RL env steps/s.
+"""CPU throughput of the tiny pi0 / pi0.5 / SmolVLA backbones next to our small FlowVLA: SFT samples/s and RL
+env steps/s.
 
 SFT: optimizer steps (flow-matching loss + backward + clip + AdamW) on synthetic PickCube-RGB-shaped batches
 (one 64 x 64 camera, resized inside the backbones to their 32 x 32). RL: `sim-trainer rl` (PPO, Flow-Noise) on
@@ -29,7 +30,7 @@ from sim_trainer.models.checkpoint import save_checkpoint
 from sim_trainer.models.config import ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
 
-MODELS = ("flowvla-small", "pi0-tiny", "pi05-tiny")
+MODELS = ("flowvla-small", "pi0-tiny", "pi05-tiny", "smolvla-tiny")
 CAMERA, IMAGE_SIZE, HORIZON, EXEC = "base_camera", 64, 16, 8
 INSTRUCTION = "pick up the red cube and move it to the goal"
 

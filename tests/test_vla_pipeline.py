@@ -1,5 +1,5 @@
-"""pi0 / pi0.5 backbones through the pipeline: our checkpoint format, SFT, RL (exact first-minibatch ratio) and eval,
-on tiny random configs; the end-to-end test runs real ManiSkill through the CLIs."""
+"""pi0 / pi0.5 / SmolVLA backbones through the pipeline: our checkpoint format, SFT, RL (exact first-minibatch ratio)
+and eval, on tiny random configs; the end-to-end test runs real ManiSkill through the CLIs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from policy_runtime.contract import CameraSpec, PolicySpec
 from sim_trainer.data.normalize import NormStats, Stats
 from sim_trainer.models.backbones import fit_to_dataset, tiny_backbone
 from sim_trainer.models.checkpoint import load_checkpoint, save_checkpoint
-from sim_trainer.models.vla import Pi0, Pi05, load_vla
+from sim_trainer.models.vla import Pi0, Pi05, SmolVLAPolicy, load_vla
 from sim_trainer.rl.config import RLConfig
 from sim_trainer.rl.learner import Learner
 from sim_trainer.rl.policy import RLPolicy, SamplerSettings
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 STATE_DIM, ACTION_DIM = 9, 4
 INSTRUCTION = "pick up the cube"
+TINY_CLASSES = {"pi0-tiny": Pi0, "pi05-tiny": Pi05, "smolvla-tiny": SmolVLAPolicy}
 
 
 def norm_stats(seed: int = 0) -> NormStats:
@@ -47,7 +48,7 @@ def batch(b: int = 2, size: int = 48) -> tuple[dict, torch.Tensor, torch.Tensor]
     return images, torch.randn(b, STATE_DIM, generator=g), torch.randn(b, 8, ACTION_DIM, generator=g)
 
 
-@pytest.mark.parametrize("name,cls", [("pi0-tiny", Pi0), ("pi05-tiny", Pi05)])
+@pytest.mark.parametrize("name,cls", TINY_CLASSES.items())
 def test_a_backbone_checkpoint_loads_as_the_same_policy(name, cls, tmp_path):
     model = tiny_backbone(name, ("base_camera",), STATE_DIM, ACTION_DIM, 8, 4, 3, norm_stats()).eval()
     save_checkpoint(tmp_path / "ckpt", model, spec(), norm_stats(), {"note": "x"})
@@ -109,7 +110,7 @@ def test_a_damaged_backbone_checkpoint_is_one_line(tmp_path, damage, fragment):
                       fragment)
 
 
-@pytest.mark.parametrize("name", ["pi0-tiny", "pi05-tiny"])
+@pytest.mark.parametrize("name", TINY_CLASSES)
 def test_export_parity_external_data_and_serving_with_both_backends(name, tmp_path, monkeypatch):
     """The K-step denoiser exports within 1e-4 of torch, its weights go to policy.onnx.data above the threshold
     (lowered here: the > 2 GB mechanism on the tiny config), the export carries the model's tokenizer, and both
@@ -172,7 +173,7 @@ def test_a_lerobot_policy_is_fitted_to_our_dataset():
     assert chunk.shape == (2, 8, ACTION_DIM) and torch.isfinite(chunk).all()
 
 
-@pytest.mark.parametrize("name", ["pi0-tiny", "pi05-tiny"])
+@pytest.mark.parametrize("name", TINY_CLASSES)
 @pytest.mark.parametrize("algorithm,method", [("ppo", "flow_noise"), ("grpo", "flow_sde")])
 def test_the_ratio_is_exactly_one_on_the_first_minibatch(name, algorithm, method):
     torch.manual_seed(0)
@@ -261,6 +262,7 @@ def test_fsdp_sft_over_two_gloo_ranks_keeps_the_ranks_identical(state_demos, tmp
 @pytest.mark.parametrize("fields,fragment", [
     ({"backbone": "pi7-huge"}, "unknown --backbone 'pi7-huge'"),
     ({"lora_rank": 4}, "--lora-rank needs a --backbone"),
+    ({"backbone": "smolvla-tiny", "lora_rank": 4}, "LoRA is available on pi0 / pi0.5, not on SmolVLA"),
     ({"backbone": "pi0-tiny", "fsdp": True, "eval_every": 5}, "--fsdp runs write no resumable"),
     ({"backbone": "pi0-tiny", "objective": "shortcut"}, "flow objective only"),
 ])
@@ -294,18 +296,49 @@ def test_demos_sft_rl_eval_on_maniskill(backbone, state_demos, tmp_path):
     _ok(run_cli("sim-trainer", ["sft", "--data", state_demos, "--out", tmp_path / "sft", "--backbone", backbone,
                         "--steps", "4", "--batch-size", "4", "--horizon", "8", "--exec-steps", "4", "--num-steps", "2",
                         "--warmup", "1", "--save-every", "4", "--threads", "1"]))
-    assert type(load_checkpoint(tmp_path / "sft").model) is {"pi0-tiny": Pi0, "pi05-tiny": Pi05}[backbone]
+    assert type(load_checkpoint(tmp_path / "sft").model) is TINY_CLASSES[backbone]
     _ok(run_cli("sim-trainer", ["rl", "--ckpt", tmp_path / "sft", "--out", tmp_path / "ppo", "--algorithm", "ppo",
                         "--noise", "flow_noise", "--rollout-chunks", "2", "--cotrain-data", state_demos,
                         "--cotrain-batch", "2", "--expert-only", *rl]))
     _ok(run_cli("sim-trainer", ["rl", "--ckpt", tmp_path / "ppo", "--out", tmp_path / "grpo", "--algorithm", "grpo",
                         "--noise", "flow_sde", "--group-size", "2", *rl]))
     for run in ("ppo", "grpo"):
-        updates = [json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        updates = [u for u in updates if "eval" not in u]
+        updates = _updates(tmp_path / run)
         assert updates and all(u["first_ratio_max_dev"] == 0.0 for u in updates)
         assert all("cotrain_loss" in u for u in updates) == (run == "ppo")
-    _ok(run_cli("sim-trainer", ["eval", "--ckpt", tmp_path / "grpo", "--episodes", "1", "--envs", "1",
-                                "--max-steps", "8", "--out", tmp_path / "eval", "--threads", "1"]))
-    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert report["summary"]["episodes"] == 1
+    _eval_one_episode(tmp_path / "grpo", tmp_path / "eval")
+
+
+def test_smolvla_demos_sft_rl_eval_on_maniskill(state_demos, tmp_path):
+    """The tiny SmolVLA through the real CLIs: SFT -> PPO with Flow-Noise and RL-Co (expert only) -> PPO with
+    Flow-SDE -> sim-trainer eval. One env in the trainer's own process (no env workers to start): the pi0 test
+    above covers GRPO's groups, test_the_ratio_is_exactly_one_on_the_first_minibatch SmolVLA's GRPO."""
+    rl = ["--algorithm", "ppo", "--num-envs", "1", "--rollout-chunks", "2", "--max-episode-steps", "8", "--minibatch",
+          "4", "--epochs", "1", "--eval-episodes", "1", "--eval-envs", "1", "--num-steps", "2", "--threads", "1",
+          "--total-env-steps", "8"]
+    _ok(run_cli("sim-trainer", ["sft", "--data", state_demos, "--out", tmp_path / "sft", "--backbone", "smolvla-tiny",
+                                "--steps", "4", "--batch-size", "4", "--horizon", "8", "--exec-steps", "4",
+                                "--num-steps", "2", "--warmup", "1", "--save-every", "4", "--threads", "1"]))
+    assert type(load_checkpoint(tmp_path / "sft").model) is SmolVLAPolicy
+    _ok(run_cli("sim-trainer", ["rl", "--ckpt", tmp_path / "sft", "--out", tmp_path / "noise", "--noise", "flow_noise",
+                                "--cotrain-data", state_demos, "--cotrain-batch", "2", "--expert-only", *rl]))
+    _ok(run_cli("sim-trainer", ["rl", "--ckpt", tmp_path / "noise", "--out", tmp_path / "sde", "--noise", "flow_sde",
+                                *rl]))
+    for run in ("noise", "sde"):
+        updates = _updates(tmp_path / run)
+        assert updates and all(u["first_ratio_max_dev"] == 0.0 and math.isfinite(u["policy_loss"]) for u in updates)
+        assert all("cotrain_loss" in u for u in updates) == (run == "noise")
+    assert type(load_checkpoint(tmp_path / "sde").model) is SmolVLAPolicy
+    _eval_one_episode(tmp_path / "sde", tmp_path / "eval")
+
+
+def _updates(run: Path) -> list[dict]:
+    """The training updates an RL run logged (its evaluations left out)."""
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval" not in r]
+
+
+def _eval_one_episode(ckpt: Path, out: Path) -> None:
+    _ok(run_cli("sim-trainer", ["eval", "--ckpt", ckpt, "--episodes", "1", "--envs", "1", "--max-steps", "8",
+                                "--out", out, "--threads", "1"]))
+    assert json.loads((out / "eval.json").read_text())["summary"]["episodes"] == 1

@@ -173,13 +173,15 @@ def test_bf16_weights_stay_close_and_keep_float32_statistics(ref, inputs):
     assert _max_err(chunk, ref["chunk"]) <= 0.05 * ref["chunk"].abs().max().item()
 
 
-def test_a_missing_camera_is_dropped_and_none_is_refused(model, ref, inputs):
+def test_a_missing_camera_is_dropped_and_with_none_the_prefix_is_text_and_state(model, ref, inputs):
+    """A policy fitted to state-only data runs on its instruction and state (as pi0 / pi0.5 do)."""
     images, state, text = inputs
     with torch.no_grad():
         chunk = model.sample_actions({"wrist": images["wrist"]}, state, text, noise=ref["noise"], num_steps=2)
-    assert torch.isfinite(chunk).all()
-    with pytest.raises(UserError, match="no camera image"):
-        model.encode_prefix({}, state, text)
+        cache = model.encode_prefix({}, state, text)
+        blind = model.sample_actions({}, state, text, noise=ref["noise"], num_steps=2)
+    assert torch.isfinite(chunk).all() and torch.isfinite(blind).all()
+    assert cache.mask.shape[1] == text.shape[1] + 1 and torch.equal(cache.mask[:, :-1], text != model.pad_id)
 
 
 def test_legacy_normaliser_buffers_in_the_weights_file(tmp_path, model):

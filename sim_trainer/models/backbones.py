@@ -1,4 +1,4 @@
-"""pi0 / pi0.5 / SmolVLA as backbones of the pipeline: built tiny and random (pi0, pi0.5: tests, CPU), taken from
+"""pi0 / pi0.5 / SmolVLA as backbones of the pipeline: built tiny and random (tests, CPU), taken from
 a LeRobot policy and fitted to our dataset, and saved in / loaded from our checkpoint directory.
 
 In a checkpoint, config.json's "backbone" names the type and "model" holds the backbone's config in LeRobot's
@@ -30,18 +30,28 @@ from sim_trainer.models.vla.common import (
 from sim_trainer.models.vla.loader import check_and_load, key_problems, paligemma_config, read_tokenizer
 from sim_trainer.models.vla.pi0 import Pi0
 from sim_trainer.models.vla.pi05 import Pi05
-from sim_trainer.models.vla.smolvla import SmolVLAPolicy, config_from_lerobot
+from sim_trainer.models.vla.smolvla import SmolVLAConfig, SmolVLAPolicy, config_from_lerobot
 from sim_trainer.models.vla.smolvla_io import MeanStdNormalizer, SmolVLATokenizer, check_state_dict
 
 CLASSES = {"pi0": Pi0, "pi05": Pi05, "smolvla": SmolVLAPolicy}
 SMOLVLM_DIR = "smolvlm"  # the SmolVLM backbone's config.json inside a SmolVLA checkpoint
-TINY = {"pi0-tiny": "pi0", "pi05-tiny": "pi05"}
+TINY = {"pi0-tiny": "pi0", "pi05-tiny": "pi05", "smolvla-tiny": "smolvla"}
 NORM_KEYS = ("state_norm.", "action_norm.")
 # pi0's normalisation is LeRobot's MEAN_STD, pi0.5's QUANTILES (each model's own)
 NORM_MODES = {"pi0": "mean_std", "pi05": "quantiles"}
 TINY_LM = GemmaDims(64, 2, 128, num_heads=8, num_kv_heads=1, head_dim=16, vocab_size=128)
 TINY_EXPERT = GemmaDims(32, 2, 64, num_heads=8, num_kv_heads=1, head_dim=16)
 TINY_VISION = VisionDims(32, 2, 64, num_heads=2, patch_size=8, image_size=32)  # 16 tokens per camera
+# SmolVLA's tiny backbone: a SmolVLM config (Llama 64 wide, 8 heads of 8, 2 kv heads; SigLIP 32 wide on 32 x 32
+# images, 16 patches pixel-shuffled into 4 tokens); both layers kept, the first joint, the second cross-attention
+TINY_SMOLVLM = {
+    "scale_factor": 2,
+    "text_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 128,
+                    "max_position_embeddings": 256, "pad_token_id": 0, "rms_norm_eps": 1e-5},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "image_size": 32, "patch_size": 8},
+}
 
 
 def backbone_type(model: torch.nn.Module) -> str | None:
@@ -91,8 +101,10 @@ def normalizers(mode: str, norm: NormStats, convention: str = "lerobot") -> tupl
 
 def tiny_backbone(name: str, cameras: tuple[str, ...], state_dim: int, action_dim: int, horizon: int,
                   exec_steps: int, num_steps: int, norm: NormStats, seed: int = 0) -> PaliGemmaFlowPolicy:
-    """A randomly initialised tiny pi0 / pi0.5 (about 160 K parameters) for CPU tests and smoke runs."""
+    """A randomly initialised tiny pi0 / pi0.5 / SmolVLA (160 to 210 K parameters) for CPU tests and smoke runs."""
     kind = TINY[name]
+    if kind == "smolvla":
+        return _tiny_smolvla(cameras, state_dim, action_dim, horizon, exec_steps, num_steps, norm, seed)
     cfg = VLAConfig(lm=TINY_LM, expert=TINY_EXPERT, vision=TINY_VISION, camera_names=cameras, state_dim=state_dim,
                     action_dim=action_dim, horizon=horizon, exec_steps=exec_steps, num_steps=num_steps,
                     max_text_len=48 if kind == "pi0" else 200, max_state_dim=max(32, state_dim),
@@ -104,6 +116,23 @@ def tiny_backbone(name: str, cameras: tuple[str, ...], state_dim: int, action_di
             if type(mod).__name__ == "AdaRMSNorm":
                 torch.nn.init.normal_(mod.dense.weight, std=mod.dense.weight.shape[-1] ** -0.5)
     return model
+
+
+def _tiny_smolvla(cameras: tuple[str, ...], state_dim: int, action_dim: int, horizon: int, exec_steps: int,
+                  num_steps: int, norm: NormStats, seed: int) -> SmolVLAPolicy:
+    """SmolVLA on TINY_SMOLVLM with the character-level tokenizer and the dataset's MEAN_STD statistics."""
+    from transformers import SmolVLMConfig
+
+    vlm = SmolVLMConfig(**TINY_SMOLVLM)
+    cfg = SmolVLAConfig(horizon=horizon, action_dim=action_dim, state_dim=state_dim, num_steps=num_steps,
+                        exec_steps=exec_steps, camera_names=cameras, image_size=32, max_text_len=48,
+                        max_state_dim=max(32, state_dim), max_action_dim=max(32, action_dim), resize=(32, 32),
+                        num_vlm_layers=2, num_expert_layers=2, vlm_model_name=SMOLVLM_DIR)
+    torch.manual_seed(seed)
+    state, actions = (fitted_stats(st) for st in (norm.state, norm.actions))
+    return SmolVLAPolicy(cfg, vlm, MeanStdNormalizer(state["mean"], state["std"], 1e-8),
+                         MeanStdNormalizer(actions["mean"], actions["std"], 1e-8),
+                         SmolVLATokenizer(char_tokenizer(), "<pad>", cfg.max_text_len))
 
 
 def fit_to_dataset(model: PaliGemmaFlowPolicy, cameras: tuple[str, ...], state_dim: int, action_dim: int,
@@ -254,7 +283,7 @@ def _load_smolvla(path: Path, config: dict, weights: dict[str, torch.Tensor]) ->
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"{path / SMOLVLM_DIR / 'config.json'} is not a SmolVLM config: {e}") from None
     cfg = config_from_lerobot(config, vlm_config, where)
-    tokenizer = SmolVLATokenizer(path / "tokenizer.json", cfg.max_text_len)
+    tokenizer = SmolVLATokenizer.from_file(path / "tokenizer.json", cfg.max_text_len)
     norms = []
     for name in NORM_KEYS:
         mean, std = weights.get(f"{name}mean"), weights.get(f"{name}std")

@@ -55,8 +55,8 @@ SFT_LIMITS = {
     "eval_envs": Range(1, cpu_process_limit()), "image_grid": Range(1, 16), "mix": Range(0, 1e6, lo_open=True),
     "consistency_fraction": Range(0, 1, hi_open=True), "lora_rank": Range(0, 1024),
 }
-BACKBONE_HELP = ("start from a flow VLA instead of our own model: pi0-tiny / pi05-tiny (tiny, random: tests and CPU "
-                 "smoke runs), or lerobot:DIR / hf://owner/name (a saved LeRobot pi0 / pi0.5 / SmolVLA "
+BACKBONE_HELP = ("start from a flow VLA instead of our own model: pi0-tiny / pi05-tiny / smolvla-tiny (tiny, random: "
+                 "tests and CPU smoke runs), or lerobot:DIR / hf://owner/name (a saved LeRobot pi0 / pi0.5 / SmolVLA "
                  "policy), or openpi:DIR[#ASSET_ID] (an openpi PyTorch checkpoint; #ASSET_ID picks its "
                  "assets/ASSET_ID statistics); its normalisation statistics are replaced by the dataset's")
 BACKBONE_PREFIXES = ("lerobot:", "openpi:")  # both read either layout: the directory's files tell which
@@ -139,6 +139,8 @@ class SFTConfig:
                             "/ --eval-every")
         if self.lora_rank and not self.backbone:
             raise UserError("--lora-rank needs a --backbone (our own model has no language model to adapt)")
+        if self.lora_rank and TINY.get(self.backbone) == "smolvla":
+            raise UserError("--lora-rank: LoRA is available on pi0 / pi0.5, not on SmolVLA")
         if self.device not in DEVICES:
             raise UserError(f"unknown --device {self.device!r}; choose one of {', '.join(DEVICES)}")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -243,17 +243,19 @@ class SmolVLAPolicy(nn.Module):
 
     def _embed_prefix(self, images: dict[str, torch.Tensor], state: torch.Tensor, text: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token embeddings [B, P, W], validity [B, P] and block flags [P] (1 starts a block later tokens see)."""
+        """Token embeddings [B, P, W], validity [B, P] and block flags [P] (1 starts a block later tokens see).
+
+        A camera missing from `images` is left out: masked tokens are invisible and take no position, so leaving
+        them out changes no output. With no camera at all (a model fitted to state-only data) the prefix is the
+        text and the state."""
         present = [c for c in self.cfg.camera_names if c in images]
-        if not present:
-            raise UserError(f"no camera image given; this SmolVLA model reads {', '.join(self.cfg.camera_names)}")
         b, device = state.shape[0], state.device
         embs, valid = [], []
         for name in present:
             e = self.connector(self._encode_image(self._pixels(images[name])))
             embs.append(e * torch.tensor(e.shape[-1] ** 0.5, dtype=e.dtype, device=e.device))
             valid.append(torch.ones(b, e.shape[1], dtype=torch.bool, device=device))
-        for _ in range(self.cfg.empty_cameras):  # masked slots: invisible, so their content does not matter
+        for _ in range(self.cfg.empty_cameras if present else 0):  # masked slots, kept as LeRobot lays them out
             embs.append(torch.zeros_like(embs[0]))
             valid.append(torch.zeros_like(valid[0]))
         lang = self.embed_tokens(text)
@@ -452,8 +454,6 @@ def config_from_lerobot(raw: dict, vlm_config, where: str) -> SmolVLAConfig:
     cameras = tuple(k.removeprefix(IMAGE_PREFIX) for k, f in inputs.items()
                     if isinstance(f, dict) and f.get("type") == "VISUAL"
                     and not re.fullmatch(r"empty_camera_\d+", k.removeprefix(IMAGE_PREFIX)))
-    if not cameras:
-        raise UserError(f"{where}: input_features name no camera (type VISUAL)")
     vlm_layers = raw.get("num_vlm_layers", 16)
     vlm_layers = text.num_hidden_layers if isinstance(vlm_layers, int) and vlm_layers <= 0 else vlm_layers
     if type(vlm_layers) is not int or vlm_layers > text.num_hidden_layers:
@@ -504,7 +504,7 @@ def _find_tokenizer(directory: Path, backbone: Path, max_len: int) -> SmolVLATok
     """tokenizer.json of the checkpoint directory, else of the backbone's directory."""
     for d in (directory, backbone):
         if (d / "tokenizer.json").is_file():
-            return SmolVLATokenizer(d / "tokenizer.json", max_len)
+            return SmolVLATokenizer.from_file(d / "tokenizer.json", max_len)
     raise UserError(f"no tokenizer.json in {directory} or in the backbone directory {backbone} (copy the SmolVLM "
                     "tokenizer files, tokenizer.json and tokenizer_config.json, into the checkpoint directory)")
 

@@ -142,20 +142,25 @@ class SmolVLATokenizer:
     """The backbone's own tokenizer (tokenizer.json), used as LeRobot's SmolVLA preprocessor uses it: a newline
     appended to the instruction, truncation to max_len, right padding with the pad token."""
 
-    def __init__(self, path: Path, max_len: int):
-        from tokenizers import Tokenizer
-
-        try:
-            self.backend = Tokenizer.from_file(str(path))
-        except Exception as e:
-            raise UserError(f"cannot read the tokenizer {path}: {' '.join(str(e).split())[:200]}") from None
-        self.pad_token = _pad_token(path.parent)
+    def __init__(self, backend, pad_token: str, max_len: int, where: str = "the tokenizer"):
+        self.backend, self.pad_token = backend, pad_token
         self.pad_id = self.backend.token_to_id(self.pad_token)
         if self.pad_id is None:
-            raise UserError(f"tokenizer {path} has no pad token {self.pad_token!r}")
+            raise UserError(f"{where} has no pad token {self.pad_token!r}")
         self.max_len = max_len
         self.backend.enable_truncation(max_len)
         self.backend.enable_padding(length=max_len, pad_id=self.pad_id, pad_token=self.pad_token)
+
+    @classmethod
+    def from_file(cls, path: Path, max_len: int) -> SmolVLATokenizer:
+        """tokenizer.json at `path`; its pad token is named by tokenizer_config.json or special_tokens_map.json."""
+        from tokenizers import Tokenizer
+
+        try:
+            backend = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise UserError(f"cannot read the tokenizer {path}: {' '.join(str(e).split())[:200]}") from None
+        return cls(backend, _pad_token(path.parent), max_len, f"tokenizer {path}")
 
     @property
     def vocab_size(self) -> int:
