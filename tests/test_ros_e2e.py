@@ -194,10 +194,11 @@ def test_sim_trials_through_the_whole_stack(server, tmp_path):
     check_trial_bags(out, ends, episodes, tmp_path)
 
 
-@pytest.fixture(scope="module")
-def pi0_export_dir(tmp_path_factory):
-    """A tiny random pi0 with the shipped checkpoint's contract (its 64 x 64 camera resized to pi0's 32 x 32),
-    exported with its own tokenizer: what a robot serves after fine-tuning a pi0."""
+@pytest.fixture(scope="module", params=["pi0-tiny", "pi05-tiny"])
+def vla_export_dir(request, tmp_path_factory):
+    """A tiny random pi0 / pi0.5 with the shipped checkpoint's contract (its 64 x 64 camera resized to the
+    backbone's 32 x 32), exported with its own tokenizer (pi0.5: its state prompt inside the graph): what a robot
+    serves after fine-tuning one."""
     import subprocess
     import sys
 
@@ -208,19 +209,20 @@ def pi0_export_dir(tmp_path_factory):
 
     shipped = load_checkpoint(CHECKPOINT)
     norm, spec = NormStats.load(CHECKPOINT / "norm_stats.json"), shipped.spec
-    model = tiny_backbone("pi0-tiny", tuple(c.name for c in spec.cameras), spec.state_dim, spec.action_dim,
+    model = tiny_backbone(request.param, tuple(c.name for c in spec.cameras), spec.state_dim, spec.action_dim,
                           shipped.model.cfg.horizon, shipped.model.cfg.exec_steps, 2, norm)
-    root = tmp_path_factory.mktemp("pi0_export")
+    root = tmp_path_factory.mktemp(f"{request.param}_export")
     save_checkpoint(root / "ckpt", model, spec, norm)
     subprocess.run([sys.executable, "-m", "sim_trainer.cli", "export", "--ckpt", str(root / "ckpt"), "--steps", "2",
                     "--out", str(root / "export")], check=True, cwd=ROOT, capture_output=True)
     return root / "export"
 
 
-def test_a_sim_trial_with_a_tiny_pi0_export(pi0_export_dir, tmp_path):
-    """The ROS 2 stack runs a trial on a pi0 export: the server tokenises the plan's instruction with pi0's
-    tokenizer.json, the twin executes its chunks, the trial is judged."""
-    server = ServerProcess(pi0_export_dir, tmp_path).start()
+def test_a_sim_trial_with_a_tiny_vla_export(vla_export_dir, tmp_path):
+    """The ROS 2 stack runs a trial on a pi0 / pi0.5 export: the server tokenises the plan's instruction with the
+    backbone's tokenizer.json (and prompt rule), the twin executes its chunks, the trial is judged."""
+    assert json.loads((vla_export_dir / "manifest.json").read_text())["text"]["prompt"] in ("pi0", "pi05")
+    server = ServerProcess(vla_export_dir, tmp_path).start()
     try:
         out, summary = run_sim_trials(server.endpoint, tmp_path, 1)
     finally:
