@@ -8,7 +8,9 @@ RL) the model is sharded over the world instead (shard_model) and FSDP's backwar
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -104,3 +106,12 @@ def whole(t: torch.Tensor) -> torch.Tensor:
 def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict with every sharded tensor gathered whole (a collective: every rank calls it)."""
     return {k: whole(v) for k, v in state.items()}
+
+
+def print_weights_digest(weights: dict[str, torch.Tensor], rank: int, label: str = "") -> None:
+    """Each rank prints the sha256 of the gathered weights, so a run (and its test) can see that the ranks agree.
+    One write per line: the ranks share stdout, and an unbuffered stdout would interleave print's two writes."""
+    digest = hashlib.sha256(b"".join(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+                                     for _, v in sorted(weights.items()))).hexdigest()
+    sys.stdout.write(f"fsdp rank {rank}: {label}gathered weights sha256 {digest}\n")
+    sys.stdout.flush()

@@ -8,7 +8,6 @@ episodes in flight when a run was killed start again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -33,7 +32,7 @@ from sim_trainer.models.interface import freeze_groups
 from sim_trainer.models.precision import store_frozen
 from sim_trainer.progress import progress_bar
 from sim_trainer.rl.config import RLConfig, set_run_chunking
-from sim_trainer.rl.distributed import World, full_tensors, shard_model
+from sim_trainer.rl.distributed import World, full_tensors, print_weights_digest, shard_model
 from sim_trainer.rl.heads import annealed_std_max
 from sim_trainer.rl.learner import Learner
 from sim_trainer.rl.policy import FSDP_METHODS, RLPolicy, SamplerSettings
@@ -164,11 +163,7 @@ class RLTrainer:
         """--fsdp: gather the policy's weights whole on every rank (a collective), print their sha256 (the ranks
         must agree), and rank 0 writes the model's as the same checkpoint a single process writes."""
         weights = full_tensors(self.policy.state_dict())
-        digest = hashlib.sha256(b"".join(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
-                                         for _, v in sorted(weights.items()))).hexdigest()
-        # One write per line: the ranks share stdout, and an unbuffered stdout would interleave print's two writes.
-        sys.stdout.write(f"fsdp rank {self.world.rank}: update {self.update} gathered weights sha256 {digest}\n")
-        sys.stdout.flush()
+        print_weights_digest(weights, self.world.rank, f"update {self.update} ")
         if self.world.is_main:
             model = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
             save_checkpoint(self.out, self.policy.model, self.spec, self.norm, self._info(), state_dict=model)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import sys
 import time
@@ -39,7 +38,7 @@ from sim_trainer.models.precision import (
 )
 from sim_trainer.models.vla.loader import PolicySource, build_vla, locate_vla, split_asset_id
 from sim_trainer.progress import progress_bar
-from sim_trainer.rl.distributed import World, full_tensors, shard_model
+from sim_trainer.rl.distributed import World, full_tensors, print_weights_digest, shard_model
 from sim_trainer.run_dir import RunDir
 from sim_trainer.sft.data import ChunkSource, MixedSampler, random_shift
 from sim_trainer.tracking import ScalarLog, WandbSettings
@@ -385,11 +384,7 @@ def _train(cfg: SFTConfig, out: Path, start: int, model, model_cfg, spec, norm, 
 def _save_sharded(out: Path, model, spec, norm: NormStats, info: dict, ema: EMA, world: World) -> None:
     """Gather the EMA weights whole on every rank (a collective), check the ranks agree, rank 0 writes."""
     weights = full_tensors(ema.shadow)
-    digest = hashlib.sha256(b"".join(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
-                                     for _, v in sorted(weights.items()))).hexdigest()
-    # One write per line: the ranks share stdout, and an unbuffered stdout would interleave print's two writes.
-    sys.stdout.write(f"fsdp rank {world.rank}: gathered weights sha256 {digest}\n")
-    sys.stdout.flush()
+    print_weights_digest(weights, world.rank)
     if world.is_main:
         save_checkpoint(out, model, spec, norm, info, state_dict=weights)
     world.barrier()
