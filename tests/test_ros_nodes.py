@@ -158,7 +158,7 @@ def test_safety_filter_takes_control_back_when_the_source_lease_lapses(ros):
 
     add, probe = ros
     add(SafetyFilterNode("safety_filter", parameter_overrides=params(
-        controller_type="forward_command", controller_topic="/fcc/commands", source_lease_s=1.0,
+        controller_type="forward_command", controller_topic="/fcc/commands", source_lease_s=2.0,
         late_action_s=5.0, diagnostics_hz=10.0, control_authority=PROBE, **RELAXED)))
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 
@@ -179,7 +179,7 @@ def test_safety_filter_takes_control_back_when_the_source_lease_lapses(ros):
         act_pub.publish(JointState(name=list(PANDA_ARM) + ["gripper"], position=[0.5] + [0.0] * 7))
 
     wait_for(lambda: safety().get("source") == "policy", 20, "policy in control")
-    time.sleep(2.0)  # twice the lease: renewed by the heartbeat (10 per lease, so a busy host still renews it)
+    time.sleep(4.0)  # twice the lease: renewed by the heartbeat (20 per lease, so a busy host still renews it)
     assert safety().get("source") == "policy" and "count/source_lease_lapsed" not in safety()
     n = len(cmds)
     act()
