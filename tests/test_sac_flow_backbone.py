@@ -40,16 +40,21 @@ def _move_new_part(model: FlowVLA) -> None:
         layer.weight.normal_(0, 1.0)
 
 
+def _velocity(model: FlowVLA, state: torch.Tensor, text: torch.Tensor, x: torch.Tensor,
+              tau: torch.Tensor) -> torch.Tensor:
+    return model.velocity(model.encode_prefix({}, state, text), x, tau)
+
+
 def test_the_gate_starts_as_the_ungated_model_and_stays_in_0_2():
     plain, norm = _model()
     gated = with_sac_velocity(plain, norm, "flow_g")
     assert gated.cfg.velocity_gate and not plain.cfg.velocity_gate
     state, text = torch.randn(3, S), plain.tokenize(["push"] * 3)
     x, tau = torch.randn(3, H, A), torch.rand(3)
-    v_plain = plain.velocity(plain.encode_prefix({}, state, text), x, tau)
-    assert torch.equal(gated.velocity(gated.encode_prefix({}, state, text), x, tau), v_plain)
+    v_plain = _velocity(plain, state, text, x, tau)
+    assert torch.equal(_velocity(gated, state, text, x, tau), v_plain)
     _move_new_part(gated)
-    z = gated.velocity(gated.encode_prefix({}, state, text), x, tau) / v_plain
+    z = _velocity(gated, state, text, x, tau) / v_plain
     assert (z > 0).all() and (z < 2).all() and not torch.allclose(z, torch.ones_like(z))
 
 
@@ -59,13 +64,12 @@ def test_the_decoder_starts_as_the_plain_model_and_reads_the_chunk_and_the_obser
     assert decoded.cfg.velocity_decoder and not decoded.cfg.velocity_gate
     state, text = torch.randn(3, S), plain.tokenize(["push"] * 3)
     x, tau = torch.randn(3, H, A), torch.rand(3)
-    v_plain = plain.velocity(plain.encode_prefix({}, state, text), x, tau)
-    assert torch.equal(decoded.velocity(decoded.encode_prefix({}, state, text), x, tau), v_plain)
+    v_plain = _velocity(plain, state, text, x, tau)
+    assert torch.equal(_velocity(decoded, state, text, x, tau), v_plain)
     _move_new_part(decoded)
 
     def correction(state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return decoded.velocity(decoded.encode_prefix({}, state, text), x, tau) - \
-            plain.velocity(plain.encode_prefix({}, state, text), x, tau)
+        return _velocity(decoded, state, text, x, tau) - _velocity(plain, state, text, x, tau)
 
     base = correction(state, x)
     assert base.abs().max() > 1e-3

@@ -81,6 +81,13 @@ class FlowPolicy(Protocol):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]: ...
 
 
+def groups_to_freeze(expert_only: bool, freeze_vision: bool, lora: bool = False) -> tuple[str, ...]:
+    """The parameter groups the training options freeze: --expert-only vision and language, --freeze-vision
+    vision; a LoRA run's language model too (only its adapters train)."""
+    frozen = ("vision", "language") if expert_only else ("vision",) if freeze_vision else ()
+    return frozen + (("language",) if lora and "language" not in frozen else ())
+
+
 def freeze_groups(groups: dict[str, list[nn.Parameter]], frozen: Iterable[str]) -> None:
     """Freeze the named groups and make every other group trainable; an unknown group name is a user error."""
     frozen = set(frozen)

@@ -12,6 +12,7 @@ from sim_trainer.config_check import SEED_MAX, Range, check_fields, cpu_process_
 from sim_trainer.config_flags import option
 from sim_trainer.data.sources import source_path
 from sim_trainer.errors import UserError
+from sim_trainer.models.interface import groups_to_freeze
 from sim_trainer.models.precision import FROZEN_DTYPE_HELP, PRECISION_HELP, check_precision
 from sim_trainer.rl.flow_velocity import ACTORS, BACKBONE_VELOCITIES
 from sim_trainer.rl.policy import VALUE_INPUTS
@@ -207,8 +208,7 @@ class RLConfig:
                             "torchrun --nproc-per-node N (N >= 2) -m sim_trainer.cli rl ...")
 
     def frozen_groups(self) -> tuple[str, ...]:
-        """--expert-only freezes the backbone's vision and language groups, --freeze-vision its vision group."""
-        return ("vision", "language") if self.expert_only else ("vision",) if self.freeze_vision else ()
+        return groups_to_freeze(self.expert_only, self.freeze_vision)
 
     def _check_sac_flow(self) -> None:
         if self.precision != "fp32":

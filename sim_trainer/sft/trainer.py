@@ -28,7 +28,7 @@ from sim_trainer.models.backbones import TINY, fit_to_dataset, tiny_backbone
 from sim_trainer.models.checkpoint import save_checkpoint
 from sim_trainer.models.config import SIZES, ModelConfig
 from sim_trainer.models.flow_vla import FlowVLA
-from sim_trainer.models.interface import freeze_groups
+from sim_trainer.models.interface import freeze_groups, groups_to_freeze
 from sim_trainer.models.precision import (
     FROZEN_DTYPE_HELP,
     PRECISION_HELP,
@@ -156,9 +156,7 @@ def train_device(cfg: SFTConfig, world: World) -> torch.device:
 
 
 def frozen_groups(cfg: SFTConfig) -> tuple[str, ...]:
-    """The parameter groups the options freeze (a LoRA run's language model too: only its adapters train)."""
-    frozen = ("vision", "language") if cfg.expert_only else ("vision",) if cfg.freeze_vision else ()
-    return frozen + (("language",) if cfg.lora_rank and "language" not in frozen else ())
+    return groups_to_freeze(cfg.expert_only, cfg.freeze_vision, lora=cfg.lora_rank > 0)
 
 
 def lr_at(cfg: SFTConfig, step: int) -> float:
