@@ -64,7 +64,9 @@ def read_curve(run: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "eval" not in r], [r for r in rows if "eval" in r]
 
 
-def plot(runs: dict[str, Path], before: float, path: Path) -> None:
+def plot(runs: dict[str, Path], before: float | None, path: Path, eval_episodes: int = 20) -> None:
+    """Held-out success (left) and training success (right) against env steps, one colour per method, one line
+    style per seed; `before` (the start's success, None from scratch) as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,8 +86,9 @@ def plot(runs: dict[str, Path], before: float, path: Path) -> None:
         if ty:
             w = min(10, len(ty))
             axes[1].plot(tx[w - 1:], np.convolve(ty, np.ones(w) / w, mode="valid"), label=name, **style)
-    axes[0].axhline(before, color="gray", ls="--", label="SFT (100 eps)")
-    axes[0].set(title="periodic eval (deterministic, 20 eps)", xlabel="env steps", ylabel="success_once",
+    if before is not None:
+        axes[0].axhline(before, color="gray", ls="--", label="SFT (100 eps)")
+    axes[0].set(title=f"periodic eval (deterministic, {eval_episodes} eps)", xlabel="env steps", ylabel="success_once",
                 ylim=(0, 1.02))
     axes[1].set(title="training episodes (stochastic, moving avg 10 updates)", xlabel="env steps",
                 ylabel="success", ylim=(0, 1.02))

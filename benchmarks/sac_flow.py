@@ -8,7 +8,8 @@ Every run evaluates its deterministic policy (the chain's mean path from x_0 = 0
 same held-out seeds every --eval-every iterations and at its end; the table gives the final success per seed
 with its Wilson 95% interval, their mean, and the first env-step count at which each seed's evaluation reached --reach.
 Finished runs are reused and an interrupted one is resumed (--resume), so the benchmark continues where it
-stopped. Prints a Markdown table and writes OUT/results.json (with every evaluation, for a success-vs-steps plot).
+stopped. Prints a Markdown table and writes OUT/results.json (with every evaluation) and OUT/learning_curves.png
+(success against env steps).
 
 Not here yet: runs from an SFT checkpoint against PPO + Flow-Noise.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from common import cli, command_line, machine_info
+from rl_cpu import plot
 
 SMOKE = {"seeds": [0], "budget": 96, "episodes": 2, "eval_every": 0, "out": "outputs/bench_sac_flow_smoke"}
 SMOKE_RUN = ["--num-envs", "2", "--rollout-chunks", "3", "--max-episode-steps", "12", "--minibatch", "8",
@@ -95,6 +97,8 @@ def main() -> None:
     results = {"machine": machine_info(), "command": command_line(), "date": datetime.date.today().isoformat(),
                "args": vars(a), "cells": {v: cell(a, by_seed) for v, by_seed in runs.items()}}
     (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
+    plot({f"{v}_seed{seed}": run for v, by_seed in runs.items() for seed, run in by_seed.items()}, None,
+         Path(a.out) / "learning_curves.png", a.episodes)
     print(table(results, a.reach))
 
 
