@@ -7,10 +7,13 @@ import math
 import pytest
 import torch
 
+from sim_trainer.envs.vec_env import StepResult
 from sim_trainer.errors import UserError
+from sim_trainer.rl.config import RLConfig
 from sim_trainer.rl.flow_velocity import ACTORS, VELOCITIES, FlowActor, GaussianActor
 from sim_trainer.rl.replay import NStepWindow, ReplayBuffer
 from sim_trainer.rl.sac import SAC, SACSettings
+from sim_trainer.rl.sac_trainer import run_chunk
 
 OBS_DIM = 5
 
@@ -237,6 +240,44 @@ def test_bootstrap_on_truncation_only():
         soft = torch.min(*sac.critic_target(batch["next_obs"], chunk)) - sac.alpha * logp
     expected = batch["reward"] + torch.tensor([0.0, 0.99, 0.99, 0.99 ** 3]) * soft
     torch.testing.assert_close(y, expected)
+
+
+class ScriptedVenv:
+    """Two envs whose steps return scripted (reward, terminated, truncated, success); the state is the step index."""
+
+    def __init__(self, script: list[list[tuple[float, bool, bool, bool]]]):
+        self.script, self.t = script, 0
+
+    def step(self, action: torch.Tensor) -> StepResult:
+        rows = [env[self.t] for env in self.script]
+        self.t += 1
+        r, term, trunc, succ = (torch.tensor(col) for col in zip(*rows, strict=True))
+        return StepResult({"state": torch.full((len(rows), 1), float(self.t))}, r.float(), term, trunc, succ)
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_a_chunk_ends_at_success_unless_terminations_are_ignored(ignore: bool):
+    """Env 0 succeeds (terminates) at its 2nd of 4 steps and keeps being rewarded; env 1 hits the time limit at its
+    3rd. Success ends env 0's episode (no bootstrap, later rewards dropped) unless terminations are ignored; the
+    time limit always ends env 1's, as a truncation."""
+    won = (1.0, True, False, True)
+    script = [[(0.5, False, False, False), won, won, won],
+              [(0.1, False, False, False), (0.1, False, False, False), (0.1, False, True, False),
+               (9.0, False, False, False)]]
+    reward, done, truncated, final, success = run_chunk(ScriptedVenv(script), torch.zeros(2, 1), torch.zeros(2, 4, 1),
+                                                        ignore_terminations=ignore)
+    assert success.tolist() == [True, False]
+    assert truncated.tolist() == [False, True] and done.tolist() == [not ignore, True]
+    torch.testing.assert_close(reward, torch.tensor([3.5 if ignore else 1.5, 0.3]))
+    assert final.flatten().tolist() == [4.0 if ignore else 2.0, 3.0]
+
+
+def test_a_shaped_reward_whose_episodes_end_at_success_is_warned_about(capsys):
+    RLConfig(algorithm="sac_flow", reward="normalized_dense", out="unused").validate()
+    assert "set ignore_terminations" in capsys.readouterr().err
+    for quiet in (dict(reward="normalized_dense", ignore_terminations=True), dict(reward="sparse")):
+        RLConfig(algorithm="sac_flow", out="unused", **quiet).validate()
+        assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("velocity", ACTORS)

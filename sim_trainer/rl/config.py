@@ -135,6 +135,8 @@ class RLConfig:
                                           "at lr)")
     sac_bc_coef: float = option(0.0, "sac_flow from --ckpt: weight of the pull of each flow step's mean towards the "
                                      "starting policy's (0: off)")
+    ignore_terminations: bool = option(False, "sac_flow: only the time limit ends a training episode (success does "
+                                              "not), so a shaped reward keeps paying at the goal")
 
     def validate(self) -> RLConfig:
         """Types and ranges of every field, whether it came from the YAML preset or from a flag."""
@@ -154,6 +156,8 @@ class RLConfig:
         one_of("velocity", self.velocity, ACTORS)
         if self.fsdp:
             self._check_fsdp()
+        if self.ignore_terminations and self.algorithm != "sac_flow":
+            raise UserError("ignore_terminations is a sac_flow option; PPO/GRPO episodes end at success")
         check_precision(self.precision, self.frozen_dtype, self.frozen_groups(), self.fsdp)
         if self.algorithm == "sac_flow":
             self._check_sac_flow()
@@ -229,6 +233,10 @@ class RLConfig:
             raise UserError("cotrain_data is for PPO/GRPO; sac_flow has no co-training loss")
         if not self.sac_std_min <= self.sac_std_max:
             raise UserError(f"need sac_std_min <= sac_std_max, got [{self.sac_std_min}, {self.sac_std_max}]")
+        if self.reward == "normalized_dense" and not self.ignore_terminations:
+            print("warning: normalized_dense reward with episodes that end at success: reaching the goal stops the "
+                  "reward stream, so the critic can prefer hovering short of it; set ignore_terminations",
+                  file=sys.stderr)
 
 
 def _check_dir(what: str, path: str) -> None:

@@ -49,7 +49,7 @@ SAC_ENTRIES = CHECKPOINT_ENTRIES | {f"{STATE}.json", f"{STATE}.safetensors", f"{
 # What makes a resumed run the same run: its task, policy, buffer and how it collects and learns.
 RESUME_KEYS = ("ckpt", "task", "algorithm", "velocity", "num_steps", "exec_steps", "num_envs", "reward",
                "max_episode_steps", "sim_backend", "seed", "sac_hidden", "buffer_size", "n_step", "gamma",
-               "learning_starts", "sac_std_min", "sac_std_max", "sac_bc_coef")
+               "learning_starts", "sac_std_min", "sac_std_max", "sac_bc_coef", "ignore_terminations")
 MEMORY_SHARE = 0.5  # the replay buffer may take at most this share of the machine's memory
 
 
@@ -66,6 +66,32 @@ def _settings(cfg: RLConfig) -> SACSettings:
 
 def _where_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, 1), new, old)
+
+
+def run_chunk(venv, obs: torch.Tensor, chunk: torch.Tensor, ignore_terminations: bool = False) -> tuple:
+    """Execute a chunk [N, C, D] in every env: (reward sum, done, truncated, final obs, success during the chunk).
+
+    An env's episode ends at its first terminated or truncated step; what it returns after that is ignored. With
+    `ignore_terminations` only the time limit ends an episode (done and truncated together): success does not
+    stop it, so a shaped reward keeps paying while the goal is held and reaching it is never worth less than
+    hovering short of it, as ManiSkill's own SAC trains."""
+    n = len(obs)
+    alive, done = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    reward, truncated, success = torch.zeros(n), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    final = obs
+    for j in range(chunk.shape[1]):
+        res = venv.step(chunk[:, j])
+        r, term, trunc, succ = (x.cpu() for x in (res.reward, res.terminated, res.truncated, res.success))
+        if ignore_terminations:
+            term = torch.zeros_like(term)
+        reward += r * alive
+        success |= succ & alive
+        ended = (term | trunc) & alive
+        truncated |= trunc & ~term & ended
+        final = _where_rows(alive, res.obs["state"].cpu(), final)  # the observation after the last live step
+        done |= ended
+        alive &= ~ended
+    return reward, done, truncated, final, success
 
 
 class SACFlowTrainer:
@@ -175,24 +201,6 @@ class SACFlowTrainer:
         with torch.no_grad():
             return self.actor(obs, generator=gen)[0]
 
-    def _run_chunk(self, venv, obs: torch.Tensor, chunk: torch.Tensor) -> tuple:
-        """Execute a chunk in every env: (reward sum, done, truncated, final obs, success during the chunk)."""
-        n = len(obs)
-        alive, done = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-        reward, truncated, success = torch.zeros(n), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-        final = obs
-        for j in range(self.chunk):
-            res = venv.step(chunk[:, j])
-            r, term, trunc, succ = (x.cpu() for x in (res.reward, res.terminated, res.truncated, res.success))
-            reward += r * alive
-            success |= succ & alive
-            ended = (term | trunc) & alive
-            truncated |= trunc & ~term & ended
-            final = _where_rows(alive, res.obs["state"].cpu(), final)  # the observation after the last live step
-            done |= ended
-            alive &= ~ended
-        return reward, done, truncated, final, success
-
     # ----- the loop ---------------------------------------------------------------------------------------
     def run(self) -> Path:
         cfg = self.cfg
@@ -223,10 +231,10 @@ class SACFlowTrainer:
                 obs = venv.reset(rng.integers(TRAIN_SEED_START, 2**31 - 1, cfg.num_envs).tolist())["state"].cpu()
             t0, steps0, sums, episodes = time.perf_counter(), self.env_steps, {}, []
             for _ in range(cfg.rollout_chunks):
-                chunk = self._chunk_for(obs, gen)
-                reward, done, truncated, final, success = self._run_chunk(venv, obs, chunk)
+                chunk = self.sac.executed(self._chunk_for(obs, gen))
+                reward, done, truncated, final, success = run_chunk(venv, obs, chunk, cfg.ignore_terminations)
                 self.env_steps += cfg.num_envs * self.chunk
-                rows = self.window.push(obs, self.sac.executed(chunk), reward, done, truncated, final)
+                rows = self.window.push(obs, chunk, reward, done, truncated, final)
                 if rows is not None:
                     self.buffer.add(rows)
                 self.transitions += cfg.num_envs
@@ -299,7 +307,7 @@ class SACFlowTrainer:
                 live, succ, ret = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool), torch.zeros(n)
                 while live.any():
                     chunk = self.actor.act_deterministic(obs)
-                    reward, done, _, obs, success = self._run_chunk(venv, obs, chunk)
+                    reward, done, _, obs, success = run_chunk(venv, obs, chunk)
                     succ |= success & live
                     ret += reward * live
                     live &= ~done
