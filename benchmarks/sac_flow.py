@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """SAC Flow from scratch: Flow-G vs Flow-T vs plain velocity vs Gaussian SAC, success against env steps.
 
-Setting: the CPU preset configs/sac_flow_pushcube_state_cpu.yaml (state PushCube-v1, normalized dense reward,
+Setting: the CPU preset configs/sac_flow_pushcube_state_cpu.yaml (state PushCube-v1, normalized dense reward, training
+episodes that only the time limit ends,
 K = 4 flow steps, chunks of 4 joint-delta actions), once per --velocities arm and per seed in --seeds, each with
 --budget env steps (the same for every arm; `gaussian` is SAC with a tanh-Gaussian actor on the same code).
 Every run evaluates its deterministic policy (the chain's mean path from x_0 = 0, or the Gaussian's mean) on the
 same held-out seeds every --eval-every iterations and at its end; the table gives the final success per seed
-with its Wilson 95% interval, their mean, and the first env-step count at which each seed's evaluation reached --reach.
+with its Wilson 95% interval, their mean, the mean of each seed's last 3 evaluations (one 50-episode evaluation
+swings by tens of points from the next), and the first env-step count at which each seed's evaluation reached --reach.
 Finished runs are reused and an interrupted one is resumed (--resume), so the benchmark continues where it
 stopped. Prints a Markdown table and writes OUT/results.json (with every evaluation) and OUT/learning_curves.png
 (success against env steps).
@@ -61,18 +63,20 @@ def cell(a: argparse.Namespace, runs: dict[int, Path]) -> dict:
         evals = evaluations(run)
         reached = next((e["env_steps"] for e in evals if e["success_once"] >= a.reach), None)
         per_seed[seed] = {"success_once": evals[-1]["success_once"], "wilson95": evals[-1]["success_once_wilson95"],
+                          "last3": float(np.mean([e["success_once"] for e in evals[-3:]])),
                           "steps_to_reach": reached, "curve": [(e["env_steps"], e["success_once"]) for e in evals]}
-    return {"seeds": per_seed, "success_mean": float(np.mean([c["success_once"] for c in per_seed.values()]))}
+    return {"seeds": per_seed, "success_mean": float(np.mean([c["success_once"] for c in per_seed.values()])),
+            "last3_mean": float(np.mean([c["last3"] for c in per_seed.values()]))}
 
 
 def table(results: dict, reach: float) -> str:
-    rows = [f"| velocity | final success per seed [Wilson 95%] | mean | env steps to {100 * reach:.0f}% per seed |",
-            "|---|---|---:|---|"]
+    rows = [f"| velocity | final success per seed [Wilson 95%] | mean | mean of each seed's last 3 evaluations | "
+            f"env steps to {100 * reach:.0f}% per seed |", "|---|---|---:|---:|---|"]
     for arm, c in results["cells"].items():
         seeds = "; ".join(f"s{k}: {100 * v['success_once']:.0f}% [{100 * v['wilson95'][0]:.0f}-"
                           f"{100 * v['wilson95'][1]:.0f}]" for k, v in c["seeds"].items())
         steps = ", ".join(str(v["steps_to_reach"] or "-") for v in c["seeds"].values())
-        rows.append(f"| {arm} | {seeds} | {100 * c['success_mean']:.0f}% | {steps} |")
+        rows.append(f"| {arm} | {seeds} | {100 * c['success_mean']:.0f}% | {100 * c['last3_mean']:.0f}% | {steps} |")
     return "\n".join(rows)
 
 
