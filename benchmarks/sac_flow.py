@@ -93,11 +93,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training process")
     p.add_argument("--out", default="outputs/bench_sac_flow")
     p.add_argument("--smoke", action="store_true", help="a tiny run of every arm (overrides the sizes and --out)")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: the table and plot of the (arm, seed) runs in --out that reached --budget")
     a = p.parse_args()
     if a.smoke:
         vars(a).update(SMOKE)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    runs = {v: {seed: train(a, v, seed) for seed in a.seeds} for v in a.velocities}
+    if a.report:
+        runs = {v: {seed: run for seed in a.seeds if finished(run := Path(a.out) / f"{v}_seed{seed}", a.budget)}
+                for v in a.velocities}
+        runs = {v: by_seed for v, by_seed in runs.items() if by_seed}
+    else:
+        runs = {v: {seed: train(a, v, seed) for seed in a.seeds} for v in a.velocities}
     results = {"machine": machine_info(), "command": command_line(), "date": datetime.date.today().isoformat(),
                "args": vars(a), "cells": {v: cell(a, by_seed) for v, by_seed in runs.items()}}
     (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
