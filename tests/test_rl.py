@@ -312,13 +312,14 @@ def privileged_of(state: torch.Tensor) -> torch.Tensor:
     return torch.stack([t**2 / 10, -resets, env - t, torch.ones_like(t)], -1)
 
 
-def scripted_rollout(episodic: bool, gamma: float = 0.5, value_input: str = "prefix"):
+def scripted_rollout(episodic: bool, gamma: float = 0.5, value_input: str = "prefix", ignore_terminations=False):
     policy = tiny_policy("flow_noise", horizon=4, exec_steps=3, value_input=value_input)
     last = [m for m in policy.value_head.modules() if isinstance(m, torch.nn.Linear)][-1]
     torch.nn.init.normal_(last.weight, std=1.0)  # a value head far from zero
     torch.nn.init.constant_(last.bias, 1.0)
     collector = Collector(ScriptedEpisodes(SCRIPT, privileged=value_input == "privileged"), policy, TEXT,
-                          exec_steps=3, gamma=gamma, episodic=episodic, group_size=2)
+                          exec_steps=3, gamma=gamma, episodic=episodic, group_size=2,
+                          ignore_terminations=ignore_terminations)
     r = collector.collect(3, np.random.default_rng(0), torch.Generator().manual_seed(0))
     final_state = torch.tensor([[1.0, 5.0, 1.0]])  # env 1's observation at its time limit: step 5, first episode
     with torch.no_grad():
@@ -350,6 +351,17 @@ def test_collector_episodic_mode_never_bootstraps_and_masks_steps_after_the_end(
     assert [(env, e.length, e.ret) for env, e in zip(r.episode_env, r.episodes, strict=True)] == [
         (0, 2, 2.0), (1, 5, 5.0), (3, 4, 4.0)]
 
+
+
+def test_collector_ignoring_terminations_ends_episodes_only_at_the_time_limit():
+    """Env 0's success and env 3's failure no longer end their episodes (their rewards keep coming); env 1's time
+    limit still does, bootstrapped."""
+    r, v_final, _ = scripted_rollout(episodic=False, ignore_terminations=True)
+    expected = torch.tensor([[3.0, 3.0, 3.0, 3.0], [3.0, 2.0 + 0.5 * v_final, 3.0, 3.0], [3.0, 3.0, 3.0, 3.0]])
+    torch.testing.assert_close(r.rewards, expected)
+    assert r.dones.tolist() == [[False] * 4, [False, True, False, False], [False] * 4]
+    assert [(env, e.length, e.ret, e.success_once) for env, e in zip(r.episode_env, r.episodes, strict=True)] == [
+        (1, 5, 5.0, False)]
 
 
 def test_privileged_critic_reads_the_privileged_state_of_the_same_step():

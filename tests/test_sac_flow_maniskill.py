@@ -54,7 +54,6 @@ def test_sac_flow_runs_from_scratch_and_resumes(tmp_path):
     (["--ckpt", "no/such/ckpt"], "does not exist"),
     (["--tau", "0"], "tau"),
     (["--sac-std-min", "0.5", "--sac-std-max", "0.1"], "sac_std_min <= sac_std_max"),
-    (["--algorithm", "ppo"], "ignore_terminations is a sac_flow option"),
 ])
 def test_bad_sac_flow_configs_get_one_line_errors(tmp_path, flags, fragment):
     out = tmp_path / "o"

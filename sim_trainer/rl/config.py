@@ -67,6 +67,8 @@ class RLConfig:
                                         "both detached; or privileged (the simulator's true state, which the "
                                         "actor never sees; PPO only)")
     reward: str = option("sparse", "sparse (success) or normalized_dense (ManiSkill's shaped reward)")
+    ignore_terminations: bool = option(False, "only the time limit ends a training episode, success does not (so a "
+                                              "shaped reward keeps paying at the goal); evaluation is unchanged")
     num_envs: int = option(8, "parallel envs per process")
     rollout_chunks: int = option(16, "PPO: chunk steps per env per rollout (GRPO: one whole episode per env)")
     group_size: int = option(4, "GRPO: envs sharing a reset seed")
@@ -135,8 +137,6 @@ class RLConfig:
                                           "at lr)")
     sac_bc_coef: float = option(0.0, "sac_flow from --ckpt: weight of the pull of each flow step's mean towards the "
                                      "starting policy's (0: off)")
-    ignore_terminations: bool = option(False, "sac_flow: only the time limit ends a training episode (success does "
-                                              "not), so a shaped reward keeps paying at the goal")
 
     def validate(self) -> RLConfig:
         """Types and ranges of every field, whether it came from the YAML preset or from a flag."""
@@ -156,8 +156,10 @@ class RLConfig:
         one_of("velocity", self.velocity, ACTORS)
         if self.fsdp:
             self._check_fsdp()
-        if self.ignore_terminations and self.algorithm != "sac_flow":
-            raise UserError("ignore_terminations is a sac_flow option; PPO/GRPO episodes end at success")
+        if self.reward == "normalized_dense" and not self.ignore_terminations:
+            print("warning: normalized_dense reward with episodes that end at success: reaching the goal stops the "
+                  "reward stream, so the policy can learn to hover short of it; set ignore_terminations",
+                  file=sys.stderr)
         check_precision(self.precision, self.frozen_dtype, self.frozen_groups(), self.fsdp)
         if self.algorithm == "sac_flow":
             self._check_sac_flow()
@@ -191,7 +193,7 @@ class RLConfig:
         if self.algorithm == "grpo" and self.reward == "sparse" and self.risk_beta:
             raise UserError(f"risk_beta {self.risk_beta:g} has no effect with GRPO on sparse rewards: every return is "
                             "0 or 1, and the group normalisation undoes any increasing transform of two values; "
-                            "use --reward normalized_dense or --algorithm ppo")
+                            "use --reward normalized_dense --ignore-terminations or --algorithm ppo")
         if self.algorithm == "grpo" and self.critic_warmup:  # a preset's PPO setting must not waste GRPO rollouts
             print(f"warning: critic_warmup={self.critic_warmup} ignored: GRPO has no critic to warm up",
                   file=sys.stderr)
@@ -233,10 +235,6 @@ class RLConfig:
             raise UserError("cotrain_data is for PPO/GRPO; sac_flow has no co-training loss")
         if not self.sac_std_min <= self.sac_std_max:
             raise UserError(f"need sac_std_min <= sac_std_max, got [{self.sac_std_min}, {self.sac_std_max}]")
-        if self.reward == "normalized_dense" and not self.ignore_terminations:
-            print("warning: normalized_dense reward with episodes that end at success: reaching the goal stops the "
-                  "reward stream, so the critic can prefer hovering short of it; set ignore_terminations",
-                  file=sys.stderr)
 
 
 def _check_dir(what: str, path: str) -> None:

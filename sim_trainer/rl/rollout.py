@@ -6,6 +6,9 @@ after that step are ignored). In continuing mode a truncated episode's last rewa
 gamma * V(final observation); episodic mode never bootstraps (GRPO has no critic: the value head is untrained
 and its noise would be amplified by the group normalisation).
 
+With `ignore_terminations` only the time limit ends an episode: success (and failure) do not, so a shaped reward
+keeps paying while the goal is held; reaching the goal is then never worth less than hovering short of it.
+
 Two modes:
 - continuing (PPO): ended envs are reset at once with fresh seeds, experience flows across rollouts;
 - episodic (GRPO): every env starts a new episode at the start of the rollout, groups of envs share a
@@ -70,8 +73,9 @@ def _value_of(policy: RLPolicy, obs: dict, text: torch.Tensor) -> torch.Tensor:
 
 class Collector:
     def __init__(self, venv, policy: RLPolicy, text: torch.Tensor, exec_steps: int, gamma: float,
-                 episodic: bool, group_size: int = 1):
+                 episodic: bool, group_size: int = 1, ignore_terminations: bool = False):
         self.venv, self.policy, self.text = venv, policy, text
+        self.ignore_terminations = ignore_terminations
         self.exec_steps, self.gamma, self.episodic, self.group_size = exec_steps, gamma, episodic, group_size
         self.n, self.device = venv.num_envs, getattr(venv, "device", torch.device("cpu"))
         self.obs: dict | None = None
@@ -124,9 +128,10 @@ class Collector:
                 reward += res.reward * alive
                 self.ep_len += alive.long()
                 self.ep_success |= res.success & alive
-                ended = (res.terminated | res.truncated) & alive
+                terminated = torch.zeros_like(res.terminated) if self.ignore_terminations else res.terminated
+                ended = (terminated | res.truncated) & alive
                 ended_success |= res.success & ended
-                truncated |= res.truncated & ~res.terminated & ended
+                truncated |= res.truncated & ~terminated & ended
                 final_obs = _where_rows(ended, res.obs, final_obs)
                 alive &= ~ended
             done = live & ~alive

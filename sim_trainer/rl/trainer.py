@@ -46,7 +46,7 @@ STATE = "rl_state"
 # What makes a resumed run the same run: where it started, what it learns on, how it samples and explores.
 RESUME_KEYS = ("ckpt", "task", "algorithm", "noise", "sde_mode", "num_steps", "exec_steps", "num_envs",
                "rollout_chunks", "group_size", "logprob", "value_input", "reward", "max_episode_steps",
-               "cotrain_data", "freeze_vision", "expert_only", "seed", "risk_beta")
+               "cotrain_data", "freeze_vision", "expert_only", "seed", "risk_beta", "ignore_terminations")
 # |risk_beta| times the return range above this: exp(B * return) spans more than e^20 (see _check_risk_scale).
 RISK_SPAN_WARN = 20.0
 
@@ -209,7 +209,7 @@ class RLTrainer:
             try:
                 check_compatible(self.spec, venv.spec, cfg.ckpt)
                 collector = Collector(venv, self.policy, self.text, self.chunk, cfg.gamma, self.episodic,
-                                      cfg.group_size)
+                                      cfg.group_size, cfg.ignore_terminations)
                 with ScalarLog(self.out, "rl", asdict(cfg), self.wandb) if world.is_main else nullcontext() as scalars:
                     return self._loop(collector, scalars)
             finally:
