@@ -13,12 +13,11 @@ Finished runs are reused and an interrupted one is resumed (--resume), so the be
 stopped. Prints a Markdown table and writes OUT/results.json (with every evaluation) and OUT/learning_curves.png
 (success against env steps).
 
-Not here yet: runs from an SFT checkpoint against PPO + Flow-Noise.
-
-Full size (the defaults): 4 arms x 3 seeds x 100k env steps, 50 episodes per evaluation. Flow-G ran at about
-110 env steps/s on 2 shared cores (2 envs, the preset otherwise, first 19k steps), so about 15 min per run and
-45 min per arm; Flow-T is slower (not timed). `--smoke` runs every arm once for 96 env steps of 2 envs with 2
-evaluation episodes, into outputs/bench_sac_flow_smoke (about 1 min).
+Full size (the defaults): 4 arms x 3 seeds x 100k env steps, 50 episodes per evaluation. On the 2-core development
+host, two runs at a time, a run took 10-29 min (BENCHMARKS.md section 17), so an arm of 3 seeds is about 35-65 min of
+one core's share. `--smoke` runs every arm once for 96 env steps of 2 envs with 2 evaluation episodes, into
+outputs/bench_sac_flow_smoke (about 1 min). `--preset configs/sac_flow_pushcube_state_sft_cpu.yaml` runs the arms from
+the SFT checkpoint instead (flow_g, flow_t, plain; section 15).
 """
 
 from __future__ import annotations
