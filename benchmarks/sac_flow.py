@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """SAC Flow from scratch: Flow-G vs Flow-T vs plain velocity vs Gaussian SAC, success against env steps.
 
-Setting: the CPU preset configs/sac_flow_pushcube_state_cpu.yaml (state PushCube-v1, normalized dense reward, training
-episodes that only the time limit ends,
-K = 4 flow steps, chunks of 4 joint-delta actions), once per --velocities arm and per seed in --seeds, each with
---budget env steps (the same for every arm; `gaussian` is SAC with a tanh-Gaussian actor on the same code).
+Setting: the CPU preset configs/sac_flow_pushcube_state_cpu.yaml (state PushCube-v1, normalized dense reward,
+training episodes that only the time limit ends, K = 4 flow steps, chunks of 4 joint-delta actions), once per
+--velocities arm and per seed in --seeds, each with --budget env steps (the same for every arm; `gaussian` is
+SAC with a tanh-Gaussian actor on the same code).
 Every run evaluates its deterministic policy (the chain's mean path from x_0 = 0, or the Gaussian's mean) on the
 same held-out seeds every --eval-every iterations and at its end; the table gives the final success per seed
 with its Wilson 95% interval, their mean, the mean of each seed's last 3 evaluations (one 50-episode evaluation
