@@ -522,6 +522,23 @@ def test_only_the_control_authority_may_change_the_control_source(ros):
              "the alarm cleared by the eval manager")
 
 
+def test_a_foreign_source_message_amid_a_burst_of_the_authoritys_is_still_judged(ros):
+    """The authority re-sends its source as a heartbeat; a foreign message between two beats must not be replaced
+    in the filter's queue before it is judged (a latched 1-deep subscription lost it about one run in eight)."""
+    probe, cmds, act, moved, safety = _filter_rig(ros)  # authority: the default /eval_manager
+    publish_spec(probe)
+    manager = probe.add_node("eval_manager").create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
+    intruder = probe.add_node("intruder").create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
+    wait_for(lambda: manager.get_subscription_count() and intruder.get_subscription_count(), 30, "both matched")
+    wait_for(lambda: safety().get("source") == "hold", 30, "the filter's diagnostics")
+    for i in range(200):
+        manager.publish(String(data="hold"))
+        if i == 100:
+            intruder.publish(String(data="teleop"))
+    # The authority's later "hold" clears the alarm (as designed), so the count is what shows it was judged.
+    wait_for(lambda: int(safety().get("count/unauthorised_source", 0)) >= 1, 30, "the intrusion counted")
+
+
 def test_eval_manager_aborts_a_trial_hijacked_by_another_node(ros, tmp_path):
     from vla_ros.eval_manager_node import EvalManagerNode
     from vla_ros.safety_node import SafetyFilterNode

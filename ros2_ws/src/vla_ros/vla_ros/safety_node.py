@@ -153,7 +153,7 @@ class SafetyFilterNode(Node):
         self.create_subscription(JointState, topics.JOINT_STATES, self.joints.update, topics.SENSOR_QOS)
         self.create_subscription(JointState, topics.POLICY_ACTION, self._on_policy, topics.COMMAND_QOS)
         self.create_subscription(JointState, topics.TELEOP_COMMAND, self._on_teleop, topics.COMMAND_QOS)
-        self.create_subscription(String, topics.CONTROL_SOURCE, self._on_source, topics.LATCHED_QOS)
+        self.create_subscription(String, topics.CONTROL_SOURCE, self._on_source, topics.SOURCE_AUDIT_QOS)
         self.create_subscription(Bool, topics.ESTOP, self._on_estop_topic, topics.COMMAND_QOS)
         self.create_service(Trigger, "~/estop", self._srv_estop)
         self.create_service(Trigger, "~/reset_estop", self._srv_reset)

@@ -30,3 +30,9 @@ COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, histo
 # Mode switches a late joiner must still see.
 LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# The safety filter judges every control-source message by its sender, so its subscription keeps them all until
+# taken: with the latched depth of 1, the eval manager's 5 Hz heartbeat can replace a foreign message before it is
+# judged, and the intrusion goes unseen. History depth is not a matched policy: this reader matches every latched
+# writer, and a late joiner still gets each writer's last word.
+SOURCE_AUDIT_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_ALL,
+                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
