@@ -17,7 +17,8 @@ Full size (the defaults): 4 arms x 3 seeds x 100k env steps, 50 episodes per eva
 host, two runs at a time, a run took 10-29 min (BENCHMARKS.md section 17), so an arm of 3 seeds is about 35-65 min of
 one core's share. `--smoke` runs every arm once for 96 env steps of 2 envs with 2 evaluation episodes, into
 outputs/bench_sac_flow_smoke (about 1 min). `--preset configs/sac_flow_pushcube_state_sft_cpu.yaml` runs the arms from
-the SFT checkpoint instead (flow_g, flow_t, plain; section 15).
+the SFT checkpoint instead (flow_g, flow_t, plain; section 15); `--compare` adds finished PPO runs of
+benchmarks/rl_cpu.py (same start, same evaluation seeds) to the table and plot, `--before` the start's success.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def train(a: argparse.Namespace, velocity: str, seed: int) -> Path:
         resume = ["--resume"] if (run / "sac_state.json").exists() else []
         cli("rl", "--config", a.preset, "--velocity", velocity, "--seed", str(seed), "--out", str(run),
             "--total-env-steps", str(a.budget), "--eval-episodes", str(a.episodes), "--eval-every", str(a.eval_every),
-            "--threads", str(a.threads), *(SMOKE_RUN if a.smoke else []), *resume)
+            "--threads", str(a.threads), *(SMOKE_RUN if a.smoke else []), *resume, *a.extra)
     return run
 
 
@@ -69,7 +70,7 @@ def cell(a: argparse.Namespace, runs: dict[int, Path]) -> dict:
 
 
 def table(results: dict, reach: float) -> str:
-    rows = [f"| velocity | final success per seed [Wilson 95%] | mean | mean of each seed's last 3 evaluations | "
+    rows = [f"| arm | final success per seed [Wilson 95%] | mean | mean of each seed's last 3 evaluations | "
             f"env steps to {100 * reach:.0f}% per seed |", "|---|---|---:|---:|---|"]
     for arm, c in results["cells"].items():
         seeds = "; ".join(f"s{k}: {100 * v['success_once']:.0f}% [{100 * v['wilson95'][0]:.0f}-"
@@ -94,6 +95,12 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="a tiny run of every arm (overrides the sizes and --out)")
     p.add_argument("--report", action="store_true",
                    help="train nothing: the table and plot of the (arm, seed) runs in --out that reached --budget")
+    p.add_argument("--compare", nargs="+", default=[], metavar="RUN",
+                   help="finished `sim-trainer rl` runs named METHOD_seedS (e.g. benchmarks/rl_cpu.py's "
+                        "outputs/bench_rl_seeds_tkl/ppo_flow_noise_seed0) tabled and drawn beside the arms")
+    p.add_argument("--before", type=float, default=None, help="the start policy's success, drawn as a dashed line")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="more `sim-trainer rl` flags for every run (last; a variant belongs in its own --out)")
     a = p.parse_args()
     if a.smoke:
         vars(a).update(SMOKE)
@@ -104,10 +111,13 @@ def main() -> None:
         runs = {v: by_seed for v, by_seed in runs.items() if by_seed}
     else:
         runs = {v: {seed: train(a, v, seed) for seed in a.seeds} for v in a.velocities}
+    for run in map(Path, a.compare):
+        method, seed = run.name.rsplit("_seed", 1)
+        runs.setdefault(method, {})[int(seed)] = run
     results = {"machine": machine_info(), "command": command_line(), "date": datetime.date.today().isoformat(),
                "args": vars(a), "cells": {v: cell(a, by_seed) for v, by_seed in runs.items()}}
     (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
-    plot({f"{v}_seed{seed}": run for v, by_seed in runs.items() for seed, run in by_seed.items()}, None,
+    plot({f"{v}_seed{seed}": run for v, by_seed in runs.items() for seed, run in by_seed.items()}, a.before,
          Path(a.out) / "learning_curves.png", a.episodes)
     print(table(results, a.reach))
 

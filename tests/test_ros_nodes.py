@@ -580,15 +580,22 @@ def test_estop_reset_holds_until_the_operator_or_the_eval_manager_rearms(ros):
     estop = probe.node.create_publisher(Bool, topics.ESTOP, topics.COMMAND_QOS)
 
     def estop_and_reset() -> str:
+        """Latch and reset the e-stop; leave in `cmds` only what the filter sent after the e-stop's hold."""
+        seen = len(cmds)
         estop.publish(Bool(data=True))
         wait_for(lambda: safety().get("estop"), 20, "the e-stop latched")
         reply = probe.call(Trigger, "/safety_filter/reset_estop")
         assert reply.success
         wait_for(lambda: not safety().get("estop"), 20, "the latch cleared")
+        # Commands arrive in order: a policy command sent before the e-stop may still be on its way under load, but
+        # it is ahead of the e-stop's hold (the first command at rest since `seen`), so drop everything through it.
+        held = wait_for(lambda: next((i + 1 for i in range(seen, len(cmds))
+                                      if abs(cmds[i].points[0].positions[0] - REST[0]) <= 1e-6), None),
+                        20, "the e-stop's hold command")
+        del cmds[:held]
         return reply.message
 
     message = estop_and_reset()
-    cmds.clear()
     src.publish(String(data="policy"))  # the heartbeat of a running trial does not re-arm
     _keep_acting(act, 1.5)
     assert not moved() and safety()["source"] == "hold" and safety()["armed"] == "False"
@@ -597,7 +604,6 @@ def test_estop_reset_holds_until_the_operator_or_the_eval_manager_rearms(ros):
     wait_for(lambda: (act(), moved())[1], 20, "a policy command after the operator's re-arm", poll=0.1)
 
     estop_and_reset()
-    cmds.clear()
     for _ in range(5):  # the eval manager's RESET -> READY step re-arms: teleop heartbeats, then hold...
         src.publish(String(data="teleop"))
         time.sleep(0.1)
