@@ -64,7 +64,7 @@ def read_curve(run: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "eval" not in r], [r for r in rows if "eval" in r]
 
 
-def plot(runs: dict[str, Path], before: float | None, path: Path, eval_episodes: int = 20) -> None:
+def plot(runs: dict[str, Path], before: float | None, path: Path, eval_episodes: int | str = 20) -> None:
     """Held-out success (left) and training success (right) against env steps, one colour per method, one line
     style per seed; `before` (the start's success, None from scratch) as a dashed line."""
     import matplotlib

@@ -118,7 +118,7 @@ def main() -> None:
                "args": vars(a), "cells": {v: cell(a, by_seed) for v, by_seed in runs.items()}}
     (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
     plot({f"{v}_seed{seed}": run for v, by_seed in runs.items() for seed, run in by_seed.items()}, a.before,
-         Path(a.out) / "learning_curves.png", a.episodes)
+         Path(a.out) / "learning_curves.png", f"{a.episodes}, compared runs their own" if a.compare else a.episodes)
     print(table(results, a.reach))
 
 
