@@ -524,7 +524,7 @@ def test_only_the_control_authority_may_change_the_control_source(ros):
 
 def test_a_foreign_source_message_amid_a_burst_of_the_authoritys_is_still_judged(ros):
     """The authority re-sends its source as a heartbeat; a foreign message between two beats must not be replaced
-    in the filter's queue before it is judged (a latched 1-deep subscription lost it about one run in eight)."""
+    in the filter's queue before it is judged (with a latched 1-deep subscription this test failed every run)."""
     probe, cmds, act, moved, safety = _filter_rig(ros)  # authority: the default /eval_manager
     publish_spec(probe)
     manager = probe.add_node("eval_manager").create_publisher(String, topics.CONTROL_SOURCE, topics.LATCHED_QOS)
