@@ -252,7 +252,8 @@ class ScriptedVenv:
         rows = [env[self.t] for env in self.script]
         self.t += 1
         r, term, trunc, succ = (torch.tensor(col) for col in zip(*rows, strict=True))
-        return StepResult({"state": torch.full((len(rows), 1), float(self.t))}, r.float(), term, trunc, succ)
+        state = torch.full((len(rows), 1), float(self.t))
+        return StepResult({"state": state, "images": {}}, r.float(), term, trunc, succ)
 
 
 @pytest.mark.parametrize("ignore", [False, True])
@@ -264,7 +265,7 @@ def test_a_chunk_ends_at_success_unless_terminations_are_ignored(ignore: bool):
     script = [[(0.5, False, False, False), won, won, won],
               [(0.1, False, False, False), (0.1, False, False, False), (0.1, False, True, False),
                (9.0, False, False, False)]]
-    reward, done, truncated, final, success = run_chunk(ScriptedVenv(script), torch.zeros(2, 1), torch.zeros(2, 4, 1),
+    reward, done, truncated, final, success = run_chunk(ScriptedVenv(script), torch.zeros(2, 4, 1),
                                                         ignore_terminations=ignore)
     assert success.tolist() == [True, False]
     assert truncated.tolist() == [False, True] and done.tolist() == [not ignore, True]

@@ -66,6 +66,49 @@ def _where_rows(mask: torch.Tensor, new: dict, old: dict) -> dict:
     return out
 
 
+@dataclass
+class ChunkOutcome:
+    """What executing one chunk did in every env ([N] each); steps after an env's episode ended do not count."""
+
+    reward: torch.Tensor  # sum of the rewards of the live steps
+    ended: torch.Tensor  # the episode ended during the chunk
+    truncated: torch.Tensor  # it ended by the time limit, not by a termination
+    success: torch.Tensor  # success at some live step
+    ended_success: torch.Tensor  # success at the step that ended the episode
+    live_steps: torch.Tensor  # steps taken before the episode ended (all C where it goes on)
+    final_obs: dict  # the observation after each env's last live step (the terminal one where it ended)
+    last_obs: dict  # the observation after the chunk's last step
+
+
+def execute_chunk(venv, actions: torch.Tensor, alive: torch.Tensor | None = None,
+                  ignore_terminations: bool = False) -> ChunkOutcome:
+    """Execute a chunk [N, C, D] in every env; `alive` marks the envs whose episode is still running.
+
+    An episode ends at its first terminated or truncated step and what its env returns after that is ignored (the
+    env still executes the rest of the chunk; the caller resets it). With `ignore_terminations` only the time
+    limit ends an episode."""
+    device = getattr(venv, "device", torch.device("cpu"))
+    n = actions.shape[0]
+    alive = torch.ones(n, dtype=torch.bool, device=device) if alive is None else alive.clone()
+    start = alive.clone()
+    reward = torch.zeros(n, device=device)
+    truncated, success, ended_success = (torch.zeros_like(alive) for _ in range(3))
+    live_steps = torch.zeros(n, dtype=torch.long, device=device)
+    final_obs = None
+    for j in range(actions.shape[1]):
+        res = venv.step(actions[:, j])
+        reward += res.reward * alive
+        live_steps += alive.long()
+        success |= res.success & alive
+        terminated = torch.zeros_like(res.terminated) if ignore_terminations else res.terminated
+        ended = (terminated | res.truncated) & alive
+        ended_success |= res.success & ended
+        truncated |= res.truncated & ~terminated & ended
+        final_obs = res.obs if final_obs is None else _where_rows(alive, res.obs, final_obs)
+        alive &= ~ended
+    return ChunkOutcome(reward, start & ~alive, truncated, success, ended_success, live_steps, final_obs, res.obs)
+
+
 def _value_of(policy: RLPolicy, obs: dict, text: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return policy(obs, text)  # forward: FSDP gathers the weights for it
@@ -117,34 +160,21 @@ class Collector:
             buf["values"].append(s.value)
             buf["valid"].append(live.clone())
 
-            reward = torch.zeros(self.n, device=self.device)
-            alive = live.clone()  # in an episode that has not ended yet
-            ended_success = torch.zeros_like(alive)
-            truncated = torch.zeros_like(alive)
-            final_obs = self.obs
-            for j in range(self.exec_steps):
-                res = self.venv.step(s.actions[:, j])
-                env_steps += self.n
-                reward += res.reward * alive
-                self.ep_len += alive.long()
-                self.ep_success |= res.success & alive
-                terminated = torch.zeros_like(res.terminated) if self.ignore_terminations else res.terminated
-                ended = (terminated | res.truncated) & alive
-                ended_success |= res.success & ended
-                truncated |= res.truncated & ~terminated & ended
-                final_obs = _where_rows(ended, res.obs, final_obs)
-                alive &= ~ended
-            done = live & ~alive
+            out = execute_chunk(self.venv, s.actions[:, :self.exec_steps], live, self.ignore_terminations)
+            env_steps += self.n * self.exec_steps
+            self.ep_len += out.live_steps
+            self.ep_success |= out.success
+            done, reward = out.ended, out.reward
             self.ep_ret += reward
             for i in torch.nonzero(done).flatten().tolist():
-                episodes.append(Episode(bool(self.ep_success[i]), bool(ended_success[i]), float(self.ep_ret[i]),
+                episodes.append(Episode(bool(self.ep_success[i]), bool(out.ended_success[i]), float(self.ep_ret[i]),
                                         int(self.ep_len[i])))
                 episode_env.append(i)
-            if not self.episodic and truncated.any():  # bootstrap the cut-off future of time-limited episodes
-                reward = reward + self.gamma * _value_of(self.policy, final_obs, self.text) * truncated
+            if not self.episodic and out.truncated.any():  # bootstrap the cut-off future of time-limited episodes
+                reward = reward + self.gamma * _value_of(self.policy, out.final_obs, self.text) * out.truncated
             buf["rewards"].append(reward)
             buf["dones"].append(done)
-            next_obs = res.obs
+            next_obs = out.last_obs
             if done.any():
                 if self.episodic:
                     live &= ~done

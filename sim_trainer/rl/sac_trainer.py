@@ -36,7 +36,7 @@ from sim_trainer.rl.backbone_actor import BackboneFlowActor, with_sac_velocity
 from sim_trainer.rl.config import RLConfig, set_run_chunking
 from sim_trainer.rl.flow_velocity import FlowActor, GaussianActor
 from sim_trainer.rl.replay import NStepWindow, ReplayBuffer
-from sim_trainer.rl.rollout import TRAIN_SEED_START
+from sim_trainer.rl.rollout import TRAIN_SEED_START, execute_chunk
 from sim_trainer.rl.sac import SAC, SACSettings
 from sim_trainer.run_dir import CHECKPOINT_ENTRIES, RunDir
 from sim_trainer.tracking import ScalarLog, WandbSettings
@@ -64,34 +64,15 @@ def _settings(cfg: RLConfig) -> SACSettings:
                        critic_warmup=cfg.critic_warmup)
 
 
-def _where_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.view(-1, 1), new, old)
+def run_chunk(venv, chunk: torch.Tensor, ignore_terminations: bool = False) -> tuple:
+    """Execute a chunk [N, C, D] in every env: (reward sum, done, truncated, final state, success during the chunk).
 
-
-def run_chunk(venv, obs: torch.Tensor, chunk: torch.Tensor, ignore_terminations: bool = False) -> tuple:
-    """Execute a chunk [N, C, D] in every env: (reward sum, done, truncated, final obs, success during the chunk).
-
-    An env's episode ends at its first terminated or truncated step; what it returns after that is ignored. With
-    `ignore_terminations` only the time limit ends an episode (done and truncated together): success does not
-    stop it, so a shaped reward keeps paying while the goal is held and reaching it is never worth less than
-    hovering short of it, as ManiSkill's own SAC trains."""
-    n = len(obs)
-    alive, done = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-    reward, truncated, success = torch.zeros(n), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-    final = obs
-    for j in range(chunk.shape[1]):
-        res = venv.step(chunk[:, j])
-        r, term, trunc, succ = (x.cpu() for x in (res.reward, res.terminated, res.truncated, res.success))
-        if ignore_terminations:
-            term = torch.zeros_like(term)
-        reward += r * alive
-        success |= succ & alive
-        ended = (term | trunc) & alive
-        truncated |= trunc & ~term & ended
-        final = _where_rows(alive, res.obs["state"].cpu(), final)  # the observation after the last live step
-        done |= ended
-        alive &= ~ended
-    return reward, done, truncated, final, success
+    The state-only, CPU view of `execute_chunk`. With `ignore_terminations` only the time limit ends an episode
+    (done and truncated together): success does not stop it, so a shaped reward keeps paying while the goal is held
+    and reaching it is never worth less than hovering short of it, as ManiSkill's own SAC trains."""
+    out = execute_chunk(venv, chunk, ignore_terminations=ignore_terminations)
+    return (out.reward.cpu(), out.ended.cpu(), out.truncated.cpu(), out.final_obs["state"].cpu(),
+            out.success.cpu())
 
 
 class SACFlowTrainer:
@@ -232,7 +213,7 @@ class SACFlowTrainer:
             t0, steps0, sums, episodes = time.perf_counter(), self.env_steps, {}, []
             for _ in range(cfg.rollout_chunks):
                 chunk = self.sac.executed(self._chunk_for(obs, gen))
-                reward, done, truncated, final, success = run_chunk(venv, obs, chunk, cfg.ignore_terminations)
+                reward, done, truncated, final, success = run_chunk(venv, chunk, cfg.ignore_terminations)
                 self.env_steps += cfg.num_envs * self.chunk
                 rows = self.window.push(obs, chunk, reward, done, truncated, final)
                 if rows is not None:
@@ -307,7 +288,7 @@ class SACFlowTrainer:
                 live, succ, ret = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool), torch.zeros(n)
                 while live.any():
                     chunk = self.actor.act_deterministic(obs)
-                    reward, done, _, obs, success = run_chunk(venv, obs, chunk)
+                    reward, done, _, obs, success = run_chunk(venv, chunk)
                     succ |= success & live
                     ret += reward * live
                     live &= ~done
