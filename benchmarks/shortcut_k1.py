@@ -8,9 +8,11 @@ configs/sft_pushcube_state_fewshot_shortcut.yaml: shortcut, the same steps and d
 3. RL at K=1 with the ReinFlow noise network (the CPU RL preset, --noise reinflow --num-steps 1), same seed.
 4. `sim-trainer eval` of the RL checkpoint at K=1.
 Each cell: success per seed with its Wilson 95% interval, and the mean over seeds with the Wilson interval of the
-pooled episodes. Finished SFT and RL runs are reused (an interrupted RL run resumes). Prints a Markdown table and
-writes OUT/results.json. The full size (3 seeds x 2 objectives x 3000 SFT steps + 100k RL env steps, 100 eval
-episodes per cell) takes many CPU hours; --smoke runs a minutes-long miniature of every stage.
+pooled episodes. Finished SFT and RL runs and their evaluations are reused (an interrupted RL run resumes), so
+seeds can run as concurrent processes (--seeds 0, --seeds 1, ...) and a last call with every seed prints the
+table. Prints a Markdown table and writes OUT/results.json. The full size (3 seeds x 2 objectives x 3000 SFT steps
++ 100k RL env steps, 100 eval episodes per cell) takes many CPU hours; --smoke runs a minutes-long miniature of
+every stage.
 """
 
 from __future__ import annotations
@@ -40,6 +42,17 @@ def sft_finished(run: Path, steps: int) -> bool:
     return state.exists() and json.loads(state.read_text())["step"] >= steps
 
 
+def evaluated(ckpt: Path, k: int, episodes: int, out: Path) -> dict:
+    """rl_cpu's evaluation, reused when it is newer than the checkpoint and has as many episodes: per-seed
+    processes and the final all-seeds table then share the evaluations instead of repeating them."""
+    done = out / "eval.json"
+    if done.exists() and done.stat().st_mtime > (ckpt / "model.safetensors").stat().st_mtime:
+        summary = json.loads(done.read_text())["summary"]
+        if summary["episodes"] == episodes:
+            return summary
+    return evaluate(str(ckpt), k, episodes, out)
+
+
 def run_seed(a: argparse.Namespace, objective: str, seed: int, data: Path, out: Path) -> dict:
     """SFT, evaluation at every K, RL at K=1 and its evaluation for one (objective, seed); returns the summaries."""
     sft = out / f"sft_{objective}_seed{seed}"
@@ -47,14 +60,14 @@ def run_seed(a: argparse.Namespace, objective: str, seed: int, data: Path, out: 
         resume = ["--resume"] if (sft / "trainer_state.json").exists() else []
         cli("sft", "--config", PRESETS[objective], "--data", str(data), "--out", str(sft), "--steps",
             str(a.sft_steps), "--seed", str(seed), "--threads", "1", *resume)
-    cell = {f"sft_k{k}": evaluate(str(sft), k, a.episodes, out / f"eval_{sft.name}_k{k}") for k in SFT_KS}
+    cell = {f"sft_k{k}": evaluated(sft, k, a.episodes, out / f"eval_{sft.name}_k{k}") for k in SFT_KS}
     rl = out / f"rl_{objective}_seed{seed}"
     if not rl_finished(rl, a.rl_budget):
         resume = ["--resume"] if (rl / "rl_state.json").exists() else []
         cli("rl", "--config", a.rl_preset, "--ckpt", str(sft), "--out", str(rl), "--noise", "reinflow",
             "--num-steps", "1", "--total-env-steps", str(a.rl_budget), "--seed", str(seed), "--threads", "1",
             *a.rl_flags, *resume)
-    cell["rl_k1"] = evaluate(str(rl), 1, a.episodes, out / f"eval_{rl.name}_k1")
+    cell["rl_k1"] = evaluated(rl, 1, a.episodes, out / f"eval_{rl.name}_k1")
     return cell
 
 
