@@ -20,7 +20,8 @@ a transform of 0/1 returns does nothing after the group normalisation.)
 Evaluation returns are ManiSkill's normalized dense reward summed over the whole horizon (evaluation never ends an
 episode early), in [0, horizon]. Success is the env's success flag, as in every evaluation. The worst decile is the
 mean of the lowest 10% of the returns (CVaR 10%), pooled over seeds and per seed. Finished runs and evaluations
-are reused, so an interrupted benchmark continues. Prints a Markdown table and writes OUT/results.json.
+are reused, so an interrupted benchmark continues. Prints a Markdown table and writes OUT/results.json and
+OUT/return_cdf.png (the returns' empirical CDF per domain, pooled over seeds).
 
 Full size (the defaults): 3 B x 3 seeds x 100k env steps (about 20 min per run on 2 cores, 3 h in all) and
 100 episodes per evaluation. `--smoke` runs a tiny version of every step (2 demos, 20 SFT steps, 2 RL updates of
@@ -109,6 +110,28 @@ def cell(evals: dict[int, dict]) -> dict:
             "worst_decile": worst_decile(pooled), "mean_return": float(np.mean(pooled))}
 
 
+def plot_returns(returns: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """Empirical CDF of the evaluation returns pooled over seeds, one panel per domain: the left tail is the risk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(next(iter(returns.values())))
+    fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 4), squeeze=False)
+    for ax, domain in zip(axes[0], domains, strict=True):
+        for setting, by_domain in returns.items():
+            r = np.sort(by_domain[domain])
+            ax.step(r, np.arange(1, len(r) + 1) / len(r), where="post", label=f"{setting} ({len(r)} episodes)")
+        ax.axhline(0.1, color="grey", lw=0.8, ls=":")
+        ax.set(title=Path(domain).stem, xlabel="evaluation return (normalized dense, summed)",
+               ylabel="fraction of episodes with return <= x")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def table(results: dict) -> str:
     rows = ["| setting | domain | success per seed [Wilson 95%] | mean success | worst-decile return, pooled "
             "(per seed) | mean return |", "|---|---|---|---:|---|---:|"]
@@ -151,10 +174,14 @@ def main() -> None:
         runs[f"B={beta:+g}"] = {seed: train(a, sft, beta, seed) for seed in a.seeds}
     results = {"machine": machine_info(), "command": command_line(), "date": datetime.date.today().isoformat(),
                "args": vars(a), "cells": {}}
+    returns: dict[str, dict[str, list[float]]] = {}
     for setting, by_seed in runs.items():
-        results["cells"][setting] = {d: cell({s: evaluate(ck, d, a) for s, ck in by_seed.items()})
-                                     for d in a.domains}
+        evals = {d: {s: evaluate(ck, d, a) for s, ck in by_seed.items()} for d in a.domains}
+        results["cells"][setting] = {d: cell(by_domain) for d, by_domain in evals.items()}
+        returns[setting] = {d: [e["ret"] for ev in by_domain.values() for e in ev["episodes"]]
+                            for d, by_domain in evals.items()}
         (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
+    plot_returns(returns, Path(a.out) / "return_cdf.png")
     print(table(results))
 
 
