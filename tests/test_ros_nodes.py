@@ -448,6 +448,11 @@ def test_eval_manager_services_journal_and_redo(ros, tmp_path):
 
 
 # ----- control authority, re-arming, contracts (issue 12: items 3, 4, 5) ------------------------------------------
+def _holds_joint1_at_rest(cmd) -> bool:
+    """Does this trajectory command keep joint 1 at rest (as every hold does, and no test policy action does)?"""
+    return abs(cmd.points[0].positions[0] - REST[0]) <= 1e-6
+
+
 def _filter_rig(ros, **overrides):
     """A safety filter on a trajectory topic, joint states at rest, a policy contract; returns helpers."""
     from diagnostic_msgs.msg import DiagnosticArray
@@ -467,7 +472,7 @@ def _filter_rig(ros, **overrides):
 
     def moved() -> bool:
         """Did any command move joint 1 away from rest (where every hold keeps it)?"""
-        return any(abs(m.points[0].positions[0] - REST[0]) > 1e-6 for m in list(cmds))
+        return not all(_holds_joint1_at_rest(m) for m in list(cmds))
 
     def safety() -> dict:
         return diag_values(probe, "safety_filter")
@@ -589,8 +594,7 @@ def test_estop_reset_holds_until_the_operator_or_the_eval_manager_rearms(ros):
         wait_for(lambda: not safety().get("estop"), 20, "the latch cleared")
         # Commands arrive in order: a policy command sent before the e-stop may still be on its way under load, but
         # it is ahead of the e-stop's hold (the first command at rest since `seen`), so drop everything through it.
-        held = wait_for(lambda: next((i + 1 for i in range(seen, len(cmds))
-                                      if abs(cmds[i].points[0].positions[0] - REST[0]) <= 1e-6), None),
+        held = wait_for(lambda: next((i + 1 for i in range(seen, len(cmds)) if _holds_joint1_at_rest(cmds[i])), None),
                         20, "the e-stop's hold command")
         del cmds[:held]
         return reply.message
