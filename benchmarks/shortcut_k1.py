@@ -61,6 +61,8 @@ def run_seed(a: argparse.Namespace, objective: str, seed: int, data: Path, out: 
         cli("sft", "--config", PRESETS[objective], "--data", str(data), "--out", str(sft), "--steps",
             str(a.sft_steps), "--seed", str(seed), "--threads", "1", *resume)
     cell = {f"sft_k{k}": evaluated(sft, k, a.episodes, out / f"eval_{sft.name}_k{k}") for k in SFT_KS}
+    if a.no_rl:
+        return cell
     rl = out / f"rl_{objective}_seed{seed}"
     if not rl_finished(rl, a.rl_budget):
         resume = ["--resume"] if (rl / "rl_state.json").exists() else []
@@ -79,9 +81,9 @@ def pooled(summaries: list[dict]) -> str:
     return f"{100 * k / n:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
 
 
-def table(results: dict, seeds: list[int]) -> str:
-    columns = [*(f"sft_k{k}" for k in SFT_KS), "rl_k1"]
-    titles = [*(f"SFT, K={k}" for k in SFT_KS), "SFT + RL (ReinFlow), K=1"]
+def table(results: dict, seeds: list[int], with_rl: bool) -> str:
+    columns = [*(f"sft_k{k}" for k in SFT_KS), *(["rl_k1"] if with_rl else [])]
+    titles = [*(f"SFT, K={k}" for k in SFT_KS), *(["SFT + RL (ReinFlow), K=1"] if with_rl else [])]
     lines = ["| objective | seed | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(columns)]
     for objective, by_seed in results.items():
         for seed in seeds:
@@ -97,10 +99,13 @@ def main() -> None:
     p.add_argument("--demos", type=int, default=20, help="motion-planned demos (the few-shot setting: 20)")
     p.add_argument("--data", help="demo dataset (default: data/pushcube_state<demos>; generated if missing)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="SFT and RL seeds")
+    p.add_argument("--objectives", nargs="+", choices=list(PRESETS), default=list(PRESETS),
+                   help="SFT objectives to run (default: both)")
     p.add_argument("--sft-steps", type=int, help="SFT steps for both objectives (default: the flow preset's)")
     p.add_argument("--episodes", type=int, default=100, help="held-out eval episodes per cell")
     p.add_argument("--rl-preset", default="configs/rl_pushcube_state_cpu.yaml")
     p.add_argument("--rl-budget", type=int, default=100_000, help="RL env steps per run")
+    p.add_argument("--no-rl", action="store_true", help="SFT and its evaluations only (e.g. for an SFT-steps check)")
     p.add_argument("--out", default="outputs/bench_shortcut_k1")
     p.add_argument("--smoke", action="store_true", help="a miniature of every stage: " + ", ".join(
         f"{k}={v}" for k, v in SMOKE.items()) + ", RL " + " ".join(SMOKE_RL_FLAGS))
@@ -116,12 +121,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine_info(), "command": command_line(), "date": datetime.date.today().isoformat(),
               "args": {k: v for k, v in vars(a).items()}, "results": {}}
-    for objective in PRESETS:
+    for objective in a.objectives:
         report["results"][objective] = {}
         for seed in a.seeds:
             report["results"][objective][seed] = run_seed(a, objective, seed, data, out)
             (out / "results.json").write_text(json.dumps(report, indent=1))
-    print(table(report["results"], a.seeds))
+    print(table(report["results"], a.seeds, with_rl=not a.no_rl))
 
 
 if __name__ == "__main__":
