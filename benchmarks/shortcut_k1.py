@@ -81,9 +81,12 @@ def pooled(summaries: list[dict]) -> str:
     return f"{100 * k / n:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
 
 
-def table(results: dict, seeds: list[int], with_rl: bool) -> str:
-    columns = [*(f"sft_k{k}" for k in SFT_KS), *(["rl_k1"] if with_rl else [])]
-    titles = [*(f"SFT, K={k}" for k in SFT_KS), *(["SFT + RL (ReinFlow), K=1"] if with_rl else [])]
+def table(results: dict, seeds: list[int]) -> str:
+    """One row per (objective, seed) and a pooled row per objective; the RL column only where RL ran (not --no-rl)."""
+    headers = {**{f"sft_k{k}": f"SFT, K={k}" for k in SFT_KS}, "rl_k1": "SFT + RL (ReinFlow), K=1"}
+    ran = next(iter(next(iter(results.values())).values()))  # the cells of the first (objective, seed)
+    columns = [c for c in headers if c in ran]
+    titles = [headers[c] for c in columns]
     lines = ["| objective | seed | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(columns)]
     for objective, by_seed in results.items():
         for seed in seeds:
@@ -126,7 +129,7 @@ def main() -> None:
         for seed in a.seeds:
             report["results"][objective][seed] = run_seed(a, objective, seed, data, out)
             (out / "results.json").write_text(json.dumps(report, indent=1))
-    print(table(report["results"], a.seeds, with_rl=not a.no_rl))
+    print(table(report["results"], a.seeds))
 
 
 if __name__ == "__main__":
